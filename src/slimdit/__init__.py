@@ -1,0 +1,21 @@
+"""slimdit: make text-to-image diffusion and flow transformers smaller and faster while keeping their quality."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # diffusers records a pipeline component's class as (top-level package, class name), so the pixel-space
+    # VAE of the shapes world must be reachable as ``slimdit.PixelSpaceVAE`` for ``from_pretrained``.
+    "PixelSpaceVAE": ("slimdit.worlds.shapes.pixel_vae", "PixelSpaceVAE"),
+    "load_pipeline": ("slimdit.pipelines.loading", "load_pipeline"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'slimdit' has no attribute {name!r}")

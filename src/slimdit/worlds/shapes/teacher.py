@@ -1,0 +1,256 @@
+"""The shapes teacher recipe: a real PixArtTransformer2DModel and a tiny T5 encoder trained together on scenes
+with the PixArt objective (epsilon-prediction DDPM, caption dropout 0.1), then exported as a diffusers
+``PixArtSigmaPipeline`` directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from slimdit.io import (
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from slimdit.worlds.shapes.prompts import TrainingSet
+from slimdit.worlds.shapes.text import MAX_SEQUENCE_LENGTH, build_text_encoder, build_tokenizer
+
+
+@dataclass
+class TeacherConfig:
+    # transformer: 12 PixArt blocks, hidden 96, patch 4 on 32x32 pixels (64 tokens)
+    num_layers: int = 12
+    num_attention_heads: int = 4
+    attention_head_dim: int = 24
+    patch_size: int = 4
+    text_dim: int = 64
+    text_layers: int = 2
+    # training
+    steps: int = 20000
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup: int = 300
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    threads: int = 0  # 0 = torch default
+
+
+def build_transformer(cfg: TeacherConfig):
+    from diffusers import PixArtTransformer2DModel
+
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    return PixArtTransformer2DModel(
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        in_channels=3,
+        out_channels=3,
+        num_layers=cfg.num_layers,
+        cross_attention_dim=hidden,
+        sample_size=32,
+        patch_size=cfg.patch_size,
+        caption_channels=cfg.text_dim,
+        use_additional_conditions=False,
+    )
+
+
+def build_noise_scheduler():
+    """The PixArt training schedule: 1000-step DDPM, linear betas 1e-4..2e-2, epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                         prediction_type="epsilon")
+
+
+def build_pipeline(tokenizer, text_encoder, transformer):
+    """Assemble a diffusers PixArtSigmaPipeline in pixel space, sampling with DPM-Solver++."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    from slimdit.worlds.shapes.pixel_vae import PixelSpaceVAE
+
+    sched = DPMSolverMultistepScheduler.from_config(build_noise_scheduler().config, algorithm_type="dpmsolver++",
+                                                    solver_order=2)
+    return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=PixelSpaceVAE(),
+                               transformer=transformer, scheduler=sched)
+
+
+def images_to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _encode(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = tokenizer(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                    return_tensors="pt")
+    hidden = text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state  # (B, L, D)
+    return hidden, tok.attention_mask
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("step_*"))
+
+
+def _save_checkpoint(run: Path, step: int, modules: dict, ema: dict, opt, elapsed: float, keep: int) -> None:
+    ck = run / "checkpoints" / f"step_{step:07d}"
+    tmp = ck.with_name(ck.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    save_tensors(tmp / "model.safetensors", tensors)
+    save_tensors(tmp / "ema.safetensors", {f"{name}.{k}": v for name, m in ema.items()
+                                           for k, v in m.state_dict().items()})
+    opt_t, opt_meta = optimizer_to_tensors(opt)
+    save_tensors(tmp / "optimizer.safetensors", opt_t)
+    write_json(tmp / "state.json", {"step": step, "elapsed_s": elapsed, "optimizer": opt_meta})
+    shutil.rmtree(ck, ignore_errors=True)
+    tmp.rename(ck)  # a checkpoint directory exists only once it is complete
+    for old in _checkpoints(run)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _load_into(modules: dict, tensors: dict[str, torch.Tensor]) -> None:
+    for name, m in modules.items():
+        prefix = f"{name}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def _hardware() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_minutes: float | None = None) -> Path:
+    """Train the shapes teacher from scratch, or resume from the last checkpoint in ``run_dir``.
+
+    Data item i depends only on (seed, i) and the noise of step s only on (seed, s), so a resumed run
+    continues exactly where it stopped.
+    """
+    run = Path(run_dir)
+    if (run / "config.json").exists():
+        saved = TeacherConfig(**read_json(run / "config.json"))
+        if cfg is not None and asdict(cfg) != asdict(saved):
+            steps_only = {k: v for k, v in asdict(cfg).items() if k != "steps"} == {
+                k: v for k, v in asdict(saved).items() if k != "steps"}
+            if not steps_only:
+                raise ValueError(f"{run} holds a run with another config; use a new directory or the same config")
+            saved.steps = cfg.steps
+        cfg = saved
+    cfg = cfg or TeacherConfig()
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "config.json", asdict(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers)
+    transformer = build_transformer(cfg)
+    modules = {"transformer": transformer, "text_encoder": text_encoder}
+    ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = build_noise_scheduler()
+    alphas = sched.alphas_cumprod
+
+    step, elapsed = 0, 0.0
+    if cks := _checkpoints(run):
+        ck = cks[-1]
+        _load_into(modules, load_tensors(ck / "model.safetensors"))
+        _load_into(ema, load_tensors(ck / "ema.safetensors"))
+        state = read_json(ck / "state.json")
+        optimizer_from_tensors(opt, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+    data = TrainingSet(cfg.seed)
+    t_start = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True)
+    log = (run / "metrics.jsonl").open("a")
+    loss_acc = torch.zeros(())
+    while step < cfg.steps:
+        rng = np.random.default_rng((cfg.seed, 1, step))
+        caps, imgs = data.batch(step * cfg.batch_size, cfg.batch_size)
+        caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < cfg.caption_dropout)]
+        x0 = images_to_tensor(imgs)
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb, mask = _encode(tokenizer, text_encoder, caps)
+        pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, m in modules.items():
+                for pe, p in zip(ema[k].parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        step += 1
+        loss_acc += loss.detach()
+        bar.update(1)
+        if step % 25 == 0:
+            mean = (loss_acc / 25).item()
+            loss_acc.zero_()
+            bar.set_postfix(loss=f"{mean:.4f}")
+            log.write(json.dumps({"step": step, "loss": mean, "elapsed_s": elapsed + time.time() - t_start}) + "\n")
+            log.flush()
+        done = step == cfg.steps or (max_minutes is not None and time.time() - t_start > 60 * max_minutes)
+        if step % cfg.checkpoint_every == 0 or done:
+            _save_checkpoint(run, step, modules, ema, opt, elapsed + time.time() - t_start, cfg.keep_checkpoints)
+            write_json(run / "hardware.json", {**_hardware(), "steps": step,
+                                               "elapsed_s": elapsed + time.time() - t_start})
+        if done:
+            break
+    bar.close()
+    log.close()
+    return run
+
+
+def export_teacher(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, step: int | None = None) -> Path:
+    """Write the (EMA) weights of a teacher run as a diffusers PixArtSigmaPipeline directory."""
+    run = Path(run_dir)
+    cfg = TeacherConfig(**read_json(run / "config.json"))
+    cks = _checkpoints(run)
+    if not cks:
+        raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
+    ck = cks[-1] if step is None else run / "checkpoints" / f"step_{step:07d}"
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers)
+    transformer = build_transformer(cfg)
+    _load_into({"transformer": transformer, "text_encoder": text_encoder},
+               load_tensors(ck / ("ema.safetensors" if use_ema else "model.safetensors")))
+    pipe = build_pipeline(tokenizer, text_encoder, transformer)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    state = read_json(ck / "state.json")
+    write_json(out / "slimdit.json", {
+        "world": "shapes",
+        "sampling": {"num_inference_steps": 20, "guidance_scale": 3.5, "max_sequence_length": MAX_SEQUENCE_LENGTH},
+        "trained": {"steps": state["step"], "elapsed_s": round(state["elapsed_s"], 1), "ema": use_ema,
+                    "hardware": read_json(run / "hardware.json") if (run / "hardware.json").exists() else None,
+                    "config": asdict(cfg)},
+    })
+    return out
