@@ -109,25 +109,25 @@ SIZES_LIST = tuple(SIZES)
 COLOR_LIST = tuple(COLORS)
 
 
-def _coverage(obj: PlacedObject) -> tuple[slice, slice, np.ndarray]:
-    """Return the pixel window of ``obj`` and its fractional coverage there, by supersampling."""
-    x0, y0, x1, y1 = obj.box
-    px0, py0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-    px1, py1 = min(int(np.ceil(x1)), RESOLUTION), min(int(np.ceil(y1)), RESOLUTION)
+def coverage(shape: str, cx: float, cy: float, side: float) -> tuple[slice, slice, np.ndarray]:
+    """Return the pixel window of a shape and its fractional coverage there, by supersampling."""
+    half = side / 2
+    px0, py0 = max(int(np.floor(cx - half)), 0), max(int(np.floor(cy - half)), 0)
+    px1, py1 = min(int(np.ceil(cx + half)), RESOLUTION), min(int(np.ceil(cy + half)), RESOLUTION)
+    px1, py1 = max(px1, px0 + 1), max(py1, py0 + 1)
     s = SUPERSAMPLE
     xs = px0 + (np.arange((px1 - px0) * s) + 0.5) / s
     ys = py0 + (np.arange((py1 - py0) * s) + 0.5) / s
     X, Y = np.meshgrid(xs, ys)
-    half = SIZES[obj.size] / 2
-    if obj.shape == "circle":
-        inside = (X - obj.cx) ** 2 + (Y - obj.cy) ** 2 <= half**2
-    elif obj.shape == "square":
-        inside = (np.abs(X - obj.cx) <= half) & (np.abs(Y - obj.cy) <= half)
-    elif obj.shape == "triangle":  # upright isosceles, apex at the top, base as wide as it is tall
-        top = obj.cy - half
-        inside = (Y >= top) & (Y <= obj.cy + half) & (np.abs(X - obj.cx) <= (Y - top) / 2)
+    if shape == "circle":
+        inside = (X - cx) ** 2 + (Y - cy) ** 2 <= half**2
+    elif shape == "square":
+        inside = (np.abs(X - cx) <= half) & (np.abs(Y - cy) <= half)
+    elif shape == "triangle":  # upright isosceles, apex at the top, base as wide as it is tall
+        top = cy - half
+        inside = (Y >= top) & (Y <= cy + half) & (np.abs(X - cx) <= (Y - top) / 2)
     else:
-        raise ValueError(f"unknown shape {obj.shape!r}; allowed: {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; allowed: {SHAPES}")
     cov = inside.reshape(py1 - py0, s, px1 - px0, s).mean(axis=(1, 3))
     return slice(py0, py1), slice(px0, px1), cov
 
@@ -137,7 +137,7 @@ def render(objs: list[PlacedObject]) -> np.ndarray:
     img = np.empty((RESOLUTION, RESOLUTION, 3), dtype=np.float32)
     img[:] = BACKGROUND
     for obj in objs:
-        sy, sx, cov = _coverage(obj)
+        sy, sx, cov = coverage(obj.shape, obj.cx, obj.cy, SIZES[obj.size])
         col = np.asarray(COLORS[obj.color], dtype=np.float32)
         img[sy, sx] = img[sy, sx] * (1 - cov[..., None]) + col * cov[..., None]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
