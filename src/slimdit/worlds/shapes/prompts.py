@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
-from typing import Iterator
 
 import numpy as np
 
-from slimdit.worlds.shapes.scenes import COLOR_LIST, RELATIONS, SHAPES, SIZES_LIST, ObjectSpec, place, render
+from slimdit.worlds.shapes.scenes import (
+    COLOR_LIST,
+    RELATIONS,
+    SHAPES,
+    SIZES_LIST,
+    ObjectSpec,
+    PlacedObject,
+    place,
+    render,
+)
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 PREFIXES = (
@@ -129,6 +138,20 @@ def _eval_texts() -> frozenset[str]:
     return frozenset(p.text for p in eval_prompts())
 
 
+@cache
+def _all_prompts() -> dict[str, Prompt]:
+    return {p.text: p for cat in CATEGORIES for pre in PREFIXES for p in (_make(cat, pre, c) for c in _contents(cat))}
+
+
+def parse_prompt(text: str) -> Prompt:
+    """Return the prompt (with its metadata) that the grammar writes as ``text``."""
+    key = " ".join(text.lower().split())
+    if key not in _all_prompts():
+        raise ValueError(f"{text!r} is not a shapes-world prompt; examples: {eval_prompts()[0].text!r}, "
+                         f"{eval_prompts()[-1].text!r} (see slimdit.worlds.shapes.prompts)")
+    return _all_prompts()[key]
+
+
 def vocabulary() -> list[str]:
     """Every word the grammar can produce, sorted."""
     words: set[str] = set()
@@ -167,10 +190,14 @@ class TrainingSet:
 
     seed: int = 0
 
-    def item(self, i: int) -> tuple[str, np.ndarray]:
+    def scene(self, i: int) -> tuple[Prompt, list[PlacedObject]]:
         rng = np.random.default_rng((self.seed, i))
         p = sample_training_prompt(rng)
-        return p.text, render_prompt(p, rng)
+        return p, place(list(p.objects), rng, p.relation)
+
+    def item(self, i: int) -> tuple[str, np.ndarray]:
+        p, objs = self.scene(i)
+        return p.text, render(objs)
 
     def batch(self, start: int, n: int) -> tuple[list[str], np.ndarray]:
         caps, imgs = zip(*(self.item(i) for i in range(start, start + n)))

@@ -1,0 +1,129 @@
+"""The ``slimdit`` command: parse arguments and call one library function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 20 for PixArt)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.5)")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from slimdit.demo import run_demo
+
+    run = run_demo(a.out, limit=a.limit, images_per_prompt=a.images_per_prompt, seed=a.seed)
+    summary = json.loads((run / "summary.json").read_text())
+    print(json.dumps({"run": str(run), "teacher": summary["teacher"], "oracle": summary["oracle"]}, indent=2))
+    print(f"report: {run / 'report.html'}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from slimdit.pipelines.generate import generate_to_dir
+
+    out = generate_to_dir(a.model, a.prompt, a.out, images_per_prompt=a.num_images, seed=a.seed, steps=a.steps,
+                          guidance=a.guidance)
+    print(f"wrote {out / 'grid.png'}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from slimdit.metrics.evaluate import evaluate_model
+
+    r = evaluate_model(a.model, a.benchmark, out=a.out, limit=a.limit, images_per_prompt=a.images_per_prompt,
+                       seed=a.seed, steps=a.steps, guidance=a.guidance, embedder=a.embedder,
+                       save_images_to=a.save_images, batch_size=a.batch_size)
+    print(json.dumps(r.metrics, indent=2))
+
+
+def cmd_teacher_train(a: argparse.Namespace) -> None:
+    from slimdit.worlds.shapes.teacher import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(steps=a.steps, threads=a.threads)
+    run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
+    print(f"teacher run: {run} (resume by running the same command again)")
+
+
+def cmd_teacher_export(a: argparse.Namespace) -> None:
+    from slimdit.worlds.shapes.teacher import export_teacher
+
+    print(f"wrote {export_teacher(a.run, a.out, use_ema=not a.no_ema, step=a.step)}")
+
+
+def cmd_teacher_embedder(a: argparse.Namespace) -> None:
+    from slimdit.worlds.shapes.embedder import EmbedderConfig, train_embedder
+
+    train_embedder(a.out, EmbedderConfig(steps=a.steps))
+    print(f"wrote {a.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimdit.metrics.shapes_geneval import BENCHMARKS
+
+    ap = argparse.ArgumentParser(prog="slimdit", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded shapes world")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--limit", type=int, default=120, help="evaluation prompts (of 300)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="write images and an enlarged grid for prompts")
+    p.add_argument("--model", required=True, help="built-in name, diffusers directory or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark")
+    p.add_argument("--model", required=True, help="shapes-pixart, shapes-oracle, a diffusers directory or hub id")
+    p.add_argument("--benchmark", default="shapes-geneval", choices=sorted(BENCHMARKS))
+    p.add_argument("--out", type=Path, default=None, help="metrics JSON")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--embedder", default="shapes", help="shapes | clip | clip:<hub id or directory>")
+    p.add_argument("--save-images", type=Path, default=None, help="also write the images and a grid here")
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("teacher", help="reproduce the shapes world's built-in weights").add_subparsers(
+        dest="teacher_command", required=True)
+    p = t.add_parser("train", help="train the shapes-pixart teacher (resumable)")
+    p.add_argument("--out", type=Path, required=True, help="run directory; rerun to resume")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_teacher_train)
+    p = t.add_parser("export", help="write a teacher run as a diffusers pipeline directory")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--no-ema", action="store_true")
+    p.set_defaults(func=cmd_teacher_export)
+    p = t.add_parser("train-embedder", help="train the shapes embedder used by FID/CMMD/CLIP score")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=1000)
+    p.set_defaults(func=cmd_teacher_embedder)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"slimdit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image-set metrics (CMMD, FID, CLIP score) over pluggable embedders, and benchmarks."""

@@ -1,0 +1,99 @@
+"""Embedders for the metrics: ``shapes`` (ships with slimdit) and ``clip`` (transformers CLIP).
+
+An embedder has ``name``, ``embed_images(uint8 (N, H, W, 3)) -> (N, D)`` and ``embed_texts(list[str]) -> (N, D)``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"  # the CMMD reference model
+
+
+class Embedder(Protocol):
+    name: str
+
+    def embed_images(self, images: np.ndarray) -> torch.Tensor: ...
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor: ...
+
+
+class ClipEmbedder:
+    """CLIP image and text projections, with CMMD's preprocessing: centre crop to the largest square,
+    bicubic resize to the model's input size, CLIP mean/std."""
+
+    name = "clip"
+
+    def __init__(self, model_id: str = DEFAULT_CLIP, device: str | None = None, batch_size: int = 64):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        try:
+            self.model = CLIPModel.from_pretrained(model_id).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+            proc = AutoImageProcessor.from_pretrained(model_id)
+        except OSError as e:
+            raise FileNotFoundError(f"could not load CLIP from {model_id!r} (a hub id with cached weights, or a "
+                                    f"local directory holding a CLIP model, tokenizer and image processor): {e}") from e
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.size = int(self.model.config.vision_config.image_size)
+        self.mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+        self.batch_size = batch_size
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
+        h, w = x.shape[-2:]
+        s = min(h, w)
+        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def embed_images(self, images: np.ndarray) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            px = self.preprocess(images[i:i + self.batch_size]).to(self.device)
+            out.append(_features(self.model.get_image_features(pixel_values=px)).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+                                 max_length=self.model.config.text_config.max_position_embeddings,
+                                 return_tensors="pt").to(self.device)
+            out.append(_features(self.model.get_text_features(**tok)).float().cpu())
+        return torch.cat(out)
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooled projection is the features; older versions a tensor
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def _shapes() -> Embedder:
+    from slimdit.worlds.shapes.embedder import load_shapes_embedder
+
+    return load_shapes_embedder()
+
+
+EMBEDDERS = {"shapes": _shapes, "clip": ClipEmbedder}
+
+
+def get_embedder(spec: str) -> Embedder:
+    """``shapes``, ``clip`` (the CMMD CLIP) or ``clip:<hub id or directory>``."""
+    name, _, arg = spec.partition(":")
+    if name not in EMBEDDERS:
+        raise ValueError(f"unknown embedder {spec!r}; allowed: {', '.join(EMBEDDERS)} (or clip:<model>)")
+    if name == "clip":
+        return ClipEmbedder(arg or DEFAULT_CLIP)
+    if arg:
+        raise ValueError(f"embedder {name!r} takes no argument, got {spec!r}")
+    return EMBEDDERS[name]()

@@ -1,0 +1,33 @@
+"""``slimdit eval``: run a benchmark on a model and write its metrics as JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimdit.io import write_json
+from slimdit.metrics.shapes_geneval import BENCHMARKS, EvalResult
+from slimdit.pipelines.loading import load_sampler
+from slimdit.reports.grids import make_grid, save_images
+
+
+def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Path | None = None,
+                   limit: int | None = None, images_per_prompt: int = 4, seed: int = 0, steps: int | None = None,
+                   guidance: float | None = None, embedder: str = "shapes", save_images_to: str | Path | None = None,
+                   batch_size: int = 64) -> EvalResult:
+    """Evaluate ``model`` on ``benchmark``; write metrics to ``out`` and, optionally, the images and a grid."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
+    sampler = load_sampler(model, steps=steps, guidance=guidance, batch_size=batch_size)
+    result = BENCHMARKS[benchmark](sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed,
+                                   embedder=embedder)
+    result.metrics.update(model=model, benchmark=benchmark)
+    if steps is not None or guidance is not None or model != "shapes-oracle":
+        opts = getattr(sampler, "options", None)
+        if opts is not None:
+            result.metrics.update(steps=opts.num_inference_steps, guidance=opts.guidance_scale)
+    if out is not None:
+        write_json(out, result.metrics)
+    if save_images_to is not None:
+        save_images(result.images, save_images_to)
+        make_grid(result.images, ncol=images_per_prompt, marks=result.correct).save(Path(save_images_to) / "grid.png")
+    return result

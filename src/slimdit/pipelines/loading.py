@@ -1,0 +1,72 @@
+"""Resolve a MODEL argument: a built-in name, a local diffusers directory, or a hub id."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
+
+
+def _builtin_pipeline_dir(name: str) -> Path:
+    d = Path(str(resources.files("slimdit.worlds.shapes").joinpath("weights", name)))
+    if not (d / "model_index.json").exists():
+        raise FileNotFoundError(f"built-in model {name!r} has no weights at {d}; rebuild them with "
+                                "`slimdit teacher train` and `slimdit teacher export`")
+    return d
+
+
+BUILTINS = {"shapes-pixart": _builtin_pipeline_dir}
+SAMPLERS = {"shapes-oracle"}
+
+
+def resolve_model_dir(model: str) -> Path | str:
+    """Return a local pipeline directory for a built-in or local model, or the hub id unchanged."""
+    if model in BUILTINS:
+        return BUILTINS[model](model)
+    p = Path(model)
+    if p.exists():
+        if not (p / "model_index.json").exists():
+            raise FileNotFoundError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
+        return p
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return model  # a hub id; diffusers resolves it from the cache or the hub
+    raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*BUILTINS, *SAMPLERS])}), "
+                            "not an existing directory, not a hub id (owner/name)")
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a diffusers pipeline for ``model`` (built-in name, directory or hub id)."""
+    from diffusers import DiffusionPipeline
+
+    src = resolve_model_dir(model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(src, **({"torch_dtype": dtype} if dtype is not None else {}))
+    except OSError as e:
+        raise FileNotFoundError(f"could not load model {model!r}: {e}") from e
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sampling_defaults(model: str) -> dict:
+    """The sampling settings a model directory records in ``slimdit.json``, else PixArt-Sigma's (table 4.3)."""
+    src = resolve_model_dir(model)
+    if isinstance(src, Path) and (src / "slimdit.json").exists():
+        return json.loads((src / "slimdit.json").read_text()).get("sampling", {})
+    return {"num_inference_steps": 20, "guidance_scale": 3.5, "max_sequence_length": 300}
+
+
+def load_sampler(model: str, steps: int | None = None, guidance: float | None = None, batch_size: int = 64,
+                 device: str | None = None) -> Sampler:
+    """Build the sampler for ``model`` with its recorded defaults, overridden by ``steps`` / ``guidance``."""
+    if model == "shapes-oracle":
+        from slimdit.worlds.shapes.oracle import OracleSampler
+
+        return OracleSampler()
+    d = sampling_defaults(model)
+    opts = SamplingOptions(num_inference_steps=steps or d.get("num_inference_steps", 20),
+                           guidance_scale=d.get("guidance_scale", 3.5) if guidance is None else guidance,
+                           max_sequence_length=d.get("max_sequence_length", 300), batch_size=batch_size)
+    return PipelineSampler(load_pipeline(model, device), opts, name=model)

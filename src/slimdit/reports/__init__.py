@@ -1,0 +1,1 @@
+"""Pictures and pages built from run-directory files alone."""
