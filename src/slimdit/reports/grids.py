@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def make_grid(images: np.ndarray, ncol: int, scale: int = 4, pad: int = 2, marks: np.ndarray | None = None) -> Image.Image:
+def make_grid(images: np.ndarray, ncol: int, scale: int = 4, pad: int = 2,
+              marks: np.ndarray | None = None) -> Image.Image:
     """Tile (N, H, W, 3) uint8 images into ``ncol`` columns; ``marks`` (N,) bool draws a green or red frame."""
     n, h, w, _ = images.shape
     nrow = -(-n // ncol)

@@ -95,7 +95,8 @@ def _contents(category: str) -> list[tuple[str, tuple[ObjectSpec, ...], str | No
         ]
     elif category == "position":
         return [
-            (f"{_phrase(ObjectSpec(a))} {RELATION_WORDS[r]} {_phrase(ObjectSpec(b))}", (ObjectSpec(a), ObjectSpec(b)), r)
+            (f"{_phrase(ObjectSpec(a))} {RELATION_WORDS[r]} {_phrase(ObjectSpec(b))}",
+             (ObjectSpec(a), ObjectSpec(b)), r)
             for a, b in itertools.permutations(SHAPES, 2)
             for r in RELATIONS
         ]

@@ -74,7 +74,8 @@ def _separated(a: PlacedObject, b: PlacedObject) -> bool:
     return bx0 - ax1 >= GAP or ax0 - bx1 >= GAP or by0 - ay1 >= GAP or ay0 - by1 >= GAP
 
 
-def place(specs: list[ObjectSpec], rng: np.random.Generator, relation: str | None = None, tries: int = 2000) -> list[PlacedObject]:
+def place(specs: list[ObjectSpec], rng: np.random.Generator, relation: str | None = None,
+          tries: int = 2000) -> list[PlacedObject]:
     """Fill unspecified attributes at random and place the objects without overlap.
 
     With ``relation``, object 0 must stand in that relation to object 1 with a wide margin.
