@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_teacher_export)
     p = t.add_parser("train-embedder", help="train the shapes embedder used by FID/CMMD/CLIP score")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=800)
     p.set_defaults(func=cmd_teacher_embedder)
     return ap
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimdit.io import write_json
-from slimdit.metrics.shapes_geneval import BENCHMARKS, EvalResult
+from slimdit.metrics.embedders import get_embedder
+from slimdit.metrics.shapes_geneval import BENCHMARKS, EvalResult, select_prompts
 from slimdit.pipelines.loading import load_sampler
 from slimdit.reports.grids import make_grid, save_images
 
@@ -17,9 +18,13 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
     """Evaluate ``model`` on ``benchmark``; write metrics to ``out`` and, optionally, the images and a grid."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
+    if images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be at least 1, got {images_per_prompt}")
+    select_prompts(limit)  # check the arguments and load the embedder before the (heavy) model
+    emb = get_embedder(embedder)
     sampler = load_sampler(model, steps=steps, guidance=guidance, batch_size=batch_size)
     result = BENCHMARKS[benchmark](sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed,
-                                   embedder=embedder)
+                                   embedder=emb)
     result.metrics.update(model=model, benchmark=benchmark)
     if steps is not None or guidance is not None or model != "shapes-oracle":
         opts = getattr(sampler, "options", None)

@@ -28,7 +28,7 @@ from slimdit.worlds.shapes.text import MAX_SEQUENCE_LENGTH, build_tokenizer
 class EmbedderConfig:
     dim: int = 128
     text_dim: int = 64
-    steps: int = 1000
+    steps: int = 800
     batch_size: int = 256
     lr: float = 2e-3
     seed: int = 1

@@ -1,0 +1,65 @@
+"""The slimdit command end to end on the shipped weights, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from slimdit.cli import main
+from slimdit.metrics.shapes_geneval import select_prompts
+from slimdit.worlds.shapes.prompts import CATEGORIES
+
+
+def test_eval_oracle_writes_the_metrics_json(tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--model", "shapes-oracle", "--benchmark", "shapes-geneval", "--limit", "24",
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["overall"] >= 0.99 and all(m[c] >= 0.99 for c in CATEGORIES)
+    assert m["n_images"] == 96 and m["fid"] >= 0 and m["cmmd"] >= 0
+
+
+def test_limit_keeps_every_category_and_a_prefix_of_images():
+    first = select_prompts(6)
+    assert {p.category for p in first} == set(CATEGORIES)
+    assert select_prompts(12)[:6] == first
+
+
+def test_generate_writes_pngs_and_a_grid(tmp_path):
+    assert main(["generate", "--model", "shapes-pixart", "--prompt", "a red circle", "--prompt", "two squares",
+                 "--num-images", "2", "--steps", "4", "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("image_*.png"))) == 4 and (tmp_path / "grid.png").exists()
+    meta = json.loads((tmp_path / "prompts.json").read_text())
+    assert [m["prompt"] for m in meta] == ["a red circle"] * 2 + ["two squares"] * 2
+
+
+def test_demo_writes_summary_and_report(tmp_path):
+    run = tmp_path / "demo"
+    assert main(["demo", "--out", str(run), "--limit", "6", "--images-per-prompt", "2"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    for who in ("teacher", "oracle"):
+        assert {"shapes_geneval_overall", "fid", "cmmd"} <= set(s[who])
+        assert np.isfinite([s[who]["fid"], s[who]["cmmd"]]).all()
+    assert s["oracle"]["shapes_geneval_overall"] == 1.0
+    html = (run / "report.html").read_text()
+    assert "shapes-geneval" in html and "data:image/png;base64" in html
+    assert main(["demo", "--out", str(run), "--limit", "6"]) == 2  # never overwrite a finished run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["eval", "--model", "shapes-oracle", "--limit", "0"], "--limit must be between 1 and 300"),
+    (["eval", "--model", "shapes-oracle", "--embedder", "inception"], "unknown embedder"),
+    (["generate", "--model", "shapes-oracle", "--prompt", "a purple hexagon", "--out", "/tmp/x"],
+     "not a shapes-world prompt"),
+])
+def test_bad_input_gets_a_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    assert "not a diffusers pipeline directory" in capsys.readouterr().err
