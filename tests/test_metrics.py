@@ -94,3 +94,23 @@ def test_unknown_embedder_is_named():
 
     with pytest.raises(ValueError, match="unknown embedder 'inception'"):
         get_embedder("inception")
+
+
+def test_shipped_shapes_embedder_separates_good_from_degraded_images():
+    from scipy import ndimage
+
+    from slimdit.metrics.shapes_geneval import image_seeds, reference_images, select_prompts
+    from slimdit.worlds.shapes.embedder import load_shapes_embedder
+    from slimdit.worlds.shapes.oracle import OracleSampler
+
+    emb = load_shapes_embedder()
+    ps = select_prompts(60)
+    per = [p for p in ps for _ in range(4)]
+    ref = emb.embed_images(reference_images(tuple(ps), 600))
+    imgs = OracleSampler().generate([p.text for p in per], image_seeds(len(ps), 4, 0))
+    blurred = ndimage.gaussian_filter(imgs.astype(float), (0, 1, 1, 0)).astype(np.uint8)
+    good, bad = emb.embed_images(imgs), emb.embed_images(blurred)
+    assert cmmd(good, ref) < cmmd(bad, ref) and fid(good, ref) < fid(bad, ref)
+    texts = emb.embed_texts([p.text for p in per])
+    shuffled = good[torch.randperm(len(good), generator=torch.Generator().manual_seed(0))]
+    assert clip_score(good, texts) > clip_score(shuffled, texts) + 20

@@ -19,6 +19,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
 
 
@@ -44,6 +45,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         flat[k] = v.clone() if ptr in seen else v  # tied weights (T5's shared embedding) are stored twice
         seen.add(ptr)
     save_file(flat, tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
