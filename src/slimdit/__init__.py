@@ -9,6 +9,7 @@ _LAZY = {
     # VAE of the shapes world must be reachable as ``slimdit.PixelSpaceVAE`` for ``from_pretrained``.
     "PixelSpaceVAE": ("slimdit.worlds.shapes.pixel_vae", "PixelSpaceVAE"),
     "load_pipeline": ("slimdit.pipelines.loading", "load_pipeline"),
+    "load_model": ("slimdit.models.storage", "load_model"),
 }
 
 

@@ -1,0 +1,158 @@
+"""Plans: what to do to which unit, read from YAML/JSON, applied to a model with a record of what changed.
+
+A plan file looks like::
+
+    units:
+      block.4: remove
+      block.7: {svd: {mlp: 0.6, self_attn: 0.8, cross_attn: 0.8}}   # removal fraction c per part (eq. 4.9)
+      block.9: {svd: 0.5}                                             # the same c for every part
+      block.2: {svd: {mlp: {rank: 16}}}                               # an explicit rank
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+import yaml
+
+from slimdit.compress.lowrank import LowRankLinear, layer_shape, rank_for_ratio, replace_module
+from slimdit.models.base import Adapter
+
+
+@dataclass
+class UnitOp:
+    unit: str
+    op: str  # remove | svd
+    ratios: dict[str, float | dict] = field(default_factory=dict)  # part -> c, or {"rank": k}
+
+
+@dataclass
+class Plan:
+    ops: list[UnitOp]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if not isinstance(d, dict) or not isinstance(d.get("units"), dict):
+            raise ValueError("a plan needs a mapping 'units: {unit: remove | {svd: ...}}'")
+        ops = []
+        for unit, spec in d["units"].items():
+            if spec == "remove":
+                ops.append(UnitOp(unit, "remove"))
+            elif isinstance(spec, dict) and set(spec) == {"svd"}:
+                r = spec["svd"]
+                ops.append(UnitOp(unit, "svd", r if isinstance(r, dict) else {"*": r}))
+            else:
+                raise ValueError(f"plan units.{unit}: expected 'remove' or {{svd: ratio | {{part: ratio}}}}, "
+                                 f"got {spec!r}")
+        return cls(ops)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"plan file {p} does not exist")
+        return cls.from_dict(yaml.safe_load(p.read_text()))  # JSON is YAML
+
+    def to_dict(self) -> dict:
+        return {"units": {o.unit: "remove" if o.op == "remove" else {"svd": o.ratios} for o in self.ops}}
+
+
+@dataclass
+class LayerRecord:
+    path: str  # relative to the model, in the teacher's numbering
+    shape: tuple[int, int]
+    rank: int
+
+
+@dataclass
+class UnitRecord:
+    unit: str
+    op: str
+    params_before: int
+    params_after: int
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+@dataclass
+class PlanRecord:
+    adapter: str
+    block_params_before: int
+    block_params_after: int
+    units: list[UnitRecord]
+    kept_units: list[str]  # teacher unit names, in student order
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_ratios(adapter: Adapter, model: nn.Module, op: UnitOp) -> dict[str, float | dict]:
+    parts = adapter.parts(model, op.unit)
+    if "*" in op.ratios:
+        return {p: op.ratios["*"] for p in parts}
+    unknown = set(op.ratios) - set(parts)
+    if unknown:
+        raise ValueError(f"plan units.{op.unit}: unknown part(s) {sorted(unknown)}; allowed: {', '.join(parts)}")
+    return dict(op.ratios)
+
+
+def _rank(spec: float | dict, shape: tuple[int, int], where: str) -> int | None:
+    """The rank a part's spec asks for, or None when the layer stays as it is."""
+    if isinstance(spec, dict):
+        if set(spec) != {"rank"} or not isinstance(spec["rank"], int):
+            raise ValueError(f"{where}: expected a ratio or {{rank: int}}, got {spec!r}")
+        return spec["rank"]
+    if not isinstance(spec, (int, float)) or not 0 <= spec < 1:
+        raise ValueError(f"{where}: a ratio is a removal fraction in [0, 1), got {spec!r}")
+    if spec == 0:
+        return None  # no compression: the layer is untouched (bit-identical)
+    return rank_for_ratio(*shape, float(spec))
+
+
+def validate(adapter: Adapter, model: nn.Module, plan: Plan) -> None:
+    """Check every unit, part and ratio before any surgery."""
+    seen = set()
+    for op in plan.ops:
+        adapter.unit(model, op.unit)
+        if op.unit in seen:
+            raise ValueError(f"plan names unit {op.unit} twice")
+        seen.add(op.unit)
+        if op.op == "svd":
+            for part, spec in _resolve_ratios(adapter, model, op).items():
+                for path, layer in adapter.layers(model, op.unit, part).items():
+                    k = _rank(spec, layer_shape(layer), f"plan units.{op.unit}.svd.{part}")
+                    if k is not None and not 1 <= k <= min(layer_shape(layer)):
+                        raise ValueError(f"plan units.{op.unit}.svd.{part}: rank {k} is outside "
+                                         f"[1, {min(layer_shape(layer))}] for {path}")
+
+
+def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan) -> PlanRecord:
+    """Apply ``plan`` to ``model`` in place (SVD first, then removals) and return what changed."""
+    validate(adapter, model, plan)
+    before = adapter.block_params(model)
+    units_before = adapter.units(model)
+    records = []
+    for op in plan.ops:
+        p0 = adapter.unit_params(model, op.unit)
+        rec = UnitRecord(op.unit, op.op, p0, 0)
+        if op.op == "svd":
+            unit_mod = adapter.unit(model, op.unit)
+            for part, spec in _resolve_ratios(adapter, model, op).items():
+                for path, layer in adapter.layers(model, op.unit, part).items():
+                    k = _rank(spec, layer_shape(layer), op.unit)
+                    if k is None:
+                        continue
+                    replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k))
+                    rec.layers.append(LayerRecord(f"{op.unit}.{path}", layer_shape(layer), k))
+            rec.params_after = adapter.unit_params(model, op.unit)
+        records.append(rec)
+    removed = [o.unit for o in plan.ops if o.op == "remove"]
+    adapter.remove_units(model, removed)
+    return PlanRecord(adapter.name, before, adapter.block_params(model), records,
+                      [u for u in units_before if u not in set(removed)])
+
+
+def save_plan_record(record: PlanRecord, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(record.to_json(), indent=2) + "\n")

@@ -1,0 +1,29 @@
+"""PixArt-alpha/Sigma (``PixArtTransformer2DModel``): units ``block.N``; parts self_attn, cross_attn, mlp."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from slimdit.models.base import Adapter, register
+
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@register
+class PixArtAdapter(Adapter):
+    name = "pixart"
+    groups = {"block": ("transformer_blocks", "num_layers")}
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        from diffusers import PixArtTransformer2DModel
+
+        return isinstance(model, PixArtTransformer2DModel)
+
+    def part_layers(self, model: nn.Module, unit: str) -> dict[str, list[str]]:
+        self.unit(model, unit)
+        return {
+            "self_attn": [f"attn1.{n}" for n in _ATTN],
+            "cross_attn": [f"attn2.{n}" for n in _ATTN],
+            "mlp": ["ff.net.0.proj", "ff.net.2"],
+        }

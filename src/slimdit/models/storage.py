@@ -1,0 +1,77 @@
+"""Save and load students in diffusers layout.
+
+Dense (removal-only) students are plain ``save_pretrained`` directories. Low-rank students keep the diffusers
+config but store weights as ``lowrank_model.safetensors`` with ``slimdit_lowrank.json`` naming each factored
+layer and its rank: plain diffusers then fails loudly (no weights file) instead of initialising the factored
+layers at random; ``slimdit.load_model`` rebuilds them, and :func:`merge_lowrank` makes a dense copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+
+from slimdit.compress.lowrank import LowRankLinear, replace_module
+from slimdit.io import load_tensors, save_tensors, write_json
+
+LOWRANK_INDEX = "slimdit_lowrank.json"
+LOWRANK_WEIGHTS = "lowrank_model.safetensors"
+
+
+def lowrank_layers(model: nn.Module) -> dict[str, dict]:
+    return {name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                   "bias": m.up.bias is not None}
+            for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def save_model(model: nn.Module, out_dir: str | Path) -> Path:
+    """Save a (possibly low-rank) diffusers model."""
+    out = Path(out_dir)
+    layers = lowrank_layers(model)
+    if not layers:
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_config(out)
+    save_tensors(out / LOWRANK_WEIGHTS, model.state_dict())
+    write_json(out / LOWRANK_INDEX, {"class": type(model).__name__, "layers": layers})
+    return out
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"unknown diffusers model class {name!r}")
+    return cls
+
+
+def load_model(path: str | Path, dtype=None) -> nn.Module:
+    """Load a model directory written by :func:`save_model` (dense or low-rank)."""
+    d = Path(path)
+    if (d / "model_index.json").exists():
+        raise ValueError(f"{d} is a pipeline directory; load it with slimdit.load_pipeline, or pass {d}/transformer")
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d} is not a diffusers model directory (no config.json)")
+    config = json.loads((d / "config.json").read_text())
+    cls = _diffusers_class(config["_class_name"])
+    if not (d / LOWRANK_INDEX).exists():
+        return cls.from_pretrained(d, **({"torch_dtype": dtype} if dtype is not None else {}))
+    index = json.loads((d / LOWRANK_INDEX).read_text())
+    model = cls.from_config(cls.load_config(d))
+    for name, spec in index["layers"].items():
+        replace_module(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                  bias=spec["bias"]))
+    model.load_state_dict(load_tensors(d / LOWRANK_WEIGHTS), strict=True)
+    model.eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def merge_lowrank(model: nn.Module) -> nn.Module:
+    """Replace every low-rank layer by its dense product, in place."""
+    for name in list(lowrank_layers(model)):
+        replace_module(model, name, model.get_submodule(name).to_linear())
+    return model
