@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, feature maps, the trainer and finetuning protocols."""
