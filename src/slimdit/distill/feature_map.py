@@ -15,22 +15,18 @@ def feature_map(teacher_units: list[str], kept_units: list[str]) -> list[tuple[s
     missing = [u for u in kept_units if u not in pos]
     if missing:
         raise ValueError(f"kept units {missing} are not teacher units")
-    idx = [pos[u] for u in kept_units]
-    if idx != sorted(idx):
+    if [pos[u] for u in kept_units] != sorted(pos[u] for u in kept_units):
         raise ValueError("kept units must be in teacher order")
-    group = lambda u: u.partition(".")[0]  # noqa: E731  (Flux: double and single units are separate lists)
     pairs = []
-    for j, (u, i) in enumerate(zip(kept_units, idx)):
-        nxt = idx[j + 1] if j + 1 < len(idx) and group(kept_units[j + 1]) == group(u) else None
-        if nxt is None:  # last kept unit of its group: the gap runs to the group's end
-            same = [k for k, t in enumerate(teacher_units) if group(t) == group(u)]
-            end = same[-1]
-        else:
-            end = nxt - 1
-        pairs.append((f"{group(u)}.{j - _group_start(kept_units, j)}", teacher_units[end]))
+    # Flux keeps double and single units in separate lists: gaps never run from one group into the other
+    for group in dict.fromkeys(_group(u) for u in teacher_units):
+        teacher = [u for u in teacher_units if _group(u) == group]
+        kept = [u for u in kept_units if _group(u) == group]
+        for j in range(len(kept)):
+            end = teacher.index(kept[j + 1]) - 1 if j + 1 < len(kept) else len(teacher) - 1
+            pairs.append((f"{group}.{j}", teacher[end]))
     return pairs
 
 
-def _group_start(kept: list[str], j: int) -> int:
-    g = kept[j].partition(".")[0]
-    return next(k for k, u in enumerate(kept) if u.partition(".")[0] == g)
+def _group(unit: str) -> str:
+    return unit.partition(".")[0]
