@@ -25,6 +25,18 @@ class Adapter(ABC):
     def part_layers(self, model: nn.Module, unit: str) -> dict[str, list[str]]:
         """Part name -> paths (relative to the unit) of the linear layers in it."""
 
+    #: the training objective, a key of ``slimdit.distill.objectives.OBJECTIVES``
+    objective: str
+
+    @abstractmethod
+    def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        """Run the model on noisy latents at timesteps ``t`` with conditioning ``cond``; return its output."""
+
+    def prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """The part of the output the objective's target is compared with (default: all of it)."""
+        return output
+
     # ---- units -------------------------------------------------------------------------------------------
     def _split(self, unit: str) -> tuple[str, int]:
         group, _, idx = unit.partition(".")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from slimdit.models.base import Adapter, register
@@ -13,6 +14,7 @@ _ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 class PixArtAdapter(Adapter):
     name = "pixart"
     groups = {"block": ("transformer_blocks", "num_layers")}
+    objective = "epsilon"
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -27,3 +29,14 @@ class PixArtAdapter(Adapter):
             "cross_attn": [f"attn2.{n}" for n in _ATTN],
             "mlp": ["ff.net.0.proj", "ff.net.2"],
         }
+
+    def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+        return model(noisy, encoder_hidden_states=cond["prompt_embeds"],
+                     encoder_attention_mask=cond["prompt_mask"], timestep=t,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+    def prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        # PixArt-Sigma learns the variance too (out_channels = 2 x in): epsilon is the first half
+        c = model.config.in_channels
+        return output[:, :c] if model.config.out_channels == 2 * c else output
