@@ -169,7 +169,8 @@ class Trainer:
                 ema = load_tensors(ck / "ema.safetensors")
                 for e, n in zip(self.ema, self.names):
                     e.copy_(ema[n])
-        optimizer_from_tensors(getattr(self.opt, "optimizer", self.opt), load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
+        inner = getattr(self.opt, "optimizer", self.opt)
+        optimizer_from_tensors(inner, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
         self.step = state["step"]
         return True
 
