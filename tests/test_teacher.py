@@ -47,6 +47,8 @@ def test_export_is_a_plain_diffusers_pixart_sigma_pipeline(tiny_pipeline_dir):
     from diffusers import DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5EncoderModel
 
+    import slimdit.worlds.shapes.pixel_vae  # noqa: F401  (what a plain diffusers user imports first)
+
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     assert isinstance(pipe, PixArtSigmaPipeline)
     assert isinstance(pipe.transformer, PixArtTransformer2DModel) and pipe.transformer.config.num_layers == 2

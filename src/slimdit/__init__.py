@@ -5,9 +5,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    # diffusers records a pipeline component's class as (top-level package, class name), so the pixel-space
-    # VAE of the shapes world must be reachable as ``slimdit.PixelSpaceVAE`` for ``from_pretrained``.
-    "PixelSpaceVAE": ("slimdit.worlds.shapes.pixel_vae", "PixelSpaceVAE"),
     "load_pipeline": ("slimdit.pipelines.loading", "load_pipeline"),
     "load_model": ("slimdit.models.storage", "load_model"),
 }

@@ -42,6 +42,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     """Load a diffusers pipeline for ``model`` (built-in name, directory or hub id)."""
     from diffusers import DiffusionPipeline
 
+    import slimdit.worlds.shapes.pixel_vae  # noqa: F401  (diffusers loads the shapes VAE only once imported)
+
     src = resolve_model_dir(model)
     try:
         pipe = DiffusionPipeline.from_pretrained(src, **({"torch_dtype": dtype} if dtype is not None else {}))

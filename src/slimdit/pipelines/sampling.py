@@ -44,8 +44,11 @@ class PipelineSampler:
     def _kwargs(self) -> dict:
         kw = dict(num_inference_steps=self.options.num_inference_steps, guidance_scale=self.options.guidance_scale,
                   max_sequence_length=self.options.max_sequence_length, output_type="np", **self.options.extra)
-        if "use_resolution_binning" in _call_params(self.pipe):
+        params = _call_params(self.pipe)
+        if "use_resolution_binning" in params:
             kw.setdefault("use_resolution_binning", False)
+        if "clean_caption" in params:  # needs bs4 and ftfy; our prompts are clean already
+            kw.setdefault("clean_caption", False)
         return kw
 
     @torch.no_grad()
