@@ -61,6 +61,47 @@ def cmd_teacher_embedder(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}")
 
 
+def cmd_compress(a: argparse.Namespace) -> None:
+    from slimdit.compress.plan import Plan
+    from slimdit.compress.student import compress_to_dir, format_record
+
+    record = compress_to_dir(a.model, Plan.load(a.plan), a.out, dry_run=a.dry_run)
+    print(format_record(record))
+    if not a.dry_run:
+        print(f"wrote {a.out}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from slimdit.compress.student import export_merged
+
+    if not a.merge:
+        raise ValueError("export needs --merge (the only export so far: a dense copy for plain diffusers)")
+    print(f"wrote {export_merged(a.model, a.out)}")
+
+
+def cmd_synth(a: argparse.Namespace) -> None:
+    from slimdit.data.synth import read_prompts, synthesize
+    from slimdit.pipelines.loading import load_sampler
+
+    prompts = read_prompts(a.prompts)
+    out = synthesize(load_sampler(a.model, steps=a.steps, guidance=a.guidance), prompts, a.out, seed=a.seed)
+    print(f"wrote {out} ({len(prompts)} images)")
+
+
+def cmd_distill(a: argparse.Namespace) -> None:
+    from slimdit.config import load_config
+    from slimdit.distill.run import run_distill
+
+    cfg = load_config(a.config, overrides={"out": str(a.out)} if a.out else None)
+    if a.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return
+    run = run_distill(cfg)
+    print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
@@ -93,6 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     _add_sampling(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compress", help="apply a plan (remove / SVD units) and save the student")
+    p.add_argument("--model", required=True)
+    p.add_argument("--plan", type=Path, required=True, help="YAML or JSON plan file")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--dry-run", action="store_true", help="print parameters per unit before and after; write nothing")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="export a student")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--merge", action="store_true", help="merge low-rank layers into a dense diffusers model")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="teacher-generated images with captions (resumable)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True, help="text file (one prompt per line) or shapes-train:N[:SEED]")
+    p.add_argument("--out", type=Path, required=True)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("distill", help="compress and distill from one config file (resumable)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="override the config's out:")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("teacher", help="reproduce the shapes world's built-in weights").add_subparsers(
         dest="teacher_command", required=True)

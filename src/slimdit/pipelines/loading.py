@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from slimdit.models.storage import LOWRANK_INDEX, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 
 
@@ -45,8 +46,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     import slimdit.worlds.shapes.pixel_vae  # noqa: F401  (diffusers loads the shapes VAE only once imported)
 
     src = resolve_model_dir(model)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():
+        kwargs["transformer"] = load_model(src / "transformer", dtype=dtype)  # a low-rank student
     try:
-        pipe = DiffusionPipeline.from_pretrained(src, **({"torch_dtype": dtype} if dtype is not None else {}))
+        pipe = DiffusionPipeline.from_pretrained(src, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"could not load model {model!r}: {e}") from e
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,3 +76,24 @@ def load_sampler(model: str, steps: int | None = None, guidance: float | None = 
                            guidance_scale=d.get("guidance_scale", 3.5) if guidance is None else guidance,
                            max_sequence_length=d.get("max_sequence_length", 300), batch_size=batch_size)
     return PipelineSampler(load_pipeline(model, device), opts, name=model)
+
+
+def save_pipeline_with(pipe, transformer, out_dir: str | Path, source: str | None = None) -> Path:
+    """Save ``pipe`` with ``transformer`` in place of its own (dense or low-rank), plus the source's sampling
+    defaults (``slimdit.json``)."""
+    import shutil
+
+    out = Path(out_dir)
+    original = pipe.transformer
+    pipe.transformer = transformer
+    try:
+        pipe.save_pretrained(out, safe_serialization=True)
+    finally:
+        pipe.transformer = original
+    shutil.rmtree(out / "transformer")
+    save_model(transformer, out / "transformer")
+    if source is not None:
+        src = resolve_model_dir(source)
+        if isinstance(src, Path) and (src / "slimdit.json").exists():
+            shutil.copy(src / "slimdit.json", out / "slimdit.json")
+    return out

@@ -1,0 +1,108 @@
+"""Typed run configs, validated before any heavy work; errors name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    real: str = "shapes-train:2048"  # shapes-train:N[:SEED] or an imagefolder with metadata.jsonl
+    synth: str | None = None  # teacher-generated folder; None: generated into the run directory when needed
+    synth_images: int = Field(512, ge=1)
+    image_size: int | None = None  # resize folder images to this (pixels)
+    max_sequence_length: int | None = None  # default: the model's
+
+
+class TrainSection(_Strict):
+    steps: int = Field(1000, ge=1)
+    optimizer: Literal["came", "adamw"] = "came"
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    betas: tuple[float, ...] = (0.9, 0.999, 0.9999)
+    eps: tuple[float, ...] = (1e-30, 1e-16)
+    warmup_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(0.001, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    kd: Literal["output", "standard", "hybrid", "normalized", "normalized_hybrid"] = "normalized_hybrid"
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class PhaseSection(_Strict):
+    name: str
+    trainable: list[Literal["preceding", "modified", "all"]]
+    dataset: Literal["real", "synth"]
+    fraction: float = Field(gt=0)
+
+
+class EvalSection(_Strict):
+    benchmark: Literal["shapes-geneval"] | None = "shapes-geneval"
+    limit: int | None = Field(60, ge=1)
+    images_per_prompt: int = Field(4, ge=1)
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+
+
+class DistillConfig(_Strict):
+    teacher: str
+    plan: dict[str, Any] | str  # inline plan or a plan file
+    out: Path
+    protocol: Literal["three_stage", "two_stage", "real_only"] | list[PhaseSection] = "three_stage"
+    data: DataConfig = DataConfig()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    device: str | None = None
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_exists(cls, v):
+        if isinstance(v, str) and not Path(v).exists():
+            raise ValueError(f"plan file {v} does not exist")
+        return v
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"])
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {field}: {err['msg']}{got}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfig,
+                overrides: dict | None = None) -> Any:
+    """Load YAML (or a dict), apply ``overrides``, validate; raise ValueError naming every bad field."""
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+    for k, v in (overrides or {}).items():
+        raw[k] = v
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(_format(e)) from None
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    from slimdit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Caption datasets, the conditioning cache, teacher-generated sets."""

@@ -1,0 +1,74 @@
+"""Cache text-encoder outputs and VAE latents once per dataset; every phase and stage reuses them."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from slimdit.data.datasets import CaptionImages
+from slimdit.distill.trainer import Conditioning
+from slimdit.io import load_tensors, save_tensors, write_json
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], max_sequence_length: int, batch_size: int = 256
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder hidden states and masks, through the pipeline's own ``encode_prompt``."""
+    embs, masks = [], []
+    extra = {"clean_caption": False} if "clean_caption" in inspect.signature(pipe.encode_prompt).parameters else {}
+    for i in tqdm(range(0, len(captions), batch_size), desc="caching captions", unit="batch", dynamic_ncols=True,
+                  disable=len(captions) <= batch_size):
+        e, m, _, _ = pipe.encode_prompt(captions[i:i + batch_size], do_classifier_free_guidance=False,
+                                        device=pipe.text_encoder.device, max_sequence_length=max_sequence_length,
+                                        **extra)
+        embs.append(e.float().cpu())
+        masks.append(m.cpu())
+    return torch.cat(embs), torch.cat(masks)
+
+
+@torch.no_grad()
+def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """Clean latents ``(mean - shift) * scale`` of the pipeline's VAE (the identity for pixel-space models)."""
+    vae = pipe.vae
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="caching latents", unit="batch", dynamic_ncols=True,
+                  disable=len(images) <= batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = x.to(vae.device, vae.dtype)
+        enc = vae.encode(x)
+        z = enc.latent_dist.mean if hasattr(enc, "latent_dist") else enc
+        out.append(((z - shift) * scale).float().cpu())
+    return torch.cat(out)
+
+
+def _key(model_id: str, data: CaptionImages, max_sequence_length: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([model_id, data.source, max_sequence_length, data.images.shape]).encode())
+    h.update("\n".join(data.captions).encode())
+    h.update(data.images.tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_conditioning(pipe, model_id: str, data: CaptionImages, cache_dir: str | Path,
+                        max_sequence_length: int) -> Conditioning:
+    """Load the conditioning of ``data`` from ``cache_dir``, computing and saving it the first time."""
+    d = Path(cache_dir) / _key(model_id, data, max_sequence_length)
+    if (d / "conditioning.safetensors").exists():
+        t = load_tensors(d / "conditioning.safetensors")
+        return Conditioning(t["latents"], t["prompt_embeds"], t["prompt_mask"], t["null_embeds"], t["null_mask"])
+    embeds, mask = encode_captions(pipe, data.captions, max_sequence_length)
+    null_e, null_m = encode_captions(pipe, [""], max_sequence_length)
+    latents = encode_images(pipe, data.images)
+    save_tensors(d / "conditioning.safetensors", {"latents": latents, "prompt_embeds": embeds, "prompt_mask": mask,
+                                                  "null_embeds": null_e, "null_mask": null_m})
+    write_json(d / "meta.json", {"model": model_id, "source": data.source, "n": len(data.captions),
+                                 "max_sequence_length": max_sequence_length})
+    return Conditioning(latents, embeds, mask, null_e, null_m)

@@ -1,0 +1,84 @@
+"""Caption-image datasets: the shapes training stream, or a folder in the ``imagefolder`` layout
+(images plus ``metadata.jsonl`` rows ``{"file_name": ..., "text": ...}``), as written by ``slimdit synth``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+@dataclass
+class CaptionImages:
+    captions: list[str]
+    images: np.ndarray  # (N, H, W, 3) uint8
+    source: str
+
+
+def shapes_train(n: int, seed: int = 0) -> CaptionImages:
+    from slimdit.worlds.shapes.prompts import TrainingSet
+
+    caps, imgs = TrainingSet(seed).batch(0, n)
+    return CaptionImages(caps, imgs, f"shapes-train:{n}:{seed}")
+
+
+def read_metadata(folder: Path) -> list[dict]:
+    meta = folder / "metadata.jsonl"
+    if not meta.exists():
+        raise FileNotFoundError(f"{folder} has no metadata.jsonl (rows of {{\"file_name\": ..., \"text\": ...}})")
+    rows = []
+    for k, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta}:{k}: not JSON ({e})") from e
+        if not isinstance(row.get("file_name"), str):
+            raise ValueError(f"{meta}:{k}: missing file_name")
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"{meta}:{k}: missing caption ('text') for {row['file_name']}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{meta} lists no images")
+    return rows
+
+
+def image_folder(folder: str | Path, size: int | None = None) -> CaptionImages:
+    """Read and check every image and caption before any training starts."""
+    folder = Path(folder)
+    rows = read_metadata(folder)
+    imgs = []
+    for row in rows:
+        path = folder / row["file_name"]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                imgs.append(np.asarray(im))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{folder}/metadata.jsonl names {row['file_name']}, which does not exist") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"corrupt or unreadable image {path}: {e}") from e
+    shapes = {im.shape for im in imgs}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {folder} differ in size {sorted(shapes)}; set the dataset's size")
+    return CaptionImages([r["text"] for r in rows], np.stack(imgs), str(folder))
+
+
+def load_dataset(spec: str, size: int | None = None) -> CaptionImages:
+    """``shapes-train:N[:SEED]`` or a folder path."""
+    if spec.startswith("shapes-train:"):
+        parts = spec.split(":")
+        try:
+            n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"dataset {spec!r}: expected shapes-train:N or shapes-train:N:SEED") from e
+        return shapes_train(n, seed)
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"dataset {spec!r} is neither shapes-train:N nor an existing folder")
+    return image_folder(spec, size)

@@ -1,0 +1,140 @@
+"""``slimdit distill --config C``: teacher + plan -> protocol phases -> evaluation, in one run directory.
+
+Layout: ``config.yaml``, ``plan.json``, ``cache/`` (conditioning), ``synth/`` (teacher images, when a phase
+needs them and none were given), ``phases/NN_name/`` (a trainer run each, with ``checkpoints/``,
+``metrics.jsonl`` and, once finished, ``student/``), ``metrics.jsonl`` (all phases), ``student/`` (the final
+pipeline), ``metrics/*.json``, ``summary.json``. Rerunning the same config continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from slimdit.compress.plan import Plan, apply_plan, validate
+from slimdit.config import DistillConfig, dump_config, load_config
+from slimdit.data.cache import cached_conditioning
+from slimdit.data.datasets import load_dataset
+from slimdit.data.synth import synthesize
+from slimdit.distill.protocols import PROTOCOLS, Phase, phase_steps, trainable_units
+from slimdit.distill.trainer import TrainConfig, Trainer
+from slimdit.io import read_json, write_json
+from slimdit.models import adapter_for
+from slimdit.models.storage import load_model, save_model
+from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_pipeline_with
+
+
+def _phases(cfg: DistillConfig) -> list[Phase]:
+    if isinstance(cfg.protocol, str):
+        return PROTOCOLS[cfg.protocol]
+    return [Phase(p.name, tuple(p.trainable), p.dataset, p.fraction) for p in cfg.protocol]
+
+
+def _check_run_dir(run: Path, cfg: DistillConfig) -> None:
+    saved = run / "config.yaml"
+    if saved.exists():
+        before = yaml.safe_load(saved.read_text())
+        if before != cfg.model_dump(mode="json"):
+            raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")
+
+
+def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True) -> Path:
+    """Run (or continue) a distillation; return the run directory."""
+    cfg = config if isinstance(config, DistillConfig) else load_config(config)
+    run = Path(cfg.out)
+    _check_run_dir(run, cfg)
+    plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
+    phases = _phases(cfg)
+    real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(cfg.teacher, device)
+    teacher = pipe.transformer.eval()
+    adapter = adapter_for(teacher)
+    validate(adapter, teacher, plan)
+
+    run.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run / "config.yaml")
+    student = copy.deepcopy(teacher)
+    record = apply_plan(adapter, student, plan)
+    write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
+    modified = [u.unit for u in record.units]
+    teacher_units = adapter.units(teacher)
+
+    max_len = cfg.data.max_sequence_length or sampling_defaults(cfg.teacher).get("max_sequence_length", 300)
+    datasets = {}
+
+    def conditioning(kind: str):
+        if kind not in datasets:
+            if kind == "real":
+                data = real
+            else:
+                folder = cfg.data.synth or _synth(cfg, run, real.captions[:cfg.data.synth_images])
+                data = load_dataset(str(folder), cfg.data.image_size)
+            datasets[kind] = cached_conditioning(pipe, cfg.teacher, data, run / "cache", max_len)
+        return datasets[kind]
+
+    train_fields = cfg.train.model_dump()
+    steps = phase_steps(phases, cfg.train.steps)
+    with (run / "metrics.jsonl").open("a") as log:
+        for i, (ph, n) in enumerate(zip(phases, steps)):
+            pdir = run / "phases" / f"{i:02d}_{ph.name}"
+            if (pdir / "done.json").exists():
+                student = load_model(pdir / "student").to(device)
+                continue
+            units = trainable_units(ph.trainable, teacher_units, record.kept_units, modified)
+            if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)
+                pdir.mkdir(parents=True, exist_ok=True)
+                save_model(student, pdir / "student")
+                write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
+                continue
+            tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
+                                  "eps": tuple(train_fields["eps"])})
+            t0 = time.time()
+            trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir,
+                              record.kept_units, units)
+            last = trainer.train(progress=progress)
+            student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
+            save_model(student, pdir / "student")
+            write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
+                                            "seconds": round(time.time() - t0, 1), "last": last})
+            log.write(json.dumps({"phase": ph.name, **last}) + "\n")
+            log.flush()
+
+    save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
+    summary = {"teacher": cfg.teacher, "student": str(run / "student"),
+               "block_params": {"teacher": record.block_params_before, "student": record.block_params_after,
+                                "ratio": record.block_params_after / record.block_params_before}}
+    if cfg.eval.benchmark:
+        summary.update(_evaluate(cfg, run))
+    write_json(run / "summary.json", summary)
+    return run
+
+
+def _synth(cfg: DistillConfig, run: Path, prompts: list[str]) -> Path:
+    """Teacher images on the real captions (as LAION-PixArt), at the teacher's default sampling (table 4.3)."""
+    from slimdit.pipelines.loading import load_sampler
+
+    out = run / "synth"
+    synthesize(load_sampler(cfg.teacher, device=cfg.device), prompts, out, seed=cfg.train.seed)
+    return out
+
+
+def _evaluate(cfg: DistillConfig, run: Path) -> dict:
+    from slimdit.metrics.evaluate import evaluate_model
+
+    e = cfg.eval
+    out = {}
+    for name, model in (("teacher", cfg.teacher), ("student", str(run / "student"))):
+        path = run / "metrics" / f"{name}.json"
+        if path.exists():
+            m = read_json(path)
+        else:
+            m = evaluate_model(model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt,
+                               seed=e.seed, steps=e.steps, guidance=e.guidance).metrics
+        out[name + "_metrics"] = {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}
+    return out
