@@ -58,3 +58,22 @@ def test_training_lowers_the_kd_loss(tmp_path):
     first = t._micro_step(0, 0)["total"].item()
     t.train(progress=False)
     assert t._micro_step(0, 0)["total"].item() < first
+
+
+def test_accelerate_launch_two_processes_on_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    # --multi_gpu selects accelerate's torchrun launcher; without CUDA the trainer runs multi-CPU over gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           str(root / "tests" / "ddp_train.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digests = [(tmp_path / f"rank{i}_of2.txt").read_text() for i in range(2)]
+    assert digests[0] == digests[1]  # DDP kept the replicas identical
+    assert (tmp_path / "checkpoints" / "step_0000004").is_dir()

@@ -106,7 +106,8 @@ class Trainer:
         cfg.validate()
         self.cfg, self.adapter, self.data = cfg, adapter, data
         self.run = Path(run_dir)
-        self.acc = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+        # cpu=True on CPU-only machines: with it, a torchrun-launched run becomes multi-process (gloo)
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.mixed_precision),
                                gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
                                project_dir=str(self.run))
         n = self.acc.num_processes * cfg.grad_accum
