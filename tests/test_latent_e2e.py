@@ -72,6 +72,12 @@ def test_compress_synth_distill_eval(tiny_latent_pipeline, tmp_path, capsys):
     assert s["block_params"]["ratio"] < 1 and "overall" in s["student_metrics"]
     assert main(["distill", "--config", str(tmp_path / "distill.yaml")]) == 0  # finished: nothing to redo
 
+    assert main(["bench", "--model", str(tmp_path / "student"), "--vs", model, "--repeats", "1", "--batch-size",
+                 "1", "--steps", "2", "--json"]) == 0
+    ratios = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(ratios) == {"latency_ratio", "param_ratio", "flop_ratio"}
+    assert ratios["param_ratio"] < 1 and ratios["flop_ratio"] < 1 and ratios["latency_ratio"] > 0
+
     out = tmp_path / "metrics.json"
     assert main(["eval", "--model", str(run / "student"), "--limit", "6", "--images-per-prompt", "1",
                  "--steps", "2", "--out", str(out)]) == 0

@@ -102,6 +102,19 @@ def cmd_distill(a: argparse.Namespace) -> None:
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from slimdit.bench.speed import bench
+
+    r = bench(a.model, a.vs, repeats=a.repeats, batch_size=a.batch_size, steps=a.steps)
+    if a.json:
+        print(json.dumps(r.ratios()))
+        return
+    print(f"latency ratio {r.latency_ratio:.3f}  (student {r.student_latency_s:.3f} s, teacher "
+          f"{r.teacher_latency_s:.3f} s; median of {r.repeats}, batch {r.batch_size}, {r.steps} steps, {r.device})")
+    print(f"param ratio   {r.param_ratio:.3f}  ({r.student_params:,} / {r.teacher_params:,})")
+    print(f"FLOP ratio    {r.flop_ratio:.3f}  ({r.student_flops:,} / {r.teacher_flops:,} per CFG forward)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
@@ -160,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="override the config's out:")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("bench", help="latency, parameter and FLOP ratios of a student against its teacher")
+    p.add_argument("--model", required=True, help="the student")
+    p.add_argument("--vs", required=True, help="the teacher")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print only the three ratios as JSON")
+    p.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("teacher", help="reproduce the shapes world's built-in weights").add_subparsers(
         dest="teacher_command", required=True)

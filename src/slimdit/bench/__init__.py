@@ -1,0 +1,1 @@
+"""Speed: sampling latency, parameter and FLOP ratios of a student against its teacher, measured side by side."""
