@@ -46,6 +46,8 @@ def test_demo_writes_summary_and_report(tmp_path):
     html = (run / "report.html").read_text()
     assert "shapes-geneval" in html and "data:image/png;base64" in html
     assert main(["demo", "--out", str(run), "--limit", "6"]) == 2  # never overwrite a finished run
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0 and (run / "report.html").read_text() == html
 
 
 @pytest.mark.parametrize("argv, message", [

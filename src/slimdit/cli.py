@@ -115,6 +115,14 @@ def cmd_bench(a: argparse.Namespace) -> None:
     print(f"FLOP ratio    {r.flop_ratio:.3f}  ({r.student_flops:,} / {r.teacher_flops:,} per CFG forward)")
 
 
+def cmd_report(a: argparse.Namespace) -> None:
+    from slimdit.reports.html import build_report
+
+    if not (a.run / "summary.json").exists():
+        raise FileNotFoundError(f"{a.run} has no summary.json: not a finished run directory")
+    print(f"wrote {build_report(a.run)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
@@ -182,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print only the three ratios as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="rebuild report.html of a run directory from its files")
+    p.add_argument("run", type=Path)
+    p.set_defaults(func=cmd_report)
 
     t = sub.add_parser("teacher", help="reproduce the shapes world's built-in weights").add_subparsers(
         dest="teacher_command", required=True)
