@@ -91,3 +91,15 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     assert main(["distill", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "train.lr" in err and "train.optimizer" in err and "protocol" in err
+
+
+def test_example_config_resolves_with_overrides(capsys):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "distill-shapes.yaml"
+    assert main(["distill", "--config", str(cfg), "--set", "train.kd=hybrid", "--set", "train.steps=7",
+                 "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["kd"] == "hybrid" and resolved["train"]["steps"] == 7
+    assert main(["distill", "--config", str(cfg), "--set", "train.kd=best", "--dry-run"]) == 2
+    assert "train.kd" in capsys.readouterr().err

@@ -89,10 +89,10 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
 
 def cmd_distill(a: argparse.Namespace) -> None:
-    from slimdit.config import load_config
+    from slimdit.config import load_config, parse_sets
     from slimdit.distill.run import run_distill
 
-    cfg = load_config(a.config, overrides={"out": str(a.out)} if a.out else None)
+    cfg = load_config(a.config, overrides=parse_sets(a.set))
     if a.dry_run:
         import yaml
 
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="compress and distill from one config file (resumable)")
     p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=None, help="override the config's out:")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.kd=hybrid --set out=runs/x (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_distill)
 

@@ -86,7 +86,8 @@ def _format(e: ValidationError) -> str:
 
 def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfig,
                 overrides: dict | None = None) -> Any:
-    """Load YAML (or a dict), apply ``overrides``, validate; raise ValueError naming every bad field."""
+    """Load YAML (or a dict), apply ``overrides`` (dotted keys, e.g. ``train.kd``), validate; raise ValueError
+    naming every bad field."""
     if isinstance(source, dict):
         raw = dict(source)
     else:
@@ -94,8 +95,14 @@ def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfi
         if not p.exists():
             raise FileNotFoundError(f"config file {p} does not exist")
         raw = yaml.safe_load(p.read_text()) or {}
-    for k, v in (overrides or {}).items():
-        raw[k] = v
+    for key, value in (overrides or {}).items():
+        node = raw
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part} is not a section")
+        node[leaf] = value
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -106,3 +113,14 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
     from slimdit.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``["train.kd=hybrid", "train.steps=50"]`` -> ``{"train.kd": "hybrid", "train.steps": 50}`` (YAML values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
