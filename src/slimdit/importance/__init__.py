@@ -1,0 +1,1 @@
+"""Unit importance: one scorer per file, ``(adapter, model, ...) -> {unit: score}``."""

@@ -1,0 +1,53 @@
+"""Importance scorers against their equations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimdit.importance.cka import CKARecorder, linear_cka
+from slimdit.importance.magnitude import magnitude
+from slimdit.models import adapter_for
+from tests.test_compress import inputs, tiny
+
+
+def _cka_by_definition(x: torch.Tensor, y: torch.Tensor) -> float:
+    n = x.shape[0]
+    H = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+    K, L = x.double() @ x.double().T, y.double() @ y.double().T
+
+    def hsic(a, b):
+        return torch.trace(a @ H @ b @ H) / (n - 1) ** 2
+
+    return float(hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L)))
+
+
+def test_linear_cka_matches_the_definition_and_its_invariances():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 6, generator=g), torch.randn(20, 9, generator=g)
+    assert float(linear_cka(x, y)) == pytest.approx(_cka_by_definition(x, y), rel=1e-10)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    assert float(linear_cka(x, 3 * x @ q + 1)) == pytest.approx(1.0, rel=1e-10)  # rotation, scale, shift
+
+
+def test_magnitude_is_the_root_sum_of_squares_of_unit_weights():
+    m = tiny()
+    a = adapter_for(m)
+    s = magnitude(a, m)
+    block = m.transformer_blocks[2]
+    assert s["block.2"] == pytest.approx(float(torch.sqrt(sum((p.double() ** 2).sum() for p in block.parameters()))),
+                                         rel=1e-6)
+
+
+def test_cka_recorder_fills_a_unit_by_step_heatmap():
+    m = tiny()
+    rec = CKARecorder(adapter_for(m), m)
+    with torch.no_grad(), rec.recording():
+        for _ in range(2):
+            rec.new_sample()
+            for _step in range(3):
+                m(**inputs())
+    units, h = rec.heatmap()
+    assert units == ["block.0", "block.1", "block.2", "block.3"] and h.shape == (4, 3)
+    assert torch.isfinite(h).all() and (h <= 1 + 1e-9).all()
+    assert set(rec.importance()) == set(units)
