@@ -71,3 +71,10 @@ def test_sampler_images_depend_on_seed_not_on_batching(tiny_pipeline_dir):
     assert a.dtype == np.uint8 and a.shape == (5, 32, 32, 3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched matmuls may round differently
     assert not np.array_equal(a[0], a[4])  # same prompt, different seed
+
+
+def test_data_workers_do_not_change_the_run(tmp_path):
+    a = train_teacher(tmp_path / "a", TeacherConfig(steps=2, **TINY))
+    b = train_teacher(tmp_path / "b", TeacherConfig(steps=2, data_workers=2, **TINY))
+    (_, ma, _), (_, mb, _) = _final(a), _final(b)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)

@@ -43,7 +43,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_teacher_train(a: argparse.Namespace) -> None:
     from slimdit.worlds.shapes.teacher import TeacherConfig, train_teacher
 
-    cfg = TeacherConfig(steps=a.steps, threads=a.threads)
+    cfg = TeacherConfig(steps=a.steps, threads=a.threads, device=a.device, data_workers=a.data_workers)
     run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
     print(f"teacher run: {run} (resume by running the same command again)")
 
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--data-workers", type=int, default=0, help="processes rendering scenes ahead (use on a GPU)")
     p.set_defaults(func=cmd_teacher_train)
     p = t.add_parser("export", help="write a teacher run as a diffusers pipeline directory")
     p.add_argument("--run", type=Path, required=True)

@@ -6,6 +6,7 @@ with the PixArt objective (epsilon-prediction DDPM, caption dropout 0.1), then e
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import platform
 import shutil
@@ -52,6 +53,8 @@ class TeacherConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     threads: int = 0  # 0 = torch default
+    device: str = "auto"  # auto | cpu | cuda
+    data_workers: int = 0  # processes rendering batches ahead (a GPU outruns one CPU core)
 
 
 def build_transformer(cfg: TeacherConfig):
@@ -97,11 +100,31 @@ def images_to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _encode(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(tokenizer, text_encoder, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     tok = tokenizer(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                    return_tensors="pt")
+                    return_tensors="pt").to(device or "cpu")
     hidden = text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state  # (B, L, D)
     return hidden, tok.attention_mask
+
+
+def _render_batch(args: tuple[int, int, int]) -> tuple[list[str], np.ndarray]:
+    seed, start, n = args
+    return TrainingSet(seed).batch(start, n)
+
+
+def _batch_stream(data: TrainingSet, cfg: TeacherConfig, step: int):
+    """Yield the batches of steps ``step, step+1, ...``; with workers, render them ahead in other processes."""
+    jobs = ((cfg.seed, s * cfg.batch_size, cfg.batch_size) for s in itertools.count(step))
+    if cfg.data_workers <= 0:
+        yield from map(_render_batch, jobs)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(cfg.data_workers) as pool:
+        pending = [pool.submit(_render_batch, next(jobs)) for _ in range(2 * cfg.data_workers)]
+        while True:
+            yield pending.pop(0).result()
+            pending.append(pool.submit(_render_batch, next(jobs)))
 
 
 def _checkpoints(run: Path) -> list[Path]:
@@ -131,10 +154,12 @@ def _load_into(modules: dict, tensors: dict[str, torch.Tensor]) -> None:
         m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
-def _hardware() -> dict:
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+def _hardware(device: torch.device) -> dict:
+    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_minutes: float | None = None) -> Path:
@@ -146,12 +171,15 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     run = Path(run_dir)
     if (run / "config.json").exists():
         saved = TeacherConfig(**read_json(run / "config.json"))
-        if cfg is not None and asdict(cfg) != asdict(saved):
-            steps_only = {k: v for k, v in asdict(cfg).items() if k != "steps"} == {
-                k: v for k, v in asdict(saved).items() if k != "steps"}
-            if not steps_only:
-                raise ValueError(f"{run} holds a run with another config; use a new directory or the same config")
-            saved.steps = cfg.steps
+        if cfg is not None:
+            # how long, where and how fast may change on resume; what is learned may not
+            free = {"steps", "threads", "device", "data_workers", "checkpoint_every", "keep_checkpoints"}
+            a, b = asdict(cfg), asdict(saved)
+            changed = sorted(k for k in a if a[k] != b.get(k) and k not in free)
+            if changed:
+                raise ValueError(f"{run} holds a run with another config ({', '.join(changed)} differ); "
+                                 "use a new directory or the same config")
+            saved = TeacherConfig(**{**b, **{k: a[k] for k in free}})
         cfg = saved
     cfg = cfg or TeacherConfig()
     run.mkdir(parents=True, exist_ok=True)
@@ -160,15 +188,17 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
     tokenizer = build_tokenizer()
-    text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers)
-    transformer = build_transformer(cfg)
+    text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers).to(device)
+    transformer = build_transformer(cfg).to(device)
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = build_noise_scheduler()
-    alphas = sched.alphas_cumprod
+    alphas = sched.alphas_cumprod.to(device)
 
     step, elapsed = 0, 0.0
     if cks := _checkpoints(run):
@@ -176,24 +206,26 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         _load_into(modules, load_tensors(ck / "model.safetensors"))
         _load_into(ema, load_tensors(ck / "ema.safetensors"))
         state = read_json(ck / "state.json")
-        optimizer_from_tensors(opt, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
+        opt_t = {k: v.to(device) if k.split(".", 1)[1] != "step" else v
+                 for k, v in load_tensors(ck / "optimizer.safetensors").items()}
+        optimizer_from_tensors(opt, opt_t, state["optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
-    data = TrainingSet(cfg.seed)
+    batches = _batch_stream(TrainingSet(cfg.seed), cfg, step)
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True)
     log = (run / "metrics.jsonl").open("a")
     loss_acc = torch.zeros(())
     while step < cfg.steps:
         rng = np.random.default_rng((cfg.seed, 1, step))
-        caps, imgs = data.batch(step * cfg.batch_size, cfg.batch_size)
+        caps, imgs = next(batches)
         caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < cfg.caption_dropout)]
-        x0 = images_to_tensor(imgs)
+        x0 = images_to_tensor(imgs).to(device)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        emb, mask = _encode(tokenizer, text_encoder, caps)
+        emb, mask = _encode(tokenizer, text_encoder, caps, device)
         pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         loss = F.mse_loss(pred, noise)
@@ -220,7 +252,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         done = step == cfg.steps or (max_minutes is not None and time.time() - t_start > 60 * max_minutes)
         if step % cfg.checkpoint_every == 0 or done:
             _save_checkpoint(run, step, modules, ema, opt, elapsed + time.time() - t_start, cfg.keep_checkpoints)
-            write_json(run / "hardware.json", {**_hardware(), "steps": step,
+            write_json(run / "hardware.json", {**_hardware(device), "steps": step,
                                                "elapsed_s": elapsed + time.time() - t_start})
         if done:
             break
