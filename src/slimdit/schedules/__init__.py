@@ -1,0 +1,1 @@
+"""Schedules: one-shot, progressive and linear progressive loops of score -> select -> compress -> train."""
