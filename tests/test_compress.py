@@ -116,3 +116,24 @@ def test_bad_plans_fail_before_any_surgery(plan, message):
     with pytest.raises(ValueError, match=message):
         apply_plan(adapter_for(m), m, Plan.from_dict(plan))
     assert torch.equal(out(m), ref)  # nothing was changed
+
+
+def test_grasp_keeps_the_singular_directions_the_loss_uses():
+    from slimdit.compress.grasp import grasp_keep
+
+    m = tiny()
+    a = adapter_for(m)
+    layer = m.transformer_blocks[1].attn1.to_out[0]
+    _, _, Vh = torch.linalg.svd(layer.weight.detach())
+    probe = Vh[-1]  # the direction of the smallest singular value
+
+    def loss(model):  # a loss that only sees the smallest direction of this layer
+        return model.transformer_blocks[1].attn1.to_out[0](probe[None]).pow(2).sum()
+
+    plan = Plan.from_dict({"units": {"block.1": {"svd": {"self_attn": {"rank": 2}}}}})
+    keep = grasp_keep(a, m, plan, loss, batches=2)
+    assert 15 in keep["block.1.attn1.to_out.0"].tolist()  # plain SVD would keep 0 and 1
+    assert isinstance(m.transformer_blocks[1].attn1.to_out[0], torch.nn.Linear)  # the model is restored
+    apply_plan(a, m, plan, keep=keep)
+    low = m.transformer_blocks[1].attn1.to_out[0]
+    assert torch.allclose(low(probe[None]) - low.up.bias, layer(probe[None]) - layer.bias, atol=1e-5)

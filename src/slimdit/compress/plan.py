@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 import yaml
 
@@ -128,8 +129,12 @@ def validate(adapter: Adapter, model: nn.Module, plan: Plan) -> None:
                                          f"[1, {min(layer_shape(layer))}] for {path}")
 
 
-def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan) -> PlanRecord:
-    """Apply ``plan`` to ``model`` in place (SVD first, then removals) and return what changed."""
+def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan, keep: dict[str, torch.Tensor] | None = None
+               ) -> PlanRecord:
+    """Apply ``plan`` to ``model`` in place (SVD first, then removals) and return what changed.
+
+    ``keep`` maps ``unit.path`` to the singular values to keep (GRASP); default: the largest ones.
+    """
     validate(adapter, model, plan)
     before = adapter.block_params(model)
     units_before = adapter.units(model)
@@ -144,7 +149,8 @@ def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan) -> PlanRecord:
                     k = _rank(spec, layer_shape(layer), op.unit)
                     if k is None:
                         continue
-                    replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k))
+                    chosen = (keep or {}).get(f"{op.unit}.{path}")
+                    replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k, keep=chosen))
                     rec.layers.append(LayerRecord(f"{op.unit}.{path}", layer_shape(layer), k))
             rec.params_after = adapter.unit_params(model, op.unit)
         records.append(rec)
