@@ -137,3 +137,13 @@ def test_grasp_keeps_the_singular_directions_the_loss_uses():
     apply_plan(a, m, plan, keep=keep)
     low = m.transformer_blocks[1].attn1.to_out[0]
     assert torch.allclose(low(probe[None]) - low.up.bias, layer(probe[None]) - layer.bias, atol=1e-5)
+
+
+def test_bypass_equals_removal_and_leaves_the_model_untouched():
+    m, removed = tiny(), tiny()
+    a = adapter_for(m)
+    ref = out(m)
+    apply_plan(a, removed, Plan.from_dict({"units": {"block.1": "remove", "block.3": "remove"}}))
+    with a.bypassed(m, ["block.1", "block.3"]):
+        assert torch.equal(out(m), out(removed))
+    assert torch.equal(out(m), ref)

@@ -12,6 +12,8 @@ A plan file looks like::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,3 +164,29 @@ def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan, keep: dict[str, t
 
 def save_plan_record(record: PlanRecord, path: str | Path) -> None:
     Path(path).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+
+
+@contextmanager
+def applied(adapter: Adapter, model: nn.Module, plan: Plan, keep: dict[str, torch.Tensor] | None = None
+            ) -> Iterator[None]:
+    """Run ``model`` as if ``plan`` were applied, then restore it exactly: SVD layers are swapped in and
+    back, removed units are bypassed. Lets scorers try many plans without copying the model."""
+    validate(adapter, model, plan)
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for op in plan.ops:
+            if op.op != "svd":
+                continue
+            unit_mod = adapter.unit(model, op.unit)
+            for part, spec in _resolve_ratios(adapter, model, op).items():
+                for path, layer in adapter.layers(model, op.unit, part).items():
+                    k = _rank(spec, layer_shape(layer), op.unit)
+                    if k is not None:
+                        chosen = (keep or {}).get(f"{op.unit}.{path}")
+                        replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k, keep=chosen))
+                        swaps.append((unit_mod, path, layer))
+        with adapter.bypassed(model, [o.unit for o in plan.ops if o.op == "remove"]):
+            yield
+    finally:
+        for unit_mod, path, layer in reversed(swaps):
+            replace_module(unit_mod, path, layer)

@@ -89,6 +89,22 @@ class Adapter(ABC):
             setattr(model, attr, nn.ModuleList(keep))
             model.register_to_config(**{key: len(keep)})
 
+    @contextmanager
+    def bypassed(self, model: nn.Module, units: list[str]) -> Iterator[None]:
+        """Run as if ``units`` were removed (each passes its input through), without touching the model.
+
+        Equals :meth:`remove_units` for blocks whose output is their updated hidden states (PixArt); an
+        adapter whose blocks return more overrides this.
+        """
+        handles = [self.unit(model, u).register_forward_hook(
+            lambda _m, args, kwargs, _out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+            for u in units]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     # ---- features ----------------------------------------------------------------------------------------
     @contextmanager
     def capture(self, model: nn.Module, units: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
