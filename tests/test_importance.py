@@ -51,3 +51,7 @@ def test_cka_recorder_fills_a_unit_by_step_heatmap():
     assert units == ["block.0", "block.1", "block.2", "block.3"] and h.shape == (4, 3)
     assert torch.isfinite(h).all() and (h <= 1 + 1e-9).all()
     assert set(rec.importance()) == set(units)
+    rms = rec.feature_rms()
+    with torch.no_grad(), adapter_for(m).capture(m) as feats:
+        m(**inputs())
+    assert rms["block.0"] == pytest.approx(float(feats["block.0"].double().pow(2).mean().sqrt()), rel=1e-6)

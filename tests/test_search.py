@@ -65,3 +65,22 @@ def sampler_adapter(sampler):
     from slimdit.models import adapter_for
 
     return adapter_for(sampler.pipe.transformer)
+
+
+def test_analyze_writes_scores_and_plots(tmp_path):
+    import json
+
+    from slimdit.cli import main
+    from slimdit.worlds.shapes.teacher import TeacherConfig, export_teacher, train_teacher
+    from tests.test_teacher import TINY
+
+    run = train_teacher(tmp_path / "t", TeacherConfig(steps=1, **{**TINY, "num_layers": 3}))
+    model = export_teacher(run, tmp_path / "p")
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model", str(model), "--criteria", "magnitude,cka", "--out", str(out),
+                 "--prompts", "shapes-train:4", "--steps", "3"]) == 0
+    s = json.loads((out / "scores.json").read_text())
+    assert len(s["cka"]["heatmap"]) == 3 and len(s["cka"]["heatmap"][0]) == 3  # units x sampling steps
+    for f in ("plots/criteria.png", "plots/cka_heatmap.png", "plots/feature_rms.png", "sensitivity.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert main(["analyze", "--model", str(model), "--criteria", "fisher", "--out", str(out)]) == 2

@@ -123,6 +123,17 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(f"wrote {build_report(a.run)}")
 
 
+def cmd_analyze(a: argparse.Namespace) -> None:
+    from slimdit.data.synth import read_prompts
+    from slimdit.importance.analyze import analyze
+
+    criteria = [c.strip() for c in a.criteria.split(",") if c.strip()]
+    op = a.op if a.op == "remove" else float(a.op)
+    analyze(a.model, criteria, a.out, read_prompts(a.prompts), op=op, steps=a.steps, embedder=a.embedder,
+            seed=a.seed)
+    print(f"wrote {a.out}/scores.json and plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
@@ -155,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     _add_sampling(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="score units (magnitude, CKA, metric) and draw the thesis' plots")
+    p.add_argument("--model", required=True)
+    p.add_argument("--criteria", default="magnitude,cka,metric", help="comma-separated: magnitude, cka, metric")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--prompts", default="shapes-train:32:7", help="calibration prompts: file or shapes-train:N[:SEED]")
+    p.add_argument("--op", default="remove", help="how a unit is modified for the metric: remove or an SVD ratio")
+    p.add_argument("--embedder", default="shapes")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compress", help="apply a plan (remove / SVD units) and save the student")
     p.add_argument("--model", required=True)

@@ -27,13 +27,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class CKARecorder:
-    """Accumulate the CKA of every unit's input vs output over forward calls (one call = one sampling step)."""
+    """Accumulate, per unit and sampling step (one forward call = one step), the CKA of the unit's input vs its
+    output and the RMS of its output features (thesis fig. 5.12)."""
 
     def __init__(self, adapter: Adapter, model: nn.Module):
         self.adapter, self.model = adapter, model
         self.units = adapter.units(model)
         self.sums: dict[tuple[str, int], float] = {}
         self.counts: dict[tuple[str, int], int] = {}
+        self.sq: dict[tuple[str, int], float] = {}  # sum over tokens of mean-square output features
+        self.tokens: dict[tuple[str, int], int] = {}
         self._calls: dict[str, int] = {}
 
     @contextmanager
@@ -48,6 +51,8 @@ class CKARecorder:
                 c = linear_cka(x, y)  # (B,)
                 self.sums[(name, step)] = self.sums.get((name, step), 0.0) + float(c.sum())
                 self.counts[(name, step)] = self.counts.get((name, step), 0) + c.numel()
+                self.sq[(name, step)] = self.sq.get((name, step), 0.0) + float(y.double().pow(2).mean(-1).sum())
+                self.tokens[(name, step)] = self.tokens.get((name, step), 0) + y.shape[0] * y.shape[1]
             handles.append(self.adapter.unit(self.model, u).register_forward_hook(hook, with_kwargs=True))
         try:
             yield self
@@ -71,3 +76,12 @@ class CKARecorder:
         """``1 - mean CKA`` per unit: how strongly it transforms its input."""
         units, h = self.heatmap()
         return {u: float(1 - h[i].nanmean()) for i, u in enumerate(units)}
+
+    def feature_rms(self) -> dict[str, float]:
+        """RMS of each unit's output features over all recorded steps."""
+        out = {}
+        for u in self.units:
+            sq = sum(v for (n, _), v in self.sq.items() if n == u)
+            tok = sum(v for (n, _), v in self.tokens.items() if n == u)
+            out[u] = (sq / tok) ** 0.5 if tok else float("nan")
+        return out

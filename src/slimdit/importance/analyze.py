@@ -1,0 +1,66 @@
+"""``slimdit analyze``: score every unit by the chosen criteria and draw the thesis' plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimdit.compress.plan import Plan, applied
+from slimdit.importance.cka import CKARecorder
+from slimdit.importance.magnitude import magnitude
+from slimdit.importance.metric import Calibration, metric_importance, unit_op
+from slimdit.io import write_json
+from slimdit.metrics.embedders import get_embedder
+from slimdit.models import adapter_for
+from slimdit.pipelines.loading import load_sampler
+from slimdit.reports.grids import make_grid
+from slimdit.reports.plots import plot_all
+
+CRITERIA = ("magnitude", "cka", "metric")
+
+
+def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str], op: str | float = "remove",
+            steps: int | None = None, embedder: str = "shapes", seed: int = 0) -> dict:
+    """Write ``scores.json``, ``plots/*.png`` and ``sensitivity.png`` (one image per modified unit) to ``out``."""
+    bad = [c for c in criteria if c not in CRITERIA]
+    if bad or not criteria:
+        raise ValueError(f"unknown criteria {bad}; allowed: {', '.join(CRITERIA)}")
+    emb = get_embedder(embedder) if "metric" in criteria else None
+    sampler = load_sampler(model, steps=steps)
+    net = sampler.pipe.transformer
+    adapter = adapter_for(net)
+    units = adapter.units(net)
+    seeds = [seed + i for i in range(len(prompts))]
+    scores: dict = {"model": model, "units": units, "op": op, "n_prompts": len(prompts)}
+    if "magnitude" in criteria:
+        scores["magnitude"] = magnitude(adapter, net)
+    if "cka" in criteria:
+        rec = CKARecorder(adapter, net)
+        with torch.no_grad(), rec.recording():
+            bs = sampler.options.batch_size
+            for i in range(0, len(prompts), bs):
+                rec.new_sample()
+                sampler.generate(prompts[i:i + bs], seeds[i:i + bs], progress=False)
+        names, heat = rec.heatmap()
+        scores["cka"] = {"importance": rec.importance(), "heatmap": heat.tolist(), "feature_rms": rec.feature_rms()}
+    if "metric" in criteria:
+        calib = Calibration.build(sampler, emb, prompts, seeds)
+        scores["metric"] = metric_importance(adapter, sampler, emb, calib, op=op)
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "scores.json", scores)
+    plot_all(d)
+    _sensitivity_grid(adapter, sampler, units, prompts[0], seed, op, d / "sensitivity.png")
+    return scores
+
+
+def _sensitivity_grid(adapter, sampler, units, prompt, seed, op, path: Path) -> None:
+    """The unmodified image, then one image per modified unit, same prompt and seed (thesis figs. 5.1/5.6)."""
+    imgs = [sampler.generate([prompt], [seed], progress=False)]
+    for u in units:
+        with applied(adapter, sampler.pipe.transformer, Plan([unit_op(u, op)])):
+            imgs.append(sampler.generate([prompt], [seed], progress=False))
+    make_grid(np.concatenate(imgs), ncol=min(len(imgs), 13), scale=4).save(path)
+    (path.with_suffix(".txt")).write_text("\n".join(["unmodified", *units]) + f"\nprompt: {prompt}\n")
