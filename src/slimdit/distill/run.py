@@ -62,48 +62,10 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     student = copy.deepcopy(teacher)
     record = apply_plan(adapter, student, plan)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
-    modified = [u.unit for u in record.units]
-    teacher_units = adapter.units(teacher)
 
-    max_len = cfg.data.max_sequence_length or sampling_defaults(cfg.teacher).get("max_sequence_length", 300)
-    datasets = {}
-
-    def conditioning(kind: str):
-        if kind not in datasets:
-            if kind == "real":
-                data = real
-            else:
-                folder = cfg.data.synth or _synth(cfg, run, real.captions[:cfg.data.synth_images])
-                data = load_dataset(str(folder), cfg.data.image_size)
-            datasets[kind] = cached_conditioning(pipe, cfg.teacher, data, run / "cache", max_len)
-        return datasets[kind]
-
-    train_fields = cfg.train.model_dump()
-    steps = phase_steps(phases, cfg.train.steps)
-    with (run / "metrics.jsonl").open("a") as log:
-        for i, (ph, n) in enumerate(zip(phases, steps)):
-            pdir = run / "phases" / f"{i:02d}_{ph.name}"
-            if (pdir / "done.json").exists():
-                student = load_model(pdir / "student").to(device)
-                continue
-            units = trainable_units(ph.trainable, teacher_units, record.kept_units, modified)
-            if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)
-                pdir.mkdir(parents=True, exist_ok=True)
-                save_model(student, pdir / "student")
-                write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
-                continue
-            tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
-                                  "eps": tuple(train_fields["eps"])})
-            t0 = time.time()
-            trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir,
-                              record.kept_units, units)
-            last = trainer.train(progress=progress)
-            student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
-            save_model(student, pdir / "student")
-            write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
-                                            "seconds": round(time.time() - t0, 1), "last": last})
-            log.write(json.dumps({"phase": ph.name, **last}) + "\n")
-            log.flush()
+    conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
+    student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units], phases,
+                             cfg.train.model_dump(), run, conditioning, device, progress)
 
     save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
     summary = {"teacher": cfg.teacher, "student": str(run / "student"),
@@ -115,13 +77,67 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     return run
 
 
-def _synth(cfg: DistillConfig, run: Path, prompts: list[str]) -> Path:
-    """Teacher images on the real captions (as LAION-PixArt), at the teacher's default sampling (table 4.3)."""
-    from slimdit.pipelines.loading import load_sampler
+def train_protocol(adapter, teacher, student, kept_units: list[str], modified: list[str], phases: list[Phase],
+                   train_fields: dict, run: Path, conditioning, device: str, progress: bool = True):
+    """Run the protocol's phases on ``student`` under ``run/phases/``; finished phases are loaded, not redone.
 
-    out = run / "synth"
-    synthesize(load_sampler(cfg.teacher, device=cfg.device), prompts, out, seed=cfg.train.seed)
-    return out
+    ``conditioning(kind)`` returns the cached data of a phase's dataset (``real`` or ``synth``).
+    """
+    teacher_units = adapter.units(teacher)
+    steps = phase_steps(phases, train_fields["steps"])
+    with (run / "metrics.jsonl").open("a") as log:
+        for i, (ph, n) in enumerate(zip(phases, steps)):
+            pdir = run / "phases" / f"{i:02d}_{ph.name}"
+            if (pdir / "done.json").exists():
+                student = load_model(pdir / "student").to(device)
+                continue
+            units = trainable_units(ph.trainable, teacher_units, kept_units, modified)
+            if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)
+                pdir.mkdir(parents=True, exist_ok=True)
+                save_model(student, pdir / "student")
+                write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
+                continue
+            tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
+                                  "eps": tuple(train_fields["eps"])})
+            t0 = time.time()
+            trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir, kept_units, units)
+            last = trainer.train(progress=progress)
+            student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
+            save_model(student, pdir / "student")
+            write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
+                                            "seconds": round(time.time() - t0, 1), "last": last})
+            log.write(json.dumps({"phase": ph.name, **last}) + "\n")
+            log.flush()
+    return student
+
+
+class Conditionings:
+    """The cached conditioning of a run's datasets, built on first use: ``real``, and ``synth`` (teacher images
+    on the real captions, as LAION-PixArt, at the teacher's default sampling, thesis table 4.3)."""
+
+    def __init__(self, data_cfg, real, pipe, teacher: str, run: Path, device: str | None, seed: int):
+        self.cfg, self.real, self.pipe, self.teacher, self.run = data_cfg, real, pipe, teacher, run
+        self.device, self.seed = device, seed
+        self.max_len = data_cfg.max_sequence_length or sampling_defaults(teacher).get("max_sequence_length", 300)
+        self.cache: dict = {}
+
+    def __call__(self, kind: str):
+        if kind not in self.cache:
+            if kind == "real":
+                data = self.real
+            else:
+                folder = self.cfg.synth or self._synth()
+                data = load_dataset(str(folder), self.cfg.image_size)
+            self.cache[kind] = cached_conditioning(self.pipe, self.teacher, data, self.run / "cache", self.max_len)
+        return self.cache[kind]
+
+    def _synth(self) -> Path:
+        from slimdit.pipelines.loading import load_sampler
+
+        out = self.run / "synth"
+        prompts = self.real.captions[:self.cfg.synth_images]
+        synthesize(load_sampler(self.teacher, device=self.device), prompts, out, seed=self.seed)
+        return out
 
 
 def _evaluate(cfg: DistillConfig, run: Path) -> dict:
