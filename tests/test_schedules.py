@@ -33,3 +33,66 @@ def test_infeasible_budget_states_the_range():
         linear_ratios({"a": 1, "b": 2, "c": 3}, params, n_remove=50, k=3, base=0.5)
     at_edges = [linear_ratios({"a": 1, "b": 2, "c": 3}, params, n, 3, 0.5) for n in (lo, hi)]
     assert at_edges[0].ratios[-1] == pytest.approx(0) and at_edges[1].slope == pytest.approx(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from slimdit.worlds.shapes.teacher import TeacherConfig, export_teacher, train_teacher
+    from tests.test_teacher import TINY
+
+    d = tmp_path_factory.mktemp("teacher")
+    run = train_teacher(d / "run", TeacherConfig(steps=2, **{**TINY, "num_layers": 4}))
+    return str(export_teacher(run, d / "pipe"))
+
+
+def _cfg(teacher, out, **schedule):
+    return {"teacher": teacher, "out": str(out), "schedule": schedule,
+            "calibration": {"prompts": "shapes-train:4:7", "steps": 2},
+            "protocol": [{"name": "all", "trainable": ["all"], "dataset": "real", "fraction": 1.0}],
+            "data": {"real": "shapes-train:16"},
+            "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "lr": 1e-4, "checkpoint_every": 1},
+            "eval": {"limit": 6, "images_per_prompt": 1, "steps": 2}}
+
+
+def test_linear_progressive_runs_in_stages_and_resumes(tiny_teacher, tmp_path):
+    import json
+
+    from slimdit.cli import main
+
+    cfg = tmp_path / "lp.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(_cfg(tiny_teacher, tmp_path / "run", kind="linear_progressive", target=0.7,
+                                       stages=2, units_per_stage=2, base_ratio=0.5, c_fixed=0.3)))
+    assert main(["run", str(cfg)]) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["stage"] for r in s["stages"]] == [0, 1]
+    assert s["stages"][-1]["block_param_ratio"] < s["stages"][0]["block_param_ratio"] < 1
+    sel = json.loads((tmp_path / "run" / "stages" / "00" / "selection.json").read_text())
+    ratios = list(sel["ratios"].values())
+    assert ratios == sorted(ratios, reverse=True)  # the least important unit is compressed most
+    assert main(["run", str(cfg)]) == 0  # finished stages are loaded, not redone
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] == s["stages"]
+
+
+def test_one_shot_removal_and_progressive(tiny_teacher, tmp_path):
+    from slimdit.schedules.run import run_schedule
+
+    one = run_schedule(_cfg(tiny_teacher, tmp_path / "one", kind="one_shot", op="remove", target=0.5),
+                       progress=False)
+    import json
+
+    s = json.loads((one / "summary.json").read_text())
+    assert s["student_block_params"] <= 0.5 * s["teacher_block_params"] and len(s["stages"]) == 1
+    prog = run_schedule(_cfg(tiny_teacher, tmp_path / "prog", kind="progressive", op="remove", target=0.5,
+                             stages=3, cmmd_threshold=1e9), progress=False)
+    s = json.loads((prog / "summary.json").read_text())
+    assert s["student_block_params"] <= 0.5 * s["teacher_block_params"]
+
+
+def test_infeasible_stage_budget_names_the_range(tiny_teacher, tmp_path):
+    from slimdit.schedules.run import run_schedule
+
+    with pytest.raises(ValueError, match="N must lie in"):
+        run_schedule(_cfg(tiny_teacher, tmp_path / "bad", kind="linear_progressive", target=0.2, stages=1,
+                          units_per_stage=2, base_ratio=0.3), progress=False)

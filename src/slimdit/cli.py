@@ -134,6 +134,20 @@ def cmd_analyze(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}/scores.json and plots")
 
 
+def cmd_run(a: argparse.Namespace) -> None:
+    from slimdit.config import RunConfig, load_config, parse_sets
+    from slimdit.schedules.run import run_schedule
+
+    cfg = load_config(a.config, RunConfig, overrides=parse_sets(a.set))
+    if a.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return
+    run = run_schedule(cfg)
+    print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
@@ -204,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.kd=hybrid --set out=runs/x (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("run", help="run a schedule (one-shot, progressive, linear progressive); rerun to continue")
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="latency, parameter and FLOP ratios of a student against its teacher")
     p.add_argument("--model", required=True, help="the student")

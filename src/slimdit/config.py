@@ -124,3 +124,33 @@ def parse_sets(items: list[str]) -> dict:
             raise ValueError(f"--set expects key=value, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+class CalibrationSection(_Strict):
+    prompts: str = "shapes-train:32:7"  # file or shapes-train:N[:SEED]; never evaluation prompts
+    steps: int | None = None  # sampling steps while scoring (default: the model's)
+    embedder: str = "shapes"
+
+
+class ScheduleSection(_Strict):
+    kind: Literal["one_shot", "progressive", "linear_progressive"] = "linear_progressive"
+    op: Literal["svd", "remove"] = "svd"
+    target: float = Field(0.6, gt=0, lt=1)  # block parameters kept at the end, as a fraction of the teacher's
+    stages: int = Field(2, ge=1)
+    units_per_stage: int = Field(4, ge=1)  # k of eq. 4.16-4.21
+    base_ratio: float = Field(0.6, gt=0, lt=1)  # S: the ratio of the least important unit
+    c_fixed: float = Field(0.3, gt=0, lt=1)  # the ratio every unit is scored at (eq. 4.15)
+    svd_ratio: float = Field(0.5, gt=0, lt=1)  # per-unit ratio of one-shot and progressive SVD
+    cmmd_threshold: float = Field(0.1, gt=0)  # progressive: add units until the calibration CMMD exceeds this
+
+
+class RunConfig(_Strict):
+    teacher: str
+    out: Path
+    schedule: ScheduleSection = ScheduleSection()
+    calibration: CalibrationSection = CalibrationSection()
+    protocol: Literal["three_stage", "two_stage", "real_only"] | list[PhaseSection] = "three_stage"
+    data: DataConfig = DataConfig()
+    train: TrainSection = TrainSection()  # per stage
+    eval: EvalSection = EvalSection()
+    device: str | None = None

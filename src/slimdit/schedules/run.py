@@ -1,0 +1,253 @@
+"""``slimdit run CONFIG``: a schedule as a resumable sequence of stages in one run directory (thesis 4.6).
+
+Each stage scores the current student's units, selects and compresses some (a plan, in the student's unit
+names), retrains with the protocol, evaluates, and writes ``stages/NN/`` (``selection.json``, ``plan.json``,
+``phases/``, ``student/``, ``metrics.json``, ``done.json``). A rerun loads finished stages and continues.
+
+- ``one_shot``: rank units once by metric importance, modify the least important until the target size.
+- ``progressive``: per stage, re-rank the unmodified units and add them, least important first, until the
+  calibration CMMD exceeds the threshold (at least one unit), then retrain.
+- ``linear_progressive``: per stage, score units by CMMD per removed parameter (eq. 4.15) and compress the k
+  least important with linearly falling ratios (eq. 4.16-4.21); units may be compressed again later.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+
+from slimdit.compress.plan import Plan, UnitOp, apply_plan
+from slimdit.config import RunConfig, dump_config, load_config
+from slimdit.data.datasets import load_dataset
+from slimdit.data.synth import read_prompts
+from slimdit.distill.protocols import PROTOCOLS, Phase
+from slimdit.distill.run import Conditionings, train_protocol
+from slimdit.importance.metric import Calibration, metric_importance, plan_metrics, unit_op
+from slimdit.io import read_json, write_json
+from slimdit.metrics.embedders import get_embedder
+from slimdit.models import adapter_for
+from slimdit.models.storage import load_model, save_model
+from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_pipeline_with
+from slimdit.pipelines.sampling import PipelineSampler, SamplingOptions
+from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, linear_ratios
+
+
+def _phases(cfg: RunConfig) -> list[Phase]:
+    if isinstance(cfg.protocol, str):
+        return PROTOCOLS[cfg.protocol]
+    return [Phase(p.name, tuple(p.trainable), p.dataset, p.fraction) for p in cfg.protocol]
+
+
+class _Stage:
+    """What a stage needs: the adapter, the teacher, a sampler over the student, the calibration set."""
+
+    def __init__(self, cfg: RunConfig, pipe, student, calib: Calibration, embedder):
+        self.cfg, self.pipe, self.calib, self.embedder = cfg, pipe, calib, embedder
+        self.adapter = adapter_for(student)
+        self.student = student
+        d = sampling_defaults(cfg.teacher)
+        opts = SamplingOptions(num_inference_steps=cfg.calibration.steps or d.get("num_inference_steps", 20),
+                               guidance_scale=d.get("guidance_scale", 3.5),
+                               max_sequence_length=d.get("max_sequence_length", 300))
+        self.sampler = PipelineSampler(pipe, opts, name="student")
+
+    def metrics(self, plan: Plan) -> dict[str, float]:
+        original = self.pipe.transformer
+        self.pipe.transformer = self.student
+        try:
+            return plan_metrics(self.adapter, self.sampler, self.embedder, self.calib, plan)
+        finally:
+            self.pipe.transformer = original
+
+    def importance(self, op: str | float, units: list[str]) -> dict:
+        original = self.pipe.transformer
+        self.pipe.transformer = self.student
+        try:
+            return metric_importance(self.adapter, self.sampler, self.embedder, self.calib, op, units)
+        finally:
+            self.pipe.transformer = original
+
+
+def _op(cfg: RunConfig, ratio: float | None = None) -> str | float:
+    return "remove" if cfg.schedule.op == "remove" else (ratio if ratio is not None else cfg.schedule.svd_ratio)
+
+
+def _params_after(adapter, model, unit: str, op: str | float) -> int:
+    """A unit's parameter count after ``op`` (remove, or SVD at ratio c on every part), without applying it."""
+    from slimdit.compress.lowrank import layer_shape, rank_for_ratio
+
+    if op == "remove":
+        return 0
+    total = adapter.unit_params(model, unit)
+    for part in adapter.parts(model, unit):
+        for layer in adapter.layers(model, unit, part).values():
+            n, m = layer_shape(layer)
+            total -= max(0, n * m - rank_for_ratio(n, m, float(op)) * (n + m))
+    return total
+
+
+def _select_one_shot(st: _Stage, target_params: float) -> tuple[Plan, dict]:
+    cfg = st.cfg
+    a, m = st.adapter, st.student
+    scores = st.importance(_op(cfg), a.units(m))
+    order = sorted(scores, key=lambda u: scores[u]["rank"])
+    ops, params = [], a.block_params(m)
+    for u in order:
+        if params <= target_params:
+            break
+        params -= a.unit_params(m, u) - _params_after(a, m, u, _op(cfg))
+        ops.append(unit_op(u, _op(cfg)))
+    if params > target_params:
+        raise ValueError(f"schedule.target {cfg.schedule.target} is out of reach: modifying every unit with "
+                         f"{cfg.schedule.op} leaves {params:,.0f} block parameters; raise svd_ratio or the target")
+    return Plan(ops), {"scores": scores, "order": order}
+
+
+def _select_progressive(st: _Stage, target_params: float, modified: set[str]) -> tuple[Plan, dict]:
+    cfg = st.cfg
+    a, m = st.adapter, st.student
+    candidates = [u for u in a.units(m) if u not in modified]
+    if not candidates:
+        raise ValueError("progressive schedule: every unit is already modified; lower stages or raise the target")
+    scores = st.importance(_op(cfg), candidates)
+    order = sorted(candidates, key=lambda u: scores[u]["rank"])
+    chosen: list[UnitOp] = []
+    params = a.block_params(m)
+    trace = []
+    for u in order:
+        trial = Plan([*chosen, unit_op(u, _op(cfg))])
+        c = st.metrics(trial)["cmmd"]
+        trace.append({"unit": u, "cmmd": c})
+        if chosen and c > cfg.schedule.cmmd_threshold:
+            break
+        chosen = trial.ops
+        params -= a.unit_params(m, u) - _params_after(a, m, u, _op(cfg))
+        if params <= target_params:
+            break
+    return Plan(chosen), {"scores": scores, "order": order, "trace": trace}
+
+
+def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
+    s = st.cfg.schedule
+    a, m = st.adapter, st.student
+    units = a.units(m)
+    cmmds = {u: st.metrics(Plan([unit_op(u, s.c_fixed)]))["cmmd"] for u in units}
+    params = {u: a.unit_params(m, u) for u in units}
+    scores = cmmd_per_removed_parameter(cmmds, params, s.c_fixed)
+    r = linear_ratios(scores, params, n_remove, min(s.units_per_stage, len(units)), s.base_ratio)
+    ops = [UnitOp(u, "svd", {"*": round(c, 6)}) for u, c in zip(r.units, r.ratios) if c > 0]
+    return Plan(ops), {"cmmd": cmmds, "score": scores, "ratios": dict(zip(r.units, r.ratios)), "slope": r.slope,
+                       "n_remove": n_remove}
+
+
+def _group(unit: str) -> str:
+    return unit.partition(".")[0]
+
+
+def _to_teacher(kept: list[str], student_unit: str) -> str:
+    """The teacher name of a student unit: the j-th kept unit of its group."""
+    g, _, j = student_unit.partition(".")
+    return [u for u in kept if _group(u) == g][int(j)]
+
+
+def _to_student(kept: list[str], teacher_unit: str) -> str:
+    g = _group(teacher_unit)
+    return f"{g}.{[u for u in kept if _group(u) == g].index(teacher_unit)}"
+
+
+def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -> Path:
+    """Run (or continue) a schedule; return the run directory."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config, RunConfig)
+    run = Path(cfg.out)
+    if (run / "config.yaml").exists() and yaml.safe_load((run / "config.yaml").read_text()) != cfg.model_dump(
+            mode="json"):
+        raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")
+    phases = _phases(cfg)
+    real = load_dataset(cfg.data.real, cfg.data.image_size)
+    prompts = read_prompts(cfg.calibration.prompts)
+    embedder = get_embedder(cfg.calibration.embedder)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(cfg.teacher, device)
+    teacher = pipe.transformer.eval()
+    adapter = adapter_for(teacher)
+    run.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run / "config.yaml")
+
+    teacher_params = adapter.block_params(teacher)
+    target = cfg.schedule.target * teacher_params
+    d = sampling_defaults(cfg.teacher)
+    calib_sampler = PipelineSampler(pipe, SamplingOptions(
+        num_inference_steps=cfg.calibration.steps or d.get("num_inference_steps", 20),
+        guidance_scale=d.get("guidance_scale", 3.5), max_sequence_length=d.get("max_sequence_length", 300)))
+    calib = Calibration.build(calib_sampler, embedder, prompts, list(range(len(prompts))))  # teacher reference, once
+    conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
+
+    student = copy.deepcopy(teacher)
+    kept = adapter.units(teacher)  # teacher names of the student's units
+    modified: set[str] = set()  # teacher names
+    n_stages = 1 if cfg.schedule.kind == "one_shot" else cfg.schedule.stages
+    rows = []
+    for s in range(n_stages):
+        sdir = run / "stages" / f"{s:02d}"
+        if (sdir / "done.json").exists():
+            done = read_json(sdir / "done.json")
+            student = load_model(sdir / "student").to(device)
+            kept, modified = done["kept"], set(done["modified"])
+            rows.append(read_json(sdir / "metrics.json"))
+            continue
+        params_now = adapter.block_params(student)
+        if params_now <= target * (1 + 1e-9):
+            break
+        st = _Stage(cfg, pipe, student, calib, embedder)
+        if cfg.schedule.kind == "one_shot":
+            plan, why = _select_one_shot(st, target)
+        elif cfg.schedule.kind == "progressive":
+            plan, why = _select_progressive(st, target, {_to_student(kept, u) for u in modified if u in kept})
+        else:
+            plan, why = _select_linear(st, (params_now - target) / (n_stages - s))
+        write_json(sdir / "selection.json", why)
+        record = apply_plan(adapter, student, plan)
+        write_json(sdir / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
+        # plans name the student's units; KD and trainable selection speak the teacher's
+        stage_modified = [_to_teacher(kept, o.unit) for o in plan.ops]
+        kept = [_to_teacher(kept, u) for u in record.kept_units]
+        modified |= set(stage_modified)
+        student = train_protocol(adapter, teacher, student, kept, stage_modified, phases, cfg.train.model_dump(),
+                                 sdir, conditioning, device, progress)
+        save_model(student, sdir / "student")
+        row = {"stage": s, "units": [o.unit for o in plan.ops], "block_params": adapter.block_params(student),
+               "block_param_ratio": adapter.block_params(student) / teacher_params}
+        row.update(_evaluate_stage(cfg, pipe, student, sdir))
+        write_json(sdir / "metrics.json", row)
+        write_json(sdir / "done.json", {"kept": kept, "modified": sorted(modified)})
+        rows.append(row)
+    save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
+    write_json(run / "summary.json", {"teacher": cfg.teacher, "schedule": cfg.schedule.kind, "stages": rows,
+                                      "teacher_block_params": teacher_params,
+                                      "student_block_params": adapter.block_params(student)})
+    return run
+
+
+def _evaluate_stage(cfg: RunConfig, pipe, student, sdir: Path) -> dict:
+    if not cfg.eval.benchmark:
+        return {}
+    from slimdit.metrics.shapes_geneval import BENCHMARKS
+
+    e = cfg.eval
+    d = sampling_defaults(cfg.teacher)
+    original = pipe.transformer
+    pipe.transformer = student
+    try:
+        sampler = PipelineSampler(pipe, SamplingOptions(
+            num_inference_steps=e.steps or d.get("num_inference_steps", 20),
+            guidance_scale=d.get("guidance_scale", 3.5) if e.guidance is None else e.guidance,
+            max_sequence_length=d.get("max_sequence_length", 300)), name="student")
+        m = BENCHMARKS[e.benchmark](sampler, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
+                                    progress=False).metrics
+    finally:
+        pipe.transformer = original
+    write_json(sdir / "eval.json", m)
+    return {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}
