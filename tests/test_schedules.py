@@ -71,6 +71,7 @@ def test_linear_progressive_runs_in_stages_and_resumes(tiny_teacher, tmp_path):
     sel = json.loads((tmp_path / "run" / "stages" / "00" / "selection.json").read_text())
     ratios = list(sel["ratios"].values())
     assert ratios == sorted(ratios, reverse=True)  # the least important unit is compressed most
+    assert "<h2>Stages (linear_progressive)</h2>" in (tmp_path / "run" / "report.html").read_text()
     assert main(["run", str(cfg)]) == 0  # finished stages are loaded, not redone
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] == s["stages"]
 

@@ -30,19 +30,38 @@ def metric_table(rows: dict[str, dict], keys: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def stage_table(stages: list[dict]) -> str:
+    keys = ["units", "block_params", "block_param_ratio", "latency_ratio", "overall", "fid", "cmmd"]
+    head = "".join(f"<th>{k}</th>" for k in ["stage", *keys])
+    body = "".join("<tr>" + f"<td>{r['stage']}</td>" + "".join(
+        f"<td>{_fmt(', '.join(r[k]) if k == 'units' else r.get(k, ''))}</td>" for k in keys) + "</tr>"
+        for r in stages)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def build_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` for a run directory from its ``summary.json``, ``metrics/*.json`` and ``*.png``."""
+    """Write ``report.html`` for a run directory from its files: ``summary.json``, ``metrics/*.json``,
+    ``analysis/`` plots, stage tables and ``*.png`` grids."""
     run = Path(run_dir)
     summary = read_json(run / "summary.json")
     rows = {p.stem: read_json(p) for p in sorted((run / "metrics").glob("*.json"))}
     keys = ["overall", "single_object", "two_object", "counting", "colors", "position", "color_attr", "fid", "cmmd",
             "clip_score", "n_images"]
     parts = [f"<h1>slimdit run: {html.escape(run.name)}</h1>",
-             f"<p class='note'>{html.escape(summary.get('description', ''))}</p>",
-             "<h2>shapes-geneval</h2>", metric_table(rows, keys),
-             "<p class='note'>Accuracy per category (an image counts when the detector finds exactly the prompt's "
-             "objects); overall = mean over categories. FID and CMMD against ground-truth renders of the same "
-             "prompts, through the shapes embedder; lower is better.</p>"]
+             f"<p class='note'>{html.escape(summary.get('description', ''))}</p>"]
+    if rows:
+        parts += ["<h2>shapes-geneval</h2>", metric_table(rows, keys),
+                  "<p class='note'>Accuracy per category (an image counts when the detector finds exactly the "
+                  "prompt's objects); overall = mean over categories. FID and CMMD against ground-truth renders of "
+                  "the same prompts, through the shapes embedder; lower is better.</p>"]
+    if summary.get("stages"):
+        parts += [f"<h2>Stages ({html.escape(str(summary.get('schedule', '')))})</h2>", stage_table(summary["stages"]),
+                  "<p class='note'>Per stage: units modified, block parameters after it (and as a fraction of the "
+                  "teacher's), and the student's evaluation after retraining.</p>"]
+    for plot in sorted((run / "analysis" / "plots").glob("*.png")):
+        parts += [f"<h2>analysis: {html.escape(plot.stem)}</h2>", _img(plot)]
+    if (run / "analysis" / "sensitivity.png").exists():
+        parts += ["<h2>analysis: one image per modified unit</h2>", _img(run / "analysis" / "sensitivity.png")]
     for grid in sorted(run.glob("grid_*.png")):
         parts += [f"<h2>{html.escape(grid.stem.removeprefix('grid_'))}</h2>", _img(grid),
                   "<p class='note'>One row per prompt, four seeds; frame green when the prompt holds.</p>"]

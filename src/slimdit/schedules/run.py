@@ -227,7 +227,12 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
     write_json(run / "summary.json", {"teacher": cfg.teacher, "schedule": cfg.schedule.kind, "stages": rows,
                                       "teacher_block_params": teacher_params,
-                                      "student_block_params": adapter.block_params(student)})
+                                      "student_block_params": adapter.block_params(student),
+                                      "description": f"{cfg.schedule.kind} {cfg.schedule.op} of {cfg.teacher} to "
+                                                     f"{cfg.schedule.target:.0%} of its block parameters"})
+    from slimdit.reports.html import build_report
+
+    build_report(run)
     return run
 
 
