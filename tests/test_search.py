@@ -84,3 +84,26 @@ def test_analyze_writes_scores_and_plots(tmp_path):
     for f in ("plots/criteria.png", "plots/cka_heatmap.png", "plots/feature_rms.png", "sensitivity.png"):
         assert (out / f).stat().st_size > 0, f
     assert main(["analyze", "--model", str(model), "--criteria", "fisher", "--out", str(out)]) == 2
+
+
+def test_learned_masks_drop_the_units_that_do_nothing():
+    import torch
+
+    from slimdit.distill.trainer import Conditioning
+    from slimdit.models import adapter_for
+    from slimdit.search.masks import MaskConfig, learn_masks
+    from tests.test_compress import tiny
+
+    m = tiny(num_layers=4)
+    with torch.no_grad():  # blocks 1 and 2 become the identity: removing them costs nothing
+        for i in (1, 2):
+            b = m.transformer_blocks[i]
+            for lin in (b.attn1.to_out[0], b.attn2.to_out[0], b.ff.net[2]):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    data = Conditioning(torch.randn(32, 4, 8, 8, generator=g), torch.randn(32, 5, 12, generator=g),
+                        torch.ones(32, 5), torch.zeros(1, 5, 12), torch.ones(1, 5))
+    plan, info = learn_masks(adapter_for(m), m, data, MaskConfig(steps=60, kd="output"))
+    assert sorted(o.unit for o in plan.ops) == ["block.1", "block.2"]
+    assert info["groups"] == [["block.0", "block.1"], ["block.2", "block.3"]]
