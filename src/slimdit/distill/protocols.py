@@ -64,3 +64,12 @@ def trainable_units(selectors: tuple[str, ...], teacher_units: list[str], kept_u
             if before:
                 chosen.add(before[-1])
     return [student_name[u] for u in kept_units if u in chosen]
+
+
+def resolve_protocol(protocol) -> list[Phase]:
+    """A built-in protocol's name, or a config list of phases (objects with name/trainable/dataset/fraction)."""
+    if isinstance(protocol, str):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+        return PROTOCOLS[protocol]
+    return [Phase(p.name, tuple(p.trainable), p.dataset, p.fraction) for p in protocol]

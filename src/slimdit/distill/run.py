@@ -21,18 +21,12 @@ from slimdit.config import DistillConfig, dump_config, load_config
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import synthesize
-from slimdit.distill.protocols import PROTOCOLS, Phase, phase_steps, trainable_units
+from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.io import read_json, write_json
 from slimdit.models import adapter_for
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_pipeline_with
-
-
-def _phases(cfg: DistillConfig) -> list[Phase]:
-    if isinstance(cfg.protocol, str):
-        return PROTOCOLS[cfg.protocol]
-    return [Phase(p.name, tuple(p.trainable), p.dataset, p.fraction) for p in cfg.protocol]
 
 
 def _check_run_dir(run: Path, cfg: DistillConfig) -> None:
@@ -49,7 +43,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     run = Path(cfg.out)
     _check_run_dir(run, cfg)
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
-    phases = _phases(cfg)
+    phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device)

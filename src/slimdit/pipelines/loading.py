@@ -71,11 +71,18 @@ def load_sampler(model: str, steps: int | None = None, guidance: float | None = 
         from slimdit.worlds.shapes.oracle import OracleSampler
 
         return OracleSampler()
+    return pipeline_sampler(load_pipeline(model, device), model, steps, guidance, batch_size)
+
+
+def pipeline_sampler(pipe, model: str, steps: int | None = None, guidance: float | None = None,
+                     batch_size: int = 64, name: str | None = None) -> PipelineSampler:
+    """A sampler over an already loaded ``pipe`` with ``model``'s recorded sampling defaults, overridden by
+    ``steps`` / ``guidance``. The pipe's transformer may be swapped for a student's between calls."""
     d = sampling_defaults(model)
     opts = SamplingOptions(num_inference_steps=steps or d.get("num_inference_steps", 20),
                            guidance_scale=d.get("guidance_scale", 3.5) if guidance is None else guidance,
                            max_sequence_length=d.get("max_sequence_length", 300), batch_size=batch_size)
-    return PipelineSampler(load_pipeline(model, device), opts, name=model)
+    return PipelineSampler(pipe, opts, name=name or model)
 
 
 def save_pipeline_with(pipe, transformer, out_dir: str | Path, source: str | None = None) -> Path:

@@ -23,22 +23,15 @@ from slimdit.compress.plan import Plan, UnitOp, apply_plan
 from slimdit.config import RunConfig, dump_config, load_config
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import read_prompts
-from slimdit.distill.protocols import PROTOCOLS, Phase
+from slimdit.distill.protocols import resolve_protocol
 from slimdit.distill.run import Conditionings, train_protocol
 from slimdit.importance.metric import Calibration, metric_importance, plan_metrics, unit_op
 from slimdit.io import read_json, write_json
 from slimdit.metrics.embedders import get_embedder
 from slimdit.models import adapter_for
 from slimdit.models.storage import load_model, save_model
-from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_pipeline_with
-from slimdit.pipelines.sampling import PipelineSampler, SamplingOptions
+from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_pipeline_with
 from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, linear_ratios
-
-
-def _phases(cfg: RunConfig) -> list[Phase]:
-    if isinstance(cfg.protocol, str):
-        return PROTOCOLS[cfg.protocol]
-    return [Phase(p.name, tuple(p.trainable), p.dataset, p.fraction) for p in cfg.protocol]
 
 
 class _Stage:
@@ -48,11 +41,7 @@ class _Stage:
         self.cfg, self.pipe, self.calib, self.embedder = cfg, pipe, calib, embedder
         self.adapter = adapter_for(student)
         self.student = student
-        d = sampling_defaults(cfg.teacher)
-        opts = SamplingOptions(num_inference_steps=cfg.calibration.steps or d.get("num_inference_steps", 20),
-                               guidance_scale=d.get("guidance_scale", 3.5),
-                               max_sequence_length=d.get("max_sequence_length", 300))
-        self.sampler = PipelineSampler(pipe, opts, name="student")
+        self.sampler = pipeline_sampler(pipe, cfg.teacher, cfg.calibration.steps, name="student")
 
     def metrics(self, plan: Plan) -> dict[str, float]:
         original = self.pipe.transformer
@@ -165,7 +154,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     if (run / "config.yaml").exists() and yaml.safe_load((run / "config.yaml").read_text()) != cfg.model_dump(
             mode="json"):
         raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")
-    phases = _phases(cfg)
+    phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)
     prompts = read_prompts(cfg.calibration.prompts)
     embedder = get_embedder(cfg.calibration.embedder)
@@ -178,10 +167,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
 
     teacher_params = adapter.block_params(teacher)
     target = cfg.schedule.target * teacher_params
-    d = sampling_defaults(cfg.teacher)
-    calib_sampler = PipelineSampler(pipe, SamplingOptions(
-        num_inference_steps=cfg.calibration.steps or d.get("num_inference_steps", 20),
-        guidance_scale=d.get("guidance_scale", 3.5), max_sequence_length=d.get("max_sequence_length", 300)))
+    calib_sampler = pipeline_sampler(pipe, cfg.teacher, cfg.calibration.steps, name="teacher")
     calib = Calibration.build(calib_sampler, embedder, prompts, list(range(len(prompts))))  # teacher reference, once
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
 
@@ -242,14 +228,10 @@ def _evaluate_stage(cfg: RunConfig, pipe, student, sdir: Path) -> dict:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
     e = cfg.eval
-    d = sampling_defaults(cfg.teacher)
     original = pipe.transformer
     pipe.transformer = student
     try:
-        sampler = PipelineSampler(pipe, SamplingOptions(
-            num_inference_steps=e.steps or d.get("num_inference_steps", 20),
-            guidance_scale=d.get("guidance_scale", 3.5) if e.guidance is None else e.guidance,
-            max_sequence_length=d.get("max_sequence_length", 300)), name="student")
+        sampler = pipeline_sampler(pipe, cfg.teacher, e.steps, e.guidance, name="student")
         m = BENCHMARKS[e.benchmark](sampler, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
                                     progress=False).metrics
     finally:
