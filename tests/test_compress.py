@@ -147,3 +147,8 @@ def test_bypass_equals_removal_and_leaves_the_model_untouched():
     with a.bypassed(m, ["block.1", "block.3"]):
         assert torch.equal(out(m), out(removed))
     assert torch.equal(out(m), ref)
+
+
+def test_an_unsupported_model_is_named():
+    with pytest.raises(ValueError, match="no slimdit adapter for Linear; supported: pixart"):
+        adapter_for(torch.nn.Linear(2, 2))

@@ -135,4 +135,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     for cls in ADAPTERS.values():
         if cls.handles(model):
             return cls()
-    raise TypeError(f"no slimdit adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")
+    raise ValueError(f"no slimdit adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")
