@@ -65,3 +65,13 @@ def test_bad_input_gets_a_clear_error(argv, message, capsys):
 def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path)]) == 2
     assert "not a diffusers pipeline directory" in capsys.readouterr().err
+
+
+def test_python_api_mirrors_the_cli():
+    import slimdit
+    from slimdit.distill.run import run_distill
+    from slimdit.schedules.run import run_schedule
+
+    assert slimdit.distill is run_distill and slimdit.run is run_schedule
+    for name in ("load_model", "load_pipeline", "analyze", "compress", "evaluate", "bench"):
+        assert callable(getattr(slimdit, name)), name

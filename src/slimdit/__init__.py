@@ -5,8 +5,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    # the Python API mirrors the CLI; imports are lazy so that `import slimdit` stays cheap
     "load_pipeline": ("slimdit.pipelines.loading", "load_pipeline"),
     "load_model": ("slimdit.models.storage", "load_model"),
+    "analyze": ("slimdit.importance.analyze", "analyze"),
+    "compress": ("slimdit.compress.student", "compress_to_dir"),
+    "distill": ("slimdit.distill.run", "run_distill"),
+    "run": ("slimdit.schedules.run", "run_schedule"),
+    "evaluate": ("slimdit.metrics.evaluate", "evaluate_model"),
+    "bench": ("slimdit.bench.speed", "bench"),
 }
 
 
@@ -17,3 +24,7 @@ def __getattr__(name: str):
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'slimdit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
