@@ -69,9 +69,13 @@ def test_a_directory_that_is_not_a_pipeline_is_named(tmp_path, capsys):
 
 def test_python_api_mirrors_the_cli():
     import slimdit
+    import slimdit.compress
+    import slimdit.distill
+    from slimdit.compress.student import compress_to_dir
     from slimdit.distill.run import run_distill
     from slimdit.schedules.run import run_schedule
 
-    assert slimdit.distill is run_distill and slimdit.run is run_schedule
-    for name in ("load_model", "load_pipeline", "analyze", "compress", "evaluate", "bench"):
+    assert slimdit.distill.distill is run_distill and slimdit.run is run_schedule
+    assert slimdit.compress.compress is compress_to_dir
+    for name in ("load_model", "load_pipeline", "analyze", "evaluate", "bench"):
         assert callable(getattr(slimdit, name)), name

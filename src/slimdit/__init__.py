@@ -5,12 +5,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    # the Python API mirrors the CLI; imports are lazy so that `import slimdit` stays cheap
+    # the Python API mirrors the CLI; imports are lazy so that `import slimdit` stays cheap. compress and distill
+    # are subpackages, so their entry points are slimdit.compress.compress and slimdit.distill.distill.
     "load_pipeline": ("slimdit.pipelines.loading", "load_pipeline"),
     "load_model": ("slimdit.models.storage", "load_model"),
     "analyze": ("slimdit.importance.analyze", "analyze"),
-    "compress": ("slimdit.compress.student", "compress_to_dir"),
-    "distill": ("slimdit.distill.run", "run_distill"),
     "run": ("slimdit.schedules.run", "run_schedule"),
     "evaluate": ("slimdit.metrics.evaluate", "evaluate_model"),
     "bench": ("slimdit.bench.speed", "bench"),
