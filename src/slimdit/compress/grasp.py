@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimdit.compress.lowrank import layer_shape, replace_module
-from slimdit.compress.plan import Plan, _rank, _resolve_ratios, validate
+from slimdit.compress.lowrank import replace_module
+from slimdit.compress.plan import Plan, svd_layers, validate
 from slimdit.models.base import Adapter
 
 
@@ -50,15 +50,10 @@ def grasp_keep(adapter: Adapter, model: nn.Module, plan: Plan, loss_fn: Callable
         for op in plan.ops:
             if op.op != "svd":
                 continue
-            unit = adapter.unit(model, op.unit)
-            for part, spec in _resolve_ratios(adapter, model, op).items():
-                for path, layer in adapter.layers(model, op.unit, part).items():
-                    k = _rank(spec, layer_shape(layer), op.unit)
-                    if k is None:
-                        continue
-                    sv = SingularValueLinear(layer)
-                    replace_module(unit, path, sv)
-                    swapped[f"{op.unit}.{path}"] = (unit, path, sv, k)
+            for unit, path, layer, k in list(svd_layers(adapter, model, op)):
+                sv = SingularValueLinear(layer)
+                replace_module(unit, path, sv)
+                swapped[f"{op.unit}.{path}"] = (unit, path, sv, k)
         grads = {name: torch.zeros_like(sv.s) for name, (_, _, sv, _) in swapped.items()}
         for _ in range(batches):
             model.zero_grad(set_to_none=True)

@@ -131,6 +131,16 @@ def validate(adapter: Adapter, model: nn.Module, plan: Plan) -> None:
                                          f"[1, {min(layer_shape(layer))}] for {path}")
 
 
+def svd_layers(adapter: Adapter, model: nn.Module, op: UnitOp) -> Iterator[tuple[nn.Module, str, nn.Module, int]]:
+    """Yield ``(unit module, path, layer, rank)`` for every layer an SVD op factors (ratio 0 leaves a layer out)."""
+    unit_mod = adapter.unit(model, op.unit)
+    for part, spec in _resolve_ratios(adapter, model, op).items():
+        for path, layer in adapter.layers(model, op.unit, part).items():
+            k = _rank(spec, layer_shape(layer), f"plan units.{op.unit}.svd.{part}")
+            if k is not None:
+                yield unit_mod, path, layer, k
+
+
 def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan, keep: dict[str, torch.Tensor] | None = None
                ) -> PlanRecord:
     """Apply ``plan`` to ``model`` in place (SVD first, then removals) and return what changed.
@@ -145,15 +155,10 @@ def apply_plan(adapter: Adapter, model: nn.Module, plan: Plan, keep: dict[str, t
         p0 = adapter.unit_params(model, op.unit)
         rec = UnitRecord(op.unit, op.op, p0, 0)
         if op.op == "svd":
-            unit_mod = adapter.unit(model, op.unit)
-            for part, spec in _resolve_ratios(adapter, model, op).items():
-                for path, layer in adapter.layers(model, op.unit, part).items():
-                    k = _rank(spec, layer_shape(layer), op.unit)
-                    if k is None:
-                        continue
-                    chosen = (keep or {}).get(f"{op.unit}.{path}")
-                    replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k, keep=chosen))
-                    rec.layers.append(LayerRecord(f"{op.unit}.{path}", layer_shape(layer), k))
+            for unit_mod, path, layer, k in list(svd_layers(adapter, model, op)):
+                chosen = (keep or {}).get(f"{op.unit}.{path}")
+                replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k, keep=chosen))
+                rec.layers.append(LayerRecord(f"{op.unit}.{path}", layer_shape(layer), k))
             rec.params_after = adapter.unit_params(model, op.unit)
         records.append(rec)
     removed = [o.unit for o in plan.ops if o.op == "remove"]
@@ -177,14 +182,10 @@ def applied(adapter: Adapter, model: nn.Module, plan: Plan, keep: dict[str, torc
         for op in plan.ops:
             if op.op != "svd":
                 continue
-            unit_mod = adapter.unit(model, op.unit)
-            for part, spec in _resolve_ratios(adapter, model, op).items():
-                for path, layer in adapter.layers(model, op.unit, part).items():
-                    k = _rank(spec, layer_shape(layer), op.unit)
-                    if k is not None:
-                        chosen = (keep or {}).get(f"{op.unit}.{path}")
-                        replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k, keep=chosen))
-                        swaps.append((unit_mod, path, layer))
+            for unit_mod, path, layer, k in list(svd_layers(adapter, model, op)):
+                chosen = (keep or {}).get(f"{op.unit}.{path}")
+                replace_module(unit_mod, path, LowRankLinear.from_linear(layer, k, keep=chosen))
+                swaps.append((unit_mod, path, layer))
         with adapter.bypassed(model, [o.unit for o in plan.ops if o.op == "remove"]):
             yield
     finally:
