@@ -154,3 +154,10 @@ class RunConfig(_Strict):
     train: TrainSection = TrainSection()  # per stage
     eval: EvalSection = EvalSection()
     device: str | None = None
+
+
+def check_run_dir(run: Path, cfg: BaseModel) -> None:
+    """Refuse to continue a run directory that holds a run with another config (resuming needs the same one)."""
+    saved = Path(run) / "config.yaml"
+    if saved.exists() and yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
+        raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")

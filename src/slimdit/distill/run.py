@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from slimdit.compress.plan import Plan, apply_plan, validate
-from slimdit.config import DistillConfig, dump_config, load_config
+from slimdit.config import DistillConfig, check_run_dir, dump_config, load_config
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import synthesize
@@ -29,19 +28,11 @@ from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_pipeline_with
 
 
-def _check_run_dir(run: Path, cfg: DistillConfig) -> None:
-    saved = run / "config.yaml"
-    if saved.exists():
-        before = yaml.safe_load(saved.read_text())
-        if before != cfg.model_dump(mode="json"):
-            raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")
-
-
 def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True) -> Path:
     """Run (or continue) a distillation; return the run directory."""
     cfg = config if isinstance(config, DistillConfig) else load_config(config)
     run = Path(cfg.out)
-    _check_run_dir(run, cfg)
+    check_run_dir(run, cfg)
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model

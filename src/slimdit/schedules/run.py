@@ -17,10 +17,9 @@ import copy
 from pathlib import Path
 
 import torch
-import yaml
 
 from slimdit.compress.plan import Plan, UnitOp, apply_plan
-from slimdit.config import RunConfig, dump_config, load_config
+from slimdit.config import RunConfig, check_run_dir, dump_config, load_config
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import read_prompts
 from slimdit.distill.protocols import resolve_protocol
@@ -151,9 +150,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     """Run (or continue) a schedule; return the run directory."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, RunConfig)
     run = Path(cfg.out)
-    if (run / "config.yaml").exists() and yaml.safe_load((run / "config.yaml").read_text()) != cfg.model_dump(
-            mode="json"):
-        raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")
+    check_run_dir(run, cfg)
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)
     prompts = read_prompts(cfg.calibration.prompts)

@@ -20,7 +20,6 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
                  scaling_factor: float = 1.0):
         super().__init__()
         # a parameter gives the module a device and a dtype, which pipelines query
-        self.register_buffer("anchor", torch.zeros(1), persistent=False)
         self._anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
