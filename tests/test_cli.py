@@ -35,19 +35,35 @@ def test_generate_writes_pngs_and_a_grid(tmp_path):
     assert [m["prompt"] for m in meta] == ["a red circle"] * 2 + ["two squares"] * 2
 
 
+# the packaged demo at toy sizes: the same code path, seconds instead of minutes
+TINY_DEMO = ["analysis.prompts=shapes-train:2:11", "analysis.steps=2", "calibration.prompts=shapes-train:2:7",
+             "calibration.steps=2", "data.real=shapes-train:8", "data.synth_images=4", "train.steps=2",
+             "train.batch_size=2", "train.warmup_steps=1", "eval.limit=6", "eval.images_per_prompt=1",
+             "eval.steps=2", "bench.repeats=1", "bench.batch_size=1"]
+
+
 def test_demo_writes_summary_and_report(tmp_path):
     run = tmp_path / "demo"
-    assert main(["demo", "--out", str(run), "--limit", "6", "--images-per-prompt", "2"]) == 0
+    sets = [x for item in TINY_DEMO for x in ("--set", item)]
+    assert main(["demo", "--out", str(run), *sets]) == 0
     s = json.loads((run / "summary.json").read_text())
-    for who in ("teacher", "oracle"):
-        assert {"shapes_geneval_overall", "fid", "cmmd"} <= set(s[who])
+    for who in ("teacher", "student"):
+        assert {"shapes_geneval_overall", "fid", "cmmd", "block_params"} <= set(s[who])
         assert np.isfinite([s[who]["fid"], s[who]["cmmd"]]).all()
-    assert s["oracle"]["shapes_geneval_overall"] == 1.0
+    assert s["student"]["block_params"] <= 0.6 * s["teacher"]["block_params"] + 1
+    assert s["student"]["latency_ratio"] > 0 and len(s["stages"]) == 2
+    assert all("latency_ratio" in r for r in s["stages"])
+    assert (run / "analysis" / "scores.json").exists() and (run / "grid_2_student.png").exists()
     html = (run / "report.html").read_text()
-    assert "shapes-geneval" in html and "data:image/png;base64" in html
-    assert main(["demo", "--out", str(run), "--limit", "6"]) == 2  # never overwrite a finished run
+    assert "Stages (linear_progressive)" in html and "data:image/png;base64" in html
+    assert main(["demo", "--out", str(run), *sets]) == 2  # never overwrite a finished run
     (run / "report.html").unlink()
     assert main(["report", str(run)]) == 0 and (run / "report.html").read_text() == html
+
+
+def test_demo_rejects_a_bad_field_before_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--set", "schedule.target=1.5"]) == 2
+    assert "schedule.target" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -70,6 +70,7 @@ def test_compress_synth_distill_eval(tiny_latent_pipeline, tmp_path, capsys):
     assert list((run / "phases" / "01_global" / "checkpoints").glob("step_*"))
     s = json.loads((run / "summary.json").read_text())
     assert s["block_params"]["ratio"] < 1 and "overall" in s["student_metrics"]
+    assert "overall" in s["untrained_metrics"] and s["bench"]["flop_ratio"] < 1  # before training, and the speed
     assert main(["distill", "--config", str(tmp_path / "distill.yaml")]) == 0  # finished: nothing to redo
 
     assert main(["bench", "--model", str(tmp_path / "student"), "--vs", model, "--repeats", "1", "--batch-size",
@@ -103,3 +104,24 @@ def test_example_config_resolves_with_overrides(capsys):
     assert resolved["train"]["kd"] == "hybrid" and resolved["train"]["steps"] == 7
     assert main(["distill", "--config", str(cfg), "--set", "train.kd=best", "--dry-run"]) == 2
     assert "train.kd" in capsys.readouterr().err
+
+
+def test_sweep_runs_every_point_and_tabulates(tiny_latent_pipeline, tmp_path, capsys):
+    model = str(tiny_latent_pipeline)
+    base = {"teacher": model, "plan": {"units": {"block.1": "remove"}}, "out": "ignored",
+            "protocol": "real_only", "data": {"real": "shapes-train:4", "max_sequence_length": 16},
+            "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "lr": 1e-4, "checkpoint_every": 2},
+            "eval": {"limit": 6, "images_per_prompt": 1, "steps": 2}}
+    sweep = {"kind": "distill", "out": str(tmp_path / "sw"), "base": base, "set": {"eval.bench": False},
+             "grid": {"train.kd": ["output", "normalized_hybrid"]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0
+    rows = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert [r["grid"]["train.kd"] for r in rows] == ["output", "normalized_hybrid"]
+    # same plan, same compression: the untrained students are identical; training differs by the loss only
+    assert rows[0]["untrained_metrics"] == rows[1]["untrained_metrics"]
+    assert "| train.kd | block_param_ratio | untrained.overall" in (tmp_path / "sw" / "results.md").read_text()
+    sweep["grid"]["train.kd"].append("best")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
+    assert "sweep point best" in capsys.readouterr().err and not (tmp_path / "sw" / "best").exists()

@@ -36,6 +36,24 @@ def test_a_run_directory_refuses_another_config(tmp_path):
         train_teacher(tmp_path, TeacherConfig(steps=1, **{**TINY, "num_layers": 3}))
 
 
+def test_weighted_recipe_resumes_exactly_and_keeps_its_text_encoder_scale(tmp_path):
+    from slimdit.worlds.shapes.teacher import teacher_config
+
+    recipe = {**TINY, "text_lr_scale": 0.0, "high_noise_weight": 10.0}
+    straight = train_teacher(tmp_path / "a", TeacherConfig(steps=4, **recipe))
+    train_teacher(tmp_path / "b", TeacherConfig(steps=4, **recipe), max_minutes=0.0)
+    resumed = train_teacher(tmp_path / "b", teacher_config(tmp_path / "b", steps=4))  # the saved recipe
+    (_, ma, _), (_, mb, _) = _final(straight), _final(resumed)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    first = load_tensors(sorted((tmp_path / "b" / "checkpoints").glob("step_*"))[0] / "model.safetensors")
+    text = [k for k in ma if k.startswith("text_encoder.")]
+    assert text and all(torch.equal(ma[k], first[k]) for k in text)  # scale 0: the text encoder stays as it was
+    with pytest.raises(ValueError, match="high_noise_weight differ"):
+        teacher_config(tmp_path / "b", {"high_noise_weight": 5.0})
+    with pytest.raises(ValueError, match="unknown or non-resumable teacher field"):
+        teacher_config(tmp_path / "c", {"no_such_field": 1})
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher")

@@ -15,11 +15,14 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    from slimdit.config import parse_sets
     from slimdit.demo import run_demo
 
-    run = run_demo(a.out, limit=a.limit, images_per_prompt=a.images_per_prompt, seed=a.seed)
+    run = run_demo(a.out, overrides=parse_sets(a.set))
     summary = json.loads((run / "summary.json").read_text())
-    print(json.dumps({"run": str(run), "teacher": summary["teacher"], "oracle": summary["oracle"]}, indent=2))
+    keys = ("shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall")
+    print(json.dumps({"run": str(run), **{w: {k: summary[w][k] for k in keys if k in summary[w]}
+                                          for w in ("teacher", "student")}}, indent=2))
     print(f"report: {run / 'report.html'}")
 
 
@@ -41,9 +44,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_teacher_train(a: argparse.Namespace) -> None:
-    from slimdit.worlds.shapes.teacher import TeacherConfig, train_teacher
+    from slimdit.config import parse_sets
+    from slimdit.worlds.shapes.teacher import teacher_config, train_teacher
 
-    cfg = TeacherConfig(steps=a.steps, threads=a.threads, device=a.device, data_workers=a.data_workers)
+    cfg = teacher_config(a.out, parse_sets(a.set), steps=a.steps, threads=a.threads, device=a.device,
+                         data_workers=a.data_workers)
     run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
     print(f"teacher run: {run} (resume by running the same command again)")
 
@@ -148,6 +153,19 @@ def cmd_run(a: argparse.Namespace) -> None:
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from slimdit.experiments.sweep import load_sweep, run_sweep
+
+    if a.dry_run:
+        sweep, configs = load_sweep(a.sweep)
+        for name, cfg in configs:
+            print(f"{sweep.out / name}: {cfg.model_dump(mode='json')}")
+        return
+    out = run_sweep(a.sweep)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimdit.metrics.shapes_geneval import BENCHMARKS
 
@@ -155,10 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the main job on the embedded shapes world")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--limit", type=int, default=120, help="evaluation prompts (of 300)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory; rerun to resume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the packaged demo config (slimdit/demo.yaml), e.g. train.steps=400")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write images and an enlarged grid for prompts")
@@ -225,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("sweep", help="one run per point of a grid of config overrides (resumable)")
+    p.add_argument("sweep", type=Path, help="sweep YAML: kind, out, base, set, grid")
+    p.add_argument("--dry-run", action="store_true", help="validate every point and list the run directories")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("bench", help="latency, parameter and FLOP ratios of a student against its teacher")
     p.add_argument("--model", required=True, help="the student")
     p.add_argument("--vs", required=True, help="the teacher")
@@ -247,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--data-workers", type=int, default=0, help="processes rendering scenes ahead (use on a GPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe field of a new run (e.g. high_noise_weight=20); a resumed run keeps its recipe")
     p.set_defaults(func=cmd_teacher_train)
     p = t.add_parser("export", help="write a teacher run as a diffusers pipeline directory")
     p.add_argument("--run", type=Path, required=True)

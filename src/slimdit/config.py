@@ -15,7 +15,9 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     real: str = "shapes-train:2048"  # shapes-train:N[:SEED] or an imagefolder with metadata.jsonl
-    synth: str | None = None  # teacher-generated folder; None: generated into the run directory when needed
+    # teacher-generated folder: a user's folder is used as it is; a missing one is generated there (so runs naming
+    # the same folder share it); None: generated into the run directory when a phase needs it
+    synth: str | None = None
     synth_images: int = Field(512, ge=1)
     image_size: int | None = None  # resize folder images to this (pixels)
     max_sequence_length: int | None = None  # default: the model's
@@ -55,6 +57,8 @@ class EvalSection(_Strict):
     steps: int | None = None
     guidance: float | None = None
     seed: int = 0
+    untrained: bool = True  # distill: also evaluate the compressed student before training
+    bench: bool = True  # distill: measure sampling latency against the teacher (slimdit bench)
 
 
 class DistillConfig(_Strict):

@@ -1,60 +1,152 @@
-"""``slimdit demo``: the main job on the embedded default.
+"""``slimdit demo``: the main job on the embedded default, end to end.
 
-For now it evaluates the built-in teacher ``shapes-pixart`` on shapes-geneval beside the ``shapes-oracle``
-ceiling and writes a run directory with ``summary.json`` and ``report.html``.
+On the built-in teacher ``shapes-pixart``: analyze its blocks (magnitude, CKA, metric importance), compress it
+with linear progressive SVD over several stages with ``normalized_hybrid`` KD retraining after each
+(:mod:`slimdit.schedules.run`), evaluate teacher and student on shapes-geneval, measure each stage's sampling
+latency against the teacher, and write one run directory with ``summary.json`` and ``report.html``.
+
+The run is resumable: analysis, stages, evaluations and benchmarks that finished are loaded, not redone.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import yaml
+from pydantic import Field
 
-from slimdit.io import atomic_write_text, write_json
-from slimdit.metrics.evaluate import evaluate_model
-from slimdit.reports.grids import make_grid
-from slimdit.reports.html import build_report
+from slimdit.config import RunConfig, _Strict, load_config
+from slimdit.io import read_json, write_json
 
 TEACHER = "shapes-pixart"
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
-def _summary(m: dict) -> dict:
-    return {"shapes_geneval_overall": m["overall"], "fid": m["fid"], "cmmd": m["cmmd"], "clip_score": m["clip_score"],
-            **{k: m[k] for k in ("single_object", "two_object", "counting", "colors", "position", "color_attr")}}
+class AnalysisSection(_Strict):
+    criteria: list[str] = ["magnitude", "cka", "metric"]
+    prompts: str = "shapes-train:16:11"  # never evaluation prompts
+    steps: int | None = None
 
 
-def run_demo(out: str | Path, limit: int = 120, images_per_prompt: int = 4, seed: int = 0,
-             steps: int | None = None, guidance: float | None = None) -> Path:
-    """Evaluate the teacher and the oracle on the first ``limit`` prompts; write the run directory."""
-    run = Path(out)
-    if (run / "summary.json").exists():
+class BenchSection(_Strict):
+    repeats: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class DemoConfig(RunConfig):
+    """A schedule run (:class:`RunConfig`) plus the demo's analysis and benchmark settings."""
+
+    analysis: AnalysisSection = AnalysisSection()
+    bench: BenchSection = BenchSection()
+
+
+def default_config() -> dict:
+    """The demo's packaged config (``slimdit/demo.yaml``) as a dict."""
+    return yaml.safe_load(resources.files("slimdit").joinpath("demo.yaml").read_text())
+
+
+def demo_config(out: str | Path, overrides: dict | None = None) -> DemoConfig:
+    raw = {**default_config(), "out": str(out)}
+    return load_config(raw, DemoConfig, overrides)
+
+
+def _summary(m: dict, block_params: int | None = None) -> dict:
+    s = {"shapes_geneval_overall": m["overall"], "fid": m["fid"], "cmmd": m["cmmd"],
+         **{k: m[k] for k in CATEGORIES if k in m}}
+    if "clip_score" in m:
+        s["clip_score"] = m["clip_score"]
+    if block_params is not None:
+        s["block_params"] = block_params
+    return s
+
+
+def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = True) -> Path:
+    """Run (or continue) the full demo into ``out``; return the run directory."""
+    from slimdit.bench.speed import bench_transformers
+    from slimdit.data.synth import read_prompts
+    from slimdit.importance.analyze import analyze
+    from slimdit.metrics.evaluate import evaluate_model
+    from slimdit.models import adapter_for
+    from slimdit.models.storage import load_model
+    from slimdit.pipelines.loading import load_pipeline, sampling_defaults
+    from slimdit.reports.grids import save_eval_grid
+    from slimdit.reports.html import build_report
+    from slimdit.schedules.run import run_schedule
+
+    cfg = demo_config(out, overrides)
+    run = Path(cfg.out)
+    if (run / "summary.json").exists() and "student" in read_json(run / "summary.json"):
         raise FileExistsError(f"{run} already holds a finished demo run; choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    config = {"job": "demo", "teacher": TEACHER, "benchmark": "shapes-geneval", "limit": limit,
-              "images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "guidance": guidance,
-              "embedder": "shapes"}
-    atomic_write_text(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     t0 = time.time()
-    common = dict(limit=limit, images_per_prompt=images_per_prompt, seed=seed)
-    teacher = evaluate_model(TEACHER, out=run / "metrics" / "teacher.json", steps=steps, guidance=guidance, **common)
-    oracle = evaluate_model("shapes-oracle", out=run / "metrics" / "shapes-oracle.json", **common)
-    # two prompts per category, four seeds each
-    rows = min(12, len(teacher.prompts) // images_per_prompt)
-    k = rows * images_per_prompt
-    make_grid(teacher.images[:k], ncol=images_per_prompt, scale=6, marks=teacher.correct[:k]).save(
-        run / "grid_teacher.png")
-    atomic_write_text(run / "grid_teacher.txt",
-                      "\n".join(teacher.prompts[i].text for i in range(0, k, images_per_prompt)) + "\n")
-    make_grid(oracle.images[:k], ncol=images_per_prompt, scale=6, marks=oracle.correct[:k]).save(
-        run / "grid_shapes-oracle.png")
+    timings = read_json(run / "timings.json") if (run / "timings.json").exists() else {}
+
+    def timed(name: str, fn):
+        start = time.time()
+        result = fn()
+        timings[name] = round(timings.get(name, 0.0) + time.time() - start, 1)
+        write_json(run / "timings.json", timings)
+        return result
+
+    # 1. which blocks matter (plots for the report; the schedule scores units itself at each stage)
+    if not (run / "analysis" / "scores.json").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        prompts = read_prompts(cfg.analysis.prompts)
+        timed("analysis", lambda: analyze(cfg.teacher, cfg.analysis.criteria, run / "analysis", prompts,
+                                          op=cfg.schedule.c_fixed if cfg.schedule.op == "svd" else "remove",
+                                          steps=cfg.analysis.steps))
+    # 2. the schedule: select, compress, retrain, evaluate, stage by stage
+    timed("schedule", lambda: run_schedule(cfg, progress=progress))
+    sched = read_json(run / "summary.json")
+    stages = sched["stages"]
+    # 3. the teacher on the same prompts and seeds as the students
+    e = cfg.eval
+    teacher_json = run / "metrics" / "teacher.json"
+    if teacher_json.exists():
+        teacher_m = read_json(teacher_json)
+    else:
+        result = timed("teacher_eval", lambda: evaluate_model(
+            cfg.teacher, out=teacher_json, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
+            steps=e.steps, guidance=e.guidance))
+        save_eval_grid(result, run / "grid_1_teacher.png", e.images_per_prompt)
+        teacher_m = result.metrics
+    last = run / "stages" / f"{stages[-1]['stage']:02d}"
+    write_json(run / "metrics" / "student.json", read_json(last / "eval.json"))
+    for suffix in (".png", ".txt"):  # the same prompts and seeds as the teacher's grid
+        if (last / f"grid{suffix}").exists():
+            shutil.copy(last / f"grid{suffix}", run / f"grid_2_student{suffix}")
+    # 4. latency of every stage's student against the teacher, measured side by side
+    pipe = load_pipeline(cfg.teacher, cfg.device)
+    defaults = sampling_defaults(cfg.teacher)
+    for row in stages:
+        sdir = run / "stages" / f"{row['stage']:02d}"
+        if not (sdir / "bench.json").exists():
+            student = load_model(sdir / "student").to(pipe.transformer.device).eval()
+            r = timed("bench", lambda s=student: bench_transformers(pipe, s, defaults, cfg.bench.repeats,
+                                                                    cfg.bench.batch_size))
+            write_json(sdir / "bench.json", r.to_json())
+        b = read_json(sdir / "bench.json")
+        row.update(latency_ratio=b["latency_ratio"], flop_ratio=b["flop_ratio"])
+    teacher_params = adapter_for(pipe.transformer).block_params(pipe.transformer)
+    final = stages[-1]
+    student = {**_summary(read_json(last / "eval.json"), final["block_params"]),
+               "block_param_ratio": final["block_param_ratio"], "latency_ratio": final["latency_ratio"],
+               "flop_ratio": final["flop_ratio"]}
+    teacher = _summary(teacher_m, teacher_params)
+    student["retained_overall"] = (student["shapes_geneval_overall"] / teacher["shapes_geneval_overall"]
+                                   if teacher["shapes_geneval_overall"] > 0 else None)
     write_json(run / "summary.json", {
-        "description": f"shapes-pixart teacher on the first {limit} shapes-geneval prompts x {images_per_prompt} "
-                       f"images, beside the shapes-oracle ceiling",
-        "teacher": _summary(teacher.metrics),
-        "oracle": _summary(oracle.metrics),
-        "teacher_accuracy_images": float(np.mean(teacher.correct)),
+        "description": f"{cfg.schedule.kind} {cfg.schedule.op} of {cfg.teacher} to {cfg.schedule.target:.0%} of "
+                       f"its block parameters over {len(stages)} stage(s), {cfg.train.kd} KD, protocol "
+                       f"{cfg.protocol if isinstance(cfg.protocol, str) else 'custom'}; evaluated on the first "
+                       f"{e.limit} shapes-geneval prompts x {e.images_per_prompt} images",
+        "teacher": teacher,
+        "student": student,
+        "schedule": cfg.schedule.kind,
+        "stages": stages,
+        "timings_s": timings,
         "elapsed_s": round(time.time() - t0, 1),
     })
     build_report(run)

@@ -8,6 +8,7 @@ the transformer.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -77,9 +78,25 @@ def bench(student: str, teacher: str, repeats: int = 5, batch_size: int = 8, ste
     if repeats < 1 or batch_size < 1:
         raise ValueError("--repeats and --batch-size must be at least 1")
     pipes = {"student": load_pipeline(student, device), "teacher": load_pipeline(teacher, device)}
-    d = sampling_defaults(teacher)
-    steps = steps or d.get("num_inference_steps", 20)
-    guidance, max_len = d.get("guidance_scale", 3.5), d.get("max_sequence_length", 300)
+    return bench_pipelines(pipes["student"], pipes["teacher"], sampling_defaults(teacher), repeats, batch_size,
+                           steps)
+
+
+def bench_transformers(pipe, student, defaults: dict, repeats: int = 5, batch_size: int = 8,
+                       steps: int | None = None) -> BenchResult:
+    """Like :func:`bench` for a student transformer of ``pipe``'s teacher, both sampling through ``pipe``."""
+    s_pipe = copy.copy(pipe)  # a shallow copy: only the transformer differs
+    s_pipe.transformer = student
+    return bench_pipelines(s_pipe, pipe, defaults, repeats, batch_size, steps)
+
+
+def bench_pipelines(student_pipe, teacher_pipe, defaults: dict, repeats: int = 5, batch_size: int = 8,
+                    steps: int | None = None) -> BenchResult:
+    if repeats < 1 or batch_size < 1:
+        raise ValueError("repeats and batch_size must be at least 1")
+    pipes = {"student": student_pipe, "teacher": teacher_pipe}
+    steps = steps or defaults.get("num_inference_steps", 20)
+    guidance, max_len = defaults.get("guidance_scale", 3.5), defaults.get("max_sequence_length", 300)
     prompts = ["a red circle to the left of a blue square"] * batch_size
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)

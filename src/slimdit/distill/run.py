@@ -47,6 +47,8 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     student = copy.deepcopy(teacher)
     record = apply_plan(adapter, student, plan)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
+    if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / "model_index.json").exists():
+        save_pipeline_with(pipe, student, run / "untrained", source=cfg.teacher)
 
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
     student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units], phases,
@@ -58,6 +60,14 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
                                 "ratio": record.block_params_after / record.block_params_before}}
     if cfg.eval.benchmark:
         summary.update(_evaluate(cfg, run))
+    if cfg.eval.bench:
+        if not (run / "bench.json").exists():
+            from slimdit.bench.speed import bench_transformers
+
+            write_json(run / "bench.json", bench_transformers(pipe, student.eval(), sampling_defaults(cfg.teacher),
+                                                              steps=cfg.eval.steps).to_json())
+        b = read_json(run / "bench.json")
+        summary["bench"] = {k: b[k] for k in ("latency_ratio", "param_ratio", "flop_ratio")}
     write_json(run / "summary.json", summary)
     return run
 
@@ -111,16 +121,26 @@ class Conditionings:
             if kind == "real":
                 data = self.real
             else:
-                folder = self.cfg.synth or self._synth()
+                folder = self._synth(Path(self.cfg.synth) if self.cfg.synth else self.run / "synth")
                 data = load_dataset(str(folder), self.cfg.image_size)
             self.cache[kind] = cached_conditioning(self.pipe, self.teacher, data, self.run / "cache", self.max_len)
         return self.cache[kind]
 
-    def _synth(self) -> Path:
+    def _synth(self, out: Path) -> Path:
+        """Generate (or finish generating) the synthetic set into ``out``; a finished folder is used as is, so runs
+        that name the same ``data.synth`` share one set."""
         from slimdit.pipelines.loading import load_sampler
 
-        out = self.run / "synth"
+        marker = out / "synth.json"
+        if (out / "metadata.jsonl").exists() and not marker.exists():
+            return out  # the user's own folder: used as it is
         prompts = self.real.captions[:self.cfg.synth_images]
+        want = {"model": self.teacher, "images": len(prompts), "seed": self.seed}
+        if marker.exists() and read_json(marker) != want:
+            raise ValueError(f"data.synth {out} was generated as {read_json(marker)}, this run needs {want}; "
+                             "point data.synth elsewhere")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(marker, want)
         synthesize(load_sampler(self.teacher, device=self.device), prompts, out, seed=self.seed)
         return out
 
@@ -130,7 +150,10 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
 
     e = cfg.eval
     out = {}
-    for name, model in (("teacher", cfg.teacher), ("student", str(run / "student"))):
+    models = [("teacher", cfg.teacher), ("student", str(run / "student"))]
+    if cfg.eval.untrained:
+        models.insert(1, ("untrained", str(run / "untrained")))
+    for name, model in models:
         path = run / "metrics" / f"{name}.json"
         if path.exists():
             m = read_json(path)

@@ -35,3 +35,13 @@ def save_images(images: np.ndarray, out_dir: str | Path, stem: str = "image") ->
         Image.fromarray(img).save(p)
         paths.append(p)
     return paths
+
+
+def save_eval_grid(result, path: str | Path, images_per_prompt: int, rows: int = 12) -> Path:
+    """The first ``rows`` prompts of an evaluation, one row each, frames marking success; captions beside as .txt."""
+    k = min(rows, len(result.prompts) // images_per_prompt) * images_per_prompt
+    path = Path(path)
+    make_grid(result.images[:k], ncol=images_per_prompt, scale=6, marks=result.correct[:k]).save(path)
+    path.with_suffix(".txt").write_text(
+        "\n".join(result.prompts[i].text for i in range(0, k, images_per_prompt)) + "\n")
+    return path

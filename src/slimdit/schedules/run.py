@@ -223,15 +223,18 @@ def _evaluate_stage(cfg: RunConfig, pipe, student, sdir: Path) -> dict:
     if not cfg.eval.benchmark:
         return {}
     from slimdit.metrics.shapes_geneval import BENCHMARKS
+    from slimdit.reports.grids import save_eval_grid
 
     e = cfg.eval
     original = pipe.transformer
     pipe.transformer = student
     try:
         sampler = pipeline_sampler(pipe, cfg.teacher, e.steps, e.guidance, name="student")
-        m = BENCHMARKS[e.benchmark](sampler, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
-                                    progress=False).metrics
+        result = BENCHMARKS[e.benchmark](sampler, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
+                                         progress=False)
     finally:
         pipe.transformer = original
+    m = result.metrics
     write_json(sdir / "eval.json", m)
+    save_eval_grid(result, sdir / "grid.png", e.images_per_prompt)
     return {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}

@@ -49,12 +49,41 @@ class TeacherConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    # the text encoder's learning rate relative to ``lr`` (0 keeps it at its random initialisation)
+    text_lr_scale: float = 1.0
+    # epsilon-MSE weight clamp(1/SNR(t), 1, high_noise_weight): 1 keeps PixArt's uniform weighting; larger values
+    # give high-noise steps, where the caption decides the layout, up to that much more weight
+    high_noise_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     threads: int = 0  # 0 = torch default
     device: str = "auto"  # auto | cpu | cuda
     data_workers: int = 0  # processes rendering batches ahead (a GPU outruns one CPU core)
+
+
+# what may change when a run resumes: how long, where and how fast; never what is learned
+RESUMABLE_FIELDS = frozenset({"steps", "threads", "device", "data_workers", "checkpoint_every", "keep_checkpoints"})
+
+
+def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable) -> TeacherConfig:
+    """The config for ``run_dir``: its saved recipe when it exists, else the defaults with ``recipe`` applied.
+
+    ``resumable`` fields always apply; a recipe field that differs from a saved run's is an error that names it.
+    """
+    fields = set(TeacherConfig.__dataclass_fields__)
+    unknown = sorted(set(recipe or {}) - fields) + sorted(set(resumable) - RESUMABLE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown or non-resumable teacher field(s): {', '.join(unknown)}; "
+                         f"recipe fields are {', '.join(sorted(fields - RESUMABLE_FIELDS))}")
+    saved = Path(run_dir) / "config.json"
+    base = asdict(TeacherConfig(**read_json(saved))) if saved.exists() else asdict(TeacherConfig())
+    if saved.exists():
+        changed = sorted(k for k, v in (recipe or {}).items() if base[k] != v)
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with another recipe ({', '.join(changed)} differ); "
+                             "use a new directory, or leave these fields out to resume")
+    return TeacherConfig(**{**base, **(recipe or {}), **resumable})
 
 
 def build_transformer(cfg: TeacherConfig):
@@ -173,7 +202,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         saved = TeacherConfig(**read_json(run / "config.json"))
         if cfg is not None:
             # how long, where and how fast may change on resume; what is learned may not
-            free = {"steps", "threads", "device", "data_workers", "checkpoint_every", "keep_checkpoints"}
+            free = RESUMABLE_FIELDS
             a, b = asdict(cfg), asdict(saved)
             changed = sorted(k for k in a if a[k] != b.get(k) and k not in free)
             if changed:
@@ -196,7 +225,14 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(transformer.parameters()), "lr_scale": 1.0}]
+    if cfg.text_lr_scale == 1.0:
+        groups = [{"params": params, "lr_scale": 1.0}]
+    elif cfg.text_lr_scale > 0:
+        groups.append({"params": list(text_encoder.parameters()), "lr_scale": cfg.text_lr_scale})
+    else:
+        text_encoder.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = build_noise_scheduler()
     alphas = sched.alphas_cumprod.to(device)
 
@@ -228,9 +264,13 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         emb, mask = _encode(tokenizer, text_encoder, caps, device)
         pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-        loss = F.mse_loss(pred, noise)
+        if cfg.high_noise_weight > 1.0:
+            w = ((1 - alphas[t]) / alphas[t]).clamp(1.0, cfg.high_noise_weight)
+            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

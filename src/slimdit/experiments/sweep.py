@@ -1,0 +1,133 @@
+"""``slimdit sweep SWEEP.yaml``: one base config, a grid of overrides, one run directory per grid point.
+
+A sweep file::
+
+    kind: distill            # distill (slimdit distill) | run (slimdit run, a schedule)
+    out: runs/removal-vs-svd
+    base: configs/distill-shapes.yaml   # a file, or the config inline (its own ``out`` is replaced)
+    set: {eval.limit: 120}              # overrides for every point (optional)
+    grid:                               # dotted keys -> values; every combination is one run
+      plan: [configs/plans/shapes-remove-middle4.yaml, configs/plans/shapes-svd-middle8.yaml]
+      train.kd: [output, standard, hybrid, normalized, normalized_hybrid]
+
+Every point's config is validated before the first run starts. Runs go to ``out/<point>/`` and are resumable,
+so rerunning the sweep continues the unfinished ones. ``results.json`` and ``results.md`` collect each
+point's summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from slimdit.config import DistillConfig, RunConfig, _Strict, load_config
+from slimdit.io import atomic_write_text, read_json, write_json
+
+
+class SweepConfig(_Strict):
+    kind: Literal["distill", "run"] = "distill"
+    out: Path
+    base: str | dict[str, Any]
+    set: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = Field(min_length=1)
+
+
+def _slug(value: Any) -> str:
+    s = Path(value).stem if isinstance(value, str) and value.endswith((".yaml", ".yml", ".json")) else str(value)
+    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in s)
+
+
+def points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, overrides)`` for every combination of the grid, in order."""
+    keys = list(cfg.grid)
+    for k, values in cfg.grid.items():
+        if not values:
+            raise ValueError(f"grid.{k} is empty")
+    out = []
+    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+        name = "__".join(_slug(v) for v in combo)
+        out.append((name, {**cfg.set, **dict(zip(keys, combo))}))
+    return out
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, list[tuple[str, Any]]]:
+    """Load a sweep and validate every point's config (errors name the point and the field)."""
+    sweep = load_config(path, SweepConfig)
+    base = sweep.base
+    if isinstance(base, str):
+        p = Path(base)
+        if not p.exists():
+            raise FileNotFoundError(f"sweep base {p} does not exist")
+        base = yaml.safe_load(p.read_text()) or {}
+    model = DistillConfig if sweep.kind == "distill" else RunConfig
+    configs = []
+    for name, overrides in points(sweep):
+        raw = {**base, "out": str(sweep.out / name)}
+        try:
+            configs.append((name, load_config(raw, model, overrides)))
+        except ValueError as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+    return sweep, configs
+
+
+def run_sweep(path: str | Path, progress: bool = True) -> Path:
+    sweep, configs = load_sweep(path)
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep.out / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    if sweep.kind == "distill":
+        from slimdit.distill.run import run_distill as runner
+    else:
+        from slimdit.schedules.run import run_schedule as runner
+    for _name, cfg in configs:
+        if not (Path(cfg.out) / "summary.json").exists():
+            runner(cfg, progress=progress)
+        collect(sweep.out)
+    return sweep.out
+
+
+def collect(out: str | Path) -> list[dict]:
+    """Gather the finished points of a sweep into ``results.json`` and a Markdown table ``results.md``."""
+    out = Path(out)
+    sweep = SweepConfig.model_validate(yaml.safe_load((out / "sweep.yaml").read_text()))
+    rows = []
+    for name, overrides in points(sweep):
+        summary = out / name / "summary.json"
+        if summary.exists():
+            rows.append({"point": name, "grid": {k: overrides[k] for k in sweep.grid}, **read_json(summary)})
+    write_json(out / "results.json", rows)
+    atomic_write_text(out / "results.md", results_table(rows, list(sweep.grid)))
+    return rows
+
+
+def _flat(row: dict) -> dict[str, Any]:
+    """The figures of one point: block-parameter ratio, and overall/FID/CMMD before and after training."""
+    f: dict[str, Any] = {}
+    bp = row.get("block_params")
+    if isinstance(bp, dict):
+        f["block_param_ratio"] = bp.get("ratio")
+    for who in ("untrained", "student"):
+        m = row.get(f"{who}_metrics") or {}
+        for k in ("overall", "fid", "cmmd"):
+            if k in m:
+                f[f"{who}.{k}"] = m[k]
+    if "bench" in row:
+        f["latency_ratio"] = row["bench"].get("latency_ratio")
+        f["flop_ratio"] = row["bench"].get("flop_ratio")
+    return f
+
+
+def results_table(rows: list[dict], grid_keys: list[str]) -> str:
+    flats = [_flat(r) for r in rows]
+    cols = [c for c in dict.fromkeys(k for f in flats for k in f)]
+    head = "| " + " | ".join([*grid_keys, *cols]) + " |\n|" + "---|" * (len(grid_keys) + len(cols)) + "\n"
+
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    body = "".join("| " + " | ".join([*(_slug(r["grid"][k]) for k in grid_keys),
+                                      *(cell(f.get(c, "")) for c in cols)]) + " |\n" for r, f in zip(rows, flats))
+    return head + body
