@@ -55,3 +55,18 @@ def test_cka_recorder_fills_a_unit_by_step_heatmap():
     with torch.no_grad(), adapter_for(m).capture(m) as feats:
         m(**inputs())
     assert rms["block.0"] == pytest.approx(float(feats["block.0"].double().pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_search_greedy_then_optuna_from_greedy(tmp_path):
+    import json
+
+    from slimdit.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--model", "shapes-pixart", "--units", "2", "--prompts", "shapes-train:4:7",
+                 "--steps", "2", "--trials", "4", "--out", str(out)]) == 0
+    r = json.loads((out / "search.json").read_text())
+    assert len(r["greedy"]["units"]) == 2 and r["greedy"]["evaluations"] == 12 + 11
+    assert sorted(r["optuna"]["trials"][0]["units"]) == sorted(r["greedy"]["units"])  # greedy first
+    assert r["optuna"]["cmmd"] <= r["greedy"]["cmmd"] + 1e-12 and (out / "search.png").exists()
+    assert main(["search", "--model", "shapes-pixart", "--units", "2", "--op", "1.5", "--out", str(out)]) == 2

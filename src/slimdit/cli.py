@@ -133,7 +133,7 @@ def cmd_analyze(a: argparse.Namespace) -> None:
     from slimdit.importance.analyze import analyze
 
     criteria = [c.strip() for c in a.criteria.split(",") if c.strip()]
-    op = a.op if a.op == "remove" else float(a.op)
+    op = _parse_op(a.op)
     analyze(a.model, criteria, a.out, read_prompts(a.prompts), op=op, steps=a.steps, embedder=a.embedder,
             seed=a.seed)
     print(f"wrote {a.out}/scores.json and plots")
@@ -151,6 +151,29 @@ def cmd_run(a: argparse.Namespace) -> None:
         return
     run = run_schedule(cfg)
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
+def _parse_op(text: str) -> str | float:
+    if text == "remove":
+        return text
+    try:
+        c = float(text)
+    except ValueError:
+        c = -1.0
+    if not 0 < c < 1:
+        raise ValueError(f"--op must be 'remove' or an SVD ratio c in (0, 1), got {text!r}")
+    return c
+
+
+def cmd_search(a: argparse.Namespace) -> None:
+    from slimdit.search.run import run_search
+
+    op = _parse_op(a.op)
+    r = run_search(a.model, a.out, a.units, a.method, op, a.prompts, a.trials, a.steps, a.embedder, a.seed)
+    for m in ("greedy", "optuna"):
+        if m in r:
+            print(f"{m:7s} CMMD {r[m]['cmmd']:.4f}  units {', '.join(r[m]['units'])}  ({r[m]['seconds']} s)")
+    print(f"wrote {Path(a.out) / 'search.json'}")
 
 
 def cmd_sweep(a: argparse.Namespace) -> None:
@@ -241,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("search", help="which k units to modify: greedy and Optuna TPE on calibration CMMD")
+    p.add_argument("--model", required=True)
+    p.add_argument("--units", type=int, required=True, help="k, how many units to modify")
+    p.add_argument("--method", default="both", help="greedy | optuna | both (Optuna starts from greedy's answer)")
+    p.add_argument("--op", default="remove", help="remove, or an SVD ratio c such as 0.5")
+    p.add_argument("--prompts", default="shapes-train:32:7", help="calibration prompts: file or shapes-train:N[:SEED]")
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps while scoring (default: the model's)")
+    p.add_argument("--embedder", default="shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("sweep", help="one run per point of a grid of config overrides (resumable)")
     p.add_argument("sweep", type=Path, help="sweep YAML: kind, out, base, set, grid")

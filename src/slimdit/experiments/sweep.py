@@ -109,6 +109,11 @@ def _flat(row: dict) -> dict[str, Any]:
     bp = row.get("block_params")
     if isinstance(bp, dict):
         f["block_param_ratio"] = bp.get("ratio")
+    if row.get("stages"):  # a schedule: its last stage is the student
+        last = row["stages"][-1]
+        f["stages"] = len(row["stages"])
+        f["block_param_ratio"] = last.get("block_param_ratio")
+        row = {**row, "student_metrics": {k: last[k] for k in ("overall", "fid", "cmmd") if k in last}}
     for who in ("untrained", "student"):
         m = row.get(f"{who}_metrics") or {}
         for k in ("overall", "fid", "cmmd"):
