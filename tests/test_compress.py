@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from slimdit.compress.lowrank import LowRankLinear, rank_for_ratio
+from slimdit.compress.lowrank import LowRankLinear, layer_shape, rank_for_ratio
 from slimdit.compress.plan import Plan, apply_plan
 from slimdit.models import adapter_for
 from slimdit.models.storage import load_model, merge_lowrank, save_model
@@ -65,6 +65,24 @@ def test_full_rank_svd_reproduces_the_layer():
     apply_plan(adapter_for(m), m, Plan.from_dict({"units": {"block.2": {"svd": {p: {"rank": 16} for p in
                                                                                ["self_attn", "cross_attn"]}}}}))
     assert torch.allclose(out(m), ref, atol=1e-5)
+
+
+def test_recompression_ratio_applies_to_the_current_parameters():
+    from slimdit.compress.plan import rank_for
+
+    m = tiny()
+    a = adapter_for(m)
+    apply_plan(a, m, Plan.from_dict({"units": {"block.1": {"svd": 0.5}}}))
+    before = a.unit_params(m, "block.1")
+    layers = {p: dict(a.layers(m, "block.1", p)) for p in a.parts(m, "block.1")}
+    ranks = {(p, k): layer.rank for p, d in layers.items() for k, layer in d.items()}
+    apply_plan(a, m, Plan.from_dict({"units": {"block.1": {"svd": 0.5}}}))  # section 4.6.3: c of P_i, again
+    for (p, k), r in ranks.items():
+        layer = dict(a.layers(m, "block.1", p))[k]
+        assert layer.rank == max(1, int(r * 0.5)) == rank_for(layers[p][k], 0.5)
+    removed = before - a.unit_params(m, "block.1")
+    weights = sum(r * sum(layer_shape(layers[p][k])) for (p, k), r in ranks.items())
+    assert 0.5 * weights <= removed <= 0.5 * weights + sum(sum(layer_shape(layers[p][k])) for p, k in ranks)
 
 
 def test_rank_formula_is_eq_4_9():

@@ -101,7 +101,16 @@ def _resolve_ratios(adapter: Adapter, model: nn.Module, op: UnitOp) -> dict[str,
     return dict(op.ratios)
 
 
-def _rank(spec: float | dict, shape: tuple[int, int], where: str) -> int | None:
+def rank_for(layer: nn.Module, ratio: float) -> int:
+    """The rank that removes a fraction ``ratio`` of a layer's current weights: eq. 4.9 for a dense layer; for a
+    layer that is already low-rank (re-compression, section 4.6.3, where c applies to the current parameters
+    P_i), ``max(1, int(r (1 - c)))``."""
+    if isinstance(layer, LowRankLinear):
+        return max(1, int(layer.rank * (1.0 - ratio)))
+    return rank_for_ratio(*layer_shape(layer), ratio)
+
+
+def _rank(spec: float | dict, layer: nn.Module, where: str) -> int | None:
     """The rank a part's spec asks for, or None when the layer stays as it is."""
     if isinstance(spec, dict):
         if set(spec) != {"rank"} or not isinstance(spec["rank"], int):
@@ -111,7 +120,7 @@ def _rank(spec: float | dict, shape: tuple[int, int], where: str) -> int | None:
         raise ValueError(f"{where}: a ratio is a removal fraction in [0, 1), got {spec!r}")
     if spec == 0:
         return None  # no compression: the layer is untouched (bit-identical)
-    return rank_for_ratio(*shape, float(spec))
+    return rank_for(layer, float(spec))
 
 
 def validate(adapter: Adapter, model: nn.Module, plan: Plan) -> None:
@@ -125,7 +134,7 @@ def validate(adapter: Adapter, model: nn.Module, plan: Plan) -> None:
         if op.op == "svd":
             for part, spec in _resolve_ratios(adapter, model, op).items():
                 for path, layer in adapter.layers(model, op.unit, part).items():
-                    k = _rank(spec, layer_shape(layer), f"plan units.{op.unit}.svd.{part}")
+                    k = _rank(spec, layer, f"plan units.{op.unit}.svd.{part}")
                     if k is not None and not 1 <= k <= min(layer_shape(layer)):
                         raise ValueError(f"plan units.{op.unit}.svd.{part}: rank {k} is outside "
                                          f"[1, {min(layer_shape(layer))}] for {path}")
@@ -136,7 +145,7 @@ def svd_layers(adapter: Adapter, model: nn.Module, op: UnitOp) -> Iterator[tuple
     unit_mod = adapter.unit(model, op.unit)
     for part, spec in _resolve_ratios(adapter, model, op).items():
         for path, layer in adapter.layers(model, op.unit, part).items():
-            k = _rank(spec, layer_shape(layer), f"plan units.{op.unit}.svd.{part}")
+            k = _rank(spec, layer, f"plan units.{op.unit}.svd.{part}")
             if k is not None:
                 yield unit_mod, path, layer, k
 

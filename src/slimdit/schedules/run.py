@@ -65,7 +65,8 @@ def _op(cfg: RunConfig, ratio: float | None = None) -> str | float:
 
 def _params_after(adapter, model, unit: str, op: str | float) -> int:
     """A unit's parameter count after ``op`` (remove, or SVD at ratio c on every part), without applying it."""
-    from slimdit.compress.lowrank import layer_shape, rank_for_ratio
+    from slimdit.compress.lowrank import LowRankLinear, layer_shape
+    from slimdit.compress.plan import rank_for
 
     if op == "remove":
         return 0
@@ -73,7 +74,8 @@ def _params_after(adapter, model, unit: str, op: str | float) -> int:
     for part in adapter.parts(model, unit):
         for layer in adapter.layers(model, unit, part).values():
             n, m = layer_shape(layer)
-            total -= max(0, n * m - rank_for_ratio(n, m, float(op)) * (n + m))
+            now = layer.rank * (n + m) if isinstance(layer, LowRankLinear) else n * m
+            total -= max(0, now - rank_for(layer, float(op)) * (n + m))
     return total
 
 
@@ -125,10 +127,19 @@ def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
     cmmds = {u: st.metrics(Plan([unit_op(u, s.c_fixed)]))["cmmd"] for u in units}
     params = {u: a.unit_params(m, u) for u in units}
     scores = cmmd_per_removed_parameter(cmmds, params, s.c_fixed)
-    r = linear_ratios(scores, params, n_remove, min(s.units_per_stage, len(units)), s.base_ratio)
+    k = min(s.units_per_stage, len(units))
+    # eq. 4.17 counts P_i c_i, but norms, biases and modulation tables are not factorised and ranks are integers:
+    # raise the N given to eq. 4.19 until the parameters actually removed reach the stage's share
+    asked = n_remove
+    for _ in range(8):
+        r = linear_ratios(scores, params, asked, k, s.base_ratio)
+        removed = sum(params[u] - _params_after(a, m, u, c) for u, c in zip(r.units, r.ratios) if c > 0)
+        if removed >= n_remove:
+            break
+        asked += (n_remove - removed) * 1.05
     ops = [UnitOp(u, "svd", {"*": round(c, 6)}) for u, c in zip(r.units, r.ratios) if c > 0]
     return Plan(ops), {"cmmd": cmmds, "score": scores, "ratios": dict(zip(r.units, r.ratios)), "slope": r.slope,
-                       "n_remove": n_remove}
+                       "n_remove": n_remove, "n_remove_eq_4_19": asked, "removed": removed}
 
 
 def _group(unit: str) -> str:
