@@ -12,7 +12,7 @@ _LAZY = {
     "analyze": ("slimdit.importance.analyze", "analyze"),
     "run": ("slimdit.schedules.run", "run_schedule"),
     "evaluate": ("slimdit.metrics.evaluate", "evaluate_model"),
-    "bench": ("slimdit.bench.speed", "bench"),
+    "bench": ("slimdit.speed.bench", "bench"),
 }
 
 

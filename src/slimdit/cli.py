@@ -108,7 +108,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from slimdit.bench.speed import bench
+    from slimdit.speed.bench import bench
 
     r = bench(a.model, a.vs, repeats=a.repeats, batch_size=a.batch_size, steps=a.steps)
     if a.json:

@@ -65,7 +65,6 @@ def _summary(m: dict, block_params: int | None = None) -> dict:
 
 def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = True) -> Path:
     """Run (or continue) the full demo into ``out``; return the run directory."""
-    from slimdit.bench.speed import bench_transformers
     from slimdit.data.synth import read_prompts
     from slimdit.importance.analyze import analyze
     from slimdit.metrics.evaluate import evaluate_model
@@ -75,6 +74,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     from slimdit.reports.grids import save_eval_grid
     from slimdit.reports.html import build_report
     from slimdit.schedules.run import run_schedule
+    from slimdit.speed.bench import bench_transformers
 
     cfg = demo_config(out, overrides)
     run = Path(cfg.out)

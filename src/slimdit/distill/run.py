@@ -62,7 +62,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         summary.update(_evaluate(cfg, run))
     if cfg.eval.bench:
         if not (run / "bench.json").exists():
-            from slimdit.bench.speed import bench_transformers
+            from slimdit.speed.bench import bench_transformers
 
             write_json(run / "bench.json", bench_transformers(pipe, student.eval(), sampling_defaults(cfg.teacher),
                                                               steps=cfg.eval.steps).to_json())
