@@ -81,7 +81,7 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
     if saved.exists():
         changed = sorted(k for k, v in (recipe or {}).items() if base[k] != v)
         if changed:
-            raise ValueError(f"{run_dir} holds a run with another recipe ({', '.join(changed)} differ); "
+            raise ValueError(f"{run_dir} holds a run with another config ({', '.join(changed)} differ); "
                              "use a new directory, or leave these fields out to resume")
     return TeacherConfig(**{**base, **(recipe or {}), **resumable})
 
@@ -199,17 +199,9 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     """
     run = Path(run_dir)
     if (run / "config.json").exists():
-        saved = TeacherConfig(**read_json(run / "config.json"))
-        if cfg is not None:
-            # how long, where and how fast may change on resume; what is learned may not
-            free = RESUMABLE_FIELDS
-            a, b = asdict(cfg), asdict(saved)
-            changed = sorted(k for k in a if a[k] != b.get(k) and k not in free)
-            if changed:
-                raise ValueError(f"{run} holds a run with another config ({', '.join(changed)} differ); "
-                                 "use a new directory or the same config")
-            saved = TeacherConfig(**{**b, **{k: a[k] for k in free}})
-        cfg = saved
+        given = asdict(cfg) if cfg is not None else {}
+        cfg = teacher_config(run, {k: v for k, v in given.items() if k not in RESUMABLE_FIELDS},
+                             **{k: v for k, v in given.items() if k in RESUMABLE_FIELDS})
     cfg = cfg or TeacherConfig()
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "config.json", asdict(cfg))
@@ -225,13 +217,14 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     modules = {"transformer": transformer, "text_encoder": text_encoder}
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
-    groups = [{"params": list(transformer.parameters()), "lr_scale": 1.0}]
-    if cfg.text_lr_scale == 1.0:
+    if cfg.text_lr_scale == 1.0:  # one group, as in runs saved before this option existed
         groups = [{"params": params, "lr_scale": 1.0}]
-    elif cfg.text_lr_scale > 0:
-        groups.append({"params": list(text_encoder.parameters()), "lr_scale": cfg.text_lr_scale})
     else:
-        text_encoder.requires_grad_(False)
+        groups = [{"params": list(transformer.parameters()), "lr_scale": 1.0}]
+        if cfg.text_lr_scale > 0:
+            groups.append({"params": list(text_encoder.parameters()), "lr_scale": cfg.text_lr_scale})
+        else:
+            text_encoder.requires_grad_(False)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = build_noise_scheduler()
     alphas = sched.alphas_cumprod.to(device)
