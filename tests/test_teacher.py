@@ -96,3 +96,40 @@ def test_data_workers_do_not_change_the_run(tmp_path):
     b = train_teacher(tmp_path / "b", TeacherConfig(steps=2, data_workers=2, **TINY))
     (_, ma, _), (_, mb, _) = _final(a), _final(b)
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_v_prediction_recipe_exports_a_v_scheduler_and_distils_with_a_v_target(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    import slimdit.worlds.shapes.pixel_vae  # noqa: F401
+    from slimdit.distill.objectives import OBJECTIVES
+    from slimdit.models import adapter_for
+    from slimdit.worlds.shapes.teacher import teacher_config
+
+    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
+        teacher_config(tmp_path / "bad", {"prediction_type": "x0"})
+    run = train_teacher(tmp_path, TeacherConfig(steps=1, prediction_type="v_prediction", **TINY))
+    pipe = DiffusionPipeline.from_pretrained(export_teacher(run, tmp_path / "pipeline"))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert adapter_for(pipe.transformer, pipe.scheduler.config).objective == "v_prediction"
+    assert adapter_for(pipe.transformer).objective == "epsilon"  # no scheduler: the adapter's own
+    # the v target: x0 and eps come back from (x_t, v) exactly as the scheduler inverts them
+    obj = OBJECTIVES["v_prediction"]()
+    x0, eps, t = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0, 500, 999])
+    xt, v = obj.noise(x0, eps, t)
+    a = obj.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5)
+    assert torch.allclose((1 - a).sqrt() * xt + a.sqrt() * v, eps, atol=1e-5)
+    assert torch.equal(OBJECTIVES["epsilon"]().noise(x0, eps, t)[1], eps)
+
+
+def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(tmp_path):
+    import json
+
+    from slimdit.worlds.shapes.teacher import teacher_config
+
+    old = {k: v for k, v in TeacherConfig(**TINY).__dict__.items()
+           if k not in ("text_lr_scale", "high_noise_weight", "prediction_type")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = teacher_config(tmp_path, steps=9)
+    assert (cfg.text_lr_scale, cfg.high_noise_weight, cfg.prediction_type, cfg.steps) == (1.0, 1.0, "epsilon", 9)

@@ -47,8 +47,8 @@ def cmd_teacher_train(a: argparse.Namespace) -> None:
     from slimdit.config import parse_sets
     from slimdit.worlds.shapes.teacher import teacher_config, train_teacher
 
-    cfg = teacher_config(a.out, parse_sets(a.set), steps=a.steps, threads=a.threads, device=a.device,
-                         data_workers=a.data_workers)
+    resumable = {"threads": a.threads, "device": a.device, "data_workers": a.data_workers}
+    cfg = teacher_config(a.out, parse_sets(a.set), **resumable, **({"steps": a.steps} if a.steps else {}))
     run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
     print(f"teacher run: {run} (resume by running the same command again)")
 
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="teacher_command", required=True)
     p = t.add_parser("train", help="train the shapes-pixart teacher (resumable)")
     p.add_argument("--out", type=Path, required=True, help="run directory; rerun to resume")
-    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=None, help="total steps (default: the run's, 30,000 for a new one)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -28,7 +28,7 @@ def compress_to_dir(model: str, plan: Plan, out: str | Path | None, dry_run: boo
     if not dry_run and out is None:
         raise ValueError("give --out (or --dry-run)")
     pipe = load_pipeline(model, device)
-    adapter = adapter_for(pipe.transformer)
+    adapter = adapter_for(pipe.transformer, pipe.scheduler.config)
     validate(adapter, pipe.transformer, plan)
     student = pipe.transformer
     record = apply_plan(adapter, student, plan)

@@ -39,7 +39,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device)
     teacher = pipe.transformer.eval()
-    adapter = adapter_for(teacher)
+    adapter = adapter_for(teacher, pipe.scheduler.config)
     validate(adapter, teacher, plan)
 
     run.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str]
     emb = get_embedder(embedder) if "metric" in criteria else None
     sampler = load_sampler(model, steps=steps)
     net = sampler.pipe.transformer
-    adapter = adapter_for(net)
+    adapter = adapter_for(net, sampler.pipe.scheduler.config)
     units = adapter.units(net)
     seeds = [seed + i for i in range(len(prompts))]
     scores: dict = {"model": model, "units": units, "op": op, "n_prompts": len(prompts)}

@@ -130,9 +130,17 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """Return the adapter for a model, by its class; fail with the supported list otherwise."""
+def adapter_for(model: nn.Module, scheduler_config=None) -> Adapter:
+    """Return the adapter for a model, by its class; fail with the supported list otherwise.
+
+    With the ``scheduler_config`` of the model's pipeline, the adapter's objective follows the scheduler's
+    ``prediction_type`` (a PixArt trained for v-prediction distils with a v target).
+    """
+    from slimdit.distill.objectives import pipeline_objective
+
     for cls in ADAPTERS.values():
         if cls.handles(model):
-            return cls()
+            adapter = cls()
+            adapter.objective = pipeline_objective(cls.objective, scheduler_config)
+            return adapter
     raise ValueError(f"no slimdit adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")

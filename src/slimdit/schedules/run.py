@@ -169,7 +169,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device)
     teacher = pipe.transformer.eval()
-    adapter = adapter_for(teacher)
+    adapter = adapter_for(teacher, pipe.scheduler.config)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
 

@@ -36,7 +36,7 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
     emb = get_embedder(embedder)
     sampler = load_sampler(model, steps=steps)
     net = sampler.pipe.transformer
-    adapter = adapter_for(net)
+    adapter = adapter_for(net, sampler.pipe.scheduler.config)
     units = adapter.units(net)
     if not 1 <= k <= len(units):
         raise ValueError(f"--units must be between 1 and {len(units)} (the model's units), got {k}")

@@ -41,25 +41,37 @@ class TeacherConfig:
     text_dim: int = 64
     text_layers: int = 2
     # training
-    steps: int = 20000
-    batch_size: int = 128
+    steps: int = 30000
+    batch_size: int = 64
     lr: float = 5e-4
-    warmup: int = 300
+    warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     # the text encoder's learning rate relative to ``lr`` (0 keeps it at its random initialisation)
-    text_lr_scale: float = 1.0
-    # epsilon-MSE weight clamp(1/SNR(t), 1, high_noise_weight): 1 keeps PixArt's uniform weighting; larger values
+    text_lr_scale: float = 0.1
+    # target-MSE weight clamp(1/SNR(t), 1, high_noise_weight): 1 keeps uniform weighting; larger values
     # give high-noise steps, where the caption decides the layout, up to that much more weight
     high_noise_weight: float = 1.0
+    # what the transformer predicts: "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0) or "epsilon" (PixArt's);
+    # see docs/methods.md for why the pixel-space shapes teacher predicts v
+    prediction_type: str = "v_prediction"
     seed: int = 0
     checkpoint_every: int = 250
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1
     threads: int = 0  # 0 = torch default
     device: str = "auto"  # auto | cpu | cuda
     data_workers: int = 0  # processes rendering batches ahead (a GPU outruns one CPU core)
+
+
+# runs saved before a recipe field existed trained with these values
+LEGACY_FIELDS = {"text_lr_scale": 1.0, "high_noise_weight": 1.0, "prediction_type": "epsilon"}
+
+
+def saved_config(run_dir: str | Path) -> TeacherConfig:
+    """The recipe a run directory was trained with."""
+    return TeacherConfig(**{**LEGACY_FIELDS, **read_json(Path(run_dir) / "config.json")})
 
 
 # what may change when a run resumes: how long, where and how fast; never what is learned
@@ -77,13 +89,19 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
         raise ValueError(f"unknown or non-resumable teacher field(s): {', '.join(unknown)}; "
                          f"recipe fields are {', '.join(sorted(fields - RESUMABLE_FIELDS))}")
     saved = Path(run_dir) / "config.json"
-    base = asdict(TeacherConfig(**read_json(saved))) if saved.exists() else asdict(TeacherConfig())
+    base = asdict(saved_config(run_dir)) if saved.exists() else asdict(TeacherConfig())
     if saved.exists():
         changed = sorted(k for k, v in (recipe or {}).items() if base[k] != v)
         if changed:
             raise ValueError(f"{run_dir} holds a run with another config ({', '.join(changed)} differ); "
                              "use a new directory, or leave these fields out to resume")
-    return TeacherConfig(**{**base, **(recipe or {}), **resumable})
+    cfg = TeacherConfig(**{**base, **(recipe or {}), **resumable})
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    return cfg
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def build_transformer(cfg: TeacherConfig):
@@ -104,21 +122,24 @@ def build_transformer(cfg: TeacherConfig):
     )
 
 
-def build_noise_scheduler():
-    """The PixArt training schedule: 1000-step DDPM, linear betas 1e-4..2e-2, epsilon prediction."""
+def build_noise_scheduler(prediction_type: str = "epsilon"):
+    """The PixArt training schedule: 1000-step DDPM, linear betas 1e-4..2e-2, epsilon (or v) prediction."""
     from diffusers import DDPMScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         prediction_type="epsilon")
+                         prediction_type=prediction_type)
 
 
-def build_pipeline(tokenizer, text_encoder, transformer):
+def build_pipeline(tokenizer, text_encoder, transformer, prediction_type: str = "epsilon"):
     """Assemble a diffusers PixArtSigmaPipeline in pixel space, sampling with DPM-Solver++."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     from slimdit.worlds.shapes.pixel_vae import PixelSpaceVAE
 
-    sched = DPMSolverMultistepScheduler.from_config(build_noise_scheduler().config, algorithm_type="dpmsolver++",
+    sched = DPMSolverMultistepScheduler.from_config(build_noise_scheduler(prediction_type).config,
+                                                    algorithm_type="dpmsolver++",
                                                     solver_order=2)
     return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=PixelSpaceVAE(),
                                transformer=transformer, scheduler=sched)
@@ -226,7 +247,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         else:
             text_encoder.requires_grad_(False)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = build_noise_scheduler()
+    sched = build_noise_scheduler(cfg.prediction_type)
     alphas = sched.alphas_cumprod.to(device)
 
     step, elapsed = 0, 0.0
@@ -257,11 +278,12 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         emb, mask = _encode(tokenizer, text_encoder, caps, device)
         pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         if cfg.high_noise_weight > 1.0:
             w = ((1 - alphas[t]) / alphas[t]).clamp(1.0, cfg.high_noise_weight)
-            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+            loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         else:
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, target)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
@@ -297,7 +319,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
 def export_teacher(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True, step: int | None = None) -> Path:
     """Write the (EMA) weights of a teacher run as a diffusers PixArtSigmaPipeline directory."""
     run = Path(run_dir)
-    cfg = TeacherConfig(**read_json(run / "config.json"))
+    cfg = saved_config(run)
     cks = _checkpoints(run)
     if not cks:
         raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
@@ -307,7 +329,7 @@ def export_teacher(run_dir: str | Path, out_dir: str | Path, use_ema: bool = Tru
     transformer = build_transformer(cfg)
     _load_into({"transformer": transformer, "text_encoder": text_encoder},
                load_tensors(ck / ("ema.safetensors" if use_ema else "model.safetensors")))
-    pipe = build_pipeline(tokenizer, text_encoder, transformer)
+    pipe = build_pipeline(tokenizer, text_encoder, transformer, cfg.prediction_type)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     state = read_json(ck / "state.json")
