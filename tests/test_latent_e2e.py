@@ -112,7 +112,8 @@ def test_sweep_runs_every_point_and_tabulates(tiny_latent_pipeline, tmp_path, ca
             "protocol": "real_only", "data": {"real": "shapes-train:4", "max_sequence_length": 16},
             "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "lr": 1e-4, "checkpoint_every": 2},
             "eval": {"limit": 6, "images_per_prompt": 1, "steps": 2}}
-    sweep = {"kind": "distill", "out": str(tmp_path / "sw"), "base": base, "set": {"eval.bench": False},
+    sweep = {"kind": "distill", "out": str(tmp_path / "sw"), "base": base,
+             "set": {"eval.bench": False, "eval.shared": str(tmp_path / "sw" / "shared")},
              "grid": {"train.kd": ["output", "normalized_hybrid"]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0
@@ -120,6 +121,8 @@ def test_sweep_runs_every_point_and_tabulates(tiny_latent_pipeline, tmp_path, ca
     assert [r["grid"]["train.kd"] for r in rows] == ["output", "normalized_hybrid"]
     # same plan, same compression: the untrained students are identical; training differs by the loss only
     assert rows[0]["untrained_metrics"] == rows[1]["untrained_metrics"]
+    # ... so they, and the teacher, were evaluated once and shared
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "sw" / "shared").iterdir()) == ["teacher", "untrained"]
     assert "| train.kd | block_param_ratio | untrained.overall" in (tmp_path / "sw" / "results.md").read_text()
     sweep["grid"]["train.kd"].append("best")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(sweep))

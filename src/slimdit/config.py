@@ -59,6 +59,9 @@ class EvalSection(_Strict):
     seed: int = 0
     untrained: bool = True  # distill: also evaluate the compressed student before training
     bench: bool = True  # distill: measure sampling latency against the teacher (slimdit bench)
+    # distill: a folder where the teacher's and the untrained student's metrics are kept and reused by other
+    # runs with the same teacher, plan and eval settings (a sweep sets it; evaluation is seeded, so reuse is exact)
+    shared: Path | None = None
 
 
 class DistillConfig(_Strict):

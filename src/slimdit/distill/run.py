@@ -9,6 +9,7 @@ pipeline), ``metrics/*.json``, ``summary.json``. Rerunning the same config conti
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -153,12 +154,24 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
     models = [("teacher", cfg.teacher), ("student", str(run / "student"))]
     if cfg.eval.untrained:
         models.insert(1, ("untrained", str(run / "untrained")))
+    settings = e.model_dump(mode="json", include={"benchmark", "limit", "images_per_prompt", "steps", "guidance",
+                                                 "seed"})
+    plan = read_json(run / "plan.json")["plan"]
     for name, model in models:
         path = run / "metrics" / f"{name}.json"
+        shared = None
+        if e.shared is not None and name != "student":  # the same teacher and plan give the same images
+            key = {"teacher": cfg.teacher, "eval": settings, **({"plan": plan} if name == "untrained" else {})}
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            shared = Path(e.shared) / f"{name}-{digest}.json"
+            if shared.exists() and not path.exists():
+                write_json(path, read_json(shared))
         if path.exists():
             m = read_json(path)
         else:
             m = evaluate_model(model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt,
                                seed=e.seed, steps=e.steps, guidance=e.guidance).metrics
+        if shared is not None and not shared.exists():
+            write_json(shared, m)
         out[name + "_metrics"] = {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}
     return out
