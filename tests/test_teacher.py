@@ -133,3 +133,18 @@ def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = teacher_config(tmp_path, steps=9)
     assert (cfg.text_lr_scale, cfg.high_noise_weight, cfg.prediction_type, cfg.steps) == (1.0, 1.0, "epsilon", 9)
+
+
+def test_probe_inverts_both_targets_exactly_and_reports_per_timestep(tiny_pipeline_dir, tmp_path):
+    from slimdit.distill.objectives import OBJECTIVES
+    from slimdit.worlds.shapes.probe import probe_denoiser, x0_guess
+
+    x0, eps, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8), torch.tensor([10, 990])
+    for name in ("epsilon", "v_prediction"):
+        obj = OBJECTIVES[name]()
+        xt, target = obj.noise(x0, eps, t)
+        a = obj.alphas_cumprod[t].view(-1, 1, 1, 1)
+        assert torch.allclose(x0_guess(target, xt, a, name), x0, atol=1e-3), name  # the true target gives x0
+    r = probe_denoiser(str(tiny_pipeline_dir), n=4, timesteps=(100, 900), out_png=tmp_path / "p.png")
+    assert set(r["x0_mse"]) == {"100", "900"} and set(r["x0_mse"]["900"]) == {"cond", "uncond"}
+    assert (tmp_path / "p.png").exists()

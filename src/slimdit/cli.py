@@ -59,6 +59,13 @@ def cmd_teacher_export(a: argparse.Namespace) -> None:
     print(f"wrote {export_teacher(a.run, a.out, use_ema=not a.no_ema, step=a.step)}")
 
 
+def cmd_teacher_probe(a: argparse.Namespace) -> None:
+    from slimdit.worlds.shapes.probe import probe_denoiser
+
+    r = probe_denoiser(a.model, n=a.n, out_png=a.png)
+    print(json.dumps(r, indent=2))
+
+
 def cmd_teacher_embedder(a: argparse.Namespace) -> None:
     from slimdit.worlds.shapes.embedder import EmbedderConfig, train_embedder
 
@@ -314,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=cmd_teacher_export)
+    p = t.add_parser("probe", help="one-step x0 guesses per noise level on training scenes (numbers and a grid)")
+    p.add_argument("--model", default="shapes-pixart")
+    p.add_argument("--n", type=int, default=32, help="training scenes")
+    p.add_argument("--png", type=Path, default=None, help="write the grid here")
+    p.set_defaults(func=cmd_teacher_probe)
     p = t.add_parser("train-embedder", help="train the shapes embedder used by FID/CMMD/CLIP score")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=800)
