@@ -39,7 +39,7 @@ def test_a_run_directory_refuses_another_config(tmp_path):
 def test_weighted_recipe_resumes_exactly_and_keeps_its_text_encoder_scale(tmp_path):
     from slimdit.worlds.shapes.teacher import teacher_config
 
-    recipe = {**TINY, "text_lr_scale": 0.0, "high_noise_weight": 10.0}
+    recipe = {**TINY, "text_lr_scale": 0.0, "high_noise_weight": 10.0, "focus_share": 0.5, "focus_timesteps": 300}
     straight = train_teacher(tmp_path / "a", TeacherConfig(steps=4, **recipe))
     train_teacher(tmp_path / "b", TeacherConfig(steps=4, **recipe), max_minutes=0.0)
     resumed = train_teacher(tmp_path / "b", teacher_config(tmp_path / "b", steps=4))  # the saved recipe
@@ -129,10 +129,11 @@ def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(tmp_p
     from slimdit.worlds.shapes.teacher import teacher_config
 
     old = {k: v for k, v in TeacherConfig(**TINY).__dict__.items()
-           if k not in ("text_lr_scale", "high_noise_weight", "prediction_type")}
+           if k not in ("text_lr_scale", "high_noise_weight", "prediction_type", "focus_share", "focus_timesteps")}
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = teacher_config(tmp_path, steps=9)
     assert (cfg.text_lr_scale, cfg.high_noise_weight, cfg.prediction_type, cfg.steps) == (1.0, 1.0, "epsilon", 9)
+    assert cfg.focus_share == 0.0  # uniform timesteps, as such runs trained
 
 
 def test_probe_inverts_both_targets_exactly_and_reports_per_timestep(tiny_pipeline_dir, tmp_path):

@@ -43,8 +43,8 @@ class TeacherConfig:
     # training
     steps: int = 30000
     batch_size: int = 64
-    lr: float = 5e-4
-    warmup: int = 100
+    lr: float = 8e-4
+    warmup: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -57,6 +57,11 @@ class TeacherConfig:
     # what the transformer predicts: "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0) or "epsilon" (PixArt's);
     # see docs/methods.md for why the pixel-space shapes teacher predicts v
     prediction_type: str = "v_prediction"
+    # timestep sampling: a share ``focus_share`` of each batch is drawn uniformly below ``focus_timesteps``, the
+    # rest over all 1000. On sparse 32x32 scenes objects are barely detectable in x_t above t ~ 700, so uniform
+    # sampling spends about 30 % of training where only the caption-conditional mean can be learned.
+    focus_timesteps: int = 700
+    focus_share: float = 0.5
     seed: int = 0
     checkpoint_every: int = 250
     keep_checkpoints: int = 1
@@ -66,7 +71,7 @@ class TeacherConfig:
 
 
 # runs saved before a recipe field existed trained with these values
-LEGACY_FIELDS = {"text_lr_scale": 1.0, "high_noise_weight": 1.0, "prediction_type": "epsilon"}
+LEGACY_FIELDS = {"text_lr_scale": 1.0, "high_noise_weight": 1.0, "prediction_type": "epsilon", "focus_share": 0.0}
 
 
 def saved_config(run_dir: str | Path) -> TeacherConfig:
@@ -96,6 +101,9 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
             raise ValueError(f"{run_dir} holds a run with another config ({', '.join(changed)} differ); "
                              "use a new directory, or leave these fields out to resume")
     cfg = TeacherConfig(**{**base, **(recipe or {}), **resumable})
+    if not (0.0 <= cfg.focus_share <= 1.0 and 1 <= cfg.focus_timesteps <= 1000):
+        raise ValueError(f"focus_share must be in [0, 1] and focus_timesteps in [1, 1000], got "
+                         f"{cfg.focus_share} and {cfg.focus_timesteps}")
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
     return cfg
@@ -272,7 +280,11 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         x0 = images_to_tensor(imgs).to(device)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        if cfg.focus_share > 0:  # a share of the batch drawn below focus_timesteps instead
+            focused = torch.randint(0, cfg.focus_timesteps, (x0.shape[0],), generator=g)
+            t = torch.where(torch.rand(x0.shape[0], generator=g) < cfg.focus_share, focused, t)
+        t = t.to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb, mask = _encode(tokenizer, text_encoder, caps, device)
