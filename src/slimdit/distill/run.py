@@ -156,7 +156,7 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
         models.insert(1, ("untrained", str(run / "untrained")))
     settings = e.model_dump(mode="json", include={"benchmark", "limit", "images_per_prompt", "steps", "guidance",
                                                  "seed"})
-    plan = read_json(run / "plan.json")["plan"]
+    plan = read_json(run / "plan.json")["plan"] if e.shared is not None else None
     for name, model in models:
         path = run / "metrics" / f"{name}.json"
         shared = None

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimdit.distill.objectives import DDPM, OBJECTIVES
 from slimdit.io import (
     load_tensors,
     optimizer_from_tensors,
@@ -109,7 +110,7 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
     return cfg
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = tuple(OBJECTIVES)  # the DDPM targets distillation knows: epsilon, v_prediction
 
 
 def build_transformer(cfg: TeacherConfig):
@@ -257,6 +258,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = build_noise_scheduler(cfg.prediction_type)
     alphas = sched.alphas_cumprod.to(device)
+    objective = DDPM(alphas, cfg.prediction_type)  # x_t and the target, on the scheduler's own alphas
 
     step, elapsed = 0, 0.0
     if cks := _checkpoints(run):
@@ -285,12 +287,10 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
             focused = torch.randint(0, cfg.focus_timesteps, (x0.shape[0],), generator=g)
             t = torch.where(torch.rand(x0.shape[0], generator=g) < cfg.focus_share, focused, t)
         t = t.to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, target = objective.noise(x0, noise, t)
         emb, mask = _encode(tokenizer, text_encoder, caps, device)
         pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         if cfg.high_noise_weight > 1.0:
             w = ((1 - alphas[t]) / alphas[t]).clamp(1.0, cfg.high_noise_weight)
             loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
