@@ -108,6 +108,9 @@ def test_v_prediction_recipe_exports_a_v_scheduler_and_distils_with_a_v_target(t
 
     with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
         teacher_config(tmp_path / "bad", {"prediction_type": "x0"})
+    with pytest.raises(ValueError, match="focus_share must be in"):
+        teacher_config(tmp_path / "bad", {"focus_share": 1.5})
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
     run = train_teacher(tmp_path, TeacherConfig(steps=1, prediction_type="v_prediction", **TINY))
     pipe = DiffusionPipeline.from_pretrained(export_teacher(run, tmp_path / "pipeline"))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
