@@ -10,7 +10,8 @@ from slimdit.io import load_tensors
 from slimdit.worlds.shapes.teacher import TeacherConfig, export_teacher, train_teacher
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, text_dim=16, batch_size=4, warmup=2,
-            checkpoint_every=2, seed=3)
+            checkpoint_every=2, seed=3, latent_channels=4, vae_width=8, vae_steps=2)
+PIXEL = {**TINY, "latent_channels": 0, "patch_size": 4}  # pixel space, as runs before the autoencoder
 
 
 def _final(run):
@@ -18,11 +19,16 @@ def _final(run):
     return ck.name, load_tensors(ck / "model.safetensors"), load_tensors(ck / "ema.safetensors")
 
 
-def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
-    straight = train_teacher(tmp_path / "a", TeacherConfig(steps=6, **TINY))
-    train_teacher(tmp_path / "b", TeacherConfig(steps=6, **TINY), max_minutes=0.0)  # stops after one step
+@pytest.mark.parametrize("recipe", [TINY, PIXEL], ids=["latent", "pixel"])
+def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, recipe):
+    straight = train_teacher(tmp_path / "a", TeacherConfig(steps=6, **recipe))
+    if recipe["latent_channels"]:  # the autoencoder stage stops and resumes too
+        train_teacher(tmp_path / "b", TeacherConfig(steps=6, **recipe), max_minutes=0.0)
+        assert [p.name for p in (tmp_path / "b" / "vae_checkpoints").glob("step_*")] == ["step_0000001"]
+        assert not (tmp_path / "b" / "vae").exists() and not (tmp_path / "b" / "checkpoints").exists()
+    train_teacher(tmp_path / "b", TeacherConfig(steps=6, **recipe), max_minutes=0.0)  # stops after one step
     assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("step_*")] == ["step_0000001"]
-    resumed = train_teacher(tmp_path / "b", TeacherConfig(steps=6, **TINY))
+    resumed = train_teacher(tmp_path / "b", TeacherConfig(steps=6, **recipe))
     (na, ma, ea), (nb, mb, eb) = _final(straight), _final(resumed)
     assert na == nb == "step_0000006"
     for k in ma:
@@ -62,16 +68,15 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 def test_export_is_a_plain_diffusers_pixart_sigma_pipeline(tiny_pipeline_dir):
-    from diffusers import DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5EncoderModel
-
-    import slimdit.worlds.shapes.pixel_vae  # noqa: F401  (what a plain diffusers user imports first)
 
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     assert isinstance(pipe, PixArtSigmaPipeline)
     assert isinstance(pipe.transformer, PixArtTransformer2DModel) and pipe.transformer.config.num_layers == 2
     assert isinstance(pipe.text_encoder, T5EncoderModel)
-    assert pipe.vae_scale_factor == 1
+    assert isinstance(pipe.vae, AutoencoderKL) and pipe.vae_scale_factor == 4  # 8x8 latents
+    assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == 4
     out = pipe("a red circle", num_inference_steps=2, use_resolution_binning=False, max_sequence_length=16,
                output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 32, 32, 3)
@@ -131,11 +136,13 @@ def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(tmp_p
 
     from slimdit.worlds.shapes.teacher import teacher_config
 
-    old = {k: v for k, v in TeacherConfig(**TINY).__dict__.items()
-           if k not in ("text_lr_scale", "high_noise_weight", "prediction_type", "focus_share", "focus_timesteps")}
+    new = ("text_lr_scale", "high_noise_weight", "prediction_type", "focus_share", "focus_timesteps",
+           "latent_channels", "vae_width", "vae_steps", "vae_lr", "vae_kl_weight")
+    old = {k: v for k, v in TeacherConfig(**PIXEL).__dict__.items() if k not in new}
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = teacher_config(tmp_path, steps=9)
     assert (cfg.text_lr_scale, cfg.high_noise_weight, cfg.prediction_type, cfg.steps) == (1.0, 1.0, "epsilon", 9)
+    assert cfg.latent_channels == 0  # pixel space
     assert cfg.focus_share == 0.0  # uniform timesteps, as such runs trained
 
 
@@ -152,3 +159,26 @@ def test_probe_inverts_both_targets_exactly_and_reports_per_timestep(tiny_pipeli
     r = probe_denoiser(str(tiny_pipeline_dir), n=4, timesteps=(100, 900), out_png=tmp_path / "p.png")
     assert set(r["x0_mse"]) == {"100", "900"} and set(r["x0_mse"]["900"]) == {"cond", "uncond"}
     assert (tmp_path / "p.png").exists()
+
+
+def test_pixel_space_export_keeps_the_identity_vae(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    import slimdit.worlds.shapes.pixel_vae  # noqa: F401  (what a plain diffusers user imports first)
+    from slimdit.worlds.shapes.pixel_vae import PixelSpaceVAE
+
+    run = train_teacher(tmp_path, TeacherConfig(steps=1, **PIXEL))
+    pipe = DiffusionPipeline.from_pretrained(export_teacher(run, tmp_path / "pipeline"))
+    assert isinstance(pipe.vae, PixelSpaceVAE) and pipe.vae_scale_factor == 1
+
+
+def test_the_autoencoder_records_its_scaling_and_reconstruction_ceiling(tmp_path):
+    import json
+
+    from diffusers import AutoencoderKL
+
+    train_teacher(tmp_path, TeacherConfig(steps=1, **TINY))
+    q = json.loads((tmp_path / "vae_quality.json").read_text())
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert vae.config.scaling_factor == pytest.approx(1.0 / q["latent_std"])
+    assert q["steps"] == 2 and "reconstruction_geneval_accuracy" in q

@@ -1,5 +1,7 @@
 """What a denoiser believes at each noise level: one-step x0 guesses on training scenes, as numbers and a picture.
 
+Latent models are probed in their latent space; their guesses are decoded, so the MSE is in pixels either way.
+
 For a scene x0 noised to x_t, the model's output is turned into its x0 guess with the pipeline scheduler's own
 ``prediction_type`` (epsilon: (x_t - sqrt(1-a) eps) / sqrt(a); v: sqrt(a) x_t - sqrt(1-a) v). A teacher that will
 sample well has small x0 errors at high noise too, with and without its caption.
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimdit.worlds.shapes.pixel_vae import PixelSpaceVAE
 from slimdit.worlds.shapes.prompts import TrainingSet
 from slimdit.worlds.shapes.teacher import _encode, build_noise_scheduler, images_to_tensor
 
@@ -38,12 +41,18 @@ def probe_denoiser(model: str, n: int = 32, timesteps: tuple[int, ...] = TIMESTE
     pipe = load_pipeline(model, "cpu")
     pred_type = pipe.scheduler.config.prediction_type
     caps, imgs = TrainingSet(seed).batch(0, n)
-    x0 = images_to_tensor(imgs)
+    pixels = images_to_tensor(imgs)
+    vae, latent = pipe.vae, not isinstance(pipe.vae, PixelSpaceVAE)
+    x0 = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor if latent else pixels
+
+    def to_pixels(z: torch.Tensor) -> torch.Tensor:
+        return (vae.decode(z / vae.config.scaling_factor).sample if latent else z).clamp(-1, 1)
+
     alphas = build_noise_scheduler().alphas_cumprod
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     cond = _encode(pipe.tokenizer, pipe.text_encoder, caps)
     uncond = _encode(pipe.tokenizer, pipe.text_encoder, [""] * n)
-    rows, result = [x0[:8]], {"model": model, "prediction_type": pred_type, "n": n, "x0_mse": {}}
+    rows, result = [pixels[:8]], {"model": model, "prediction_type": pred_type, "n": n, "x0_mse": {}}
     for t in timesteps:
         tt = torch.full((n,), t)
         a = alphas[tt].view(-1, 1, 1, 1)
@@ -52,8 +61,8 @@ def probe_denoiser(model: str, n: int = 32, timesteps: tuple[int, ...] = TIMESTE
         for name, (emb, mask) in (("cond", cond), ("uncond", uncond)):
             out = pipe.transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=tt,
                                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-            guess = x0_guess(out[:, : x0.shape[1]], xt, a, pred_type).clamp(-1, 1)
-            mse[name] = float(((guess - x0) ** 2).mean())
+            guess = to_pixels(x0_guess(out[:, : x0.shape[1]], xt, a, pred_type))
+            mse[name] = float(((guess - pixels) ** 2).mean())
             if name == "cond":
                 rows.append(guess[:8])
         result["x0_mse"][str(t)] = mse

@@ -1,6 +1,6 @@
-"""The shapes teacher recipe: a real PixArtTransformer2DModel and a tiny T5 encoder trained together on scenes
-with the PixArt objective (epsilon-prediction DDPM, caption dropout 0.1), then exported as a diffusers
-``PixArtSigmaPipeline`` directory.
+"""The shapes teacher recipe: a small AutoencoderKL trained on scenes and frozen, then a real
+PixArtTransformer2DModel and a tiny T5 encoder trained together on its latents with PixArt's DDPM objective
+(v-prediction by default, caption dropout 0.1), exported as a diffusers ``PixArtSigmaPipeline`` directory.
 """
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,25 +18,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimdit.distill.objectives import DDPM, OBJECTIVES
-from slimdit.io import (
-    load_tensors,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from slimdit.io import load_tensors, optimizer_from_tensors, read_json, write_json
+from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, save_checkpoint
 from slimdit.worlds.shapes.prompts import TrainingSet
 from slimdit.worlds.shapes.text import MAX_SEQUENCE_LENGTH, build_text_encoder, build_tokenizer
 
 
 @dataclass
 class TeacherConfig:
-    # transformer: 12 PixArt blocks, hidden 96, patch 4 on 32x32 pixels (64 tokens)
+    # latent space: an AutoencoderKL (32x32 RGB -> 8x8 x latent_channels) trained first, then frozen;
+    # latent_channels 0 trains in pixel space instead (runs saved before the autoencoder existed)
+    latent_channels: int = 8
+    vae_width: int = 16  # encoder/decoder channels (w, 2w, 2w)
+    vae_steps: int = 2500
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # transformer: 12 PixArt blocks, hidden 96, patch 1 on 8x8 latents (patch 4 on 32x32 pixels): 64 tokens
     num_layers: int = 12
     num_attention_heads: int = 4
     attention_head_dim: int = 24
-    patch_size: int = 4
+    patch_size: int = 1
     text_dim: int = 64
     text_layers: int = 2
     # training
@@ -72,7 +71,8 @@ class TeacherConfig:
 
 
 # runs saved before a recipe field existed trained with these values
-LEGACY_FIELDS = {"text_lr_scale": 1.0, "high_noise_weight": 1.0, "prediction_type": "epsilon", "focus_share": 0.0}
+LEGACY_FIELDS = {"latent_channels": 0, "text_lr_scale": 1.0, "high_noise_weight": 1.0, "prediction_type": "epsilon",
+                 "focus_share": 0.0}
 
 
 def saved_config(run_dir: str | Path) -> TeacherConfig:
@@ -116,15 +116,18 @@ PREDICTION_TYPES = tuple(OBJECTIVES)  # the DDPM targets distillation knows: eps
 def build_transformer(cfg: TeacherConfig):
     from diffusers import PixArtTransformer2DModel
 
+    from slimdit.worlds.shapes.autoencoder import DOWNSAMPLE
+
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    channels = cfg.latent_channels or 3
     return PixArtTransformer2DModel(
         num_attention_heads=cfg.num_attention_heads,
         attention_head_dim=cfg.attention_head_dim,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         num_layers=cfg.num_layers,
         cross_attention_dim=hidden,
-        sample_size=32,
+        sample_size=32 // DOWNSAMPLE if cfg.latent_channels else 32,
         patch_size=cfg.patch_size,
         caption_channels=cfg.text_dim,
         use_additional_conditions=False,
@@ -141,8 +144,8 @@ def build_noise_scheduler(prediction_type: str = "epsilon"):
                          prediction_type=prediction_type)
 
 
-def build_pipeline(tokenizer, text_encoder, transformer, prediction_type: str = "epsilon"):
-    """Assemble a diffusers PixArtSigmaPipeline in pixel space, sampling with DPM-Solver++."""
+def build_pipeline(tokenizer, text_encoder, transformer, prediction_type: str = "epsilon", vae=None):
+    """Assemble a diffusers PixArtSigmaPipeline sampling with DPM-Solver++; without ``vae``, in pixel space."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     from slimdit.worlds.shapes.pixel_vae import PixelSpaceVAE
@@ -150,8 +153,9 @@ def build_pipeline(tokenizer, text_encoder, transformer, prediction_type: str = 
     sched = DPMSolverMultistepScheduler.from_config(build_noise_scheduler(prediction_type).config,
                                                     algorithm_type="dpmsolver++",
                                                     solver_order=2)
-    return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=PixelSpaceVAE(),
-                               transformer=transformer, scheduler=sched)
+    return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                               vae=vae if vae is not None else PixelSpaceVAE(), transformer=transformer,
+                               scheduler=sched)
 
 
 def images_to_tensor(imgs: np.ndarray) -> torch.Tensor:
@@ -186,41 +190,6 @@ def _batch_stream(data: TrainingSet, cfg: TeacherConfig, step: int):
             pending.append(pool.submit(_render_batch, next(jobs)))
 
 
-def _checkpoints(run: Path) -> list[Path]:
-    return sorted((run / "checkpoints").glob("step_*"))
-
-
-def _save_checkpoint(run: Path, step: int, modules: dict, ema: dict, opt, elapsed: float, keep: int) -> None:
-    ck = run / "checkpoints" / f"step_{step:07d}"
-    tmp = ck.with_name(ck.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
-    save_tensors(tmp / "model.safetensors", tensors)
-    save_tensors(tmp / "ema.safetensors", {f"{name}.{k}": v for name, m in ema.items()
-                                           for k, v in m.state_dict().items()})
-    opt_t, opt_meta = optimizer_to_tensors(opt)
-    save_tensors(tmp / "optimizer.safetensors", opt_t)
-    write_json(tmp / "state.json", {"step": step, "elapsed_s": elapsed, "optimizer": opt_meta})
-    shutil.rmtree(ck, ignore_errors=True)
-    tmp.rename(ck)  # a checkpoint directory exists only once it is complete
-    for old in _checkpoints(run)[:-keep]:
-        shutil.rmtree(old)
-
-
-def _load_into(modules: dict, tensors: dict[str, torch.Tensor]) -> None:
-    for name, m in modules.items():
-        prefix = f"{name}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-
-
-def _hardware(device: torch.device) -> dict:
-    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device.type}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_minutes: float | None = None) -> Path:
     """Train the shapes teacher from scratch, or resume from the last checkpoint in ``run_dir``.
 
@@ -241,6 +210,15 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+    vae = None
+    if cfg.latent_channels:
+        from slimdit.worlds.shapes.autoencoder import train_vae
+
+        vae = train_vae(run, cfg, device, deadline)
+        if vae is None:  # stopped by max_minutes while the autoencoder trained
+            return run
+        torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers).to(device)
     transformer = build_transformer(cfg).to(device)
@@ -261,10 +239,10 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     objective = DDPM(alphas, cfg.prediction_type)  # x_t and the target, on the scheduler's own alphas
 
     step, elapsed = 0, 0.0
-    if cks := _checkpoints(run):
+    if cks := checkpoints(run / "checkpoints"):
         ck = cks[-1]
-        _load_into(modules, load_tensors(ck / "model.safetensors"))
-        _load_into(ema, load_tensors(ck / "ema.safetensors"))
+        load_into(modules, load_tensors(ck / "model.safetensors"))
+        load_into(ema, load_tensors(ck / "ema.safetensors"))
         state = read_json(ck / "state.json")
         opt_t = {k: v.to(device) if k.split(".", 1)[1] != "step" else v
                  for k, v in load_tensors(ck / "optimizer.safetensors").items()}
@@ -281,6 +259,9 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < cfg.caption_dropout)]
         x0 = images_to_tensor(imgs).to(device)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        if vae is not None:
+            with torch.no_grad():
+                x0 = vae.encode(x0).latent_dist.sample(generator=g) * vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
         if cfg.focus_share > 0:  # a share of the batch drawn below focus_timesteps instead
@@ -316,10 +297,11 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
             bar.set_postfix(loss=f"{mean:.4f}")
             log.write(json.dumps({"step": step, "loss": mean, "elapsed_s": elapsed + time.time() - t_start}) + "\n")
             log.flush()
-        done = step == cfg.steps or (max_minutes is not None and time.time() - t_start > 60 * max_minutes)
+        done = step == cfg.steps or (deadline is not None and time.time() > deadline)
         if step % cfg.checkpoint_every == 0 or done:
-            _save_checkpoint(run, step, modules, ema, opt, elapsed + time.time() - t_start, cfg.keep_checkpoints)
-            write_json(run / "hardware.json", {**_hardware(device), "steps": step,
+            save_checkpoint(run / "checkpoints", step, modules, ema, opt, elapsed + time.time() - t_start,
+                            cfg.keep_checkpoints)
+            write_json(run / "hardware.json", {**hardware(device), "steps": step,
                                                "elapsed_s": elapsed + time.time() - t_start})
         if done:
             break
@@ -332,16 +314,21 @@ def export_teacher(run_dir: str | Path, out_dir: str | Path, use_ema: bool = Tru
     """Write the (EMA) weights of a teacher run as a diffusers PixArtSigmaPipeline directory."""
     run = Path(run_dir)
     cfg = saved_config(run)
-    cks = _checkpoints(run)
+    cks = checkpoints(run / "checkpoints")
     if not cks:
         raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
     ck = cks[-1] if step is None else run / "checkpoints" / f"step_{step:07d}"
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), cfg.text_dim, cfg.text_layers)
     transformer = build_transformer(cfg)
-    _load_into({"transformer": transformer, "text_encoder": text_encoder},
+    load_into({"transformer": transformer, "text_encoder": text_encoder},
                load_tensors(ck / ("ema.safetensors" if use_ema else "model.safetensors")))
-    pipe = build_pipeline(tokenizer, text_encoder, transformer, cfg.prediction_type)
+    vae = None
+    if cfg.latent_channels:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(run / "vae")
+    pipe = build_pipeline(tokenizer, text_encoder, transformer, cfg.prediction_type, vae)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     state = read_json(ck / "state.json")
