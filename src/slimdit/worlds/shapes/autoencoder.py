@@ -22,7 +22,7 @@ from slimdit.worlds.shapes.prompts import TrainingSet
 
 DOWNSAMPLE = 4  # three encoder levels: 32x32 pixels -> 8x8 latents
 L1_WEIGHT = 0.5  # beside the MSE, for sharp edges
-SCALE_SCENES = 2048  # training scenes whose latent std sets the scaling factor
+SCALE_SCENES = 2048  # training scenes whose latent std sets the scaling factor (at most 32 batches)
 
 
 def build_vae(width: int, latent_channels: int):
@@ -104,9 +104,10 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None):
     bar.close()
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # unit-variance latents, as PixArt's VAE scaling factor gives
-        _, imgs = TrainingSet(cfg.seed + 2).batch(0, SCALE_SCENES)
+        n = min(SCALE_SCENES, 32 * cfg.batch_size)
+        _, imgs = TrainingSet(cfg.seed + 2).batch(0, n)
         z = torch.cat([vae.encode(_to_tensor(imgs[i:i + 256]).to(device)).latent_dist.mode()
-                       for i in range(0, SCALE_SCENES, 256)])
+                       for i in range(0, n, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(final, safe_serialization=True)
     write_json(run / "vae_quality.json", {"steps": step, "elapsed_s": round(elapsed + time.time() - t_start, 1),
