@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slimdit.io import load_tensors, optimizer_from_tensors, read_json, write_json
-from slimdit.worlds.shapes.checkpoints import checkpoints, load_into, save_checkpoint
+from slimdit.io import write_json
+from slimdit.worlds.shapes.checkpoints import resume, save_checkpoint
 from slimdit.worlds.shapes.prompts import TrainingSet
+from slimdit.worlds.shapes.teacher import images_to_tensor
 
 DOWNSAMPLE = 4  # three encoder levels: 32x32 pixels -> 8x8 latents
 L1_WEIGHT = 0.5  # beside the MSE, for sharp edges
@@ -34,10 +35,6 @@ def build_vae(width: int, latent_channels: int):
                          sample_size=32)
 
 
-def _to_tensor(imgs: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 @torch.no_grad()
 def reconstruction_accuracy(vae, device, n_per_batch: int = 100) -> float:
     """Share of the evaluation prompts whose ground-truth render still satisfies the detector after encode-decode:
@@ -49,7 +46,7 @@ def reconstruction_accuracy(vae, device, n_per_batch: int = 100) -> float:
     for i in range(0, len(prompts), n_per_batch):
         chunk = prompts[i:i + n_per_batch]
         imgs = np.stack([render_prompt(p, np.random.default_rng((7, i + j))) for j, p in enumerate(chunk)])
-        rec = vae.decode(vae.encode(_to_tensor(imgs).to(device)).latent_dist.mode()).sample
+        rec = vae.decode(vae.encode(images_to_tensor(imgs).to(device)).latent_dist.mode()).sample
         rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         ok += sum(prompt_holds(p, detect(im)) for p, im in zip(chunk, rec))
     return ok / len(prompts)
@@ -67,19 +64,12 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None):
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.vae_width, cfg.latent_channels).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    step, elapsed = 0, 0.0
-    if cks := checkpoints(folder):
-        load_into({"vae": vae}, load_tensors(cks[-1] / "model.safetensors"))
-        state = read_json(cks[-1] / "state.json")
-        opt_t = {k: v.to(device) if k.split(".", 1)[1] != "step" else v
-                 for k, v in load_tensors(cks[-1] / "optimizer.safetensors").items()}
-        optimizer_from_tensors(opt, opt_t, state["optimizer"])
-        step, elapsed = state["step"], state["elapsed_s"]
+    step, elapsed = resume(folder, {"vae": vae}, {}, opt, device)
     data, t_start = TrainingSet(cfg.seed + 1), time.time()
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="autoencoder", unit="step", dynamic_ncols=True)
     while step < cfg.vae_steps:
         _, imgs = data.batch(step * cfg.batch_size, cfg.batch_size)
-        x = _to_tensor(imgs).to(device)
+        x = images_to_tensor(imgs).to(device)
         g = torch.Generator().manual_seed(int(np.random.default_rng((cfg.seed, 2, step)).integers(2**62)))
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
@@ -106,7 +96,7 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None):
     with torch.no_grad():  # unit-variance latents, as PixArt's VAE scaling factor gives
         n = min(SCALE_SCENES, 32 * cfg.batch_size)
         _, imgs = TrainingSet(cfg.seed + 2).batch(0, n)
-        z = torch.cat([vae.encode(_to_tensor(imgs[i:i + 256]).to(device)).latent_dist.mode()
+        z = torch.cat([vae.encode(images_to_tensor(imgs[i:i + 256]).to(device)).latent_dist.mode()
                        for i in range(0, n, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(final, safe_serialization=True)

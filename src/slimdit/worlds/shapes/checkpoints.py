@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from slimdit.io import optimizer_to_tensors, save_tensors, write_json
+from slimdit.io import load_tensors, optimizer_from_tensors, optimizer_to_tensors, read_json, save_tensors, write_json
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -37,6 +37,22 @@ def load_into(modules: dict, tensors: dict[str, torch.Tensor]) -> None:
     for name, m in modules.items():
         prefix = f"{name}."
         m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def resume(folder: Path, modules: dict, ema: dict, opt, device) -> tuple[int, float]:
+    """Load the last checkpoint under ``folder`` into modules, EMA copies and optimizer; (step, elapsed seconds),
+    (0, 0.0) when there is none."""
+    if not (cks := checkpoints(folder)):
+        return 0, 0.0
+    ck = cks[-1]
+    load_into(modules, load_tensors(ck / "model.safetensors"))
+    if ema:
+        load_into(ema, load_tensors(ck / "ema.safetensors"))
+    state = read_json(ck / "state.json")
+    opt_t = {k: v.to(device) if k.split(".", 1)[1] != "step" else v
+             for k, v in load_tensors(ck / "optimizer.safetensors").items()}
+    optimizer_from_tensors(opt, opt_t, state["optimizer"])
+    return state["step"], state["elapsed_s"]
 
 
 def hardware(device: torch.device) -> dict:

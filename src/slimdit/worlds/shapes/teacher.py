@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimdit.distill.objectives import DDPM, OBJECTIVES
-from slimdit.io import load_tensors, optimizer_from_tensors, read_json, write_json
-from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, save_checkpoint
+from slimdit.io import load_tensors, read_json, write_json
+from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, resume, save_checkpoint
 from slimdit.worlds.shapes.prompts import TrainingSet
 from slimdit.worlds.shapes.text import MAX_SEQUENCE_LENGTH, build_text_encoder, build_tokenizer
 
@@ -238,16 +238,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     alphas = sched.alphas_cumprod.to(device)
     objective = DDPM(alphas, cfg.prediction_type)  # x_t and the target, on the scheduler's own alphas
 
-    step, elapsed = 0, 0.0
-    if cks := checkpoints(run / "checkpoints"):
-        ck = cks[-1]
-        load_into(modules, load_tensors(ck / "model.safetensors"))
-        load_into(ema, load_tensors(ck / "ema.safetensors"))
-        state = read_json(ck / "state.json")
-        opt_t = {k: v.to(device) if k.split(".", 1)[1] != "step" else v
-                 for k, v in load_tensors(ck / "optimizer.safetensors").items()}
-        optimizer_from_tensors(opt, opt_t, state["optimizer"])
-        step, elapsed = state["step"], state["elapsed_s"]
+    step, elapsed = resume(run / "checkpoints", modules, ema, opt, device)
     batches = _batch_stream(TrainingSet(cfg.seed), cfg, step)
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True)
