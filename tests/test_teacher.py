@@ -182,3 +182,45 @@ def test_the_autoencoder_records_its_scaling_and_reconstruction_ceiling(tmp_path
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert vae.config.scaling_factor == pytest.approx(1.0 / q["latent_std"])
     assert q["steps"] == 2 and "reconstruction_geneval_accuracy" in q
+
+
+def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends(tmp_path):
+    from slimdit.io import read_json
+    from slimdit.worlds.shapes.teacher import branch_run
+
+    straight = train_teacher(tmp_path / "a", TeacherConfig(steps=5, **TINY))
+    train_teacher(tmp_path / "src", TeacherConfig(steps=3, **TINY))
+    cfg = branch_run(tmp_path / "src", tmp_path / "b", {"steps": 5})
+    branched = train_teacher(tmp_path / "b", cfg)
+    (na, ma, ea), (nb, mb, eb) = _final(straight), _final(branched)
+    assert na == nb == "step_0000005"
+    assert all(torch.equal(ma[k], mb[k]) and torch.equal(ea[k], eb[k]) for k in ma)
+    assert read_json(tmp_path / "b" / "branch.json") == {"source": str(tmp_path / "src"), "step": 3,
+                                                          "changed": {"steps": 5}}
+
+
+def test_annealing_falls_from_lr_to_zero_and_a_branch_refuses_what_it_may_not_change(tmp_path):
+    from slimdit.worlds.shapes.teacher import branch_run, lr_factor
+
+    cfg = TeacherConfig(steps=100, warmup=10, anneal_start=60)
+    f = [lr_factor(cfg, s) for s in range(100)]
+    assert f[9:61] == [1.0] * 52 and all(a > b for a, b in zip(f[60:], f[61:])) and 0 < f[99] < 1e-2
+    assert f[80] == pytest.approx(0.5)
+    constant = TeacherConfig(steps=100, warmup=10)
+    assert [lr_factor(constant, s) for s in range(9, 100)] == [1.0] * 91
+
+    train_teacher(tmp_path / "src", TeacherConfig(steps=2, **TINY))
+    with pytest.raises(ValueError, match="may not change num_layers"):
+        branch_run(tmp_path / "src", tmp_path / "b", {"num_layers": 3, "steps": 4})
+    with pytest.raises(ValueError, match="before the branch point"):
+        branch_run(tmp_path / "src", tmp_path / "b", {"anneal_start": 1, "steps": 4})
+    with pytest.raises(ValueError, match="more steps"):
+        branch_run(tmp_path / "src", tmp_path / "b", {"anneal_start": 0})
+    assert not (tmp_path / "b").exists()  # nothing written before the checks pass
+    cfg = branch_run(tmp_path / "src", tmp_path / "b", {"anneal_start": 2, "steps": 4})
+    annealed = train_teacher(tmp_path / "b", cfg)
+    plain = train_teacher(tmp_path / "c", TeacherConfig(steps=4, **TINY))
+    (_, ma, _), (_, mb, _) = _final(annealed), _final(plain)
+    assert any(not torch.equal(ma[k], mb[k]) for k in ma)  # the anneal changed the steps after the branch
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        branch_run(tmp_path / "src", tmp_path / "b", {"steps": 6})

@@ -45,9 +45,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 def cmd_teacher_train(a: argparse.Namespace) -> None:
     from slimdit.config import parse_sets
-    from slimdit.worlds.shapes.teacher import teacher_config, train_teacher
+    from slimdit.worlds.shapes.teacher import branch_run, teacher_config, train_teacher
 
     resumable = {"threads": a.threads, "device": a.device, "data_workers": a.data_workers}
+    if a.source is not None:
+        branch_run(a.source, a.out, {**parse_sets(a.set), **({"steps": a.steps} if a.steps else {})}, a.from_step)
+        print(f"branched {a.out} from {a.source}")
+        a.set = []
     cfg = teacher_config(a.out, parse_sets(a.set), **resumable, **({"steps": a.steps} if a.steps else {}))
     run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
     print(f"teacher run: {run} (resume by running the same command again)")
@@ -314,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-workers", type=int, default=0, help="processes rendering scenes ahead (use on a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe field of a new run (e.g. high_noise_weight=20); a resumed run keeps its recipe")
+    p.add_argument("--from", dest="source", type=Path, default=None,
+                   help="start a new run from another run's checkpoint, changing only optimisation fields with "
+                        "--set (e.g. anneal_start=6000 --steps 12000 to anneal a constant-rate run)")
+    p.add_argument("--from-step", type=int, default=None, help="the checkpoint --from starts at (default: last)")
     p.set_defaults(func=cmd_teacher_train)
     p = t.add_parser("export", help="write a teacher run as a diffusers pipeline directory")
     p.add_argument("--run", type=Path, required=True)

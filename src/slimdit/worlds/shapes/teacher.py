@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +47,9 @@ class TeacherConfig:
     batch_size: int = 64
     lr: float = 8e-4
     warmup: int = 200
+    # 0 keeps the learning rate constant after warm-up; otherwise it follows a cosine from ``lr`` at this step
+    # down to 0 at ``steps`` (set it on a branch of a finished constant-rate run: ``slimdit teacher train --from``)
+    anneal_start: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -107,6 +112,60 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
                          f"{cfg.focus_share} and {cfg.focus_timesteps}")
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
+        raise ValueError(f"anneal_start must lie between 0 and steps ({cfg.steps}), got {cfg.anneal_start}")
+    return cfg
+
+
+def lr_factor(cfg: TeacherConfig, step: int) -> float:
+    """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up, then constant or a cosine anneal."""
+    factor = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.anneal_start and step >= cfg.anneal_start:
+        factor *= 0.5 * (1 + math.cos(math.pi * (step - cfg.anneal_start) / (cfg.steps - cfg.anneal_start)))
+    return factor
+
+
+# what a branch may change: how the optimisation goes on, never the architecture or the target
+BRANCHABLE_FIELDS = frozenset({"anneal_start", "lr", "ema_decay", "grad_clip", "weight_decay", "caption_dropout",
+                               "text_lr_scale", "high_noise_weight", "focus_timesteps", "focus_share"})
+
+
+def branch_run(source: str | Path, run_dir: str | Path, recipe: dict, step: int | None = None) -> TeacherConfig:
+    """Start run ``run_dir`` from checkpoint ``step`` (default: the last) of run ``source``, with the optimisation
+    fields in ``recipe`` changed from then on; the autoencoder, checkpoint and log up to ``step`` are copied and
+    ``branch.json`` records where the run came from. An ``anneal_start`` before ``step`` is refused: it would
+    rewrite what the source already trained."""
+    src, run = Path(source), Path(run_dir)
+    if (run / "config.json").exists():
+        raise FileExistsError(f"{run} already holds a run; resume it without --from")
+    cks = checkpoints(src / "checkpoints")
+    ck = cks[-1] if step is None else src / "checkpoints" / f"step_{step:07d}"
+    if not ck.exists():
+        raise FileNotFoundError(f"no checkpoint {ck.name if cks else ''} under {src / 'checkpoints'}")
+    at = read_json(ck / "state.json")["step"]
+    bad = sorted(set(recipe) - BRANCHABLE_FIELDS - RESUMABLE_FIELDS)
+    if bad:
+        raise ValueError(f"a branch may not change {', '.join(bad)}; "
+                         f"it may change {', '.join(sorted(BRANCHABLE_FIELDS))}")
+    if recipe.get("anneal_start") and recipe["anneal_start"] < at:
+        raise ValueError(f"anneal_start {recipe['anneal_start']} lies before the branch point, step {at}")
+    before = asdict(teacher_config(src))
+    cfg = teacher_config(run, {**before, **recipe})
+    if cfg.steps <= at:
+        raise ValueError(f"the branch starts at step {at}; give it more steps (--steps), not {cfg.steps}")
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("vae", "vae_quality.json", "hardware.json"):
+        if (src / name).is_dir():
+            shutil.copytree(src / name, run / name)
+        elif (src / name).exists():
+            shutil.copy2(src / name, run / name)
+    shutil.copytree(ck, run / "checkpoints" / ck.name)
+    if (src / "metrics.jsonl").exists():
+        lines = [ln for ln in (src / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= at]
+        (run / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
+    write_json(run / "branch.json", {"source": str(src), "step": at,
+                                     "changed": {k: v for k, v in recipe.items() if before[k] != v}})
+    write_json(run / "config.json", asdict(cfg))
     return cfg
 
 
@@ -269,7 +328,7 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
         else:
             loss = F.mse_loss(pred, target)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
