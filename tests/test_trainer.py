@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from slimdit.compress.plan import Plan, apply_plan
-from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer
+from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer, lr_scale
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
 
@@ -31,16 +32,18 @@ CFG = dict(steps=6, batch_size=4, warmup_steps=2, lr=1e-3, grad_clip=1.0, checkp
            ema_decay=0.9)
 
 
-def test_resumed_training_ends_bit_identical(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resumed_training_ends_bit_identical(tmp_path, schedule):
+    cfg = TrainConfig(**CFG, lr_schedule=schedule)
     teacher, student, kept = _student()
-    a = Trainer(adapter_for(student), teacher, student, _data(), TrainConfig(**CFG), tmp_path / "a", kept)
+    a = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "a", kept)
     a.train(progress=False)
 
     teacher, student, kept = _student()
-    b = Trainer(adapter_for(student), teacher, student, _data(), TrainConfig(**CFG), tmp_path / "b", kept)
+    b = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept)
     b.train(max_steps=3, progress=False)  # interrupted after step 3
     teacher, student, kept = _student()
-    c = Trainer(adapter_for(student), teacher, student, _data(), TrainConfig(**CFG), tmp_path / "b", kept)
+    c = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept)
     c.train(progress=False)
     assert c.step == a.step == 6
     for (n, p), (_, q) in zip(a.student_model().named_parameters(), c.student_model().named_parameters()):
@@ -77,3 +80,16 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     digests = [(tmp_path / f"rank{i}_of2.txt").read_text() for i in range(2)]
     assert digests[0] == digests[1]  # DDP kept the replicas identical
     assert (tmp_path / "checkpoints" / "step_0000004").is_dir()
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_and_constant_stays_flat():
+    cos = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine")
+    flat = TrainConfig(steps=100, warmup_steps=10)
+    assert [lr_scale(cos, s) for s in range(10)] == [lr_scale(flat, s) for s in range(10)] == \
+        [(s + 1) / 10 for s in range(10)]
+    tail = [lr_scale(cos, s) for s in range(10, 100)]
+    assert tail[0] == 1.0 and all(a > b for a, b in zip(tail, tail[1:])) and tail[-1] < 1e-3
+    assert lr_scale(cos, 55) == pytest.approx(0.5)
+    assert [lr_scale(flat, s) for s in range(10, 100)] == [1.0] * 90
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step").validate()

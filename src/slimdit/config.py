@@ -31,6 +31,8 @@ class TrainSection(_Strict):
     betas: tuple[float, ...] = (0.9, 0.999, 0.9999)
     eps: tuple[float, ...] = (1e-30, 1e-16)
     warmup_steps: int = Field(1000, ge=1)
+    # after warm-up: constant (the thesis') or a cosine to 0 at the end of each phase (short runs end calmer)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(0.001, gt=0)

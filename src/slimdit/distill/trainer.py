@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.9, 0.999, 0.9999)
     eps: tuple[float, ...] = (1e-30, 1e-16)
     warmup_steps: int = 1000
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at ``steps``)
     batch_size: int = 16  # per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1
     grad_clip: float = 0.001
@@ -53,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"train.optimizer: {self.optimizer!r} is not one of came, adamw")
         if self.kd not in PRESETS:
             raise ValueError(f"train.kd: {self.kd!r} is not one of {', '.join(PRESETS)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule: {self.lr_schedule!r} is not one of constant, cosine")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision: {self.mixed_precision!r} is not one of auto, no, bf16, fp16")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -89,6 +93,15 @@ def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Opti
 
         return CAME(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=tuple(cfg.eps))
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas[:2]))
+
+
+def lr_scale(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up, then constant or a cosine to 0."""
+    scale = min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        scale *= 0.5 * (1 + math.cos(math.pi * done))
+    return scale
 
 
 def _checkpoints(run: Path) -> list[Path]:
@@ -134,7 +147,7 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------------------
     def _lr_scale(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.cfg.warmup_steps)
+        return lr_scale(self.cfg, step)
 
     def save(self) -> Path:
         if not self.acc.is_main_process:
