@@ -48,11 +48,13 @@ def cmd_teacher_train(a: argparse.Namespace) -> None:
     from slimdit.worlds.shapes.teacher import branch_run, teacher_config, train_teacher
 
     resumable = {"threads": a.threads, "device": a.device, "data_workers": a.data_workers}
-    if a.source is not None:
-        branch_run(a.source, a.out, {**parse_sets(a.set), **({"steps": a.steps} if a.steps else {})}, a.from_step)
+    steps = {"steps": a.steps} if a.steps else {}
+    recipe = parse_sets(a.set)
+    if a.source is not None:  # the branch takes the recipe changes; the new run then resumes as usual
+        branch_run(a.source, a.out, {**recipe, **steps}, a.from_step)
         print(f"branched {a.out} from {a.source}")
-        a.set = []
-    cfg = teacher_config(a.out, parse_sets(a.set), **resumable, **({"steps": a.steps} if a.steps else {}))
+        recipe = {}
+    cfg = teacher_config(a.out, recipe, **resumable, **steps)
     run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
     print(f"teacher run: {run} (resume by running the same command again)")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from slimdit.distill.feature_map import feature_map
 from slimdit.distill.losses import PRESETS, kd_loss, per_sample_mse
+from slimdit.distill.lr import warmup_cosine
 from slimdit.distill.objectives import OBJECTIVES
 from slimdit.io import load_tensors, optimizer_from_tensors, optimizer_to_tensors, read_json, save_tensors, write_json
 from slimdit.models.base import Adapter
@@ -97,11 +97,8 @@ def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Opti
 
 def lr_scale(cfg: TrainConfig, step: int) -> float:
     """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up, then constant or a cosine to 0."""
-    scale = min(1.0, (step + 1) / cfg.warmup_steps)
-    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
-        done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        scale *= 0.5 * (1 + math.cos(math.pi * done))
-    return scale
+    return warmup_cosine(step, cfg.warmup_steps, cfg.steps,
+                         cfg.warmup_steps if cfg.lr_schedule == "cosine" else None)
 
 
 def _checkpoints(run: Path) -> list[Path]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimdit.distill.lr import warmup_cosine
 from slimdit.distill.objectives import DDPM, OBJECTIVES
 from slimdit.io import load_tensors, read_json, write_json
 from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, resume, save_checkpoint
@@ -119,10 +119,7 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
 
 def lr_factor(cfg: TeacherConfig, step: int) -> float:
     """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up, then constant or a cosine anneal."""
-    factor = min(1.0, (step + 1) / cfg.warmup)
-    if cfg.anneal_start and step >= cfg.anneal_start:
-        factor *= 0.5 * (1 + math.cos(math.pi * (step - cfg.anneal_start) / (cfg.steps - cfg.anneal_start)))
-    return factor
+    return warmup_cosine(step, cfg.warmup, cfg.steps, cfg.anneal_start or None)
 
 
 # what a branch may change: how the optimisation goes on, never the architecture or the target
