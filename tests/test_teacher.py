@@ -209,7 +209,11 @@ def test_annealing_falls_from_lr_to_zero_and_a_branch_refuses_what_it_may_not_ch
     constant = TeacherConfig(steps=100, warmup=10)
     assert [lr_factor(constant, s) for s in range(9, 100)] == [1.0] * 91
 
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a wrong --from path, named
+        branch_run(tmp_path / "no-such-run", tmp_path / "b", {"steps": 4})
     train_teacher(tmp_path / "src", TeacherConfig(steps=2, **TINY))
+    with pytest.raises(FileNotFoundError, match="step_0000001"):
+        branch_run(tmp_path / "src", tmp_path / "b", {"steps": 4}, step=1)
     with pytest.raises(ValueError, match="may not change num_layers"):
         branch_run(tmp_path / "src", tmp_path / "b", {"num_layers": 3, "steps": 4})
     with pytest.raises(ValueError, match="before the branch point"):

@@ -136,9 +136,10 @@ def branch_run(source: str | Path, run_dir: str | Path, recipe: dict, step: int 
     if (run / "config.json").exists():
         raise FileExistsError(f"{run} already holds a run; resume it without --from")
     cks = checkpoints(src / "checkpoints")
-    ck = cks[-1] if step is None else src / "checkpoints" / f"step_{step:07d}"
-    if not ck.exists():
-        raise FileNotFoundError(f"no checkpoint {ck.name if cks else ''} under {src / 'checkpoints'}")
+    ck = (cks[-1] if cks else None) if step is None else src / "checkpoints" / f"step_{step:07d}"
+    if ck is None or not ck.exists():
+        raise FileNotFoundError(f"no checkpoint {'' if ck is None else ck.name + ' '}under {src / 'checkpoints'}"
+                                f" to branch from{'' if src.exists() else f' ({src} does not exist)'}")
     at = read_json(ck / "state.json")["step"]
     bad = sorted(set(recipe) - BRANCHABLE_FIELDS - RESUMABLE_FIELDS)
     if bad:
