@@ -124,6 +124,7 @@ def test_sweep_runs_every_point_and_tabulates(tiny_latent_pipeline, tmp_path, ca
     # ... so they, and the teacher, were evaluated once and shared
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "sw" / "shared").iterdir()) == ["teacher", "untrained"]
     assert "| train.kd | block_param_ratio | untrained.overall" in (tmp_path / "sw" / "results.md").read_text()
+    assert (tmp_path / "sw" / "results.png").stat().st_size > 0
     sweep["grid"]["train.kd"].append("best")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(sweep))
     assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2

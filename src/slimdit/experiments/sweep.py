@@ -12,7 +12,8 @@ A sweep file::
 
 Every point's config is validated before the first run starts. Runs go to ``out/<point>/`` and are resumable,
 so rerunning the sweep continues the unfinished ones. ``results.json`` and ``results.md`` collect each
-point's summary.
+point's summary, and ``results.png`` plots the student's shapes-geneval overall against the block-parameter
+ratio (one line per combination of the other grid keys) or, when all points have one size, as bars.
 """
 
 from __future__ import annotations
@@ -100,7 +101,68 @@ def collect(out: str | Path) -> list[dict]:
             rows.append({"point": name, "grid": {k: overrides[k] for k in sweep.grid}, **read_json(summary)})
     write_json(out / "results.json", rows)
     atomic_write_text(out / "results.md", results_table(rows, list(sweep.grid)))
+    if rows:
+        plot_results(rows, list(sweep.grid), out / "results.png")
     return rows
+
+
+def _size_key(rows: list[dict], grid_keys: list[str]) -> str | None:
+    """The grid key that sets the model's size, if one does: a numeric key whose points differ in size."""
+    for k in grid_keys:
+        if all(isinstance(r["grid"][k], (int, float)) for r in rows) and len({r["grid"][k] for r in rows}) > 1:
+            return k
+    return None
+
+
+def series(rows: list[dict], grid_keys: list[str], metric: str = "student.overall") -> dict[str, list[tuple]]:
+    """``label -> [(x, y), ...]`` sorted by x: x is the block-parameter ratio reached (else the size key's value),
+    y the ``metric`` of ``_flat``; one label per combination of the grid keys other than the size key. Without a
+    size key, one series ``all`` with the point names as x."""
+    size = _size_key(rows, grid_keys)
+    out: dict[str, list[tuple]] = {}
+    for r in rows:
+        f = _flat(r)
+        if metric not in f:
+            continue
+        if size is None:
+            out.setdefault("all", []).append((r["point"], f[metric]))
+            continue
+        label = ", ".join(_slug(r["grid"][k]) for k in grid_keys if k != size) or metric
+        x = f.get("block_param_ratio", r["grid"][size])
+        out.setdefault(label, []).append((x, f[metric]))
+    return {k: v if size is None else sorted(v) for k, v in out.items()}
+
+
+def plot_results(rows: list[dict], grid_keys: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    student = series(rows, grid_keys)
+    untrained = series(rows, grid_keys, "untrained.overall")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if "all" in student:  # one size: bars per point, the untrained student as a tick
+        names = [n for n, _ in student["all"]]
+        ax.barh(range(len(names)), [y for _, y in student["all"]], color="C0", label="trained")
+        pre = dict(untrained.get("all", []))
+        if pre:
+            ax.plot([pre.get(n, float("nan")) for n in names], range(len(names)), "k|", ms=14, label="untrained")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("shapes-geneval overall")
+    else:
+        for i, (label, pts) in enumerate(student.items()):
+            ax.plot(*zip(*pts), "o-", color=f"C{i}", label=label)
+            if label in untrained:
+                ax.plot(*zip(*untrained[label]), "x:", color=f"C{i}", alpha=0.6, label=f"{label} (untrained)")
+        ax.set_xlabel("block parameters kept (ratio)")
+        ax.set_ylabel("shapes-geneval overall")
+        ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _flat(row: dict) -> dict[str, Any]:
