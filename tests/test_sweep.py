@@ -1,6 +1,10 @@
-"""How a sweep's results are grouped for its plot."""
+"""Sweep points and how their results are grouped for the plot."""
 
-from slimdit.experiments.sweep import series
+import pytest
+import yaml
+
+from slimdit.config import RunConfig, load_config
+from slimdit.experiments.sweep import SweepConfig, grid_values, load_sweep, points, series
 
 
 def _schedule_row(kind, target, ratio, overall):
@@ -22,3 +26,30 @@ def test_series_without_a_size_key_name_the_points():
             for p, y in (("output", 0.3), ("normalized", 0.4))]
     assert series(rows, ["train.kd"]) == {"all": [("output", 0.3), ("normalized", 0.4)]}
     assert series(rows, ["train.kd"], "untrained.overall") == {"all": [("output", 0.5), ("normalized", 0.5)]}
+
+
+def test_a_named_group_of_overrides_varies_together():
+    cfg = SweepConfig(out="o", base={}, set={"eval.limit": 6}, grid={
+        "schedule": [{"name": "one_shot", "schedule.kind": "one_shot", "train.steps": 400},
+                     {"name": "progressive", "schedule.kind": "progressive", "train.steps": 200}],
+        "schedule.target": [0.8, 0.6]})
+    got = dict(points(cfg))
+    assert list(got) == ["one_shot__0.8", "one_shot__0.6", "progressive__0.8", "progressive__0.6"]
+    assert got["progressive__0.6"] == {"eval.limit": 6, "schedule.kind": "progressive", "train.steps": 200,
+                                       "schedule.target": 0.6}
+    assert grid_values(cfg, "one_shot__0.6") == {"schedule": "one_shot", "schedule.target": 0.6}
+    cfg.grid["schedule"].append({"schedule.kind": "linear_progressive"})
+    with pytest.raises(ValueError, match="needs a name"):
+        points(cfg)
+
+
+def test_one_points_overrides_do_not_leak_into_the_next(tmp_path):
+    base = {"teacher": "shapes-pixart", "out": "x", "schedule": {"kind": "one_shot", "stages": 3}}
+    sweep = {"kind": "run", "out": str(tmp_path / "o"), "base": base,
+             "grid": {"schedule": [{"name": "p", "schedule.kind": "progressive", "schedule.stages": 2},
+                                   {"name": "o", "schedule.kind": "one_shot"}]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    _, configs = load_sweep(tmp_path / "sweep.yaml")
+    assert [c.schedule.stages for _, c in configs] == [2, 3]  # the second point keeps the base's 3
+    load_config(base, RunConfig, {"schedule.stages": 5})
+    assert base["schedule"]["stages"] == 3  # the caller's dict is not written into

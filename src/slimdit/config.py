@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,7 +99,7 @@ def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfi
     """Load YAML (or a dict), apply ``overrides`` (dotted keys, e.g. ``train.kd``), validate; raise ValueError
     naming every bad field."""
     if isinstance(source, dict):
-        raw = dict(source)
+        raw = copy.deepcopy(source)  # overrides write into nested sections: never into the caller's dict
     else:
         p = Path(source)
         if not p.exists():

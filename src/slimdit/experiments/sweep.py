@@ -10,6 +10,12 @@ A sweep file::
       plan: [configs/plans/shapes-remove-middle4.yaml, configs/plans/shapes-svd-middle8.yaml]
       train.kd: [output, standard, hybrid, normalized, normalized_hybrid]
 
+A grid value may also be a named group of overrides that vary together, e.g. equal training budgets::
+
+    grid:
+      schedule: [{name: one_shot, schedule.kind: one_shot, train.steps: 400},
+                 {name: progressive, schedule.kind: progressive, schedule.stages: 2, train.steps: 200}]
+
 Every point's config is validated before the first run starts. Runs go to ``out/<point>/`` and are resumable,
 so rerunning the sweep continues the unfinished ones. ``results.json`` and ``results.md`` collect each
 point's summary, and ``results.png`` plots the student's shapes-geneval overall against the block-parameter
@@ -38,6 +44,8 @@ class SweepConfig(_Strict):
 
 
 def _slug(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value["name"]
     s = Path(value).stem if isinstance(value, str) and value.endswith((".yaml", ".yml", ".json")) else str(value)
     return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in s)
 
@@ -48,11 +56,25 @@ def points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
     for k, values in cfg.grid.items():
         if not values:
             raise ValueError(f"grid.{k} is empty")
+        for v in values:
+            if isinstance(v, dict) and not isinstance(v.get("name"), str):
+                raise ValueError(f"grid.{k}: a group of overrides needs a name, got {v}")
     out = []
     for combo in itertools.product(*(cfg.grid[k] for k in keys)):
         name = "__".join(_slug(v) for v in combo)
-        out.append((name, {**cfg.set, **dict(zip(keys, combo))}))
+        overrides = dict(cfg.set)
+        for k, v in zip(keys, combo):
+            overrides.update({kk: vv for kk, vv in v.items() if kk != "name"} if isinstance(v, dict) else {k: v})
+        out.append((name, overrides))
     return out
+
+
+def grid_values(cfg: SweepConfig, name: str) -> dict[str, Any]:
+    """The grid coordinates of point ``name``: each key's value (a group's name for a group of overrides)."""
+    for combo in itertools.product(*cfg.grid.values()):
+        if "__".join(_slug(v) for v in combo) == name:
+            return {k: v["name"] if isinstance(v, dict) else v for k, v in zip(cfg.grid, combo)}
+    raise KeyError(name)
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, list[tuple[str, Any]]]:
@@ -95,10 +117,10 @@ def collect(out: str | Path) -> list[dict]:
     out = Path(out)
     sweep = SweepConfig.model_validate(yaml.safe_load((out / "sweep.yaml").read_text()))
     rows = []
-    for name, overrides in points(sweep):
+    for name, _ in points(sweep):
         summary = out / name / "summary.json"
         if summary.exists():
-            rows.append({"point": name, "grid": {k: overrides[k] for k in sweep.grid}, **read_json(summary)})
+            rows.append({"point": name, "grid": grid_values(sweep, name), **read_json(summary)})
     write_json(out / "results.json", rows)
     atomic_write_text(out / "results.md", results_table(rows, list(sweep.grid)))
     if rows:
