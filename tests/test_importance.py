@@ -70,3 +70,19 @@ def test_search_greedy_then_optuna_from_greedy(tmp_path):
     assert sorted(r["optuna"]["trials"][0]["units"]) == sorted(r["greedy"]["units"])  # greedy first
     assert r["optuna"]["cmmd"] <= r["greedy"]["cmmd"] + 1e-12 and (out / "search.png").exists()
     assert main(["search", "--model", "shapes-pixart", "--units", "2", "--op", "1.5", "--out", str(out)]) == 2
+
+
+def test_agreement_is_the_rank_correlation_with_the_metric():
+    from slimdit.importance.analyze import agreement
+
+    units = ["block.0", "block.1", "block.2", "block.3"]
+    cmmd = [0.4, 0.1, 0.2, 0.05]
+    clip = [60.0, 70.0, 65.0, 72.0]  # agrees with cmmd: the big-CMMD unit also costs the most CLIP score
+    rank = [8, 4, 6, 2]  # eq. 4.4 rank sums of that order
+    scores = {"units": units,
+              "metric": {u: {"cmmd": c, "clip_score": s, "rank": r} for u, c, s, r in zip(units, cmmd, clip, rank)},
+              "magnitude": dict(zip(units, [9.0, 2.0, 5.0, 1.0])),  # same order as the metric
+              "cka": {"importance": dict(zip(units, [0.01, 0.3, 0.2, 0.5]))}}  # the opposite order
+    a = agreement(scores)
+    assert a["magnitude"] == {"cmmd": 1.0, "clip_drop": 1.0, "rank_sum": 1.0}
+    assert a["cka"] == {"cmmd": -1.0, "clip_drop": -1.0, "rank_sum": -1.0}

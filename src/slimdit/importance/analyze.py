@@ -48,12 +48,32 @@ def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str]
     if "metric" in criteria:
         calib = Calibration.build(sampler, emb, prompts, seeds)
         scores["metric"] = metric_importance(adapter, sampler, emb, calib, op=op)
+    if "metric" in criteria and len(units) > 2:
+        scores["agreement"] = agreement(scores)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "scores.json", scores)
     plot_all(d)
     _sensitivity_grid(adapter, sampler, units, prompts[0], seed, op, d / "sensitivity.png")
     return scores
+
+
+def agreement(scores: dict) -> dict[str, dict[str, float]]:
+    """Spearman rank correlation of each cheap criterion with the metric-based importance (thesis figs. 5.2-5.5):
+    +1 when a criterion orders the units exactly as the CMMD (or CLIP-score loss) of modifying them does."""
+    from scipy.stats import spearmanr
+
+    units = scores["units"]
+    metric = scores["metric"]
+    targets = {"cmmd": [metric[u]["cmmd"] for u in units],
+               "clip_drop": [-metric[u]["clip_score"] for u in units],  # a larger drop = more important
+               "rank_sum": [metric[u]["rank"] for u in units]}  # eq. 4.4: the lowest rank sum is removed first
+    crit = {}
+    if "magnitude" in scores:
+        crit["magnitude"] = [scores["magnitude"][u] for u in units]
+    if "cka" in scores:
+        crit["cka"] = [scores["cka"]["importance"][u] for u in units]
+    return {c: {t: float(spearmanr(x, y).statistic) for t, y in targets.items()} for c, x in crit.items()}
 
 
 def _sensitivity_grid(adapter, sampler, units, prompt, seed, op, path: Path) -> None:

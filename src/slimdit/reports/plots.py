@@ -24,12 +24,17 @@ def _bars(ax, units, values, title, ylabel):
 def plot_criteria(scores: dict, out: Path) -> Path:
     """Each criterion per unit beside the metric-based CMMD per unit (thesis figs. 5.2-5.5)."""
     units = scores["units"]
+    agree = scores.get("agreement", {})
+
+    def rho(c: str) -> str:
+        return f"; Spearman vs CMMD {agree[c]['cmmd']:+.2f}" if c in agree else ""
+
     panels = []
     if "magnitude" in scores:
-        panels.append(("magnitude (eq. 4.2)", [scores["magnitude"][u] for u in units], "||B_i||"))
+        panels.append((f"magnitude (eq. 4.2){rho('magnitude')}", [scores["magnitude"][u] for u in units], "||B_i||"))
     if "cka" in scores:
-        panels.append(("CKA importance 1 - mean CKA (eq. 4.3)", [scores["cka"]["importance"][u] for u in units],
-                       "1 - CKA"))
+        panels.append((f"CKA importance 1 - mean CKA (eq. 4.3){rho('cka')}",
+                       [scores["cka"]["importance"][u] for u in units], "1 - CKA"))
     if "metric" in scores:
         panels.append(("CMMD with the unit modified", [scores["metric"][u]["cmmd"] for u in units], "CMMD"))
         panels.append(("CLIP score with the unit modified", [scores["metric"][u]["clip_score"] for u in units],
