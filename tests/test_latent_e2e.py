@@ -68,6 +68,8 @@ def test_compress_synth_distill_eval(tiny_latent_pipeline, tmp_path, capsys):
         assert (run / f).exists(), f
     assert sorted(p.name for p in (run / "phases").iterdir()) == ["00_local", "01_global", "02_refine"]
     assert list((run / "phases" / "01_global" / "checkpoints").glob("step_*"))
+    val = [json.loads(x) for x in (run / "phases" / "01_global" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_traj_mse"] > 0 for r in val if "val_traj_mse" in r] == [True]  # at the phase's end
     s = json.loads((run / "summary.json").read_text())
     assert s["block_params"]["ratio"] < 1 and "overall" in s["student_metrics"]
     assert "overall" in s["untrained_metrics"] and s["bench"]["flop_ratio"] < 1  # before training, and the speed
@@ -129,3 +131,27 @@ def test_sweep_runs_every_point_and_tabulates(tiny_latent_pipeline, tmp_path, ca
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(sweep))
     assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
     assert "sweep point best" in capsys.readouterr().err and not (tmp_path / "sw" / "best").exists()
+
+
+def test_trajectory_mse_is_zero_for_the_teacher_and_grows_with_compression(tiny_latent_pipeline):
+    import copy
+
+    from slimdit.compress.plan import Plan, apply_plan
+    from slimdit.distill.fidelity import record_trajectories, trajectory_mse
+    from slimdit.models import adapter_for
+    from slimdit.pipelines.loading import load_pipeline, pipeline_sampler
+
+    model = str(tiny_latent_pipeline)
+    pipe = load_pipeline(model, "cpu")
+    sampler = pipeline_sampler(pipe, model, steps=3)
+    traj = record_trajectories(sampler, ["a red circle", "two blue squares"], seed=1)
+    assert len(traj.calls) == 3  # one (CFG-batched) call per sampling step
+    teacher = pipe.transformer
+    assert trajectory_mse(teacher, traj) == {"all": 0.0, "high_noise": 0.0, "low_noise": 0.0}
+    adapter = adapter_for(teacher)
+    full_rank = copy.deepcopy(teacher)
+    parts = {p: {"rank": 16} for p in ("self_attn", "cross_attn", "mlp")}  # hidden size 16: full rank
+    apply_plan(adapter, full_rank, Plan.from_dict({"units": {"block.1": {"svd": parts}}}))
+    removed = copy.deepcopy(teacher)
+    apply_plan(adapter, removed, Plan.from_dict({"units": {"block.1": "remove"}}))
+    assert trajectory_mse(full_rank, traj)["all"] < 1e-10 < trajectory_mse(removed, traj)["all"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -32,25 +33,46 @@ CFG = dict(steps=6, batch_size=4, warmup_steps=2, lr=1e-3, grad_clip=1.0, checkp
            ema_decay=0.9)
 
 
+def _validator(teacher):
+    """Output MSE against the teacher on one fixed batch: deterministic, like the trajectory MSE."""
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 900])
+    cond = {"prompt_embeds": _data().prompt_embeds[:2], "prompt_mask": torch.ones(2, 5)}
+    adapter = adapter_for(teacher)
+    with torch.no_grad():
+        ref = adapter.predict(teacher, x, t, cond)
+
+    def validate(student):
+        with torch.no_grad():
+            return {"mse": (adapter.predict(student, x, t, cond) - ref).pow(2).mean().item()}
+
+    return validate
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resumed_training_ends_bit_identical(tmp_path, schedule):
-    cfg = TrainConfig(**CFG, lr_schedule=schedule)
+    cfg = TrainConfig(**CFG, lr_schedule=schedule, val_every=3)
     teacher, student, kept = _student()
-    a = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "a", kept)
+    v = _validator(teacher)
+    a = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "a", kept, validate=v)
     a.train(progress=False)
 
     teacher, student, kept = _student()
-    b = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept)
+    b = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept, validate=v)
     b.train(max_steps=3, progress=False)  # interrupted after step 3
     teacher, student, kept = _student()
-    c = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept)
+    c = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept, validate=v)
     c.train(progress=False)
     assert c.step == a.step == 6
     for (n, p), (_, q) in zip(a.student_model().named_parameters(), c.student_model().named_parameters()):
         assert torch.equal(p, q), n
     for e, f in zip(a.ema, c.ema):
         assert torch.equal(e, f)
-    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 3
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 3, 4, 6, 6]  # losses every 2 steps, validation every 3
+    val = {r["step"]: r["val_mse"] for r in lines if "val_mse" in r}
+    resumed = {r["step"]: r["val_mse"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text()
+                                                     .splitlines()) if "val_mse" in r}
+    assert val == resumed and val[3] > 0  # validated on the EMA weights, identically after the resume
 
 
 def test_training_lowers_the_kd_loss(tmp_path):

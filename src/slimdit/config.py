@@ -43,6 +43,10 @@ class TrainSection(_Strict):
     kd: Literal["output", "standard", "hybrid", "normalized", "normalized_hybrid"] = "normalized_hybrid"
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
+    # every val_every steps, the student's trajectory MSE against the teacher on val_prompts captions of the real
+    # set, sampled once by the teacher (slimdit.distill.fidelity); 0 turns it off
+    val_every: int = Field(50, ge=0)
+    val_prompts: int = Field(8, ge=1)
     seed: int = 0
 
 

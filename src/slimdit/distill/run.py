@@ -21,6 +21,7 @@ from slimdit.config import DistillConfig, check_run_dir, dump_config, load_confi
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import synthesize
+from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.io import read_json, write_json
@@ -52,8 +53,10 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         save_pipeline_with(pipe, student, run / "untrained", source=cfg.teacher)
 
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
+    validator = (teacher_validator(pipe, cfg.teacher, real.captions, cfg.train.val_prompts, cfg.train.seed)
+                if cfg.train.val_every else None)
     student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units], phases,
-                             cfg.train.model_dump(), run, conditioning, device, progress)
+                             cfg.train.model_dump(), run, conditioning, device, progress, validator)
 
     save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
     summary = {"teacher": cfg.teacher, "student": str(run / "student"),
@@ -74,10 +77,11 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
 
 
 def train_protocol(adapter, teacher, student, kept_units: list[str], modified: list[str], phases: list[Phase],
-                   train_fields: dict, run: Path, conditioning, device: str, progress: bool = True):
+                   train_fields: dict, run: Path, conditioning, device: str, progress: bool = True, validate=None):
     """Run the protocol's phases on ``student`` under ``run/phases/``; finished phases are loaded, not redone.
 
-    ``conditioning(kind)`` returns the cached data of a phase's dataset (``real`` or ``synth``).
+    ``conditioning(kind)`` returns the cached data of a phase's dataset (``real`` or ``synth``); ``validate``, if
+    given, is the trainer's validation (``slimdit.distill.fidelity.teacher_validator``).
     """
     teacher_units = adapter.units(teacher)
     steps = phase_steps(phases, train_fields["steps"])
@@ -96,7 +100,8 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
             tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
                                   "eps": tuple(train_fields["eps"])})
             t0 = time.time()
-            trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir, kept_units, units)
+            trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir, kept_units, units,
+                              validate)
             last = trainer.train(progress=progress)
             student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
             save_model(student, pdir / "student")

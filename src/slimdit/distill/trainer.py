@@ -48,6 +48,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    val_every: int = 50  # steps between validations, when the trainer is given a ``validate`` function; 0: never
+    val_prompts: int = 8  # how many prompts the run records trajectories for (read by the run, not the trainer)
     seed: int = 0
 
     def validate(self) -> None:
@@ -59,9 +61,11 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule: {self.lr_schedule!r} is not one of constant, cosine")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision: {self.mixed_precision!r} is not one of auto, no, bf16, fp16")
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "val_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.val_every < 0:
+            raise ValueError(f"train.val_every must be 0 (off) or more, got {self.val_every}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -106,11 +110,16 @@ def _checkpoints(run: Path) -> list[Path]:
 
 
 class Trainer:
-    """Train ``student`` to match ``teacher`` under ``cfg``; resume from the last checkpoint in ``run_dir``."""
+    """Train ``student`` to match ``teacher`` under ``cfg``; resume from the last checkpoint in ``run_dir``.
+
+    ``validate(student) -> {name: value}``, if given, runs every ``cfg.val_every`` steps and at the end (on the EMA
+    weights when EMA is on); its values go to ``metrics.jsonl`` as ``val_<name>``. It must not draw random numbers
+    from the global generator, so that a resumed run stays bit-identical.
+    """
 
     def __init__(self, adapter: Adapter, teacher: nn.Module, student: nn.Module, data: Conditioning,
                  cfg: TrainConfig, run_dir: str | Path, kept_units: list[str] | None = None,
-                 trainable: list[str] | None = None):
+                 trainable: list[str] | None = None, validate=None):
         from accelerate import Accelerator
 
         cfg.validate()
@@ -140,6 +149,7 @@ class Trainer:
         self.student, self.opt = self.acc.prepare(student.train(), self.opt)
         self.ema = ([p.detach().clone() for p in params] if cfg.ema_decay else None)
         self.params = params
+        self.validate = validate
         self.step = 0
 
     # ---- state ------------------------------------------------------------------------------------------
@@ -252,6 +262,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.1f}")
                 if log is not None:
                     log.write(json.dumps(last) + "\n")
+                    log.flush()
+            if (self.validate is not None and cfg.val_every and self.acc.is_main_process
+                    and (self.step % cfg.val_every == 0 or self.step == stop)):
+                val = {f"val_{k}": v for k, v in self.validate(self.student_model(cfg.ema_decay is not None)).items()}
+                self.acc.log(val, step=self.step)
+                bar.set_postfix(loss=f"{last.get('total', float('nan')):.4f}",
+                                **{k: f"{v:.4g}" for k, v in list(val.items())[:1]})
+                if log is not None:
+                    log.write(json.dumps({"step": self.step, **val}) + "\n")
                     log.flush()
             if self.step % cfg.checkpoint_every == 0 or self.step == stop:
                 self.acc.wait_for_everyone()

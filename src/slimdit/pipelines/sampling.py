@@ -41,9 +41,10 @@ class PipelineSampler:
     def device(self) -> torch.device:
         return self.pipe.transformer.device
 
-    def _kwargs(self) -> dict:
+    def call_kwargs(self, output_type: str = "np") -> dict:
+        """The keyword arguments this sampler calls its pipeline with (besides prompts and generators)."""
         kw = dict(num_inference_steps=self.options.num_inference_steps, guidance_scale=self.options.guidance_scale,
-                  max_sequence_length=self.options.max_sequence_length, output_type="np", **self.options.extra)
+                  max_sequence_length=self.options.max_sequence_length, output_type=output_type, **self.options.extra)
         params = _call_params(self.pipe)
         if "use_resolution_binning" in params:
             kw.setdefault("use_resolution_binning", False)
@@ -60,7 +61,7 @@ class PipelineSampler:
         for i in tqdm(range(0, len(prompts), bs), desc=f"sampling {self.name}", unit="batch", disable=not progress,
                       dynamic_ncols=True):
             gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds[i:i + bs]]
-            imgs = self.pipe(prompt=list(prompts[i:i + bs]), generator=gens, **self._kwargs()).images
+            imgs = self.pipe(prompt=list(prompts[i:i + bs]), generator=gens, **self.call_kwargs()).images
             out.append(np.clip(np.rint(np.asarray(imgs) * 255), 0, 255).astype(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 

@@ -22,6 +22,7 @@ from slimdit.compress.plan import Plan, UnitOp, apply_plan
 from slimdit.config import RunConfig, check_run_dir, dump_config, load_config
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import read_prompts
+from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import resolve_protocol
 from slimdit.distill.run import Conditionings, train_protocol
 from slimdit.importance.metric import Calibration, metric_importance, plan_metrics, unit_op
@@ -178,6 +179,8 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     calib_sampler = pipeline_sampler(pipe, cfg.teacher, cfg.calibration.steps, name="teacher")
     calib = Calibration.build(calib_sampler, embedder, prompts, list(range(len(prompts))))  # teacher reference, once
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
+    validator = (teacher_validator(pipe, cfg.teacher, real.captions, cfg.train.val_prompts, cfg.train.seed)
+                if cfg.train.val_every else None)
 
     student = copy.deepcopy(teacher)
     kept = adapter.units(teacher)  # teacher names of the student's units
@@ -210,7 +213,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         kept = [_to_teacher(kept, u) for u in record.kept_units]
         modified |= set(stage_modified)
         student = train_protocol(adapter, teacher, student, kept, stage_modified, phases, cfg.train.model_dump(),
-                                 sdir, conditioning, device, progress)
+                                 sdir, conditioning, device, progress, validator)
         save_model(student, sdir / "student")
         row = {"stage": s, "units": [o.unit for o in plan.ops], "block_params": adapter.block_params(student),
                "block_param_ratio": adapter.block_params(student) / teacher_params}
