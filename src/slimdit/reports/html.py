@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from slimdit.io import atomic_write_text, read_json
+from slimdit.reports.training import plot_training
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}
@@ -58,6 +59,11 @@ def build_report(run_dir: str | Path) -> Path:
         parts += [f"<h2>Stages ({html.escape(str(summary.get('schedule', '')))})</h2>", stage_table(summary["stages"]),
                   "<p class='note'>Per stage: units modified, block parameters after it (and as a fraction of the "
                   "teacher's), and the student's evaluation after retraining.</p>"]
+    if plot_training(run, run / "training.png") is not None:
+        parts += ["<h2>Training</h2>", _img(run / "training.png"),
+                  "<p class='note'>Top: the KD loss of every phase, in the order they ran. Bottom: the trajectory "
+                  "MSE, the student's output against the teacher's on the teacher's own sampling of a few "
+                  "captions; falling means the student is becoming its teacher.</p>"]
     for plot in sorted((run / "analysis" / "plots").glob("*.png")):
         parts += [f"<h2>analysis: {html.escape(plot.stem)}</h2>", _img(plot)]
     if (run / "analysis" / "sensitivity.png").exists():

@@ -1,0 +1,28 @@
+"""Report pieces drawn from run-directory files alone."""
+
+import json
+
+from slimdit.reports.training import plot_training, training_curves
+
+
+def _phase(path, rows):
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_training_curves_follow_the_stages_and_phases_in_order(tmp_path):
+    _phase(tmp_path / "stages" / "01" / "phases" / "00_global", [{"step": 10, "total": 1.0}])
+    _phase(tmp_path / "stages" / "00" / "phases" / "01_refine", [{"step": 5, "total": 2.0}])
+    _phase(tmp_path / "stages" / "00" / "phases" / "00_global",
+           [{"step": 10, "total": 3.0}, {"step": 10, "val_traj_mse": 0.01}])
+    curves = training_curves(tmp_path)
+    assert [n for n, _ in curves] == ["stage 00 00_global", "stage 00 01_refine", "stage 01 00_global"]
+    assert curves[0][1][1] == {"step": 10, "val_traj_mse": 0.01}
+    assert plot_training(tmp_path, tmp_path / "t.png").stat().st_size > 0
+    assert plot_training(tmp_path / "empty", tmp_path / "e.png") is None and not (tmp_path / "e.png").exists()
+
+
+def test_a_distill_runs_phases_are_its_own(tmp_path):
+    _phase(tmp_path / "phases" / "00_local", [{"step": 3, "total": 1.0}])
+    _phase(tmp_path / "phases" / "01_global", [{"step": 3, "total": 0.5}])
+    assert [n for n, _ in training_curves(tmp_path)] == ["00_local", "01_global"]
