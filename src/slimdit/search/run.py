@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from slimdit.io import write_json
 
 METHODS = ("greedy", "optuna", "both")
@@ -41,8 +43,12 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
     if not 1 <= k <= len(units):
         raise ValueError(f"--units must be between 1 and {len(units)} (the model's units), got {k}")
     calib = Calibration.build(sampler, emb, texts, [seed + i for i in range(len(texts))])
+    n_greedy = sum(len(units) - i for i in range(k)) + 1 if method in ("greedy", "both") else 0
+    bar = tqdm(total=n_greedy + (trials if method in ("optuna", "both") else 0), desc="search", unit="plan",
+               dynamic_ncols=True)
 
     def score(chosen: list[str]) -> float:
+        bar.update(1)
         return plan_metrics(adapter, sampler, emb, calib, Plan([unit_op(u, op) for u in chosen]))["cmmd"]
 
     result: dict = {"model": model, "op": op, "k": k, "units": units, "n_prompts": len(texts)}
@@ -58,6 +64,7 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
         best, value, all_trials = optuna_search(score, units, k, n_trials=trials, prior=prior, seed=seed)
         result["optuna"] = {"units": best, "cmmd": value, "trials": all_trials, "greedy_enqueued": prior is not None,
                             "seconds": round(time.time() - t0, 1)}
+    bar.close()
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "search.json", result)
