@@ -90,6 +90,12 @@ def test_one_shot_removal_and_progressive(tiny_teacher, tmp_path):
                              stages=3, cmmd_threshold=1e9), progress=False)
     s = json.loads((prog / "summary.json").read_text())
     assert s["student_block_params"] <= 0.5 * s["teacher_block_params"]
+    # a trigger that always fires would remove one block per stage; the pace still reaches the target in 2 stages
+    paced = run_schedule(_cfg(tiny_teacher, tmp_path / "paced", kind="progressive", op="remove", target=0.25,
+                              stages=2, cmmd_threshold=1e-12), progress=False)
+    s = json.loads((paced / "summary.json").read_text())
+    assert [len(st["units"]) for st in s["stages"]] == [2, 1]
+    assert s["student_block_params"] <= 0.25 * s["teacher_block_params"]
 
 
 def test_infeasible_stage_budget_names_the_range(tiny_teacher, tmp_path):

@@ -6,7 +6,8 @@ names), retrains with the protocol, evaluates, and writes ``stages/NN/`` (``sele
 
 - ``one_shot``: rank units once by metric importance, modify the least important until the target size.
 - ``progressive``: per stage, re-rank the unmodified units and add them, least important first, until the
-  calibration CMMD exceeds the threshold (at least one unit), then retrain.
+  calibration CMMD exceeds the threshold, then retrain; each stage removes at least its share of what is left,
+  so the last stage ends at the target.
 - ``linear_progressive``: per stage, score units by CMMD per removed parameter (eq. 4.15) and compress the k
   least important with linearly falling ratios (eq. 4.16-4.21); units may be compressed again later.
 """
@@ -97,7 +98,11 @@ def _select_one_shot(st: _Stage, target_params: float) -> tuple[Plan, dict]:
     return Plan(ops), {"scores": scores, "order": order}
 
 
-def _select_progressive(st: _Stage, target_params: float, modified: set[str]) -> tuple[Plan, dict]:
+def _select_progressive(st: _Stage, target_params: float, modified: set[str], stages_left: int
+                        ) -> tuple[Plan, dict]:
+    """Add units, least important first, until the calibration CMMD exceeds the threshold (thesis' trigger) or
+    the target is reached; but always at least this stage's share of what is left to remove
+    (``(params - target) / stages_left``), so that the schedule reaches its target in its stages."""
     cfg = st.cfg
     a, m = st.adapter, st.student
     candidates = [u for u in a.units(m) if u not in modified]
@@ -107,18 +112,19 @@ def _select_progressive(st: _Stage, target_params: float, modified: set[str]) ->
     order = sorted(candidates, key=lambda u: scores[u]["rank"])
     chosen: list[UnitOp] = []
     params = a.block_params(m)
+    pace = params - (params - target_params) / stages_left  # remove at least down to here this stage
     trace = []
     for u in order:
         trial = Plan([*chosen, unit_op(u, _op(cfg))])
         c = st.metrics(trial)["cmmd"]
         trace.append({"unit": u, "cmmd": c})
-        if chosen and c > cfg.schedule.cmmd_threshold:
+        if chosen and c > cfg.schedule.cmmd_threshold and params <= pace:
             break
         chosen = trial.ops
         params -= a.unit_params(m, u) - _params_after(a, m, u, _op(cfg))
         if params <= target_params:
             break
-    return Plan(chosen), {"scores": scores, "order": order, "trace": trace}
+    return Plan(chosen), {"scores": scores, "order": order, "trace": trace, "pace_params": pace}
 
 
 def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
@@ -202,7 +208,8 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         if cfg.schedule.kind == "one_shot":
             plan, why = _select_one_shot(st, target)
         elif cfg.schedule.kind == "progressive":
-            plan, why = _select_progressive(st, target, {_to_student(kept, u) for u in modified if u in kept})
+            plan, why = _select_progressive(st, target, {_to_student(kept, u) for u in modified if u in kept},
+                                            n_stages - s)
         else:
             plan, why = _select_linear(st, (params_now - target) / (n_stages - s))
         write_json(sdir / "selection.json", why)
