@@ -179,6 +179,7 @@ def plot_results(rows: list[dict], grid_keys: list[str], path: Path) -> None:
                 ax.plot(*zip(*untrained[label]), "x:", color=f"C{i}", alpha=0.6, label=f"{label} (untrained)")
         ax.set_xlabel("block parameters kept (ratio)")
         ax.set_ylabel("shapes-geneval overall")
+        ax.set_ylim(0, 1)  # the benchmark's own scale: small gaps stay small
         ax.invert_xaxis()
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
