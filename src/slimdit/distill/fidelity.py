@@ -66,14 +66,18 @@ def trajectory_mse(model: nn.Module, traj: Trajectories) -> dict[str, float]:
             "low_noise": sum(errs[-third:]) / third}
 
 
-def teacher_validator(pipe, model_id: str, captions: list[str], n: int, seed: int = 0):
-    """A ``Trainer`` ``validate`` function: the student's trajectory MSE on the teacher's sampling of the first
-    ``n`` captions, at ``model_id``'s default sampling. ``pipe.transformer`` must be the teacher now."""
+def teacher_validator(pipe, model_id: str, captions: list[str], train):
+    """A ``Trainer`` ``validate`` function, or ``None`` when ``train.val_every`` is 0: the student's trajectory MSE
+    on the teacher's sampling of the first ``train.val_prompts`` captions, at ``model_id``'s default sampling.
+    ``pipe.transformer`` must be the teacher now."""
     from slimdit.pipelines.loading import pipeline_sampler
 
+    if not train.val_every:
+        return None
     if not captions:
         raise ValueError("no captions to record validation trajectories on")
-    traj = record_trajectories(pipeline_sampler(pipe, model_id, name="teacher"), captions[:n], seed)
+    traj = record_trajectories(pipeline_sampler(pipe, model_id, name="teacher"), captions[:train.val_prompts],
+                               train.seed)
 
     def validate(student: nn.Module) -> dict[str, float]:
         m = trajectory_mse(student, traj)

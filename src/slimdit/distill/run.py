@@ -53,8 +53,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         save_pipeline_with(pipe, student, run / "untrained", source=cfg.teacher)
 
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
-    validator = (teacher_validator(pipe, cfg.teacher, real.captions, cfg.train.val_prompts, cfg.train.seed)
-                if cfg.train.val_every else None)
+    validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
     student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units], phases,
                              cfg.train.model_dump(), run, conditioning, device, progress, validator)
 

@@ -50,20 +50,24 @@ def _slug(value: Any) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in s)
 
 
-def points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
-    """``(name, overrides)`` for every combination of the grid, in order."""
-    keys = list(cfg.grid)
+def _combos(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, {grid key: value})`` for every combination of the grid, in order; the one place points are named."""
     for k, values in cfg.grid.items():
         if not values:
             raise ValueError(f"grid.{k} is empty")
         for v in values:
             if isinstance(v, dict) and not isinstance(v.get("name"), str):
                 raise ValueError(f"grid.{k}: a group of overrides needs a name, got {v}")
+    return [("__".join(_slug(v) for v in combo), dict(zip(cfg.grid, combo)))
+            for combo in itertools.product(*cfg.grid.values())]
+
+
+def points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, overrides)`` for every combination of the grid, in order."""
     out = []
-    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
-        name = "__".join(_slug(v) for v in combo)
+    for name, combo in _combos(cfg):
         overrides = dict(cfg.set)
-        for k, v in zip(keys, combo):
+        for k, v in combo.items():
             overrides.update({kk: vv for kk, vv in v.items() if kk != "name"} if isinstance(v, dict) else {k: v})
         out.append((name, overrides))
     return out
@@ -71,9 +75,9 @@ def points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def grid_values(cfg: SweepConfig, name: str) -> dict[str, Any]:
     """The grid coordinates of point ``name``: each key's value (a group's name for a group of overrides)."""
-    for combo in itertools.product(*cfg.grid.values()):
-        if "__".join(_slug(v) for v in combo) == name:
-            return {k: v["name"] if isinstance(v, dict) else v for k, v in zip(cfg.grid, combo)}
+    for n, combo in _combos(cfg):
+        if n == name:
+            return {k: v["name"] if isinstance(v, dict) else v for k, v in combo.items()}
     raise KeyError(name)
 
 
@@ -117,7 +121,7 @@ def collect(out: str | Path) -> list[dict]:
     out = Path(out)
     sweep = SweepConfig.model_validate(yaml.safe_load((out / "sweep.yaml").read_text()))
     rows = []
-    for name, _ in points(sweep):
+    for name, _ in _combos(sweep):
         summary = out / name / "summary.json"
         if summary.exists():
             rows.append({"point": name, "grid": grid_values(sweep, name), **read_json(summary)})

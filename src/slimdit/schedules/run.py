@@ -185,8 +185,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     calib_sampler = pipeline_sampler(pipe, cfg.teacher, cfg.calibration.steps, name="teacher")
     calib = Calibration.build(calib_sampler, embedder, prompts, list(range(len(prompts))))  # teacher reference, once
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
-    validator = (teacher_validator(pipe, cfg.teacher, real.captions, cfg.train.val_prompts, cfg.train.seed)
-                if cfg.train.val_every else None)
+    validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
 
     student = copy.deepcopy(teacher)
     kept = adapter.units(teacher)  # teacher names of the student's units
