@@ -69,6 +69,11 @@ def test_search_greedy_then_optuna_from_greedy(tmp_path):
     assert len(r["greedy"]["units"]) == 2 and r["greedy"]["evaluations"] == 12 + 11
     assert sorted(r["optuna"]["trials"][0]["units"]) == sorted(r["greedy"]["units"])  # greedy first
     assert r["optuna"]["cmmd"] <= r["greedy"]["cmmd"] + 1e-12 and (out / "search.png").exists()
+    from slimdit.compress.plan import Plan
+
+    for name in ("greedy", "optuna"):  # each answer is a plan file to retrain
+        plan = Plan.load(out / f"plan-{name}.yaml")
+        assert [o.unit for o in plan.ops] == r[name]["units"] and {o.op for o in plan.ops} == {"remove"}
     assert main(["search", "--model", "shapes-pixart", "--units", "2", "--op", "1.5", "--out", str(out)]) == 2
 
 

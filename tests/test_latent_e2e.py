@@ -155,3 +155,31 @@ def test_trajectory_mse_is_zero_for_the_teacher_and_grows_with_compression(tiny_
     removed = copy.deepcopy(teacher)
     apply_plan(adapter, removed, Plan.from_dict({"units": {"block.1": "remove"}}))
     assert trajectory_mse(full_rank, traj)["all"] < 1e-10 < trajectory_mse(removed, traj)["all"]
+
+
+def test_new_teacher_weights_under_the_same_name_invalidate_its_synthetic_set(tiny_latent_pipeline, tmp_path):
+    import shutil
+
+    from slimdit.config import DataConfig
+    from slimdit.data.datasets import load_dataset
+    from slimdit.distill.run import Conditionings
+    from slimdit.pipelines.loading import model_fingerprint
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_latent_pipeline, teacher)
+    before = model_fingerprint(str(teacher))
+    assert before == model_fingerprint(str(tiny_latent_pipeline))  # the files, not where they lie
+    real = load_dataset("shapes-train:2")
+    cfg = DataConfig(real="shapes-train:2", synth=str(tmp_path / "synth"), synth_images=2, max_sequence_length=16)
+    Conditionings(cfg, real, None, str(teacher), tmp_path, None, 0)._synth(tmp_path / "synth")
+    assert len((tmp_path / "synth" / "metadata.jsonl").read_text().splitlines()) == 2
+
+    w = next((teacher / "transformer").glob("*.safetensors"))  # retrained in place: same name, new weights
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(w)
+    t = {k: v + 1e-3 for k, v in t.items()}
+    save_file(t, w)
+    assert model_fingerprint(str(teacher)) != before
+    with pytest.raises(ValueError, match="teacher's files changed"):
+        Conditionings(cfg, real, None, str(teacher), tmp_path, None, 0)._synth(tmp_path / "synth")

@@ -60,7 +60,12 @@ class Plan:
         return cls.from_dict(yaml.safe_load(p.read_text()))  # JSON is YAML
 
     def to_dict(self) -> dict:
-        return {"units": {o.unit: "remove" if o.op == "remove" else {"svd": o.ratios} for o in self.ops}}
+        def spec(o: UnitOp):
+            if o.op == "remove":
+                return "remove"
+            return {"svd": o.ratios["*"] if set(o.ratios) == {"*"} else o.ratios}  # as the file format writes it
+
+        return {"units": {o.unit: spec(o) for o in self.ops}}
 
 
 @dataclass

@@ -27,7 +27,13 @@ from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.io import read_json, write_json
 from slimdit.models import adapter_for
 from slimdit.models.storage import load_model, save_model
-from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_pipeline_with
+from slimdit.pipelines.loading import (
+    load_pipeline,
+    load_sampler,
+    model_fingerprint,
+    sampling_defaults,
+    save_pipeline_with,
+)
 
 
 def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True) -> Path:
@@ -119,6 +125,7 @@ class Conditionings:
         self.cfg, self.real, self.pipe, self.teacher, self.run = data_cfg, real, pipe, teacher, run
         self.device, self.seed = device, seed
         self.max_len = data_cfg.max_sequence_length or sampling_defaults(teacher).get("max_sequence_length", 300)
+        self.weights = model_fingerprint(teacher)  # the caches and the synthetic set belong to these files
         self.cache: dict = {}
 
     def __call__(self, kind: str):
@@ -128,22 +135,21 @@ class Conditionings:
             else:
                 folder = self._synth(Path(self.cfg.synth) if self.cfg.synth else self.run / "synth")
                 data = load_dataset(str(folder), self.cfg.image_size)
-            self.cache[kind] = cached_conditioning(self.pipe, self.teacher, data, self.run / "cache", self.max_len)
+            self.cache[kind] = cached_conditioning(self.pipe, f"{self.teacher}@{self.weights}", data,
+                                                   self.run / "cache", self.max_len)
         return self.cache[kind]
 
     def _synth(self, out: Path) -> Path:
         """Generate (or finish generating) the synthetic set into ``out``; a finished folder is used as is, so runs
         that name the same ``data.synth`` share one set."""
-        from slimdit.pipelines.loading import load_sampler
-
         marker = out / "synth.json"
         if (out / "metadata.jsonl").exists() and not marker.exists():
             return out  # the user's own folder: used as it is
         prompts = self.real.captions[:self.cfg.synth_images]
-        want = {"model": self.teacher, "images": len(prompts), "seed": self.seed}
+        want = {"model": self.teacher, "weights": self.weights, "images": len(prompts), "seed": self.seed}
         if marker.exists() and read_json(marker) != want:
-            raise ValueError(f"data.synth {out} was generated as {read_json(marker)}, this run needs {want}; "
-                             "point data.synth elsewhere")
+            raise ValueError(f"data.synth {out} was generated as {read_json(marker)}, this run needs {want} "
+                             "(a different 'weights' means the teacher's files changed); point data.synth elsewhere")
         out.mkdir(parents=True, exist_ok=True)
         write_json(marker, want)
         synthesize(load_sampler(self.teacher, device=self.device), prompts, out, seed=self.seed)
@@ -165,7 +171,8 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
         path = run / "metrics" / f"{name}.json"
         shared = None
         if e.shared is not None and name != "student":  # the same teacher and plan give the same images
-            key = {"teacher": cfg.teacher, "eval": settings, **({"plan": plan} if name == "untrained" else {})}
+            key = {"teacher": cfg.teacher, "weights": model_fingerprint(cfg.teacher), "eval": settings,
+                   **({"plan": plan} if name == "untrained" else {})}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
             shared = Path(e.shared) / f"{name}-{digest}.json"
             if shared.exists() and not path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -37,6 +38,28 @@ def resolve_model_dir(model: str) -> Path | str:
         return model  # a hub id; diffusers resolves it from the cache or the hub
     raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*BUILTINS, *SAMPLERS])}), "
                             "not an existing directory, not a hub id (owner/name)")
+
+
+def model_fingerprint(model: str) -> str:
+    """A short digest of a model's files, for caches that are keyed by a model name: a built-in retrained under the
+    same name, or a directory overwritten in place, gets a new fingerprint. Each file contributes its path, size and
+    first and last MiB (hashing multi-GB checkpoints whole would cost more than the caches save). A hub id is
+    returned as it is."""
+    if model in SAMPLERS:
+        return model
+    src = resolve_model_dir(model)
+    if not isinstance(src, Path):
+        return src
+    h = hashlib.sha256()
+    for f in sorted(q for q in src.rglob("*") if q.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(src).as_posix()}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):

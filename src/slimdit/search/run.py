@@ -2,8 +2,10 @@
 
 The cost of a choice is the calibration CMMD of the teacher with those units modified (removed, or SVD at one
 ratio), against the teacher's own images of the same prompts and seeds, computed once. Modifications are applied
-in place and undone after each score; the model is never copied. Writes ``search.json`` and, when both methods
-ran, ``search.png``: every Optuna trial's CMMD beside the greedy answer (thesis figs. 5.7-5.9).
+in place and undone after each score; the model is never copied. Writes ``search.json``, one plan file per method
+(``plan-greedy.yaml``, ``plan-optuna.yaml``) that ``slimdit compress`` and ``slimdit distill`` take as they are,
+so each answer can be retrained (thesis fig. 5.8), and, when both methods ran, ``search.png``: every Optuna
+trial's CMMD beside the greedy answer (thesis figs. 5.7-5.9).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 
 from slimdit.io import write_json
@@ -68,6 +71,12 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "search.json", result)
+    for name in ("greedy", "optuna"):
+        if name in result:
+            plan = Plan([unit_op(u, op) for u in result[name]["units"]])
+            (d / f"plan-{name}.yaml").write_text(
+                f"# slimdit search: the {name} answer, {k} units, calibration CMMD {result[name]['cmmd']:.4f}\n"
+                + yaml.safe_dump(plan.to_dict(), sort_keys=False))
     if "greedy" in result and "optuna" in result:
         _plot(result, d / "search.png")
     return result
