@@ -33,6 +33,15 @@ def test_generate_writes_pngs_and_a_grid(tmp_path):
     assert len(list(tmp_path.glob("image_*.png"))) == 4 and (tmp_path / "grid.png").exists()
     meta = json.loads((tmp_path / "prompts.json").read_text())
     assert [m["prompt"] for m in meta] == ["a red circle"] * 2 + ["two squares"] * 2
+    from PIL import Image
+
+    side = tmp_path / "vs-oracle"  # each prompt's row: the model's images, then the oracle's from the same seeds
+    assert main(["generate", "--model", "shapes-pixart", "--vs", "shapes-oracle", "--prompt", "a red circle",
+                 "--prompt", "two squares", "--num-images", "2", "--steps", "4", "--out", str(side)]) == 0
+    assert (Image.open(side / "grid.png").size == (2 + 4 * (8 * 32 + 2), 2 + 2 * (8 * 32 + 2))
+            and len(list((side / "vs").glob("image_*.png"))) == 4)
+    assert all(np.array_equal(np.array(Image.open(tmp_path / m["file"])), np.array(Image.open(side / m["file"])))
+               for m in meta)  # same prompts and seeds as the run without --vs
 
 
 # the packaged demo at toy sizes: the same code path, seconds instead of minutes

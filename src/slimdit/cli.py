@@ -30,7 +30,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from slimdit.pipelines.generate import generate_to_dir
 
     out = generate_to_dir(a.model, a.prompt, a.out, images_per_prompt=a.num_images, seed=a.seed, steps=a.steps,
-                          guidance=a.guidance)
+                          guidance=a.guidance, vs=a.vs)
     print(f"wrote {out / 'grid.png'}")
 
 
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--vs", default=None, metavar="MODEL",
+                   help="also draw the same prompts and seeds with MODEL (a teacher, shapes-oracle), side by side")
     _add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
