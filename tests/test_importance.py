@@ -77,6 +77,27 @@ def test_search_greedy_then_optuna_from_greedy(tmp_path):
     assert main(["search", "--model", "shapes-pixart", "--units", "2", "--op", "1.5", "--out", str(out)]) == 2
 
 
+def test_search_by_learned_masks_writes_a_plan_of_the_pattern(tmp_path, capsys):
+    import json
+
+    from slimdit.cli import main
+    from slimdit.compress.plan import Plan
+
+    out = tmp_path / "masks"
+    assert main(["search", "--model", "shapes-pixart", "--method", "masks", "--pattern", "2:3", "--mask-steps", "2",
+                 "--data", "shapes-train:8", "--prompts", "shapes-train:4:7", "--steps", "2", "--out", str(out)]) == 0
+    r = json.loads((out / "search.json").read_text())["masks"]
+    assert len(r["groups"]) == 4 and len(r["units"]) == 4  # one of every 3 of 12 blocks removed
+    assert all(sum(u in g for u in r["units"]) == 1 for g in r["groups"]) and r["cmmd"] >= 0
+    assert [o.unit for o in Plan.load(out / "plan-masks.yaml").ops] == r["units"]
+    for bad, why in ((["--pattern", "3:2"], "1 <= N < M"), (["--pattern", "1:2", "--units", "3"], "removes 6"),
+                     (["--op", "0.5"], "takes --op remove")):
+        assert main(["search", "--model", "shapes-pixart", "--method", "masks", *bad, "--out", str(out)]) == 2
+        assert why in capsys.readouterr().err
+    assert main(["search", "--model", "shapes-pixart", "--method", "greedy", "--out", str(out)]) == 2
+    assert "needs --units" in capsys.readouterr().err
+
+
 def test_agreement_is_the_rank_correlation_with_the_metric():
     from slimdit.importance.analyze import agreement
 

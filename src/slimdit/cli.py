@@ -182,8 +182,9 @@ def cmd_search(a: argparse.Namespace) -> None:
     from slimdit.search.run import run_search
 
     op = _parse_op(a.op)
-    r = run_search(a.model, a.out, a.units, a.method, op, a.prompts, a.trials, a.steps, a.embedder, a.seed)
-    for m in ("greedy", "optuna"):
+    r = run_search(a.model, a.out, a.units, a.method, op, a.prompts, a.trials, a.steps, a.embedder, a.seed,
+                   pattern=a.pattern, data=a.data, mask_steps=a.mask_steps)
+    for m in ("greedy", "optuna", "masks"):
         if m in r:
             print(f"{m:7s} CMMD {r[m]['cmmd']:.4f}  units {', '.join(r[m]['units'])}  ({r[m]['seconds']} s)")
     print(f"wrote {Path(a.out) / 'search.json'}")
@@ -280,10 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("search", help="which k units to modify: greedy and Optuna TPE on calibration CMMD")
+    p = sub.add_parser("search", help="which k units to modify: greedy and Optuna TPE on calibration CMMD, or "
+                       "TinyFusion's learnable masks")
     p.add_argument("--model", required=True)
-    p.add_argument("--units", type=int, required=True, help="k, how many units to modify")
-    p.add_argument("--method", default="both", help="greedy | optuna | both (Optuna starts from greedy's answer)")
+    p.add_argument("--units", type=int, default=None, help="k, how many units to modify (greedy, optuna)")
+    p.add_argument("--method", default="both", help="greedy | optuna | both (Optuna starts from greedy's answer) | "
+                   "masks (TinyFusion: learn an N:M keep pattern with LoRA recovery)")
+    p.add_argument("--pattern", default="1:2", help="masks: keep N of every M consecutive units")
+    p.add_argument("--data", default="shapes-train:2048", help="masks: training images (imagefolder or shapes-train:N)")
+    p.add_argument("--mask-steps", type=int, default=200, help="masks: training steps")
     p.add_argument("--op", default="remove", help="remove, or an SVD ratio c such as 0.5")
     p.add_argument("--prompts", default="shapes-train:32:7", help="calibration prompts: file or shapes-train:N[:SEED]")
     p.add_argument("--trials", type=int, default=60)

@@ -64,9 +64,11 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
     student = inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank,
                                                  target_modules=targets), student)
     lora = [p for n, p in student.named_parameters() if "lora_" in n]
-    logits = torch.nn.Parameter(torch.zeros(len(groups), len(pats)))
+    dev = next(teacher.parameters()).device
+    logits = torch.nn.Parameter(torch.zeros(len(groups), len(pats), device=dev))
     opt = torch.optim.Adam([{"params": [logits], "lr": cfg.lr_logits}, {"params": lora, "lr": cfg.lr_lora}])
-    gates = torch.ones(len(groups), cfg.group_size)
+    member = member.to(dev)
+    gates = torch.ones(len(groups), cfg.group_size, device=dev)
     handles = []
     for g, group in enumerate(groups):
         for j, u in enumerate(group):
@@ -81,16 +83,16 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
     try:
         for step in range(cfg.steps):
             tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
-            u = torch.rand(logits.shape, generator=gen).clamp(1e-9, 1 - 1e-9)
+            u = torch.rand(logits.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(dev)
             w = F.softmax((logits - torch.log(-torch.log(u))) / tau, -1)  # Gumbel-softmax (G, P)
             hard = F.one_hot(w.argmax(-1), len(pats)).float()
             w = hard + w - w.detach()  # straight through: a real N:M network forward, gradients to the logits
             gates = w @ member  # (G, M)
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
-            x0 = data.latents[idx]
-            cond = {"prompt_embeds": data.prompt_embeds[idx], "prompt_mask": data.prompt_mask[idx]}
-            eps = torch.randn(x0.shape, generator=gen)
-            t = objective.sample_t(x0.shape[0], gen)
+            x0 = data.latents[idx].to(dev)
+            cond = {"prompt_embeds": data.prompt_embeds[idx].to(dev), "prompt_mask": data.prompt_mask[idx].to(dev)}
+            eps = torch.randn(x0.shape, generator=gen).to(dev)
+            t = objective.sample_t(x0.shape[0], gen).to(dev)
             xt, target = objective.noise(x0, eps, t)
             with torch.no_grad():
                 t_out = adapter.predict(teacher, xt, t, cond)

@@ -17,13 +17,28 @@ import yaml
 from tqdm.auto import tqdm
 
 from slimdit.io import write_json
+from slimdit.search.masks import MaskConfig
 
-METHODS = ("greedy", "optuna", "both")
+METHODS = ("greedy", "optuna", "both", "masks")
 
 
-def run_search(model: str, out: str | Path, k: int, method: str = "both", op: str | float = "remove",
+def parse_pattern(spec: str) -> tuple[int, int]:
+    """``"N:M"``: keep N of every M consecutive units."""
+    try:
+        n, m = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--pattern must be N:M (keep N of every M units), got {spec!r}") from None
+    if not 1 <= n < m:
+        raise ValueError(f"--pattern N:M needs 1 <= N < M, got {spec!r}")
+    return n, m
+
+
+def run_search(model: str, out: str | Path, k: int | None, method: str = "both", op: str | float = "remove",
                prompts: str = "shapes-train:32:7", trials: int = 60, steps: int | None = None,
-               embedder: str = "shapes", seed: int = 0) -> dict:
+               embedder: str = "shapes", seed: int = 0, pattern: str = "1:2", data: str = "shapes-train:2048",
+               mask_steps: int = 200) -> dict:
+    """Greedy and/or Optuna choose ``k`` units; ``masks`` learns an N:M keep ``pattern`` on ``data`` instead
+    (TinyFusion), its answer scored by the same calibration CMMD."""
     from slimdit.compress.plan import Plan
     from slimdit.data.synth import read_prompts
     from slimdit.importance.metric import Calibration, plan_metrics, unit_op
@@ -37,18 +52,35 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
+    if method == "masks":
+        keep, group = parse_pattern(pattern)
+        if op != "remove":
+            raise ValueError("--method masks learns which units to remove; it takes --op remove")
+        if mask_steps < 1:
+            raise ValueError(f"--mask-steps must be at least 1, got {mask_steps}")
+    elif k is None:
+        raise ValueError(f"--method {method} needs --units K")
     texts = read_prompts(prompts)
     emb = get_embedder(embedder)
     sampler = load_sampler(model, steps=steps)
     net = sampler.pipe.transformer
     adapter = adapter_for(net, sampler.pipe.scheduler.config)
     units = adapter.units(net)
-    if not 1 <= k <= len(units):
+    if method == "masks":
+        n_groups = len(units) // group
+        if n_groups == 0:
+            raise ValueError(f"--pattern {pattern}: groups of {group} need at least {group} units, the model has "
+                             f"{len(units)}")
+        if k is not None and k != n_groups * (group - keep):
+            raise ValueError(f"--pattern {pattern} on {len(units)} units removes {n_groups * (group - keep)}, "
+                             f"not --units {k}")
+        k = n_groups * (group - keep)
+    elif not 1 <= k <= len(units):
         raise ValueError(f"--units must be between 1 and {len(units)} (the model's units), got {k}")
     calib = Calibration.build(sampler, emb, texts, [seed + i for i in range(len(texts))])
     n_greedy = sum(len(units) - i for i in range(k)) + 1 if method in ("greedy", "both") else 0
-    bar = tqdm(total=n_greedy + (trials if method in ("optuna", "both") else 0), desc="search", unit="plan",
-               dynamic_ncols=True)
+    bar = tqdm(total=n_greedy + (trials if method in ("optuna", "both") else 0) + (method == "masks"),
+               desc="search", unit="plan", dynamic_ncols=True)
 
     def score(chosen: list[str]) -> float:
         bar.update(1)
@@ -67,11 +99,18 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
         best, value, all_trials = optuna_search(score, units, k, n_trials=trials, prior=prior, seed=seed)
         result["optuna"] = {"units": best, "cmmd": value, "trials": all_trials, "greedy_enqueued": prior is not None,
                             "seconds": round(time.time() - t0, 1)}
-    bar.close()
     d = Path(out)
+    if method == "masks":
+        t0 = time.time()
+        plan, info = _learn_masks(sampler, adapter, model, data, d / "cache",
+                                  MaskConfig(group_size=group, keep=keep, steps=mask_steps, seed=seed))
+        chosen = [o.unit for o in plan.ops]
+        result["masks"] = {"units": chosen, "cmmd": score(chosen), "pattern": pattern, "data": data, **info,
+                           "seconds": round(time.time() - t0, 1)}
+    bar.close()
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "search.json", result)
-    for name in ("greedy", "optuna"):
+    for name in ("greedy", "optuna", "masks"):
         if name in result:
             plan = Plan([unit_op(u, op) for u in result[name]["units"]])
             (d / f"plan-{name}.yaml").write_text(
@@ -80,6 +119,19 @@ def run_search(model: str, out: str | Path, k: int, method: str = "both", op: st
     if "greedy" in result and "optuna" in result:
         _plot(result, d / "search.png")
     return result
+
+
+def _learn_masks(sampler, adapter, model: str, data: str, cache: Path, cfg: MaskConfig):
+    """TinyFusion's learnable N:M masks with LoRA recovery, trained on ``data`` against the model itself."""
+    from slimdit.data.cache import cached_conditioning
+    from slimdit.data.datasets import load_dataset
+    from slimdit.pipelines.loading import model_fingerprint, sampling_defaults
+    from slimdit.search.masks import learn_masks
+
+    pipe = sampler.pipe
+    max_len = sampling_defaults(model).get("max_sequence_length", 300)
+    cond = cached_conditioning(pipe, f"{model}@{model_fingerprint(model)}", load_dataset(data), cache, max_len)
+    return learn_masks(adapter, pipe.transformer, cond, cfg)
 
 
 def _plot(result: dict, path: Path) -> None:
