@@ -159,36 +159,47 @@ def series(rows: list[dict], grid_keys: list[str], metric: str = "student.overal
     return {k: v if size is None else sorted(v) for k, v in out.items()}
 
 
+PANELS = (("overall", "shapes-geneval overall"), ("fid", "FID"), ("cmmd", "CMMD"))
+
+
 def plot_results(rows: list[dict], grid_keys: list[str], path: Path) -> None:
+    """One panel per metric (overall, FID, CMMD) with the trained students, and the untrained ones where
+    evaluated: lines over the block-parameter ratio for a sweep over sizes, else bars per point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    student = series(rows, grid_keys)
-    untrained = series(rows, grid_keys, "untrained.overall")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if "all" in student:  # one size: bars per point, the untrained student as a tick
-        names = [n for n, _ in student["all"]]
-        ax.barh(range(len(names)), [y for _, y in student["all"]], color="C0", label="trained")
-        pre = dict(untrained.get("all", []))
-        if pre:
-            ax.plot([pre.get(n, float("nan")) for n in names], range(len(names)), "k|", ms=14, label="untrained")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("shapes-geneval overall")
-    else:
-        for i, (label, pts) in enumerate(student.items()):
-            ax.plot(*zip(*pts), "o-", color=f"C{i}", label=label)
-            if label in untrained:
-                ax.plot(*zip(*untrained[label]), "x:", color=f"C{i}", alpha=0.6, label=f"{label} (untrained)")
-        ax.set_xlabel("block parameters kept (ratio)")
-        ax.set_ylabel("shapes-geneval overall")
-        ax.set_ylim(0, 1)  # the benchmark's own scale: small gaps stay small
-        ax.invert_xaxis()
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    panels = [(m, title) for m, title in PANELS if series(rows, grid_keys, f"student.{m}")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (m, title) in zip(axes[0], panels):
+        student = series(rows, grid_keys, f"student.{m}")
+        untrained = series(rows, grid_keys, f"untrained.{m}")
+        if "all" in student:  # one size: bars per point, the untrained student as a tick
+            names = [n for n, _ in student["all"]]
+            ax.barh(range(len(names)), [y for _, y in student["all"]], color="C0", label="trained")
+            pre = dict(untrained.get("all", []))
+            if pre:
+                ax.plot([pre.get(n, float("nan")) for n in names], range(len(names)), "k|", ms=14,
+                        label="untrained")
+            ax.set_yticks(range(len(names)), names if ax is axes[0][0] else [""] * len(names), fontsize=7)
+            ax.set_xlabel(title)
+        else:
+            for i, (label, pts) in enumerate(student.items()):
+                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=label)
+                if label in untrained:
+                    ax.plot(*zip(*untrained[label]), "x:", color=f"C{i}", alpha=0.6, label=f"{label} (untrained)")
+            ax.set_xlabel("block parameters kept (ratio)")
+            ax.set_ylabel(title + ("" if m == "overall" else " (lower is better)"))
+            if m == "overall":
+                ax.set_ylim(0, 1)  # the benchmark's own scale: small gaps stay small
+            else:
+                ax.set_ylim(bottom=0)
+            ax.invert_xaxis()
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
