@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from slimdit.compress.plan import Plan, UnitOp
 from slimdit.distill.losses import kd_loss, per_sample_mse
@@ -81,7 +82,7 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     try:
-        for step in range(cfg.steps):
+        for step in tqdm(range(cfg.steps), desc="masks", unit="step", dynamic_ncols=True, leave=False):
             tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
             u = torch.rand(logits.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(dev)
             w = F.softmax((logits - torch.log(-torch.log(u))) / tau, -1)  # Gumbel-softmax (G, P)

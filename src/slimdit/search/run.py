@@ -1,11 +1,13 @@
-"""``slimdit search``: which k units to modify, by greedy selection and by Optuna TPE (thesis section 4.2.2).
+"""``slimdit search``: which k units to modify, by greedy selection and by Optuna TPE (thesis section 4.2.2), or
+which to remove by TinyFusion's learnable N:M masks (``--method masks``, eq. 4.5).
 
 The cost of a choice is the calibration CMMD of the teacher with those units modified (removed, or SVD at one
 ratio), against the teacher's own images of the same prompts and seeds, computed once. Modifications are applied
-in place and undone after each score; the model is never copied. Writes ``search.json``, one plan file per method
-(``plan-greedy.yaml``, ``plan-optuna.yaml``) that ``slimdit compress`` and ``slimdit distill`` take as they are,
-so each answer can be retrained (thesis fig. 5.8), and, when both methods ran, ``search.png``: every Optuna
-trial's CMMD beside the greedy answer (thesis figs. 5.7-5.9).
+in place and undone after each score; the model is never copied (the masks train a copy). Writes ``search.json``,
+one plan file per method (``plan-greedy.yaml``, ``plan-optuna.yaml``, ``plan-masks.yaml``) that
+``slimdit compress`` and ``slimdit distill`` take as they are, so each answer can be retrained (thesis fig. 5.8),
+and, when greedy and Optuna both ran, ``search.png``: every Optuna trial's CMMD beside the greedy answer (thesis
+figs. 5.7-5.9).
 """
 
 from __future__ import annotations
