@@ -50,8 +50,13 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tenso
 
 
 def _key(model_id: str, data: CaptionImages, max_sequence_length: int) -> str:
+    """The cache entry of ``data`` under ``model_id``'s current files (a model retrained under the same name gets a
+    new entry)."""
+    from slimdit.pipelines.loading import model_fingerprint
+
     h = hashlib.sha256()
-    h.update(json.dumps([model_id, data.source, max_sequence_length, data.images.shape]).encode())
+    h.update(json.dumps([model_id, model_fingerprint(model_id), data.source, max_sequence_length,
+                         data.images.shape]).encode())
     h.update("\n".join(data.captions).encode())
     h.update(data.images.tobytes())
     return h.hexdigest()[:16]

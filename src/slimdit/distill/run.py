@@ -125,7 +125,7 @@ class Conditionings:
         self.cfg, self.real, self.pipe, self.teacher, self.run = data_cfg, real, pipe, teacher, run
         self.device, self.seed = device, seed
         self.max_len = data_cfg.max_sequence_length or sampling_defaults(teacher).get("max_sequence_length", 300)
-        self.weights = model_fingerprint(teacher)  # the caches and the synthetic set belong to these files
+        self.weights = model_fingerprint(teacher)  # the synthetic set belongs to these files
         self.cache: dict = {}
 
     def __call__(self, kind: str):
@@ -135,8 +135,7 @@ class Conditionings:
             else:
                 folder = self._synth(Path(self.cfg.synth) if self.cfg.synth else self.run / "synth")
                 data = load_dataset(str(folder), self.cfg.image_size)
-            self.cache[kind] = cached_conditioning(self.pipe, f"{self.teacher}@{self.weights}", data,
-                                                   self.run / "cache", self.max_len)
+            self.cache[kind] = cached_conditioning(self.pipe, self.teacher, data, self.run / "cache", self.max_len)
         return self.cache[kind]
 
     def _synth(self, out: Path) -> Path:
@@ -167,11 +166,12 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
     settings = e.model_dump(mode="json", include={"benchmark", "limit", "images_per_prompt", "steps", "guidance",
                                                  "seed"})
     plan = read_json(run / "plan.json")["plan"] if e.shared is not None else None
+    weights = model_fingerprint(cfg.teacher) if e.shared is not None else None
     for name, model in models:
         path = run / "metrics" / f"{name}.json"
         shared = None
         if e.shared is not None and name != "student":  # the same teacher and plan give the same images
-            key = {"teacher": cfg.teacher, "weights": model_fingerprint(cfg.teacher), "eval": settings,
+            key = {"teacher": cfg.teacher, "weights": weights, "eval": settings,
                    **({"plan": plan} if name == "untrained" else {})}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
             shared = Path(e.shared) / f"{name}-{digest}.json"

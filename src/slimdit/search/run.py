@@ -127,12 +127,12 @@ def _learn_masks(sampler, adapter, model: str, data: str, cache: Path, cfg: Mask
     """TinyFusion's learnable N:M masks with LoRA recovery, trained on ``data`` against the model itself."""
     from slimdit.data.cache import cached_conditioning
     from slimdit.data.datasets import load_dataset
-    from slimdit.pipelines.loading import model_fingerprint, sampling_defaults
+    from slimdit.pipelines.loading import sampling_defaults
     from slimdit.search.masks import learn_masks
 
     pipe = sampler.pipe
     max_len = sampling_defaults(model).get("max_sequence_length", 300)
-    cond = cached_conditioning(pipe, f"{model}@{model_fingerprint(model)}", load_dataset(data), cache, max_len)
+    cond = cached_conditioning(pipe, model, load_dataset(data), cache, max_len)
     return learn_masks(adapter, pipe.transformer, cond, cfg)
 
 
