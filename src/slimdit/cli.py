@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from slimdit.errors import OutputError, RunError
+
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
@@ -99,10 +101,13 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 def cmd_synth(a: argparse.Namespace) -> None:
     from slimdit.data.synth import read_prompts, synthesize
+    from slimdit.io import ensure_writable
     from slimdit.pipelines.loading import load_sampler
 
     prompts = read_prompts(a.prompts)
-    out = synthesize(load_sampler(a.model, steps=a.steps, guidance=a.guidance), prompts, a.out, seed=a.seed)
+    ensure_writable(a.out, "synth --out")  # before the model is loaded
+    out = synthesize(load_sampler(a.model, steps=a.steps, guidance=a.guidance), prompts, a.out, seed=a.seed,
+                     model=a.model, prompt_source=a.prompts)
     print(f"wrote {out} ({len(prompts)} images)")
 
 
@@ -351,13 +356,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _os_message(e: OSError) -> str:
+    """``<filename>: <strerror>`` for an error the OS raised; the message itself for one we raised."""
+    if not e.strerror:
+        return str(e) or type(e).__name__
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {e.strerror}" if names else e.strerror
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"slimdit: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"slimdit: error: {e}", file=sys.stderr)
-        return 2
+    except OutputError as e:
+        if e.payload is not None:  # what could not be written (e.g. the metrics) is not lost
+            print(json.dumps(e.payload, indent=2, default=str), flush=True)
+        return _fail(str(e), 1)
+    except RunError as e:
+        return _fail(str(e), 1)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    except OSError as e:  # FileNotFoundError and FileExistsError included
+        return _fail(_os_message(e), 2)
     return 0
 
 

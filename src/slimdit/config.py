@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,9 @@ class TrainSection(_Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     kd: Literal["output", "standard", "hybrid", "normalized", "normalized_hybrid"] = "normalized_hybrid"
     checkpoint_every: int = Field(500, ge=1)
+    # optimizer steps with a non-finite loss or gradient that may be skipped (each logged in metrics.jsonl)
+    # before the run stops; 0: the first one stops it, naming the step and the last finite checkpoint
+    max_skipped_steps: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     # every val_every steps, the student's trajectory MSE against the teacher on val_prompts captions of the real
     # set, sampled once by the teacher (slimdit.distill.fidelity); 0 turns it off
@@ -105,10 +109,7 @@ def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfi
     if isinstance(source, dict):
         raw = copy.deepcopy(source)  # overrides write into nested sections: never into the caller's dict
     else:
-        p = Path(source)
-        if not p.exists():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = read_config_file(source)
     for key, value in (overrides or {}).items():
         node = raw
         *path, leaf = key.split(".")
@@ -121,6 +122,47 @@ def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfi
         return model.model_validate(raw)
     except ValidationError as e:
         raise ValueError(_format(e)) from None
+
+
+# config fields that name files to read: in a config file they are relative to the file's folder
+INPUT_PATHS = ("plan", "data.real", "data.synth", "calibration.prompts", "base")
+
+
+def resolve_input(value: Any, base: str | Path) -> Any:
+    """A relative input path of a file in folder ``base``: beside that file if it exists there (or exists nowhere
+    yet), else relative to the working directory as before. ``shapes-train:...`` specs stay as they are."""
+    if not isinstance(value, str) or value.startswith("shapes-train:") or Path(value).is_absolute():
+        return value
+    beside = Path(base) / value
+    return os.path.normpath(beside) if beside.exists() or not Path(value).exists() else value
+
+
+def resolve_inputs(raw: dict, base: str | Path, dotted: bool = False) -> dict:
+    """Resolve the :data:`INPUT_PATHS` of a nested config dict (or of ``--set``-style dotted overrides) against the
+    folder ``base`` of the file they were written in."""
+    for key in INPUT_PATHS:
+        if dotted:
+            if key in raw:
+                raw[key] = resolve_input(raw[key], base)
+            continue
+        *path, leaf = key.split(".")
+        node = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = resolve_input(node[leaf], base)
+    return raw
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file as a dict, its input paths resolved against its folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {p} does not hold a mapping of fields")
+    return resolve_inputs(raw, p.parent)
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
@@ -168,10 +210,3 @@ class RunConfig(_Strict):
     train: TrainSection = TrainSection()  # per stage
     eval: EvalSection = EvalSection()
     device: str | None = None
-
-
-def check_run_dir(run: Path, cfg: BaseModel) -> None:
-    """Refuse to continue a run directory that holds a run with another config (resuming needs the same one)."""
-    saved = Path(run) / "config.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != cfg.model_dump(mode="json"):
-        raise ValueError(f"{run} holds a run with another config; choose another out: or restore the config")

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field
 
 from slimdit.config import RunConfig, _Strict, load_config
+from slimdit.identity import check_run_dir, input_fingerprints
 from slimdit.io import read_json, write_json
 
 TEACHER = "shapes-pixart"
@@ -90,13 +91,18 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
         write_json(run / "timings.json", timings)
         return result
 
+    inputs = input_fingerprints(cfg)
+    check_run_dir(run, cfg, inputs)  # before any work: refuses a run made from other inputs
     # 1. which blocks matter (plots for the report; the schedule scores units itself at each stage)
-    if not (run / "analysis" / "scores.json").exists():
-        run.mkdir(parents=True, exist_ok=True)
+    op = cfg.schedule.c_fixed if cfg.schedule.op == "svd" else "remove"
+    made_by = {"teacher": inputs["teacher"], **cfg.analysis.model_dump(mode="json"), "op": op}
+    done = run / "analysis" / "made_by.json"
+    if not (done.exists() and read_json(done) == made_by):  # an analysis of other settings is redone, not kept
+        shutil.rmtree(run / "analysis", ignore_errors=True)
         prompts = read_prompts(cfg.analysis.prompts)
-        timed("analysis", lambda: analyze(cfg.teacher, cfg.analysis.criteria, run / "analysis", prompts,
-                                          op=cfg.schedule.c_fixed if cfg.schedule.op == "svd" else "remove",
+        timed("analysis", lambda: analyze(cfg.teacher, cfg.analysis.criteria, run / "analysis", prompts, op=op,
                                           steps=cfg.analysis.steps))
+        write_json(done, made_by)
     # 2. the schedule: select, compress, retrain, evaluate, stage by stage
     timed("schedule", lambda: run_schedule(cfg, progress=progress))
     sched = read_json(run / "summary.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from slimdit.errors import OutputError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -76,3 +79,22 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     for idx, sc in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(sc)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def ensure_writable(path: str | Path, what: str, is_dir: bool = True) -> Path:
+    """Check, before any heavy work, that ``path`` (a directory, or a file when ``is_dir`` is false) can be written:
+    create the directory (or the file's parent) and write and remove a probe file there. Raises :class:`OutputError`
+    with a one-line message naming ``what`` (e.g. ``"eval --out"``), the path and the OS reason."""
+    path = Path(path)
+    folder = path if is_dir else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not is_dir and path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".slimdit-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise OutputError(f"cannot write {what} {path}: {reason}") from e
+    return path

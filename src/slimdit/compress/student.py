@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimdit.compress.plan import Plan, PlanRecord, apply_plan, validate
-from slimdit.io import write_json
+from slimdit.io import ensure_writable, write_json
 from slimdit.models import adapter_for
 from slimdit.models.storage import merge_lowrank
 from slimdit.pipelines.loading import load_pipeline, save_pipeline_with
@@ -27,6 +27,8 @@ def compress_to_dir(model: str, plan: Plan, out: str | Path | None, dry_run: boo
     """Apply ``plan`` to ``model``'s transformer; write the student pipeline and ``plan.json`` to ``out``."""
     if not dry_run and out is None:
         raise ValueError("give --out (or --dry-run)")
+    if not dry_run:
+        ensure_writable(out, "compress --out")
     pipe = load_pipeline(model, device)
     adapter = adapter_for(pipe.transformer, pipe.scheduler.config)
     validate(adapter, pipe.transformer, plan)
@@ -40,5 +42,6 @@ def compress_to_dir(model: str, plan: Plan, out: str | Path | None, dry_run: boo
 
 def export_merged(model: str, out: str | Path, device: str | None = None) -> Path:
     """Write a dense copy of a (low-rank) student pipeline that plain diffusers loads."""
+    ensure_writable(out, "export --out")
     pipe = load_pipeline(model, device)
     return save_pipeline_with(pipe, merge_lowrank(pipe.transformer), out, source=model)

@@ -64,16 +64,19 @@ def _key(model_id: str, data: CaptionImages, max_sequence_length: int) -> str:
 
 def cached_conditioning(pipe, model_id: str, data: CaptionImages, cache_dir: str | Path,
                         max_sequence_length: int) -> Conditioning:
-    """Load the conditioning of ``data`` from ``cache_dir``, computing and saving it the first time."""
+    """Load the conditioning of ``data`` from ``cache_dir``, computing and saving it the first time.
+
+    A fresh entry is read back from disk too, so that a run and its resumption train on the very same tensors
+    (freshly encoded latents may be ``channels_last``, reloaded ones are contiguous, and convolutions round the
+    two differently)."""
     d = Path(cache_dir) / _key(model_id, data, max_sequence_length)
-    if (d / "conditioning.safetensors").exists():
-        t = load_tensors(d / "conditioning.safetensors")
-        return Conditioning(t["latents"], t["prompt_embeds"], t["prompt_mask"], t["null_embeds"], t["null_mask"])
-    embeds, mask = encode_captions(pipe, data.captions, max_sequence_length)
-    null_e, null_m = encode_captions(pipe, [""], max_sequence_length)
-    latents = encode_images(pipe, data.images)
-    save_tensors(d / "conditioning.safetensors", {"latents": latents, "prompt_embeds": embeds, "prompt_mask": mask,
-                                                  "null_embeds": null_e, "null_mask": null_m})
-    write_json(d / "meta.json", {"model": model_id, "source": data.source, "n": len(data.captions),
-                                 "max_sequence_length": max_sequence_length})
-    return Conditioning(latents, embeds, mask, null_e, null_m)
+    if not (d / "conditioning.safetensors").exists():
+        embeds, mask = encode_captions(pipe, data.captions, max_sequence_length)
+        null_e, null_m = encode_captions(pipe, [""], max_sequence_length)
+        latents = encode_images(pipe, data.images)
+        save_tensors(d / "conditioning.safetensors", {"latents": latents, "prompt_embeds": embeds,
+                                                      "prompt_mask": mask, "null_embeds": null_e, "null_mask": null_m})
+        write_json(d / "meta.json", {"model": model_id, "source": data.source, "n": len(data.captions),
+                                     "max_sequence_length": max_sequence_length})
+    t = load_tensors(d / "conditioning.safetensors")
+    return Conditioning(t["latents"], t["prompt_embeds"], t["prompt_mask"], t["null_embeds"], t["null_mask"])

@@ -26,6 +26,8 @@ def shapes_train(n: int, seed: int = 0) -> CaptionImages:
 
 
 def read_metadata(folder: Path) -> list[dict]:
+    import os
+
     meta = folder / "metadata.jsonl"
     if not meta.exists():
         raise FileNotFoundError(f"{folder} has no metadata.jsonl (rows of {{\"file_name\": ..., \"text\": ...}})")
@@ -39,6 +41,11 @@ def read_metadata(folder: Path) -> list[dict]:
             raise ValueError(f"{meta}:{k}: not JSON ({e})") from e
         if not isinstance(row.get("file_name"), str):
             raise ValueError(f"{meta}:{k}: missing file_name")
+        name = row["file_name"]
+        norm = os.path.normpath(name)
+        if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise ValueError(f"{meta}:{k}: file_name {name!r} is outside {folder}; give a path relative to the folder "
+                             "(no leading '/', no '..' that climbs out)")
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f"{meta}:{k}: missing caption ('text') for {row['file_name']}")
         rows.append(row)

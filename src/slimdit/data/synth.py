@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 from tqdm.auto import tqdm
 
+from slimdit.io import read_json, write_json
 from slimdit.pipelines.sampling import Sampler
 
 
@@ -26,14 +29,52 @@ def read_prompts(spec: str) -> list[str]:
     return prompts
 
 
-def synthesize(sampler: Sampler, prompts: list[str], out_dir: str | Path, seed: int = 0, chunk: int = 64) -> Path:
-    """Generate one image per prompt into ``out_dir``; a rerun continues after the last finished image."""
+def synth_record(sampler: Sampler, prompts: list[str], seed: int, model: str | None = None,
+                 prompt_source: str | None = None) -> dict:
+    """What makes a synthetic set: the model and its files' fingerprint, the prompts, the seed and the sampling
+    settings (steps, guidance, ...; not the batch size, which never changes an image)."""
+    from slimdit.pipelines.loading import model_fingerprint
+
+    opts = getattr(sampler, "options", None)
+    sampling = {k: v for k, v in asdict(opts).items() if k != "batch_size"} if opts is not None else None
+    return {"model": model or sampler.name, "weights": model_fingerprint(model) if model else None,
+            "prompts": prompt_source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "images": len(prompts), "seed": seed, "sampling": sampling}
+
+
+def _check_folder(out: Path, record: dict, prompts: list[str]) -> int:
+    """How many images of ``record`` the folder already holds; refuse a folder made otherwise (never mix sets)."""
+    marker, meta = out / "synth.json", out / "metadata.jsonl"
+    rows = [json.loads(x) for x in meta.read_text().splitlines() if x.strip()] if meta.exists() else []
+    if marker.exists():
+        old = read_json(marker)
+        changed = [f"{k}: {old.get(k)!r} -> {record[k]!r}" for k in record
+                   if k != "prompts" and old.get(k) != record[k]]  # where the prompts came from is only a note
+        if changed:
+            raise ValueError(f"{out} holds a synthetic set made otherwise ({'; '.join(changed)}); a 'weights' change "
+                             "means the model's files changed. Choose another output folder")
+    elif rows:
+        raise ValueError(f"{out} already holds {len(rows)} images that slimdit synth did not record (no synth.json); "
+                         "choose another output folder")
+    for k, row in enumerate(rows):
+        if k >= len(prompts) or row.get("text") != prompts[k]:
+            raise ValueError(f"{meta}:{k + 1} does not match prompt {k + 1} of this set; choose another output folder")
+    return len(rows)
+
+
+def synthesize(sampler: Sampler, prompts: list[str], out_dir: str | Path, seed: int = 0, chunk: int = 64,
+               model: str | None = None, prompt_source: str | None = None) -> Path:
+    """Generate one image per prompt into ``out_dir``; a rerun continues after the last finished image.
+
+    ``synth.json`` records what made the folder (:func:`synth_record`); a rerun with another model, other model
+    files, other prompts, seed or sampling settings is refused instead of appending a mixed set."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = out / "metadata.jsonl"
-    done = sum(1 for line in meta.read_text().splitlines() if line.strip()) if meta.exists() else 0
-    with meta.open("a") as f, tqdm(total=len(prompts), initial=done, desc="synth", unit="img",
-                                   dynamic_ncols=True) as bar:
+    record = synth_record(sampler, prompts, seed, model, prompt_source)
+    done = _check_folder(out, record, prompts)
+    write_json(out / "synth.json", record)
+    with (out / "metadata.jsonl").open("a") as f, tqdm(total=len(prompts), initial=done, desc="synth", unit="img",
+                                                       dynamic_ncols=True) as bar:
         for start in range(done, len(prompts), chunk):
             batch = prompts[start:start + chunk]
             images = sampler.generate(batch, [seed + start + k for k in range(len(batch))], progress=False)

@@ -17,20 +17,21 @@ from pathlib import Path
 import torch
 
 from slimdit.compress.plan import Plan, apply_plan, validate
-from slimdit.config import DistillConfig, check_run_dir, dump_config, load_config
+from slimdit.config import DistillConfig, load_config
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import synthesize
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
-from slimdit.io import read_json, write_json
+from slimdit.identity import check_run_dir, input_fingerprints
+from slimdit.io import atomic_write_text, read_json, write_json
 from slimdit.models import adapter_for
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import (
     load_pipeline,
-    load_sampler,
     model_fingerprint,
+    pipeline_sampler,
     sampling_defaults,
     save_pipeline_with,
 )
@@ -40,7 +41,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     """Run (or continue) a distillation; return the run directory."""
     cfg = config if isinstance(config, DistillConfig) else load_config(config)
     run = Path(cfg.out)
-    check_run_dir(run, cfg)
+    check_run_dir(run, cfg, input_fingerprints(cfg))  # refuses changed inputs before anything is written
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
@@ -50,8 +51,6 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     adapter = adapter_for(teacher, pipe.scheduler.config)
     validate(adapter, teacher, plan)
 
-    run.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run / "config.yaml")
     student = copy.deepcopy(teacher)
     record = apply_plan(adapter, student, plan)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
@@ -90,31 +89,37 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
     """
     teacher_units = adapter.units(teacher)
     steps = phase_steps(phases, train_fields["steps"])
-    with (run / "metrics.jsonl").open("a") as log:
-        for i, (ph, n) in enumerate(zip(phases, steps)):
-            pdir = run / "phases" / f"{i:02d}_{ph.name}"
-            if (pdir / "done.json").exists():
-                student = load_model(pdir / "student").to(device)
-                continue
-            units = trainable_units(ph.trainable, teacher_units, kept_units, modified)
-            if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)
-                pdir.mkdir(parents=True, exist_ok=True)
-                save_model(student, pdir / "student")
-                write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
-                continue
-            tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
-                                  "eps": tuple(train_fields["eps"])})
-            t0 = time.time()
-            trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir, kept_units, units,
-                              validate)
-            last = trainer.train(progress=progress)
-            student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
+    for i, (ph, n) in enumerate(zip(phases, steps)):
+        pdir = run / "phases" / f"{i:02d}_{ph.name}"
+        if (pdir / "done.json").exists():
+            student = load_model(pdir / "student").to(device)
+            continue
+        units = trainable_units(ph.trainable, teacher_units, kept_units, modified)
+        if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)
+            pdir.mkdir(parents=True, exist_ok=True)
             save_model(student, pdir / "student")
-            write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
-                                            "seconds": round(time.time() - t0, 1), "last": last})
-            log.write(json.dumps({"phase": ph.name, **last}) + "\n")
-            log.flush()
+            write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
+            continue
+        tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
+                              "eps": tuple(train_fields["eps"])})
+        t0 = time.time()
+        trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir, kept_units, units,
+                          validate)
+        last = trainer.train(progress=progress)
+        student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
+        save_model(student, pdir / "student")
+        write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
+                                        "seconds": round(time.time() - t0, 1), "last": last})
+        _phase_log(run)
     return student
+
+
+def _phase_log(run: Path) -> None:
+    """``run/metrics.jsonl``: each finished phase's last logged losses, rebuilt from the phases' ``done.json`` (so
+    a kill between two writes can neither drop nor repeat a row)."""
+    rows = [{"phase": d["phase"], **d["last"]} for d in map(read_json, sorted(run.glob("phases/*/done.json")))
+            if "last" in d]
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class Conditionings:
@@ -125,7 +130,6 @@ class Conditionings:
         self.cfg, self.real, self.pipe, self.teacher, self.run = data_cfg, real, pipe, teacher, run
         self.device, self.seed = device, seed
         self.max_len = data_cfg.max_sequence_length or sampling_defaults(teacher).get("max_sequence_length", 300)
-        self.weights = model_fingerprint(teacher)  # the synthetic set belongs to these files
         self.cache: dict = {}
 
     def __call__(self, kind: str):
@@ -140,18 +144,13 @@ class Conditionings:
 
     def _synth(self, out: Path) -> Path:
         """Generate (or finish generating) the synthetic set into ``out``; a finished folder is used as is, so runs
-        that name the same ``data.synth`` share one set."""
-        marker = out / "synth.json"
-        if (out / "metadata.jsonl").exists() and not marker.exists():
+        that name the same ``data.synth`` share one set (``synthesize`` refuses a folder made otherwise)."""
+        if (out / "metadata.jsonl").exists() and not (out / "synth.json").exists():
             return out  # the user's own folder: used as it is
         prompts = self.real.captions[:self.cfg.synth_images]
-        want = {"model": self.teacher, "weights": self.weights, "images": len(prompts), "seed": self.seed}
-        if marker.exists() and read_json(marker) != want:
-            raise ValueError(f"data.synth {out} was generated as {read_json(marker)}, this run needs {want} "
-                             "(a different 'weights' means the teacher's files changed); point data.synth elsewhere")
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(marker, want)
-        synthesize(load_sampler(self.teacher, device=self.device), prompts, out, seed=self.seed)
+        sampler = pipeline_sampler(self.pipe, self.teacher, name="teacher")
+        synthesize(sampler, prompts, out, seed=self.seed, model=self.teacher,
+                   prompt_source=f"the first {len(prompts)} captions of {self.real.source}")
         return out
 
 

@@ -3,6 +3,10 @@
 Every random draw of step s (batch indices, caption dropout, noise, timesteps) is seeded by (seed, s,
 process), so a run resumed from a checkpoint ends bit-identical to an uninterrupted one without saving RNG
 states. Checkpoints are safetensors plus JSON, written atomically every ``checkpoint_every`` steps.
+
+A step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`) before the
+optimizer applies it, unless ``max_skipped_steps`` allows skipping it (logged, never silent). Nothing non-finite
+is ever checkpointed, so rotation cannot delete the last finite checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from slimdit.distill.feature_map import feature_map
 from slimdit.distill.losses import PRESETS, kd_loss, per_sample_mse
 from slimdit.distill.lr import warmup_cosine
 from slimdit.distill.objectives import OBJECTIVES
-from slimdit.io import load_tensors, optimizer_from_tensors, optimizer_to_tensors, read_json, save_tensors, write_json
+from slimdit.errors import TrainingDiverged
+from slimdit.io import (
+    atomic_write_text,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from slimdit.models.base import Adapter
 
 
@@ -47,6 +60,9 @@ class TrainConfig:
     kd: str = "normalized_hybrid"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # optimizer steps with a non-finite loss or gradient that may be skipped (each logged) before the run stops;
+    # 0: the first one stops it
+    max_skipped_steps: int = 0
     log_every: int = 10
     val_every: int = 50  # steps between validations, when the trainer is given a ``validate`` function; 0: never
     val_prompts: int = 8  # how many prompts the run records trajectories for (read by the run, not the trainer)
@@ -66,6 +82,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every < 0:
             raise ValueError(f"train.val_every must be 0 (off) or more, got {self.val_every}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps must be 0 or more, got {self.max_skipped_steps}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -103,6 +121,10 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
     """The learning rate of ``step`` relative to ``cfg.lr``: linear warm-up, then constant or a cosine to 0."""
     return warmup_cosine(step, cfg.warmup_steps, cfg.steps,
                          cfg.warmup_steps if cfg.lr_schedule == "cosine" else None)
+
+
+_ADVICE = ("lower train.lr or train.grad_clip, or let train.max_skipped_steps skip a few bad steps; "
+           "a changed config needs a new out:")
 
 
 def _checkpoints(run: Path) -> list[Path]:
@@ -151,14 +173,32 @@ class Trainer:
         self.params = params
         self.validate = validate
         self.step = 0
+        self.skipped = 0  # non-finite steps skipped so far (train.max_skipped_steps)
+        self._sums: dict[str, torch.Tensor] = {}  # loss terms summed over the steps since the last log
+        self._n_sums = 0  # how many steps they sum
+        self._log = None
 
     # ---- state ------------------------------------------------------------------------------------------
     def _lr_scale(self, step: int) -> float:
         return lr_scale(self.cfg, step)
 
+    def _first_nonfinite(self) -> str | None:
+        """The name of the first trained (or EMA) tensor holding a NaN or inf, else None."""
+        for n, p in zip(self.names, self.params):
+            if not torch.isfinite(p).all():
+                return n
+        for n, e in zip(self.names, self.ema or []):
+            if not torch.isfinite(e).all():
+                return f"{n} (EMA)"
+        return None
+
     def save(self) -> Path:
         if not self.acc.is_main_process:
             return self.run
+        bad = self._first_nonfinite()
+        if bad is not None:  # never write it: rotation would then delete a good checkpoint
+            raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: parameter {bad} is not "
+                                   f"finite; {self._last_good()}; {_ADVICE}")
         ck = self.run / "checkpoints" / f"step_{self.step:07d}"
         tmp = ck.with_name(ck.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,16 +207,26 @@ class Trainer:
             save_tensors(tmp / "ema.safetensors", dict(zip(self.names, self.ema)))
         opt_t, opt_meta = optimizer_to_tensors(getattr(self.opt, "optimizer", self.opt))
         save_tensors(tmp / "optimizer.safetensors", opt_t)
-        write_json(tmp / "state.json", {"step": self.step, "optimizer": opt_meta, "config": asdict(self.cfg)})
+        # the loss sums of the steps since the last log, so the first log after a resume is the same mean
+        save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in self._sums.items()})
+        write_json(tmp / "state.json", {"step": self.step, "skipped_steps": self.skipped, "summed_steps": self._n_sums,
+                                        "optimizer": opt_meta, "config": asdict(self.cfg)})
         shutil.rmtree(ck, ignore_errors=True)
         tmp.rename(ck)
         for old in _checkpoints(self.run)[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
         return ck
 
+    def _last_good(self) -> str:
+        cks = _checkpoints(self.run)
+        if not cks:
+            return "no checkpoint was written yet"
+        return f"the last finite checkpoint is {cks[-1]} (step {int(cks[-1].name.split('_')[1])}), kept"
+
     def resume(self) -> bool:
         cks = _checkpoints(self.run)
         if not cks:
+            self._truncate_log(0)
             return False
         ck = cks[-1]
         state = read_json(ck / "state.json")
@@ -193,7 +243,28 @@ class Trainer:
         inner = getattr(self.opt, "optimizer", self.opt)
         optimizer_from_tensors(inner, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
         self.step = state["step"]
+        self.skipped = state.get("skipped_steps", 0)
+        if (ck / "log_sums.safetensors").exists():
+            self._sums = {k: v.to(self.acc.device) for k, v in load_tensors(ck / "log_sums.safetensors").items()}
+            self._n_sums = state["summed_steps"]
+        self._truncate_log(self.step)
         return True
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop ``metrics.jsonl`` rows after ``step`` (written before a kill, redone after the resume)."""
+        log = self.run / "metrics.jsonl"
+        if not self.acc.is_main_process or not log.exists():
+            return
+        rows = [r for r in log.read_text().splitlines() if r.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            atomic_write_text(log, "".join(r + "\n" for r in kept))
+
+    def _logged_last(self) -> dict:
+        """The last logged losses in ``metrics.jsonl`` (what a finished phase reports when rerun)."""
+        log = self.run / "metrics.jsonl"
+        rows = [json.loads(r) for r in log.read_text().splitlines() if r.strip()] if log.exists() else []
+        return next((r for r in reversed(rows) if "total" in r), {})
 
     # ---- one step ---------------------------------------------------------------------------------------
     def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict, torch.Generator]:
@@ -221,64 +292,103 @@ class Trainer:
         task_i = per_sample_mse(a.prediction(student, s_out), target)
         return kd_loss(self.cfg.kd, task_i, t_out, s_out, [tf[u] for u in t_units], [sf[u] for u in s_units])
 
+    def _optimizer_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; the averaged loss terms. A non-finite loss or
+        gradient is never applied: the step is skipped (within ``max_skipped_steps``) or the run stops."""
+        cfg = self.cfg
+        terms_sum: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            with self.acc.accumulate(self.student):
+                terms = self._micro_step(self.step, micro)
+                self.acc.backward(terms["total"])  # accelerate divides by grad_accum
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0) + v.detach() / cfg.grad_accum
+                if self.acc.sync_gradients:
+                    loss = terms_sum["total"]
+                    norm = self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
+                    norm = loss.new_zeros(()) if norm is None else torch.as_tensor(norm).to(loss.device)
+                    # one host sync per step, as loss scaling has: a NaN applied once poisons every later step
+                    bad = ~torch.isfinite(loss) | ~torch.isfinite(norm)
+                    if self.acc.num_processes > 1:
+                        bad = self.acc.reduce(bad.float(), reduction="sum") > 0
+                    if bool(bad):
+                        self.opt.zero_grad(set_to_none=True)
+                        self._nonfinite(loss, norm)
+                        return {}
+                    self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+        return terms_sum
+
+    def _nonfinite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Skip the step being taken (logged), or stop the run when no skip is left."""
+        step, what = self.step + 1, f"loss {float(loss):.4g}, gradient norm {float(norm):.4g}"
+        if self.skipped < self.cfg.max_skipped_steps:
+            self.skipped += 1
+            self._write({"step": step, "skipped": f"non-finite step ({what})", "skipped_steps": self.skipped})
+            tqdm.write(f"warning: step {step} skipped, non-finite ({what}); {self.skipped} of "
+                       f"train.max_skipped_steps = {self.cfg.max_skipped_steps} used")
+            return
+        self._write({"step": step, "error": f"non-finite step ({what})"})
+        raise TrainingDiverged(f"training diverged at step {step} of {self.run}: non-finite {what}; "
+                               f"{self._last_good()}; {_ADVICE}")
+
+    def _write(self, row: dict) -> None:
+        if self._log is not None:
+            self._log.write(json.dumps(row) + "\n")
+            self._log.flush()
+
     def train(self, max_steps: int | None = None, progress: bool = True) -> dict:
         """Train until ``cfg.steps`` (or ``max_steps`` more steps); return the last logged losses."""
         cfg = self.cfg
         self.resume()
-        self.acc.init_trackers("tb", config={k: str(v) for k, v in asdict(cfg).items()})
+        tb = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}  # hide events after the checkpoint
+        self.acc.init_trackers("tb", config={k: str(v) for k, v in asdict(cfg).items()}, init_kwargs=tb)
         stop = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distill", unit="step", dynamic_ncols=True,
                    disable=not (progress and self.acc.is_local_main_process))
-        acc_terms: dict[str, torch.Tensor] = {}
-        last: dict = {}
+        last: dict = self._logged_last() if self.acc.is_main_process else {}
         t0, s0 = time.time(), self.step
-        log = (self.run / "metrics.jsonl").open("a") if self.acc.is_main_process else None
-        while self.step < stop:
-            for group in self.opt.param_groups:
-                group["lr"] = cfg.lr * self._lr_scale(self.step)
-            for micro in range(cfg.grad_accum):
-                with self.acc.accumulate(self.student):
-                    terms = self._micro_step(self.step, micro)
-                    self.acc.backward(terms["total"])  # accelerate divides by grad_accum
-                    if self.acc.sync_gradients:
-                        self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
+        self._log = (self.run / "metrics.jsonl").open("a") if self.acc.is_main_process else None
+        try:
+            while self.step < stop:
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr * self._lr_scale(self.step)
+                terms = self._optimizer_step()
                 for k, v in terms.items():
-                    acc_terms[k] = acc_terms.get(k, 0) + v.detach() / cfg.grad_accum
-            if self.ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(self.ema, self.params):
-                        e.lerp_(p.detach(), 1 - cfg.ema_decay)
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == stop:
-                n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                last = {k: (v / n).item() for k, v in acc_terms.items()}  # the only host sync, once per interval
-                acc_terms = {}
-                rate = (self.step - s0) * cfg.batch_size / max(time.time() - t0, 1e-9)
-                last.update(step=self.step, lr=self.opt.param_groups[0]["lr"], samples_per_s=rate)
-                self.acc.log({f"train/{k}": v for k, v in last.items() if k != "step"}, step=self.step)
-                bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.1f}")
-                if log is not None:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
-            if (self.validate is not None and cfg.val_every and self.acc.is_main_process
-                    and (self.step % cfg.val_every == 0 or self.step == stop)):
-                val = {f"val_{k}": v for k, v in self.validate(self.student_model(cfg.ema_decay is not None)).items()}
-                self.acc.log(val, step=self.step)
-                bar.set_postfix(loss=f"{last.get('total', float('nan')):.4f}",
-                                **{k: f"{v:.4g}" for k, v in list(val.items())[:1]})
-                if log is not None:
-                    log.write(json.dumps({"step": self.step, **val}) + "\n")
-                    log.flush()
-            if self.step % cfg.checkpoint_every == 0 or self.step == stop:
-                self.acc.wait_for_everyone()
-                self.save()
-        bar.close()
-        if log is not None:
-            log.close()
-        self.acc.end_training()
+                    self._sums[k] = self._sums.get(k, 0) + v
+                self._n_sums += bool(terms)
+                self.step += 1
+                bar.update(1)
+                if (self.step % cfg.log_every == 0 or self.step == stop) and self._n_sums:
+                    # the one host sync per interval
+                    last = {k: (v / self._n_sums).item() for k, v in self._sums.items()}
+                    self._sums, self._n_sums = {}, 0
+                    rate = (self.step - s0) * cfg.batch_size / max(time.time() - t0, 1e-9)
+                    last.update(step=self.step, lr=self.opt.param_groups[0]["lr"], samples_per_s=rate)
+                    self.acc.log({f"train/{k}": v for k, v in last.items() if k != "step"}, step=self.step)
+                    bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.1f}")
+                    self._write(last)
+                if (self.validate is not None and cfg.val_every and self.acc.is_main_process
+                        and (self.step % cfg.val_every == 0 or self.step == stop)):
+                    val = {f"val_{k}": v
+                           for k, v in self.validate(self.student_model(cfg.ema_decay is not None)).items()}
+                    self.acc.log(val, step=self.step)
+                    bar.set_postfix(loss=f"{last.get('total', float('nan')):.4f}",
+                                    **{k: f"{v:.4g}" for k, v in list(val.items())[:1]})
+                    self._write({"step": self.step, **val})
+                if self.step % cfg.checkpoint_every == 0 or self.step == stop:
+                    self.acc.wait_for_everyone()
+                    self.save()
+        finally:
+            bar.close()
+            if self._log is not None:
+                self._log.close()
+            self._log = None
+            self.acc.end_training()
         return last
 
     def student_model(self, use_ema: bool = False) -> nn.Module:

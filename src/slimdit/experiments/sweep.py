@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from slimdit.config import DistillConfig, RunConfig, _Strict, load_config
+from slimdit.config import DistillConfig, RunConfig, _Strict, load_config, read_config_file, resolve_inputs
 from slimdit.io import atomic_write_text, read_json, write_json
 
 
@@ -83,16 +83,16 @@ def grid_values(cfg: SweepConfig, name: str) -> dict[str, Any]:
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, list[tuple[str, Any]]]:
     """Load a sweep and validate every point's config (errors name the point and the field)."""
-    sweep = load_config(path, SweepConfig)
+    sweep = load_config(path, SweepConfig)  # its base is resolved against the sweep file's folder
     base = sweep.base
     if isinstance(base, str):
-        p = Path(base)
-        if not p.exists():
-            raise FileNotFoundError(f"sweep base {p} does not exist")
-        base = yaml.safe_load(p.read_text()) or {}
+        if not Path(base).exists():
+            raise FileNotFoundError(f"sweep base {base} does not exist")
+        base = read_config_file(base)
     model = DistillConfig if sweep.kind == "distill" else RunConfig
     configs = []
     for name, overrides in points(sweep):
+        overrides = resolve_inputs(overrides, Path(path).parent, dotted=True)  # paths in the sweep file
         raw = {**base, "out": str(sweep.out / name)}
         try:
             configs.append((name, load_config(raw, model, overrides)))

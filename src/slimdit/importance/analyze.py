@@ -11,7 +11,7 @@ from slimdit.compress.plan import Plan, applied
 from slimdit.importance.cka import CKARecorder
 from slimdit.importance.magnitude import magnitude
 from slimdit.importance.metric import Calibration, metric_importance, unit_op
-from slimdit.io import write_json
+from slimdit.io import ensure_writable, write_json
 from slimdit.metrics.embedders import get_embedder
 from slimdit.models import adapter_for
 from slimdit.pipelines.loading import load_sampler
@@ -27,6 +27,7 @@ def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str]
     bad = [c for c in criteria if c not in CRITERIA]
     if bad or not criteria:
         raise ValueError(f"unknown criteria {bad}; allowed: {', '.join(CRITERIA)}")
+    ensure_writable(out, "analyze --out")
     emb = get_embedder(embedder) if "metric" in criteria else None
     sampler = load_sampler(model, steps=steps)
     net = sampler.pipe.transformer

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimdit.io import write_json
+from slimdit.errors import OutputError
+from slimdit.io import ensure_writable, write_json
 from slimdit.metrics.embedders import get_embedder
 from slimdit.metrics.shapes_geneval import BENCHMARKS, EvalResult, select_prompts
 from slimdit.pipelines.loading import load_sampler
@@ -20,7 +21,11 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
         raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
     if images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {images_per_prompt}")
-    select_prompts(limit)  # check the arguments and load the embedder before the (heavy) model
+    select_prompts(limit)  # check the arguments and the outputs, and load the embedder, before the (heavy) model
+    if out is not None:
+        ensure_writable(out, "eval --out", is_dir=False)
+    if save_images_to is not None:
+        ensure_writable(save_images_to, "eval --save-images")
     emb = get_embedder(embedder)
     sampler = load_sampler(model, steps=steps, guidance=guidance, batch_size=batch_size)
     result = BENCHMARKS[benchmark](sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed,
@@ -30,9 +35,27 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
         opts = getattr(sampler, "options", None)
         if opts is not None:
             result.metrics.update(steps=opts.num_inference_steps, guidance=opts.guidance_scale)
-    if out is not None:
-        write_json(out, result.metrics)
-    if save_images_to is not None:
+    _write_outputs(result, out, save_images_to, images_per_prompt)
+    return result
+
+
+def _write_outputs(result: EvalResult, out: str | Path | None, save_images_to: str | Path | None,
+                   images_per_prompt: int) -> None:
+    """Write the metrics and images. If the disk fails now, after sampling, the metrics still reach the caller as
+    the payload of an :class:`OutputError`."""
+    try:
+        if out is not None:
+            write_json(out, result.metrics)
+    except OSError as e:
+        raise _output_error("eval --out", out, e, result.metrics) from e
+    if save_images_to is None:
+        return
+    try:
         save_images(result.images, save_images_to)
         make_grid(result.images, ncol=images_per_prompt, marks=result.correct).save(Path(save_images_to) / "grid.png")
-    return result
+    except OSError as e:
+        raise _output_error("eval --save-images", save_images_to, e, result.metrics) from e
+
+
+def _output_error(what: str, path: str | Path, e: OSError, metrics: dict) -> OutputError:
+    return OutputError(f"cannot write {what} {path}: {e.strerror or e}", payload=metrics)

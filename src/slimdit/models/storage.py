@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from slimdit.compress.lowrank import LowRankLinear, replace_module
+from slimdit.errors import TrainingDiverged
 from slimdit.io import load_tensors, save_tensors, write_json
 
 LOWRANK_INDEX = "slimdit_lowrank.json"
@@ -26,9 +28,17 @@ def lowrank_layers(model: nn.Module) -> dict[str, dict]:
             for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raise :class:`TrainingDiverged` naming the first parameter or buffer of ``model`` that holds a NaN or inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TrainingDiverged(f"refusing to save {what}: {name} is not finite (the training diverged)")
+
+
 def save_model(model: nn.Module, out_dir: str | Path) -> Path:
-    """Save a (possibly low-rank) diffusers model."""
+    """Save a (possibly low-rank) diffusers model; a model with non-finite weights is refused, never written."""
     out = Path(out_dir)
+    check_finite(model, str(out))
     layers = lowrank_layers(model)
     if not layers:
         model.save_pretrained(out, safe_serialization=True)

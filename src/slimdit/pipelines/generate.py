@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimdit.io import write_json
+from slimdit.io import ensure_writable, write_json
 from slimdit.pipelines.loading import load_sampler
 from slimdit.reports.grids import make_grid, save_images
 
@@ -22,6 +22,7 @@ def generate_to_dir(model: str, prompts: list[str], out_dir: str | Path, images_
         raise ValueError("give at least one non-empty --prompt")
     if images_per_prompt < 1:
         raise ValueError(f"--num-images must be at least 1, got {images_per_prompt}")
+    ensure_writable(out_dir, "generate --out")
     texts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [seed + k for k in range(len(texts))]
     samplers = [load_sampler(m, steps=steps, guidance=guidance) for m in ([model] if vs is None else [model, vs])]

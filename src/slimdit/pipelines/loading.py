@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from slimdit.models.storage import LOWRANK_INDEX, load_model, save_model
+from slimdit.identity import files_fingerprint
+from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 
 
@@ -26,7 +26,11 @@ SAMPLERS = {"shapes-oracle"}
 
 
 def resolve_model_dir(model: str) -> Path | str:
-    """Return a local pipeline directory for a built-in or local model, or the hub id unchanged."""
+    """Return a local pipeline directory for a built-in or local model, or the hub id unchanged. A missing path whose
+    first component is a local directory (``runs/studnt`` where ``runs/`` exists) is a mistyped directory, not a hub
+    id: the error names the first missing component and suggests close names beside it."""
+    from difflib import get_close_matches
+
     if model in BUILTINS:
         return BUILTINS[model](model)
     p = Path(model)
@@ -34,6 +38,13 @@ def resolve_model_dir(model: str) -> Path | str:
         if not (p / "model_index.json").exists():
             raise FileNotFoundError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
         return p
+    if len(p.parts) > 1 and Path(p.parts[0]).is_dir():
+        base = next(q for q in p.parents if q.is_dir())  # the deepest existing directory, at least p.parts[0]
+        missing = p.parts[len(base.parts)]
+        close = get_close_matches(missing, sorted(c.name for c in base.iterdir() if c.is_dir()), n=3)
+        hint = f"; did you mean {' or '.join(str(base / c) for c in close)}?" if close else ""
+        raise FileNotFoundError(f"model directory {p} does not exist: {base}/ has no {missing!r} (a path under "
+                                f"a local directory is not taken for a hub id){hint}")
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model  # a hub id; diffusers resolves it from the cache or the hub
     raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*BUILTINS, *SAMPLERS])}), "
@@ -41,25 +52,13 @@ def resolve_model_dir(model: str) -> Path | str:
 
 
 def model_fingerprint(model: str) -> str:
-    """A short digest of a model's files, for caches that are keyed by a model name: a built-in retrained under the
-    same name, or a directory overwritten in place, gets a new fingerprint. Each file contributes its path, size and
-    first and last MiB (hashing multi-GB checkpoints whole would cost more than the caches save). A hub id is
-    returned as it is."""
+    """A short digest of a model's files, for caches and runs that are keyed by a model name: a built-in retrained
+    under the same name, or a directory overwritten in place, gets a new fingerprint
+    (:func:`slimdit.identity.files_fingerprint`). A hub id is returned as it is."""
     if model in SAMPLERS:
         return model
     src = resolve_model_dir(model)
-    if not isinstance(src, Path):
-        return src
-    h = hashlib.sha256()
-    for f in sorted(q for q in src.rglob("*") if q.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(src).as_posix()}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
+    return files_fingerprint(src) if isinstance(src, Path) else src
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):
@@ -114,6 +113,7 @@ def save_pipeline_with(pipe, transformer, out_dir: str | Path, source: str | Non
     import shutil
 
     out = Path(out_dir)
+    check_finite(transformer, str(out))  # before the pipeline writes its copy of the transformer
     original = pipe.transformer
     pipe.transformer = transformer
     try:

@@ -20,19 +20,20 @@ from pathlib import Path
 import torch
 
 from slimdit.compress.plan import Plan, UnitOp, apply_plan
-from slimdit.config import RunConfig, check_run_dir, dump_config, load_config
+from slimdit.config import RunConfig, load_config
 from slimdit.data.datasets import load_dataset
 from slimdit.data.synth import read_prompts
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import resolve_protocol
 from slimdit.distill.run import Conditionings, train_protocol
+from slimdit.identity import check_run_dir, input_fingerprints
 from slimdit.importance.metric import Calibration, metric_importance, plan_metrics, unit_op
 from slimdit.io import read_json, write_json
 from slimdit.metrics.embedders import get_embedder
 from slimdit.models import adapter_for
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_pipeline_with
-from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, linear_ratios
+from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, feasible_range, linear_ratios
 
 
 class _Stage:
@@ -139,7 +140,10 @@ def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
     # raise the N given to eq. 4.19 until the parameters actually removed reach the stage's share
     asked = n_remove
     for _ in range(8):
-        r = linear_ratios(scores, params, asked, k, s.base_ratio)
+        try:
+            r = linear_ratios(scores, params, asked, k, s.base_ratio)
+        except ValueError:
+            raise _infeasible(s, scores, params, k, n_remove, adjusted=asked != n_remove) from None
         removed = sum(params[u] - _params_after(a, m, u, c) for u, c in zip(r.units, r.ratios) if c > 0)
         if removed >= n_remove:
             break
@@ -147,6 +151,23 @@ def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
     ops = [UnitOp(u, "svd", {"*": round(c, 6)}) for u, c in zip(r.units, r.ratios) if c > 0]
     return Plan(ops), {"cmmd": cmmds, "score": scores, "ratios": dict(zip(r.units, r.ratios)), "slope": r.slope,
                        "n_remove": n_remove, "n_remove_eq_4_19": asked, "removed": removed}
+
+
+def _infeasible(s, scores: dict[str, float], params: dict[str, int], k: int, n_remove: float,
+                adjusted: bool) -> ValueError:
+    """Eq. 4.21 fails: say which schedule fields to change, quoting the N the config asks for."""
+    lo, hi = feasible_range([params[u] for u in sorted(scores, key=scores.get)[:k]], s.base_ratio)
+    fields = (f"schedule.units_per_stage = {k} units at schedule.base_ratio = {s.base_ratio}")
+    if n_remove < lo:
+        return ValueError(f"schedule: this stage must remove {n_remove:,.0f} block parameters (its share of the way "
+                          f"to schedule.target = {s.target}), but {fields} remove at least {lo:,.0f} (eq. 4.21); "
+                          "lower schedule.base_ratio or schedule.units_per_stage, or use fewer schedule.stages")
+    why = (" once integer ranks and the parameters SVD does not factorise (norms, biases, modulation) are counted"
+           if adjusted else "")
+    return ValueError(f"schedule: this stage must remove {n_remove:,.0f} block parameters (its share of the way to "
+                      f"schedule.target = {s.target}), but {fields} cannot remove that many{why} (eq. 4.21 allows "
+                      f"at most {hi:,.0f} by P_i c_i); raise schedule.base_ratio or schedule.units_per_stage, use "
+                      "more schedule.stages, or raise schedule.target")
 
 
 def _group(unit: str) -> str:
@@ -168,7 +189,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     """Run (or continue) a schedule; return the run directory."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, RunConfig)
     run = Path(cfg.out)
-    check_run_dir(run, cfg)
+    check_run_dir(run, cfg, input_fingerprints(cfg))  # refuses changed inputs before anything is written
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)
     prompts = read_prompts(cfg.calibration.prompts)
@@ -177,8 +198,6 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     pipe = load_pipeline(cfg.teacher, device)
     teacher = pipe.transformer.eval()
     adapter = adapter_for(teacher, pipe.scheduler.config)
-    run.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run / "config.yaml")
 
     teacher_params = adapter.block_params(teacher)
     target = cfg.schedule.target * teacher_params

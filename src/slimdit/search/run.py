@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from slimdit.io import write_json
+from slimdit.io import ensure_writable, write_json
 from slimdit.search.masks import MaskConfig
 
 METHODS = ("greedy", "optuna", "both", "masks")
@@ -62,6 +62,7 @@ def run_search(model: str, out: str | Path, k: int | None, method: str = "both",
             raise ValueError(f"--mask-steps must be at least 1, got {mask_steps}")
     elif k is None:
         raise ValueError(f"--method {method} needs --units K")
+    ensure_writable(out, "search --out")
     texts = read_prompts(prompts)
     emb = get_embedder(embedder)
     sampler = load_sampler(model, steps=steps)

@@ -1,0 +1,217 @@
+"""Nothing silently wrong: a diverged run stops and saves nothing non-finite, changed inputs are refused by name,
+synthetic sets never mix, and configs find their files wherever the command runs from."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimdit.cli import main
+from slimdit.distill.trainer import TrainConfig, Trainer
+from slimdit.errors import TrainingDiverged
+from slimdit.models import adapter_for
+from tests.test_resume import Killed, distill_cfg, kill_at
+from tests.test_schedules import _cfg, tiny_teacher  # noqa: F401  (the fixture)
+from tests.test_trainer import CFG, _data, _student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _finite(ck: Path) -> bool:
+    from slimdit.io import load_tensors
+
+    return all(torch.isfinite(t).all() for f in ck.glob("*.safetensors") for t in load_tensors(f).values())
+
+
+# ---- divergence ---------------------------------------------------------------------------------------------
+def test_nonfinite_step_stops_at_once_and_keeps_the_last_finite_checkpoint(tmp_path):
+    teacher, student, kept = _student()
+    cfg = TrainConfig(**{**CFG, "lr": 1e6, "optimizer": "adamw", "steps": 20, "warmup_steps": 1,
+                         "checkpoint_every": 1, "keep_checkpoints": 2})
+    t = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path, kept)
+    with pytest.raises(TrainingDiverged, match=r"at step 2 .*non-finite loss nan.*step_0000001 \(step 1\), kept"):
+        t.train(progress=False)
+    cks = sorted((tmp_path / "checkpoints").iterdir())
+    assert [c.name for c in cks] == ["step_0000001"] and _finite(cks[0])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "non-finite" in rows[-1]["error"]
+
+
+def test_skipped_nonfinite_steps_are_bounded_and_logged(tmp_path):
+    data = _data()
+    data.latents[3] = float("nan")  # one poisoned sample: every step that draws it has a NaN loss
+    teacher, student, kept = _student()
+    cfg = TrainConfig(**{**CFG, "steps": 6, "ema_decay": None})
+    probe = Trainer(adapter_for(student), teacher, copy.deepcopy(student), data, cfg, tmp_path / "probe", kept)
+    bad = [s + 1 for s in range(6) if not torch.isfinite(probe._batch(s, 0)[0]).all()]
+    assert 1 <= len(bad) < 6
+
+    allowed = TrainConfig(**{**CFG, "steps": 6, "ema_decay": None, "max_skipped_steps": len(bad)})
+    t = Trainer(adapter_for(student), teacher, student, data, allowed, tmp_path / "skip", kept)
+    t.train(progress=False)
+    assert all(torch.isfinite(p).all() for p in t.student_model().parameters())
+    rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "skipped" in r] == bad  # never silent
+
+    teacher, student, kept = _student()
+    strict = TrainConfig(**{**CFG, "steps": 6, "ema_decay": None, "max_skipped_steps": len(bad) - 1})
+    t = Trainer(adapter_for(student), teacher, student, data, strict, tmp_path / "strict", kept)
+    with pytest.raises(TrainingDiverged, match=f"at step {bad[-1]} "):
+        t.train(progress=False)
+
+
+def test_a_student_with_nonfinite_weights_is_never_saved(tmp_path):
+    from slimdit.models.storage import save_model
+
+    _, student, _ = _student()
+    with torch.no_grad():
+        next(student.parameters())[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        save_model(student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+
+
+def test_diverged_distill_exits_nonzero_with_no_student(tiny_teacher, tmp_path, capsys):  # noqa: F811
+    cfg = distill_cfg(tiny_teacher, tmp_path / "run")
+    cfg["train"].update(optimizer="adamw", checkpoint_every=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(tmp_path / "c.yaml"), "--set", "train.lr=1e6"]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "last finite checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "student").exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert not list((tmp_path / "run").rglob("done.json"))
+    assert all(_finite(ck) for ck in (tmp_path / "run").rglob("step_*"))
+
+
+# ---- run identity -------------------------------------------------------------------------------------------
+def _started_distill(teacher, run, plan_file) -> dict:
+    """A distill run that did some work (killed in its first phase) with its plan in ``plan_file``."""
+    from slimdit.distill.run import run_distill
+
+    cfg = {**distill_cfg(teacher, run), "plan": str(plan_file)}
+    with pytest.MonkeyPatch.context() as mp:
+        kill_at(mp, 2)
+        with pytest.raises(Killed):
+            run_distill(cfg, progress=False)
+    return cfg
+
+
+def test_an_edited_plan_file_is_refused_by_name(tiny_teacher, tmp_path):  # noqa: F811
+    from slimdit.distill.run import run_distill
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"units": {"block.1": "remove"}}))
+    cfg = _started_distill(tiny_teacher, tmp_path / "run", plan)
+    before = (tmp_path / "run" / "plan.json").read_text()
+    plan.write_text(yaml.safe_dump({"units": {"block.2": "remove"}}))  # edited in place, same path
+    with pytest.raises(ValueError, match=r"input plan\.units\.block\.1: 'remove' -> '<absent>'"):
+        run_distill(cfg, progress=False)
+    assert (tmp_path / "run" / "plan.json").read_text() == before  # nothing rewritten
+
+
+def test_changed_teacher_files_or_data_are_refused_by_name(tiny_teacher, tmp_path):  # noqa: F811
+    from slimdit.config import DistillConfig
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    teacher = shutil.copytree(tiny_teacher, tmp_path / "teacher")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red circle"}\n')
+    (data / "a.png").write_bytes(b"png")
+    cfg = DistillConfig.model_validate({"teacher": str(teacher), "plan": {"units": {}}, "out": str(tmp_path / "run"),
+                                        "data": {"real": str(data)}})
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+    (tmp_path / "run" / "phases").mkdir()  # the run has started
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))  # unchanged: continues
+
+    (data / "a.png").write_bytes(b"png, redrawn")
+    with pytest.raises(ValueError, match="input data.real"):
+        check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+    (data / "a.png").write_bytes(b"png")
+    sched = teacher / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace("{", '{"note": "retrained",', 1))
+    with pytest.raises(ValueError, match="input teacher"):
+        check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+
+
+def test_infeasible_schedule_names_its_fields_and_the_fixed_config_takes_over(tiny_teacher, tmp_path):  # noqa: F811
+    from slimdit.schedules.run import run_schedule
+
+    bad = _cfg(tiny_teacher, tmp_path / "run", kind="linear_progressive", target=0.2, stages=1, units_per_stage=2,
+               base_ratio=0.3)
+    bad["eval"] = {"benchmark": None}
+    with pytest.raises(ValueError, match=r"eq\. 4\.21") as e:
+        run_schedule(bad, progress=False)
+    assert all(f in str(e.value) for f in ("schedule.units_per_stage = 2", "schedule.base_ratio = 0.3",
+                                            "schedule.stages", "schedule.target = 0.2"))
+    from slimdit.models import adapter_for
+    from slimdit.pipelines.loading import load_pipeline
+
+    tr = load_pipeline(tiny_teacher, "cpu").transformer
+    p = adapter_for(tr).block_params(tr)
+    n = p - 0.2 * p  # what the config asks for, not an internally adjusted figure
+    assert f"remove {n:,.0f} block parameters" in str(e.value)
+    fixed = copy.deepcopy(bad)
+    fixed["schedule"].update(target=0.8, base_ratio=0.5)
+    run_schedule(fixed, progress=False)  # the failed run held no work: no "holds a run with another config"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+    with pytest.raises(ValueError, match=r"config schedule\.target: 0\.8 -> 0\.2"):
+        run_schedule(bad, progress=False)  # now it holds work, so the old config is refused, by field
+
+
+# ---- synth --------------------------------------------------------------------------------------------------
+def test_synth_refuses_to_append_a_set_made_otherwise(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo squares\n")
+    other = tmp_path / "q.txt"
+    other.write_text("a blue square\nthree triangles\n")
+    out = str(tmp_path / "synth")
+    assert main(["synth", "--model", "shapes-oracle", "--prompts", str(prompts), "--out", out]) == 0
+    rec = json.loads((tmp_path / "synth" / "synth.json").read_text())
+    assert rec["model"] == "shapes-oracle" and rec["images"] == 2 and rec["seed"] == 0
+    assert main(["synth", "--model", "shapes-oracle", "--prompts", str(prompts), "--out", out]) == 0  # finished
+    capsys.readouterr()
+    assert main(["synth", "--model", "shapes-oracle", "--prompts", str(other), "--out", out]) == 2
+    assert "prompts_sha256" in capsys.readouterr().err
+    assert main(["synth", "--model", "shapes-oracle", "--prompts", str(prompts), "--out", out, "--seed", "5"]) == 2
+    assert "seed: 0 -> 5" in capsys.readouterr().err
+    rows = (tmp_path / "synth" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # nothing appended
+
+    (tmp_path / "synth" / "synth.json").unlink()  # a folder of unknown origin
+    assert main(["synth", "--model", "shapes-oracle", "--prompts", str(prompts), "--out", out]) == 2
+    assert "did not record" in capsys.readouterr().err
+
+
+def test_synth_refuses_another_model(tiny_teacher, tmp_path, capsys):  # noqa: F811
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = str(tmp_path / "synth")
+    assert main(["synth", "--model", "shapes-oracle", "--prompts", str(prompts), "--out", out]) == 0
+    assert main(["synth", "--model", tiny_teacher, "--prompts", str(prompts), "--out", out, "--steps", "2"]) == 2
+    assert "model: 'shapes-oracle' -> " in capsys.readouterr().err
+
+
+# ---- config paths -------------------------------------------------------------------------------------------
+def test_config_input_paths_are_read_relative_to_the_config_file(tmp_path, monkeypatch):
+    from slimdit.config import load_config
+    from slimdit.experiments.sweep import load_sweep
+
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    cfg = load_config(ROOT / "configs" / "distill-shapes.yaml")
+    assert Path(cfg.plan).exists() and Path(cfg.plan).name == "shapes-remove-middle4.yaml"
+    for sweep in ("removal-vs-svd", "oneshot-vs-progressive"):
+        _, points = load_sweep(ROOT / "configs" / "sweeps" / f"{sweep}.yaml")
+        assert all(not isinstance(c.plan, str) or Path(c.plan).exists() for _, c in points if hasattr(c, "plan"))
+    (tmp_path / "sub" / "plans").mkdir(parents=True)
+    (tmp_path / "sub" / "plans" / "p.yaml").write_text("units: {block.1: remove}\n")
+    (tmp_path / "sub" / "c.yaml").write_text("teacher: shapes-pixart\nplan: plans/p.yaml\nout: runs/x\n")
+    assert load_config("sub/c.yaml").plan == str(Path("sub/plans/p.yaml"))
+    # on the command line a path is the working directory's, as everywhere
+    assert load_config("sub/c.yaml", overrides={"plan": "sub/plans/p.yaml"}).plan == "sub/plans/p.yaml"

@@ -1,0 +1,120 @@
+"""A run killed anywhere and rerun ends bit-identical to an uninterrupted one, through every path: conditioning
+computed fresh or reloaded from ``cache/``, a kill in any phase of ``distill`` or any stage of ``run``, and its
+``metrics.jsonl`` holds each step once with the same values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimdit.distill.trainer import Trainer
+from slimdit.io import load_tensors
+from tests.test_schedules import _cfg, tiny_teacher  # noqa: F401  (the fixture)
+
+
+class Killed(BaseException):
+    """A simulated kill: not an Exception, so nothing in slimdit may catch it."""
+
+
+def kill_at(monkeypatch, n: int, target=Trainer, name: str = "_optimizer_step") -> None:
+    """Make the ``n``-th call (1-based, over the whole run) of ``target.name`` die before it does anything."""
+    original, calls = getattr(target, name), [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Killed(f"killed at call {n} of {name}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, dying)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(path)}:{k}": v for k, v in load_tensors(f).items()})
+    return out
+
+
+def logs(run) -> dict[str, list[dict]]:
+    """Every metrics.jsonl of a run, without the wall-clock throughput."""
+    return {str(f.relative_to(run)): [{k: v for k, v in json.loads(x).items() if k != "samples_per_s"}
+                                      for x in f.read_text().splitlines()]
+            for f in sorted(run.rglob("metrics.jsonl"))}
+
+
+def assert_same_run(a, b) -> None:
+    wa, wb = weights(a / "student"), weights(b / "student")
+    assert wa.keys() == wb.keys() and wa
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+    la, lb = logs(a), logs(b)
+    assert la == lb
+    steps = [r["step"] for r in la["phases/01_global/metrics.jsonl" if "phases/01_global/metrics.jsonl" in la
+                                   else next(iter(la))] if "step" in r and "total" in r]
+    assert steps == sorted(set(steps))  # each logged step once
+
+
+def distill_cfg(teacher, out) -> dict:
+    return {"teacher": teacher, "out": str(out), "plan": {"units": {"block.1": "remove", "block.2": {"svd": 0.5}}},
+            "protocol": "three_stage", "data": {"real": "shapes-train:16", "synth_images": 8},
+            "train": {"steps": 8, "batch_size": 2, "warmup_steps": 2, "lr": 1e-3, "grad_clip": 1.0,
+                      "checkpoint_every": 2, "log_every": 2, "val_every": 3, "val_prompts": 2, "ema_decay": 0.9},
+            "eval": {"benchmark": None, "bench": False}}
+
+
+@pytest.fixture(scope="module")
+def straight_distill(tiny_teacher, tmp_path_factory):  # noqa: F811
+    from slimdit.distill.run import run_distill
+
+    return run_distill(distill_cfg(tiny_teacher, tmp_path_factory.mktemp("straight") / "run"), progress=False)
+
+
+@pytest.mark.parametrize("kill", [1, 4, 7, "save"],
+                         ids=["phase0-step1-after-cache", "phase1-after-checkpoint", "phase2", "final-save"])
+def test_killed_distill_resumes_bit_identical(tiny_teacher, straight_distill, tmp_path, monkeypatch, kill):  # noqa: F811
+    import slimdit.distill.run as distill_run
+
+    if kill == "save":  # training finished, then the final pipeline save dies
+        kill_at(monkeypatch, 1, distill_run, "save_pipeline_with")
+    else:  # the 3 phases take 2, 4 and 2 of the 8 steps; checkpoints every 2
+        kill_at(monkeypatch, kill)
+    cfg = distill_cfg(tiny_teacher, tmp_path / "run")
+    with pytest.raises(Killed):
+        distill_run.run_distill(cfg, progress=False)
+    assert list((tmp_path / "run" / "cache").rglob("conditioning.safetensors"))  # the resume reloads the cache
+    monkeypatch.undo()
+    distill_run.run_distill(cfg, progress=False)
+    assert_same_run(straight_distill, tmp_path / "run")
+
+
+SCHEDULES = {"linear_progressive": dict(target=0.7, stages=2, units_per_stage=2, base_ratio=0.5, c_fixed=0.3),
+             "progressive": dict(op="svd", target=0.6, stages=2, svd_ratio=0.5, cmmd_threshold=1e-12)}
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_killed_schedule_resumes_bit_identical(tiny_teacher, tmp_path, monkeypatch, kind):  # noqa: F811
+    from slimdit.schedules.run import run_schedule
+
+    def cfg(out):
+        c = _cfg(tiny_teacher, out, kind=kind, **SCHEDULES[kind])
+        c["train"].update(steps=4, checkpoint_every=2, log_every=1)
+        c["eval"] = {"benchmark": None}
+        return c
+
+    straight = run_schedule(cfg(tmp_path / "straight"), progress=False)
+    # stage 0 at its step 3 (after its checkpoint at 2); then, resumed, stage 0 ends (2 calls) and stage 1 dies
+    # at its step 3
+    for n in (3, 5):
+        kill_at(monkeypatch, n)
+        with pytest.raises(Killed):
+            run_schedule(cfg(tmp_path / "resumed"), progress=False)
+        monkeypatch.undo()
+    assert (tmp_path / "resumed" / "stages" / "00" / "done.json").exists()
+    run_schedule(cfg(tmp_path / "resumed"), progress=False)
+    for s in ("00", "01"):
+        assert (json.loads((straight / "stages" / s / "plan.json").read_text())
+                == json.loads((tmp_path / "resumed" / "stages" / s / "plan.json").read_text()))
+    assert_same_run(straight, tmp_path / "resumed")
