@@ -163,7 +163,7 @@ def test_new_teacher_weights_under_the_same_name_invalidate_its_synthetic_set(ti
     from slimdit.config import DataConfig
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.run import Conditionings
-    from slimdit.pipelines.loading import model_fingerprint
+    from slimdit.pipelines.loading import load_pipeline, model_fingerprint
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_latent_pipeline, teacher)
@@ -171,7 +171,8 @@ def test_new_teacher_weights_under_the_same_name_invalidate_its_synthetic_set(ti
     assert before == model_fingerprint(str(tiny_latent_pipeline))  # the files, not where they lie
     real = load_dataset("shapes-train:2")
     cfg = DataConfig(real="shapes-train:2", synth=str(tmp_path / "synth"), synth_images=2, max_sequence_length=16)
-    Conditionings(cfg, real, None, str(teacher), tmp_path, None, 0)._synth(tmp_path / "synth")
+    Conditionings(cfg, real, load_pipeline(str(teacher), "cpu"), str(teacher), tmp_path, None, 0)._synth(
+        tmp_path / "synth")
     assert len((tmp_path / "synth" / "metadata.jsonl").read_text().splitlines()) == 2
 
     w = next((teacher / "transformer").glob("*.safetensors"))  # retrained in place: same name, new weights
@@ -181,5 +182,6 @@ def test_new_teacher_weights_under_the_same_name_invalidate_its_synthetic_set(ti
     t = {k: v + 1e-3 for k, v in t.items()}
     save_file(t, w)
     assert model_fingerprint(str(teacher)) != before
-    with pytest.raises(ValueError, match="teacher's files changed"):
-        Conditionings(cfg, real, None, str(teacher), tmp_path, None, 0)._synth(tmp_path / "synth")
+    with pytest.raises(ValueError, match="weights: '[0-9a-f]+' -> '[0-9a-f]+'.*model's files changed"):
+        Conditionings(cfg, real, load_pipeline(str(teacher), "cpu"), str(teacher), tmp_path, None, 0)._synth(
+            tmp_path / "synth")

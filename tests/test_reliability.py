@@ -215,3 +215,18 @@ def test_config_input_paths_are_read_relative_to_the_config_file(tmp_path, monke
     assert load_config("sub/c.yaml").plan == str(Path("sub/plans/p.yaml"))
     # on the command line a path is the working directory's, as everywhere
     assert load_config("sub/c.yaml", overrides={"plan": "sub/plans/p.yaml"}).plan == "sub/plans/p.yaml"
+
+
+def test_an_unwritable_run_directory_fails_in_one_line_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
+    import slimdit.distill.run as distill_run
+
+    def never(*a, **k):
+        raise AssertionError("the teacher was loaded before the output was checked")
+
+    monkeypatch.setattr(distill_run, "load_pipeline", never)
+    (tmp_path / "file").write_text("not a folder")
+    cfg = {"teacher": "shapes-pixart", "plan": {"units": {"block.1": "remove"}}, "out": str(tmp_path / "file" / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "file") in err and "Not a directory" in err

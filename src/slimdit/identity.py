@@ -60,9 +60,10 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
         out["plan"] = Plan.load(plan).to_dict()
     out["data.real"] = _spec(cfg.data.real)
     synth = cfg.data.synth
-    if synth is not None:  # slimdit's own sets are checked against their synth.json; a user's folder by its files
-        made = (Path(synth) / "synth.json").exists() or not (Path(synth) / "metadata.jsonl").exists()
-        out["data.synth"] = "made by slimdit (synth.json)" if made else _spec(synth)
+    if synth is not None:  # the sets runs make are checked against their synth.json; a user's folder by its files
+        from slimdit.data.synth import made_by_run
+
+        out["data.synth"] = "made by the run (synth.json)" if made_by_run(synth) else _spec(synth)
     calibration = getattr(cfg, "calibration", None)
     if calibration is not None:
         out["calibration.prompts"] = _spec(calibration.prompts)

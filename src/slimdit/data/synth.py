@@ -30,16 +30,29 @@ def read_prompts(spec: str) -> list[str]:
 
 
 def synth_record(sampler: Sampler, prompts: list[str], seed: int, model: str | None = None,
-                 prompt_source: str | None = None) -> dict:
+                 prompt_source: str | None = None, by: str = "slimdit synth") -> dict:
     """What makes a synthetic set: the model and its files' fingerprint, the prompts, the seed and the sampling
-    settings (steps, guidance, ...; not the batch size, which never changes an image)."""
+    settings (steps, guidance, ...; not the batch size, which never changes an image), and who made it (``by``:
+    the command, or a run's ``data.synth``)."""
     from slimdit.pipelines.loading import model_fingerprint
 
     opts = getattr(sampler, "options", None)
     sampling = {k: v for k, v in asdict(opts).items() if k != "batch_size"} if opts is not None else None
     return {"model": model or sampler.name, "weights": model_fingerprint(model) if model else None,
             "prompts": prompt_source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-            "images": len(prompts), "seed": seed, "sampling": sampling}
+            "images": len(prompts), "seed": seed, "sampling": sampling, "by": by}
+
+
+RUN_SET = "data.synth of a run"  # ``by`` of the sets runs make for themselves
+
+
+def made_by_run(folder: str | Path) -> bool:
+    """Whether ``folder`` is (or will be) a set that runs make for themselves, checked against its record on every
+    use; otherwise it is a user's folder (their own images, or ``slimdit synth``'s), used as it is."""
+    folder = Path(folder)
+    if (folder / "synth.json").exists():
+        return read_json(folder / "synth.json").get("by") == RUN_SET
+    return not (folder / "metadata.jsonl").exists()
 
 
 def _check_folder(out: Path, record: dict, prompts: list[str]) -> int:
@@ -63,14 +76,14 @@ def _check_folder(out: Path, record: dict, prompts: list[str]) -> int:
 
 
 def synthesize(sampler: Sampler, prompts: list[str], out_dir: str | Path, seed: int = 0, chunk: int = 64,
-               model: str | None = None, prompt_source: str | None = None) -> Path:
+               model: str | None = None, prompt_source: str | None = None, by: str = "slimdit synth") -> Path:
     """Generate one image per prompt into ``out_dir``; a rerun continues after the last finished image.
 
     ``synth.json`` records what made the folder (:func:`synth_record`); a rerun with another model, other model
     files, other prompts, seed or sampling settings is refused instead of appending a mixed set."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = synth_record(sampler, prompts, seed, model, prompt_source)
+    record = synth_record(sampler, prompts, seed, model, prompt_source, by)
     done = _check_folder(out, record, prompts)
     write_json(out / "synth.json", record)
     with (out / "metadata.jsonl").open("a") as f, tqdm(total=len(prompts), initial=done, desc="synth", unit="img",

@@ -20,7 +20,7 @@ from slimdit.compress.plan import Plan, apply_plan, validate
 from slimdit.config import DistillConfig, load_config
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
-from slimdit.data.synth import synthesize
+from slimdit.data.synth import RUN_SET, made_by_run, synthesize
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
@@ -145,12 +145,17 @@ class Conditionings:
     def _synth(self, out: Path) -> Path:
         """Generate (or finish generating) the synthetic set into ``out``; a finished folder is used as is, so runs
         that name the same ``data.synth`` share one set (``synthesize`` refuses a folder made otherwise)."""
-        if (out / "metadata.jsonl").exists() and not (out / "synth.json").exists():
-            return out  # the user's own folder: used as it is
+        if not made_by_run(out):  # the user's folder (own images, or slimdit synth's): used as it is
+            rec = read_json(out / "synth.json") if (out / "synth.json").exists() else None
+            rows = sum(1 for x in (out / "metadata.jsonl").read_text().splitlines() if x.strip())
+            if rec is not None and rows < rec["images"]:
+                raise ValueError(f"data.synth {out} holds {rows} of the {rec['images']} images slimdit synth was "
+                                 "asked for; finish it by rerunning that command")
+            return out
         prompts = self.real.captions[:self.cfg.synth_images]
         sampler = pipeline_sampler(self.pipe, self.teacher, name="teacher")
         synthesize(sampler, prompts, out, seed=self.seed, model=self.teacher,
-                   prompt_source=f"the first {len(prompts)} captions of {self.real.source}")
+                   prompt_source=f"the first {len(prompts)} captions of {self.real.source}", by=RUN_SET)
         return out
 
 
