@@ -1,4 +1,5 @@
-"""Run by test_trainer under ``accelerate launch --num_processes 2``: train a tiny student, report its weights."""
+"""Run by test_trainer under ``accelerate launch --num_processes 2``: train a tiny student, report its weights;
+then train one whose data is poisoned on rank 1 only, and report where each rank stopped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimdit.distill.trainer import TrainConfig, Trainer  # noqa: E402
+from slimdit.errors import TrainingDiverged  # noqa: E402
 from slimdit.models import adapter_for  # noqa: E402
 from tests.test_trainer import CFG, _data, _student  # noqa: E402
 
@@ -18,3 +20,15 @@ t = Trainer(adapter_for(student), teacher, student, _data(), TrainConfig(**{**CF
 t.train(progress=False)
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in t.student_model().parameters())).hexdigest()
 (out / f"rank{t.acc.process_index}_of{t.acc.num_processes}.txt").write_text(digest)
+
+teacher, student, kept = _student()
+data = _data()
+nan = Trainer(adapter_for(student), teacher, student, data, TrainConfig(**{**CFG, "steps": 4}), out / "nan", kept)
+if nan.acc.process_index == 1:
+    data.latents[:] = float("nan")  # only this rank sees a non-finite loss
+try:
+    nan.train(progress=False)
+    stopped = "finished"
+except TrainingDiverged as e:
+    stopped = str(e).split(" of ")[0]
+(out / f"nan_rank{nan.acc.process_index}.txt").write_text(stopped)

@@ -91,12 +91,13 @@ def test_diverged_distill_exits_nonzero_with_no_student(tiny_teacher, tmp_path, 
 
 # ---- run identity -------------------------------------------------------------------------------------------
 def _started_distill(teacher, run, plan_file) -> dict:
-    """A distill run that did some work (killed in its first phase) with its plan in ``plan_file``."""
+    """A distill run that did some work (killed in its first phase after a checkpoint) with its plan in
+    ``plan_file``."""
     from slimdit.distill.run import run_distill
 
     cfg = {**distill_cfg(teacher, run), "plan": str(plan_file)}
     with pytest.MonkeyPatch.context() as mp:
-        kill_at(mp, 2)
+        kill_at(mp, 5)
         with pytest.raises(Killed):
             run_distill(cfg, progress=False)
     return cfg
@@ -127,8 +128,10 @@ def test_changed_teacher_files_or_data_are_refused_by_name(tiny_teacher, tmp_pat
     cfg = DistillConfig.model_validate({"teacher": str(teacher), "plan": {"units": {}}, "out": str(tmp_path / "run"),
                                         "data": {"real": str(data)}})
     check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
-    (tmp_path / "run" / "phases").mkdir()  # the run has started
-    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))  # unchanged: continues
+    check_run_dir(cfg.out, cfg.model_copy(update={"teacher": str(teacher) + "/"}), input_fingerprints(cfg))
+    (tmp_path / "run" / "phases" / "00_local" / "checkpoints" / "step_0000001").mkdir(parents=True)  # work
+    check_run_dir(cfg.out, cfg.model_copy(update={"teacher": str(teacher) + "/."}), input_fingerprints(cfg))
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))  # unchanged (however its paths are spelled): continues
 
     (data / "a.png").write_bytes(b"png, redrawn")
     with pytest.raises(ValueError, match="input data.real"):
@@ -212,7 +215,7 @@ def test_config_input_paths_are_read_relative_to_the_config_file(tmp_path, monke
     (tmp_path / "sub" / "plans").mkdir(parents=True)
     (tmp_path / "sub" / "plans" / "p.yaml").write_text("units: {block.1: remove}\n")
     (tmp_path / "sub" / "c.yaml").write_text("teacher: shapes-pixart\nplan: plans/p.yaml\nout: runs/x\n")
-    assert load_config("sub/c.yaml").plan == str(Path("sub/plans/p.yaml"))
+    assert load_config("sub/c.yaml").plan == str(tmp_path / "sub" / "plans" / "p.yaml")  # absolute
     # on the command line a path is the working directory's, as everywhere
     assert load_config("sub/c.yaml", overrides={"plan": "sub/plans/p.yaml"}).plan == "sub/plans/p.yaml"
 
@@ -227,6 +230,6 @@ def test_an_unwritable_run_directory_fails_in_one_line_before_the_teacher_loads(
     (tmp_path / "file").write_text("not a folder")
     cfg = {"teacher": "shapes-pixart", "plan": {"units": {"block.1": "remove"}}, "out": str(tmp_path / "file" / "run")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and str(tmp_path / "file") in err and "Not a directory" in err
+    assert err.count("\n") == 0 and f"cannot write out: {tmp_path / 'file' / 'run'}" in err and "Not a directory" in err

@@ -52,16 +52,61 @@ def assert_same_run(a, b) -> None:
     assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
     la, lb = logs(a), logs(b)
     assert la == lb
-    steps = [r["step"] for r in la["phases/01_global/metrics.jsonl" if "phases/01_global/metrics.jsonl" in la
-                                   else next(iter(la))] if "step" in r and "total" in r]
-    assert steps == sorted(set(steps))  # each logged step once
+    for rows in lb.values():
+        steps = [r["step"] for r in rows if "total" in r and "phase" not in r]
+        assert steps == sorted(set(steps))  # each logged step once
+
+
+def test_resumed_trainer_logs_what_an_uninterrupted_one_logs(tmp_path, monkeypatch):
+    from slimdit.distill.trainer import TrainConfig
+    from slimdit.models import adapter_for
+    from tests.test_trainer import CFG, _data, _student
+
+    cfg = TrainConfig(**{**CFG, "steps": 8, "checkpoint_every": 4, "log_every": 3})
+    teacher, student, kept = _student()
+    Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "a", kept).train(progress=False)
+    teacher, student, kept = _student()
+    kill_at(monkeypatch, 7)  # at step 7: the row of step 6 was logged after the checkpoint of step 4
+    with pytest.raises(Killed):
+        Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept).train(progress=False)
+    monkeypatch.undo()
+    assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 6]
+    teacher, student, kept = _student()
+    Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept).train(progress=False)
+    a, b = logs(tmp_path / "a"), logs(tmp_path / "b")
+    assert [r["step"] for r in b["metrics.jsonl"]] == [3, 6, 8]
+    assert a == b  # the step-6 mean spans steps 4-6 although the resume started at 5
+
+
+def test_skipped_steps_stay_counted_across_a_resume(tmp_path, monkeypatch):
+    from slimdit.distill.trainer import TrainConfig
+    from slimdit.errors import TrainingDiverged
+    from slimdit.models import adapter_for
+    from tests.test_trainer import CFG, _data, _student
+
+    data = _data()
+    data.latents[[3, 11]] = float("nan")
+    teacher, student, kept = _student()
+    base = {**CFG, "steps": 12, "ema_decay": None, "checkpoint_every": 1}
+    probe = Trainer(adapter_for(student), teacher, student, data, TrainConfig(**base), tmp_path / "p", kept)
+    bad = [s + 1 for s in range(12) if not torch.isfinite(probe._batch(s, 0)[0]).all()]
+    assert len(bad) >= 2 and bad[0] + 1 < bad[-1], bad
+    cfg = TrainConfig(**{**base, "max_skipped_steps": len(bad) - 1})
+    kill_at(monkeypatch, bad[0] + 1)  # after the first skip was checkpointed
+    teacher, student, kept = _student()
+    with pytest.raises(Killed):
+        Trainer(adapter_for(student), teacher, student, data, cfg, tmp_path / "r", kept).train(progress=False)
+    monkeypatch.undo()
+    teacher, student, kept = _student()
+    with pytest.raises(TrainingDiverged, match=f"at step {bad[-1]} "):  # not later: the skip was remembered
+        Trainer(adapter_for(student), teacher, student, data, cfg, tmp_path / "r", kept).train(progress=False)
 
 
 def distill_cfg(teacher, out) -> dict:
     return {"teacher": teacher, "out": str(out), "plan": {"units": {"block.1": "remove", "block.2": {"svd": 0.5}}},
             "protocol": "three_stage", "data": {"real": "shapes-train:16", "synth_images": 8},
-            "train": {"steps": 8, "batch_size": 2, "warmup_steps": 2, "lr": 1e-3, "grad_clip": 1.0,
-                      "checkpoint_every": 2, "log_every": 2, "val_every": 3, "val_prompts": 2, "ema_decay": 0.9},
+            "train": {"steps": 16, "batch_size": 2, "warmup_steps": 2, "lr": 1e-3, "grad_clip": 1.0,
+                      "checkpoint_every": 3, "log_every": 2, "val_every": 5, "val_prompts": 2, "ema_decay": 0.9},
             "eval": {"benchmark": None, "bench": False}}
 
 
@@ -72,14 +117,16 @@ def straight_distill(tiny_teacher, tmp_path_factory):  # noqa: F811
     return run_distill(distill_cfg(tiny_teacher, tmp_path_factory.mktemp("straight") / "run"), progress=False)
 
 
-@pytest.mark.parametrize("kill", [1, 4, 7, "save"],
-                         ids=["phase0-step1-after-cache", "phase1-after-checkpoint", "phase2", "final-save"])
+# the 3 phases take 7, 7 and 2 of the 16 steps; checkpoints every 3 steps, losses logged every 2: a kill at a
+# phase's step 6 (or 5) leaves a logged row after its last checkpoint and a partial loss sum in it
+@pytest.mark.parametrize("kill", [1, 6, 12, 15, "save"],
+                         ids=["phase0-step1-after-cache", "phase0-step6", "phase1-step5", "phase2-step1", "final-save"])
 def test_killed_distill_resumes_bit_identical(tiny_teacher, straight_distill, tmp_path, monkeypatch, kill):  # noqa: F811
     import slimdit.distill.run as distill_run
 
     if kill == "save":  # training finished, then the final pipeline save dies
         kill_at(monkeypatch, 1, distill_run, "save_pipeline_with")
-    else:  # the 3 phases take 2, 4 and 2 of the 8 steps; checkpoints every 2
+    else:
         kill_at(monkeypatch, kill)
     cfg = distill_cfg(tiny_teacher, tmp_path / "run")
     with pytest.raises(Killed):

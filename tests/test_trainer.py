@@ -102,6 +102,9 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     digests = [(tmp_path / f"rank{i}_of2.txt").read_text() for i in range(2)]
     assert digests[0] == digests[1]  # DDP kept the replicas identical
     assert (tmp_path / "checkpoints" / "step_0000004").is_dir()
+    # a NaN on one rank stops both at the same step, neither waiting for the other
+    stops = [(tmp_path / f"nan_rank{i}.txt").read_text() for i in range(2)]
+    assert stops == ["training diverged at step 1"] * 2
 
 
 def test_cosine_schedule_warms_up_then_falls_to_zero_and_constant_stays_flat():

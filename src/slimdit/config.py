@@ -129,12 +129,13 @@ INPUT_PATHS = ("plan", "data.real", "data.synth", "calibration.prompts", "base")
 
 
 def resolve_input(value: Any, base: str | Path) -> Any:
-    """A relative input path of a file in folder ``base``: beside that file if it exists there (or exists nowhere
-    yet), else relative to the working directory as before. ``shapes-train:...`` specs stay as they are."""
+    """A relative input path written in a file in folder ``base``: the absolute path beside that file when it
+    exists there, else the path as written (the working directory's, e.g. a folder a run will create).
+    ``shapes-train:...`` specs stay as they are."""
     if not isinstance(value, str) or value.startswith("shapes-train:") or Path(value).is_absolute():
         return value
     beside = Path(base) / value
-    return os.path.normpath(beside) if beside.exists() or not Path(value).exists() else value
+    return os.path.abspath(beside) if beside.exists() else value
 
 
 def resolve_inputs(raw: dict, base: str | Path, dotted: bool = False) -> dict:

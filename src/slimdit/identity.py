@@ -1,10 +1,11 @@
 """What a run directory was made from: its config, and the contents of every input the config points to.
 
 A rerun continues a run only when both are unchanged: ``config.yaml`` holds the config, ``inputs.json`` the
-fingerprints of the teacher's files, the plan file's contents, the data folders and the calibration prompts. A
-changed input under a run that has started is refused with what changed, so ``plan.json``, ``summary.json`` and
-``student/`` can never describe different things. A run that failed before producing anything (say, an
-infeasible schedule) is taken over by the corrected config.
+contents of what its input fields name (the teacher's files, the plan, the data folders, the calibration prompts),
+by fingerprint. Input fields are compared by contents, not by how their paths are spelled. A changed input under
+a run that has done work is refused with what changed, so ``plan.json``, ``summary.json`` and ``student/`` can
+never describe different things. A run that failed before doing any work (say, an infeasible schedule) is taken
+over by the corrected config.
 """
 
 from __future__ import annotations
@@ -17,56 +18,63 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from slimdit.io import read_json, write_json
+from slimdit.config import INPUT_PATHS, dump_config
+from slimdit.io import ensure_writable, read_json, write_json
 
-RECORDS = {"config.yaml", "inputs.json"}
-# keyed by their contents (cache/), checked by their own record (synth/), or redone when their settings change
-# (the demo's analysis/): none of them ties a run directory to its first config
-REBUILDABLE = {"cache", "synth", "analysis", "timings.json"}
+# fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on
+FREE_FIELDS = ("train.max_skipped_steps",)
+# what a run's work leaves; a directory with none of it (only records, caches, a plan or a selection that the next
+# attempt writes again) has done no work
+WORK = ("**/checkpoints/step_*", "**/done.json", "student", "untrained", "summary.json", "metrics", "bench.json")
+CHUNK, SAMPLES = 1 << 16, 16
 
 
 def files_fingerprint(path: str | Path) -> str:
-    """A short digest of a file or a folder's files: each contributes its relative path, size and first and last
-    MiB (hashing multi-GB checkpoints whole would cost more than the checks save)."""
+    """A short digest of a file or a folder's files (hidden ones, such as ``.git`` or ``.cache``, left out): each
+    contributes its relative path, size, first and last MiB and 16 chunks spread over the rest (hashing multi-GB
+    checkpoints whole would cost more than the checks save)."""
     src = Path(path)
     h = hashlib.sha256()
-    files = [src] if src.is_file() else sorted(q for q in src.rglob("*") if q.is_file())
+    files = [src] if src.is_file() else sorted(
+        q for q in src.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(src).parts))
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.relative_to(src).as_posix() if f != src else f.name}:{size}".encode())
         with f.open("rb") as fh:
             h.update(fh.read(1 << 20))
             if size > 2 << 20:
+                for k in range(1, SAMPLES + 1):
+                    fh.seek((size - CHUNK) * k // (SAMPLES + 1))
+                    h.update(fh.read(CHUNK))
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read())
     return h.hexdigest()[:16]
 
 
-def _spec(spec: str) -> str:
-    """A data or prompt spec's identity: ``shapes-train:...`` is generated from its spec; a path by its files."""
-    if spec.startswith("shapes-train:") or not Path(spec).exists():
+def _contents(spec: str | None) -> str | None:
+    """A data or prompt spec's identity: ``shapes-train:...`` is generated from its spec, a path is its files."""
+    if spec is None or spec.startswith("shapes-train:") or not Path(spec).exists():
         return spec
-    return f"{spec}@{files_fingerprint(spec)}"
+    return f"files {files_fingerprint(spec)}"
 
 
 def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
-    """The fingerprints of everything ``cfg`` (a distill, schedule or demo config) points to."""
+    """The contents of everything ``cfg`` (a distill, schedule or demo config) points to, one entry per input
+    field."""
     from slimdit.compress.plan import Plan
+    from slimdit.data.synth import made_by_run
     from slimdit.pipelines.loading import model_fingerprint
 
     out: dict[str, Any] = {"teacher": model_fingerprint(cfg.teacher)}
     plan = getattr(cfg, "plan", None)
-    if isinstance(plan, str):
-        out["plan"] = Plan.load(plan).to_dict()
-    out["data.real"] = _spec(cfg.data.real)
-    synth = cfg.data.synth
-    if synth is not None:  # the sets runs make are checked against their synth.json; a user's folder by its files
-        from slimdit.data.synth import made_by_run
-
-        out["data.synth"] = "made by the run (synth.json)" if made_by_run(synth) else _spec(synth)
+    if plan is not None:
+        out["plan"] = (Plan.load(plan) if isinstance(plan, str) else Plan.from_dict(plan)).to_dict()
+    out["data.real"] = _contents(cfg.data.real)
+    synth = cfg.data.synth  # the sets runs make are checked against their synth.json; a user's folder by its files
+    out["data.synth"] = None if synth is None else "made by the run" if made_by_run(synth) else _contents(synth)
     calibration = getattr(cfg, "calibration", None)
     if calibration is not None:
-        out["calibration.prompts"] = _spec(calibration.prompts)
+        out["calibration.prompts"] = _contents(calibration.prompts)
     return out
 
 
@@ -78,20 +86,34 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
+def _without(config: dict, fields: tuple[str, ...]) -> dict:
+    """``config`` less the dotted ``fields`` (input paths are compared by contents in ``inputs.json``)."""
+    out = yaml.safe_load(yaml.safe_dump(config))
+    for key in fields:
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 def _started(run: Path) -> bool:
-    """Whether ``run`` holds work of its config (anything but the records and what is rebuilt when stale)."""
-    return run.is_dir() and any(not p.name.startswith(".") and p.name not in RECORDS | REBUILDABLE
-                                for p in run.iterdir())
+    """Whether ``run`` holds work: a checkpoint, a finished phase or stage, a student, an evaluation."""
+    return any(next(run.glob(pattern), None) is not None for pattern in WORK)
 
 
 def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> None:
     """Claim ``run`` for ``cfg`` and ``inputs``: refuse a run directory whose work came from another config or
     other inputs (naming what changed), take over one that holds no work yet, and record both."""
     run = Path(run)
-    config = cfg.model_dump(mode="json")
+    ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
+    config = _without(cfg.model_dump(mode="json"), ignored)
     changes = []
     if (run / "config.yaml").exists():
-        changes += [f"config {line}" for line in _diff(yaml.safe_load((run / "config.yaml").read_text()), config)]
+        old = _without(yaml.safe_load((run / "config.yaml").read_text()), ignored)
+        changes += [f"config {line}" for line in _diff(old, config)]
     if (run / "inputs.json").exists():
         changes += [f"input {line}" for line in _diff(read_json(run / "inputs.json"), inputs)]
     if changes and _started(run):
@@ -99,8 +121,9 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
                          + "\n  ".join(changes))
     if changes:
         print(f"slimdit: {run} held no work yet; starting it with the new config", file=sys.stderr)
-    from slimdit.config import dump_config
-
-    run.mkdir(parents=True, exist_ok=True)
+    ensure_writable(run, "out:")
+    shared = getattr(getattr(cfg, "eval", None), "shared", None)
+    if shared is not None:
+        ensure_writable(shared, "eval.shared")
     dump_config(cfg, run / "config.yaml")
     write_json(run / "inputs.json", inputs)

@@ -55,6 +55,18 @@ def made_by_run(folder: str | Path) -> bool:
     return not (folder / "metadata.jsonl").exists()
 
 
+def check_user_set(folder: str | Path | None) -> None:
+    """Refuse a user's synthetic set (``data.synth``) that ``slimdit synth`` has not finished, before a run starts."""
+    if folder is None or made_by_run(folder):
+        return
+    folder = Path(folder)
+    rec = read_json(folder / "synth.json") if (folder / "synth.json").exists() else None
+    rows = sum(1 for x in (folder / "metadata.jsonl").read_text().splitlines() if x.strip())
+    if rec is not None and rows < rec["images"]:
+        raise ValueError(f"data.synth {folder} holds {rows} of the {rec['images']} images slimdit synth was asked "
+                         "for; finish it by rerunning that command")
+
+
 def _check_folder(out: Path, record: dict, prompts: list[str]) -> int:
     """How many images of ``record`` the folder already holds; refuse a folder made otherwise (never mix sets)."""
     marker, meta = out / "synth.json", out / "metadata.jsonl"
@@ -85,7 +97,8 @@ def synthesize(sampler: Sampler, prompts: list[str], out_dir: str | Path, seed: 
     out.mkdir(parents=True, exist_ok=True)
     record = synth_record(sampler, prompts, seed, model, prompt_source, by)
     done = _check_folder(out, record, prompts)
-    write_json(out / "synth.json", record)
+    if not (out / "synth.json").exists():  # written once: a finished folder's files never change on a rerun
+        write_json(out / "synth.json", record)
     with (out / "metadata.jsonl").open("a") as f, tqdm(total=len(prompts), initial=done, desc="synth", unit="img",
                                                        dynamic_ncols=True) as bar:
         for start in range(done, len(prompts), chunk):

@@ -20,7 +20,7 @@ from slimdit.compress.plan import Plan, apply_plan, validate
 from slimdit.config import DistillConfig, load_config
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
-from slimdit.data.synth import RUN_SET, made_by_run, synthesize
+from slimdit.data.synth import RUN_SET, check_user_set, made_by_run, synthesize
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
@@ -41,6 +41,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     """Run (or continue) a distillation; return the run directory."""
     cfg = config if isinstance(config, DistillConfig) else load_config(config)
     run = Path(cfg.out)
+    check_user_set(cfg.data.synth)
     check_run_dir(run, cfg, input_fingerprints(cfg))  # refuses changed inputs before anything is written
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
     phases = resolve_protocol(cfg.protocol)
@@ -87,6 +88,9 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
     ``conditioning(kind)`` returns the cached data of a phase's dataset (``real`` or ``synth``); ``validate``, if
     given, is the trainer's validation (``slimdit.distill.fidelity.teacher_validator``).
     """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # what the trainer's Accelerator uses
     teacher_units = adapter.units(teacher)
     steps = phase_steps(phases, train_fields["steps"])
     for i, (ph, n) in enumerate(zip(phases, steps)):
@@ -96,9 +100,10 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
             continue
         units = trainable_units(ph.trainable, teacher_units, kept_units, modified)
         if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)
-            pdir.mkdir(parents=True, exist_ok=True)
-            save_model(student, pdir / "student")
-            write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
+            if state.is_main_process:
+                save_model(student, pdir / "student")
+                write_json(pdir / "done.json", {"phase": ph.name, "steps": 0, "trainable": []})
+            state.wait_for_everyone()
             continue
         tcfg = TrainConfig(**{**train_fields, "steps": n, "betas": tuple(train_fields["betas"]),
                               "eps": tuple(train_fields["eps"])})
@@ -107,10 +112,12 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
                           validate)
         last = trainer.train(progress=progress)
         student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
-        save_model(student, pdir / "student")
-        write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
-                                        "seconds": round(time.time() - t0, 1), "last": last})
-        _phase_log(run)
+        if state.is_main_process:  # one writer; the others wait until the phase is on disk
+            save_model(student, pdir / "student")
+            write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",
+                                            "seconds": round(time.time() - t0, 1), "last": last})
+            _phase_log(run)
+        state.wait_for_everyone()
     return student
 
 
@@ -146,11 +153,7 @@ class Conditionings:
         """Generate (or finish generating) the synthetic set into ``out``; a finished folder is used as is, so runs
         that name the same ``data.synth`` share one set (``synthesize`` refuses a folder made otherwise)."""
         if not made_by_run(out):  # the user's folder (own images, or slimdit synth's): used as it is
-            rec = read_json(out / "synth.json") if (out / "synth.json").exists() else None
-            rows = sum(1 for x in (out / "metadata.jsonl").read_text().splitlines() if x.strip())
-            if rec is not None and rows < rec["images"]:
-                raise ValueError(f"data.synth {out} holds {rows} of the {rec['images']} images slimdit synth was "
-                                 "asked for; finish it by rerunning that command")
+            check_user_set(out)
             return out
         prompts = self.real.captions[:self.cfg.synth_images]
         sampler = pipeline_sampler(self.pipe, self.teacher, name="teacher")

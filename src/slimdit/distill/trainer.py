@@ -123,8 +123,15 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
                          cfg.warmup_steps if cfg.lr_schedule == "cosine" else None)
 
 
-_ADVICE = ("lower train.lr or train.grad_clip, or let train.max_skipped_steps skip a few bad steps; "
-           "a changed config needs a new out:")
+_ADVICE = ("rerun with --set train.max_skipped_steps=N to skip up to N such steps (it resumes from that "
+           "checkpoint), or lower train.lr or train.grad_clip with a new out:")
+
+
+def _row(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {}
 
 
 def _checkpoints(run: Path) -> list[Path]:
@@ -182,33 +189,33 @@ class Trainer:
     def _lr_scale(self, step: int) -> float:
         return lr_scale(self.cfg, step)
 
-    def _first_nonfinite(self) -> str | None:
-        """The name of the first trained (or EMA) tensor holding a NaN or inf, else None."""
-        for n, p in zip(self.names, self.params):
-            if not torch.isfinite(p).all():
-                return n
-        for n, e in zip(self.names, self.ema or []):
-            if not torch.isfinite(e).all():
-                return f"{n} (EMA)"
-        return None
+    def _first_nonfinite(self, optimizer_state: dict[str, torch.Tensor]) -> str | None:
+        """The first trained parameter, EMA weight or optimizer state tensor holding a NaN or inf, else None."""
+        named = [*((f"parameter {n}", p) for n, p in zip(self.names, self.params)),
+                 *((f"EMA weight {n}", e) for n, e in zip(self.names, self.ema or [])),
+                 *((f"optimizer state {k}", v) for k, v in optimizer_state.items() if v.is_floating_point())]
+        return next((name for name, t in named if not torch.isfinite(t).all()), None)
 
     def save(self) -> Path:
+        opt_t, opt_meta = optimizer_to_tensors(getattr(self.opt, "optimizer", self.opt))
+        bad = self._first_nonfinite(opt_t)  # on every process (replicas agree), so none is left waiting
+        if bad is not None:  # never write it: rotation would then delete a good checkpoint
+            raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: {bad} is not finite; "
+                                   f"{self._last_good()}; {_ADVICE}")
+        sums = {k: v.reshape(1) for k, v in self._sums.items()}
+        if self.acc.num_processes > 1:  # the same on every process after a resume (exact in one process)
+            sums = {k: self.acc.reduce(v, reduction="mean") for k, v in sums.items()}
         if not self.acc.is_main_process:
             return self.run
-        bad = self._first_nonfinite()
-        if bad is not None:  # never write it: rotation would then delete a good checkpoint
-            raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: parameter {bad} is not "
-                                   f"finite; {self._last_good()}; {_ADVICE}")
         ck = self.run / "checkpoints" / f"step_{self.step:07d}"
         tmp = ck.with_name(ck.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_tensors(tmp / "trainable.safetensors", dict(zip(self.names, self.params)))
         if self.ema is not None:
             save_tensors(tmp / "ema.safetensors", dict(zip(self.names, self.ema)))
-        opt_t, opt_meta = optimizer_to_tensors(getattr(self.opt, "optimizer", self.opt))
         save_tensors(tmp / "optimizer.safetensors", opt_t)
         # the loss sums of the steps since the last log, so the first log after a resume is the same mean
-        save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in self._sums.items()})
+        save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in sums.items()})
         write_json(tmp / "state.json", {"step": self.step, "skipped_steps": self.skipped, "summed_steps": self._n_sums,
                                         "optimizer": opt_meta, "config": asdict(self.cfg)})
         shutil.rmtree(ck, ignore_errors=True)
@@ -255,15 +262,15 @@ class Trainer:
         log = self.run / "metrics.jsonl"
         if not self.acc.is_main_process or not log.exists():
             return
-        rows = [r for r in log.read_text().splitlines() if r.strip()]
-        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        rows = log.read_text().splitlines()
+        kept = [r for r in rows if _row(r).get("step", step + 1) <= step]  # a line torn by the kill goes too
         if len(kept) != len(rows):
             atomic_write_text(log, "".join(r + "\n" for r in kept))
 
     def _logged_last(self) -> dict:
         """The last logged losses in ``metrics.jsonl`` (what a finished phase reports when rerun)."""
         log = self.run / "metrics.jsonl"
-        rows = [json.loads(r) for r in log.read_text().splitlines() if r.strip()] if log.exists() else []
+        rows = [_row(r) for r in log.read_text().splitlines()] if log.exists() else []
         return next((r for r in reversed(rows) if "total" in r), {})
 
     # ---- one step ---------------------------------------------------------------------------------------
@@ -304,17 +311,20 @@ class Trainer:
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0) + v.detach() / cfg.grad_accum
                 if self.acc.sync_gradients:
-                    loss = terms_sum["total"]
-                    norm = self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
-                    norm = loss.new_zeros(()) if norm is None else torch.as_tensor(norm).to(loss.device)
-                    # one host sync per step, as loss scaling has: a NaN applied once poisons every later step
-                    bad = ~torch.isfinite(loss) | ~torch.isfinite(norm)
-                    if self.acc.num_processes > 1:
-                        bad = self.acc.reduce(bad.float(), reduction="sum") > 0
-                    if bool(bad):
+                    loss, norm = terms_sum["total"], None
+                    if self.acc.scaler is None:  # one check of loss and gradient norm
+                        norm = self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
+                    # under fp16 loss scaling an inf gradient is the scaler's to skip (it lowers the scale), so
+                    # only the loss is checked, before clipping unscales the gradients
+                    flag = ~torch.isfinite(loss)
+                    if norm is not None:
+                        flag = flag | ~torch.isfinite(torch.as_tensor(norm).to(loss.device))
+                    if self._bad(flag):
                         self.opt.zero_grad(set_to_none=True)
                         self._nonfinite(loss, norm)
                         return {}
+                    if self.acc.scaler is not None:
+                        self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
                     self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -323,9 +333,18 @@ class Trainer:
                     e.lerp_(p.detach(), 1 - cfg.ema_decay)
         return terms_sum
 
-    def _nonfinite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    def _bad(self, flag: torch.Tensor) -> bool:
+        """``flag`` on any process (one host sync, as loss scaling has: a NaN applied once poisons every later
+        step); every process takes the same decision."""
+        flag = flag.float().reshape(1).to(self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def _nonfinite(self, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
         """Skip the step being taken (logged), or stop the run when no skip is left."""
-        step, what = self.step + 1, f"loss {float(loss):.4g}, gradient norm {float(norm):.4g}"
+        what = f"loss {float(loss):.4g}" + (f", gradient norm {float(norm):.4g}" if norm is not None else "")
+        step = self.step + 1
         if self.skipped < self.cfg.max_skipped_steps:
             self.skipped += 1
             self._write({"step": step, "skipped": f"non-finite step ({what})", "skipped_steps": self.skipped})
@@ -345,12 +364,12 @@ class Trainer:
         """Train until ``cfg.steps`` (or ``max_steps`` more steps); return the last logged losses."""
         cfg = self.cfg
         self.resume()
-        tb = {"tensorboard": {"purge_step": self.step + 1}} if self.step else {}  # hide events after the checkpoint
+        tb = {"tensorboard": {"purge_step": self.step + 1}}  # hide events an earlier attempt logged after this step
         self.acc.init_trackers("tb", config={k: str(v) for k, v in asdict(cfg).items()}, init_kwargs=tb)
         stop = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="distill", unit="step", dynamic_ncols=True,
                    disable=not (progress and self.acc.is_local_main_process))
-        last: dict = self._logged_last() if self.acc.is_main_process else {}
+        last: dict = self._logged_last()
         t0, s0 = time.time(), self.step
         self._log = (self.run / "metrics.jsonl").open("a") if self.acc.is_main_process else None
         try:
@@ -364,8 +383,10 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if (self.step % cfg.log_every == 0 or self.step == stop) and self._n_sums:
-                    # the one host sync per interval
-                    last = {k: (v / self._n_sums).item() for k, v in self._sums.items()}
+                    means = {k: v / self._n_sums for k, v in self._sums.items()}
+                    if self.acc.num_processes > 1:  # the mean over the global batch, the same on every process
+                        means = {k: self.acc.reduce(v.reshape(1), reduction="mean") for k, v in means.items()}
+                    last = {k: v.item() for k, v in means.items()}  # the one host sync per interval
                     self._sums, self._n_sums = {}, 0
                     rate = (self.step - s0) * cfg.batch_size / max(time.time() - t0, 1e-9)
                     last.update(step=self.step, lr=self.opt.param_groups[0]["lr"], samples_per_s=rate)
@@ -388,7 +409,8 @@ class Trainer:
             if self._log is not None:
                 self._log.close()
             self._log = None
-            self.acc.end_training()
+            for tracker in self.acc.trackers:  # not end_training(): it destroys the process group the next phase
+                tracker.finish()               # of a multi-process run still needs
         return last
 
     def student_model(self, use_ema: bool = False) -> nn.Module:

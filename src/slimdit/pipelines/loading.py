@@ -38,7 +38,7 @@ def resolve_model_dir(model: str) -> Path | str:
         if not (p / "model_index.json").exists():
             raise FileNotFoundError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
         return p
-    if len(p.parts) > 1 and Path(p.parts[0]).is_dir():
+    if len(p.parts) > 1 and Path(p.parts[0]).is_dir() and not _cached_hub_model(model):
         base = next(q for q in p.parents if q.is_dir())  # the deepest existing directory, at least p.parts[0]
         missing = p.parts[len(base.parts)]
         close = get_close_matches(missing, sorted(c.name for c in base.iterdir() if c.is_dir()), n=3)
@@ -49,6 +49,18 @@ def resolve_model_dir(model: str) -> Path | str:
         return model  # a hub id; diffusers resolves it from the cache or the hub
     raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*BUILTINS, *SAMPLERS])}), "
                             "not an existing directory, not a hub id (owner/name)")
+
+
+def _cached_hub_model(model: str) -> bool:
+    """Whether ``model`` is a hub id whose pipeline is in the local Hugging Face cache."""
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def model_fingerprint(model: str) -> str:

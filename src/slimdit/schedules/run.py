@@ -22,7 +22,7 @@ import torch
 from slimdit.compress.plan import Plan, UnitOp, apply_plan
 from slimdit.config import RunConfig, load_config
 from slimdit.data.datasets import load_dataset
-from slimdit.data.synth import read_prompts
+from slimdit.data.synth import check_user_set, read_prompts
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import resolve_protocol
 from slimdit.distill.run import Conditionings, train_protocol
@@ -157,7 +157,8 @@ def _infeasible(s, scores: dict[str, float], params: dict[str, int], k: int, n_r
                 adjusted: bool) -> ValueError:
     """Eq. 4.21 fails: say which schedule fields to change, quoting the N the config asks for."""
     lo, hi = feasible_range([params[u] for u in sorted(scores, key=scores.get)[:k]], s.base_ratio)
-    fields = (f"schedule.units_per_stage = {k} units at schedule.base_ratio = {s.base_ratio}")
+    n_units = f"{k} units" if k == s.units_per_stage else f"{k} units (all there are)"
+    fields = f"schedule.units_per_stage = {s.units_per_stage}: {n_units} at schedule.base_ratio = {s.base_ratio}"
     if n_remove < lo:
         return ValueError(f"schedule: this stage must remove {n_remove:,.0f} block parameters (its share of the way "
                           f"to schedule.target = {s.target}), but {fields} remove at least {lo:,.0f} (eq. 4.21); "
@@ -189,6 +190,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     """Run (or continue) a schedule; return the run directory."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, RunConfig)
     run = Path(cfg.out)
+    check_user_set(cfg.data.synth)
     check_run_dir(run, cfg, input_fingerprints(cfg))  # refuses changed inputs before anything is written
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)
