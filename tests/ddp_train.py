@@ -12,18 +12,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slimdit.distill.trainer import TrainConfig, Trainer  # noqa: E402
 from slimdit.errors import TrainingDiverged  # noqa: E402
 from slimdit.models import adapter_for  # noqa: E402
-from tests.test_trainer import CFG, _data, _student  # noqa: E402
+from tests.test_trainer import CFG, SCHED, _data, _student  # noqa: E402
 
 out = Path(sys.argv[1])
 teacher, student, kept = _student()
-t = Trainer(adapter_for(student), teacher, student, _data(), TrainConfig(**{**CFG, "steps": 4}), out, kept)
+t = Trainer(adapter_for(student, SCHED), teacher, student, _data(), TrainConfig(**{**CFG, "steps": 4}), out, kept)
 t.train(progress=False)
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in t.student_model().parameters())).hexdigest()
 (out / f"rank{t.acc.process_index}_of{t.acc.num_processes}.txt").write_text(digest)
 
 teacher, student, kept = _student()
 data = _data()
-nan = Trainer(adapter_for(student), teacher, student, data, TrainConfig(**{**CFG, "steps": 4}), out / "nan", kept)
+nan = Trainer(adapter_for(student, SCHED), teacher, student, data, TrainConfig(**{**CFG, "steps": 4}), out / "nan",
+              kept)
 if nan.acc.process_index == 1:
     data.latents[:] = float("nan")  # only this rank sees a non-finite loss
 try:

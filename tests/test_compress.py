@@ -168,5 +168,5 @@ def test_bypass_equals_removal_and_leaves_the_model_untouched():
 
 
 def test_an_unsupported_model_is_named():
-    with pytest.raises(ValueError, match="no slimdit adapter for Linear; supported: pixart"):
+    with pytest.raises(ValueError, match="no slimdit adapter for Linear; supported: flux, pixart"):
         adapter_for(torch.nn.Linear(2, 2))

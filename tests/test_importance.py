@@ -54,7 +54,7 @@ def test_cka_recorder_fills_a_unit_by_step_heatmap():
     rms = rec.feature_rms()
     with torch.no_grad(), adapter_for(m).capture(m) as feats:
         m(**inputs())
-    assert rms["block.0"] == pytest.approx(float(feats["block.0"].double().pow(2).mean().sqrt()), rel=1e-6)
+    assert rms["block.0"] == pytest.approx(float(feats["block.0"]["image"].double().pow(2).mean().sqrt()), rel=1e-6)
 
 
 def test_search_greedy_then_optuna_from_greedy(tmp_path):

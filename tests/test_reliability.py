@@ -18,7 +18,7 @@ from slimdit.errors import TrainingDiverged
 from slimdit.models import adapter_for
 from tests.test_resume import Killed, distill_cfg, kill_at
 from tests.test_schedules import _cfg, tiny_teacher  # noqa: F401  (the fixture)
-from tests.test_trainer import CFG, _data, _student
+from tests.test_trainer import CFG, SCHED, _data, _student
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_nonfinite_step_stops_at_once_and_keeps_the_last_finite_checkpoint(tmp_p
     teacher, student, kept = _student()
     cfg = TrainConfig(**{**CFG, "lr": 1e6, "optimizer": "adamw", "steps": 20, "warmup_steps": 1,
                          "checkpoint_every": 1, "keep_checkpoints": 2})
-    t = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path, kept)
+    t = Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path, kept)
     with pytest.raises(TrainingDiverged, match=r"at step 2 .*non-finite loss nan.*step_0000001 \(step 1\), kept"):
         t.train(progress=False)
     cks = sorted((tmp_path / "checkpoints").iterdir())
@@ -48,12 +48,12 @@ def test_skipped_nonfinite_steps_are_bounded_and_logged(tmp_path):
     data.latents[3] = float("nan")  # one poisoned sample: every step that draws it has a NaN loss
     teacher, student, kept = _student()
     cfg = TrainConfig(**{**CFG, "steps": 6, "ema_decay": None})
-    probe = Trainer(adapter_for(student), teacher, copy.deepcopy(student), data, cfg, tmp_path / "probe", kept)
+    probe = Trainer(adapter_for(student, SCHED), teacher, copy.deepcopy(student), data, cfg, tmp_path / "probe", kept)
     bad = [s + 1 for s in range(6) if not torch.isfinite(probe._batch(s, 0)[0]).all()]
     assert 1 <= len(bad) < 6
 
     allowed = TrainConfig(**{**CFG, "steps": 6, "ema_decay": None, "max_skipped_steps": len(bad)})
-    t = Trainer(adapter_for(student), teacher, student, data, allowed, tmp_path / "skip", kept)
+    t = Trainer(adapter_for(student, SCHED), teacher, student, data, allowed, tmp_path / "skip", kept)
     t.train(progress=False)
     assert all(torch.isfinite(p).all() for p in t.student_model().parameters())
     rows = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
@@ -61,7 +61,7 @@ def test_skipped_nonfinite_steps_are_bounded_and_logged(tmp_path):
 
     teacher, student, kept = _student()
     strict = TrainConfig(**{**CFG, "steps": 6, "ema_decay": None, "max_skipped_steps": len(bad) - 1})
-    t = Trainer(adapter_for(student), teacher, student, data, strict, tmp_path / "strict", kept)
+    t = Trainer(adapter_for(student, SCHED), teacher, student, data, strict, tmp_path / "strict", kept)
     with pytest.raises(TrainingDiverged, match=f"at step {bad[-1]} "):
         t.train(progress=False)
 

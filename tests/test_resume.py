@@ -60,19 +60,19 @@ def assert_same_run(a, b) -> None:
 def test_resumed_trainer_logs_what_an_uninterrupted_one_logs(tmp_path, monkeypatch):
     from slimdit.distill.trainer import TrainConfig
     from slimdit.models import adapter_for
-    from tests.test_trainer import CFG, _data, _student
+    from tests.test_trainer import CFG, SCHED, _data, _student
 
     cfg = TrainConfig(**{**CFG, "steps": 8, "checkpoint_every": 4, "log_every": 3})
     teacher, student, kept = _student()
-    Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "a", kept).train(progress=False)
+    Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path / "a", kept).train(progress=False)
     teacher, student, kept = _student()
     kill_at(monkeypatch, 7)  # at step 7: the row of step 6 was logged after the checkpoint of step 4
     with pytest.raises(Killed):
-        Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept).train(progress=False)
+        Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path / "b", kept).train(progress=False)
     monkeypatch.undo()
     assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 6]
     teacher, student, kept = _student()
-    Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept).train(progress=False)
+    Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path / "b", kept).train(progress=False)
     a, b = logs(tmp_path / "a"), logs(tmp_path / "b")
     assert [r["step"] for r in b["metrics.jsonl"]] == [3, 6, 8]
     assert a == b  # the step-6 mean spans steps 4-6 although the resume started at 5
@@ -82,24 +82,24 @@ def test_skipped_steps_stay_counted_across_a_resume(tmp_path, monkeypatch):
     from slimdit.distill.trainer import TrainConfig
     from slimdit.errors import TrainingDiverged
     from slimdit.models import adapter_for
-    from tests.test_trainer import CFG, _data, _student
+    from tests.test_trainer import CFG, SCHED, _data, _student
 
     data = _data()
     data.latents[[3, 11]] = float("nan")
     teacher, student, kept = _student()
     base = {**CFG, "steps": 12, "ema_decay": None, "checkpoint_every": 1}
-    probe = Trainer(adapter_for(student), teacher, student, data, TrainConfig(**base), tmp_path / "p", kept)
+    probe = Trainer(adapter_for(student, SCHED), teacher, student, data, TrainConfig(**base), tmp_path / "p", kept)
     bad = [s + 1 for s in range(12) if not torch.isfinite(probe._batch(s, 0)[0]).all()]
     assert len(bad) >= 2 and bad[0] + 1 < bad[-1], bad
     cfg = TrainConfig(**{**base, "max_skipped_steps": len(bad) - 1})
     kill_at(monkeypatch, bad[0] + 1)  # after the first skip was checkpointed
     teacher, student, kept = _student()
     with pytest.raises(Killed):
-        Trainer(adapter_for(student), teacher, student, data, cfg, tmp_path / "r", kept).train(progress=False)
+        Trainer(adapter_for(student, SCHED), teacher, student, data, cfg, tmp_path / "r", kept).train(progress=False)
     monkeypatch.undo()
     teacher, student, kept = _student()
     with pytest.raises(TrainingDiverged, match=f"at step {bad[-1]} "):  # not later: the skip was remembered
-        Trainer(adapter_for(student), teacher, student, data, cfg, tmp_path / "r", kept).train(progress=False)
+        Trainer(adapter_for(student, SCHED), teacher, student, data, cfg, tmp_path / "r", kept).train(progress=False)
 
 
 def distill_cfg(teacher, out) -> dict:

@@ -93,6 +93,7 @@ def test_learned_masks_drop_the_units_that_do_nothing():
     from slimdit.models import adapter_for
     from slimdit.search.masks import MaskConfig, learn_masks
     from tests.test_compress import tiny
+    from tests.test_trainer import SCHED
 
     m = tiny(num_layers=4)
     with torch.no_grad():  # blocks 1 and 2 become the identity: removing them costs nothing
@@ -102,8 +103,9 @@ def test_learned_masks_drop_the_units_that_do_nothing():
                 lin.weight.zero_()
                 lin.bias.zero_()
     g = torch.Generator().manual_seed(0)
-    data = Conditioning(torch.randn(32, 4, 8, 8, generator=g), torch.randn(32, 5, 12, generator=g),
-                        torch.ones(32, 5), torch.zeros(1, 5, 12), torch.ones(1, 5))
-    plan, info = learn_masks(adapter_for(m), m, data, MaskConfig(steps=60, kd="output"))
+    data = Conditioning(torch.randn(32, 4, 8, 8, generator=g),
+                        {"prompt_embeds": torch.randn(32, 5, 12, generator=g), "prompt_mask": torch.ones(32, 5)},
+                        {"prompt_embeds": torch.zeros(1, 5, 12), "prompt_mask": torch.ones(1, 5)})
+    plan, info = learn_masks(adapter_for(m, SCHED), m, data, MaskConfig(steps=60, kd="output"))
     assert sorted(o.unit for o in plan.ops) == ["block.1", "block.2"]
     assert info["groups"] == [["block.0", "block.1"], ["block.2", "block.3"]]

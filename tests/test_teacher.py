@@ -107,7 +107,7 @@ def test_v_prediction_recipe_exports_a_v_scheduler_and_distils_with_a_v_target(t
     from diffusers import DiffusionPipeline
 
     import slimdit.worlds.shapes.pixel_vae  # noqa: F401
-    from slimdit.distill.objectives import OBJECTIVES
+    from slimdit.distill.objectives import DDPM
     from slimdit.models import adapter_for
     from slimdit.worlds.shapes.teacher import teacher_config
 
@@ -119,16 +119,17 @@ def test_v_prediction_recipe_exports_a_v_scheduler_and_distils_with_a_v_target(t
     run = train_teacher(tmp_path, TeacherConfig(steps=1, prediction_type="v_prediction", **TINY))
     pipe = DiffusionPipeline.from_pretrained(export_teacher(run, tmp_path / "pipeline"))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert adapter_for(pipe.transformer, pipe.scheduler.config).objective == "v_prediction"
-    assert adapter_for(pipe.transformer).objective == "epsilon"  # no scheduler: the adapter's own
+    assert adapter_for(pipe.transformer, pipe.scheduler.config).objective.name == "v_prediction"
+    with pytest.raises(ValueError, match="scheduler config"):  # never a silent epsilon
+        _ = adapter_for(pipe.transformer).objective
     # the v target: x0 and eps come back from (x_t, v) exactly as the scheduler inverts them
-    obj = OBJECTIVES["v_prediction"]()
+    obj = DDPM.linear("v_prediction")
     x0, eps, t = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0, 500, 999])
     xt, v = obj.noise(x0, eps, t)
     a = obj.alphas_cumprod[t].view(-1, 1, 1, 1)
     assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5)
     assert torch.allclose((1 - a).sqrt() * xt + a.sqrt() * v, eps, atol=1e-5)
-    assert torch.equal(OBJECTIVES["epsilon"]().noise(x0, eps, t)[1], eps)
+    assert torch.equal(DDPM.linear("epsilon").noise(x0, eps, t)[1], eps)
 
 
 def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(tmp_path):
@@ -147,12 +148,12 @@ def test_a_run_saved_before_the_recipe_options_resumes_with_its_own_recipe(tmp_p
 
 
 def test_probe_inverts_both_targets_exactly_and_reports_per_timestep(tiny_pipeline_dir, tmp_path):
-    from slimdit.distill.objectives import OBJECTIVES
+    from slimdit.distill.objectives import DDPM
     from slimdit.worlds.shapes.probe import probe_denoiser, x0_guess
 
     x0, eps, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8), torch.tensor([10, 990])
     for name in ("epsilon", "v_prediction"):
-        obj = OBJECTIVES[name]()
+        obj = DDPM.linear(name)
         xt, target = obj.noise(x0, eps, t)
         a = obj.alphas_cumprod[t].view(-1, 1, 1, 1)
         assert torch.allclose(x0_guess(target, xt, a, name), x0, atol=1e-3), name  # the true target gives x0

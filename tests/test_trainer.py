@@ -13,12 +13,15 @@ from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer, lr_scale
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
 
+# the scheduler config the tiny models distil under: PixArt's 1000-step linear-beta DDPM, epsilon
+SCHED = {"_class_name": "DDPMScheduler", "prediction_type": "epsilon"}
+
 
 def _data(n: int = 16) -> Conditioning:
     g = torch.Generator().manual_seed(0)
     return Conditioning(latents=torch.randn(n, 4, 8, 8, generator=g),
-                        prompt_embeds=torch.randn(n, 5, 12, generator=g), prompt_mask=torch.ones(n, 5),
-                        null_embeds=torch.zeros(1, 5, 12), null_mask=torch.ones(1, 5))
+                        cond={"prompt_embeds": torch.randn(n, 5, 12, generator=g), "prompt_mask": torch.ones(n, 5)},
+                        null={"prompt_embeds": torch.zeros(1, 5, 12), "prompt_mask": torch.ones(1, 5)})
 
 
 def _student():
@@ -36,7 +39,7 @@ CFG = dict(steps=6, batch_size=4, warmup_steps=2, lr=1e-3, grad_clip=1.0, checkp
 def _validator(teacher):
     """Output MSE against the teacher on one fixed batch: deterministic, like the trajectory MSE."""
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 900])
-    cond = {"prompt_embeds": _data().prompt_embeds[:2], "prompt_mask": torch.ones(2, 5)}
+    cond = {"prompt_embeds": _data().cond["prompt_embeds"][:2], "prompt_mask": torch.ones(2, 5)}
     adapter = adapter_for(teacher)
     with torch.no_grad():
         ref = adapter.predict(teacher, x, t, cond)
@@ -53,14 +56,14 @@ def test_resumed_training_ends_bit_identical(tmp_path, schedule):
     cfg = TrainConfig(**CFG, lr_schedule=schedule, val_every=3)
     teacher, student, kept = _student()
     v = _validator(teacher)
-    a = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "a", kept, validate=v)
+    a = Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path / "a", kept, validate=v)
     a.train(progress=False)
 
     teacher, student, kept = _student()
-    b = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept, validate=v)
+    b = Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path / "b", kept, validate=v)
     b.train(max_steps=3, progress=False)  # interrupted after step 3
     teacher, student, kept = _student()
-    c = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path / "b", kept, validate=v)
+    c = Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path / "b", kept, validate=v)
     c.train(progress=False)
     assert c.step == a.step == 6
     for (n, p), (_, q) in zip(a.student_model().named_parameters(), c.student_model().named_parameters()):
@@ -79,7 +82,7 @@ def test_training_lowers_the_kd_loss(tmp_path):
     teacher, student, kept = _student()
     cfg = TrainConfig(**{**CFG, "steps": 30, "kd": "standard", "caption_dropout": 0.0, "ema_decay": None,
                          "optimizer": "adamw", "checkpoint_every": 100})
-    t = Trainer(adapter_for(student), teacher, student, _data(), cfg, tmp_path, kept)
+    t = Trainer(adapter_for(student, SCHED), teacher, student, _data(), cfg, tmp_path, kept)
     first = t._micro_step(0, 0)["total"].item()
     t.train(progress=False)
     assert t._micro_step(0, 0)["total"].item() < first

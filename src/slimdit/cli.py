@@ -12,8 +12,10 @@ from slimdit.errors import OutputError, RunError
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 20 for PixArt)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 3.5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's; 20 for PixArt-Sigma, 50 for Flux-dev)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale: CFG, or a guidance-distilled model's embedded guidance (default: the model's)")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:

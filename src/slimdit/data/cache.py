@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from pathlib import Path
 
@@ -18,18 +17,16 @@ from slimdit.io import load_tensors, save_tensors, write_json
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], max_sequence_length: int, batch_size: int = 256
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text-encoder hidden states and masks, through the pipeline's own ``encode_prompt``."""
-    embs, masks = [], []
-    extra = {"clean_caption": False} if "clean_caption" in inspect.signature(pipe.encode_prompt).parameters else {}
+                    ) -> dict[str, torch.Tensor]:
+    """The text conditioning of ``captions``, through the adapter of ``pipe``'s transformer (its own encoders)."""
+    from slimdit.models import adapter_for
+
+    adapter = adapter_for(pipe.transformer)
+    parts = []
     for i in tqdm(range(0, len(captions), batch_size), desc="caching captions", unit="batch", dynamic_ncols=True,
                   disable=len(captions) <= batch_size):
-        e, m, _, _ = pipe.encode_prompt(captions[i:i + batch_size], do_classifier_free_guidance=False,
-                                        device=pipe.text_encoder.device, max_sequence_length=max_sequence_length,
-                                        **extra)
-        embs.append(e.float().cpu())
-        masks.append(m.cpu())
-    return torch.cat(embs), torch.cat(masks)
+        parts.append(adapter.encode_prompts(pipe, captions[i:i + batch_size], max_sequence_length))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
@@ -54,7 +51,7 @@ def _key(model_id: str, data: CaptionImages, max_sequence_length: int) -> str:
     new entry)."""
     from slimdit.pipelines.loading import model_fingerprint
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"conditioning v2")  # v2: the adapter's conditioning dict (cond.*, null.*)
     h.update(json.dumps([model_id, model_fingerprint(model_id), data.source, max_sequence_length,
                          data.images.shape]).encode())
     h.update("\n".join(data.captions).encode())
@@ -71,12 +68,13 @@ def cached_conditioning(pipe, model_id: str, data: CaptionImages, cache_dir: str
     two differently)."""
     d = Path(cache_dir) / _key(model_id, data, max_sequence_length)
     if not (d / "conditioning.safetensors").exists():
-        embeds, mask = encode_captions(pipe, data.captions, max_sequence_length)
-        null_e, null_m = encode_captions(pipe, [""], max_sequence_length)
+        cond = encode_captions(pipe, data.captions, max_sequence_length)
+        null = encode_captions(pipe, [""], max_sequence_length)
         latents = encode_images(pipe, data.images)
-        save_tensors(d / "conditioning.safetensors", {"latents": latents, "prompt_embeds": embeds,
-                                                      "prompt_mask": mask, "null_embeds": null_e, "null_mask": null_m})
+        save_tensors(d / "conditioning.safetensors", {"latents": latents, **{f"cond.{k}": v for k, v in cond.items()},
+                                                      **{f"null.{k}": v for k, v in null.items()}})
         write_json(d / "meta.json", {"model": model_id, "source": data.source, "n": len(data.captions),
                                      "max_sequence_length": max_sequence_length})
     t = load_tensors(d / "conditioning.safetensors")
-    return Conditioning(t["latents"], t["prompt_embeds"], t["prompt_mask"], t["null_embeds"], t["null_mask"])
+    return Conditioning(t["latents"], {k[5:]: v for k, v in t.items() if k.startswith("cond.")},
+                        {k[5:]: v for k, v in t.items() if k.startswith("null.")})

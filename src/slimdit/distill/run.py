@@ -136,7 +136,7 @@ class Conditionings:
     def __init__(self, data_cfg, real, pipe, teacher: str, run: Path, device: str | None, seed: int):
         self.cfg, self.real, self.pipe, self.teacher, self.run = data_cfg, real, pipe, teacher, run
         self.device, self.seed = device, seed
-        self.max_len = data_cfg.max_sequence_length or sampling_defaults(teacher).get("max_sequence_length", 300)
+        self.max_len = data_cfg.max_sequence_length or sampling_defaults(teacher)["max_sequence_length"]
         self.cache: dict = {}
 
     def __call__(self, kind: str):

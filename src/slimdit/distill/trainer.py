@@ -15,7 +15,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from slimdit.distill.feature_map import feature_map
 from slimdit.distill.losses import PRESETS, kd_loss, per_sample_mse
 from slimdit.distill.lr import warmup_cosine
-from slimdit.distill.objectives import OBJECTIVES
 from slimdit.errors import TrainingDiverged
 from slimdit.io import (
     atomic_write_text,
@@ -90,17 +89,23 @@ class TrainConfig:
 
 @dataclass
 class Conditioning:
-    """Cached training inputs: clean latents, text-encoder outputs and the empty caption's (for dropout)."""
+    """Cached training inputs: clean latents, each caption's text conditioning (a dict of per-sample tensors, as
+    the adapter's ``encode_prompts`` makes it) and the empty caption's (for caption dropout)."""
 
     latents: torch.Tensor  # (N, C, H, W)
-    prompt_embeds: torch.Tensor  # (N, L, D)
-    prompt_mask: torch.Tensor  # (N, L)
-    null_embeds: torch.Tensor  # (1, L, D)
-    null_mask: torch.Tensor  # (1, L)
-    extra: dict = field(default_factory=dict)
+    cond: dict[str, torch.Tensor]  # each (N, ...)
+    null: dict[str, torch.Tensor]  # each (1, ...)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def take(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The conditioning of samples ``idx``; where ``drop`` is true, the empty caption's instead."""
+        out = {}
+        for k, v in self.cond.items():
+            x = v[idx]
+            out[k] = x if drop is None else torch.where(drop.view(-1, *[1] * (x.ndim - 1)), self.null[k], x)
+        return out
 
 
 def _mixed_precision(choice: str) -> str:
@@ -162,7 +167,7 @@ class Trainer:
         if cfg.batch_size % n:
             raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {n}")
         self.micro = cfg.batch_size // n
-        self.objective = OBJECTIVES[adapter.objective]()
+        self.objective = adapter.objective
         teacher_units = adapter.units(teacher)
         self.pairs = feature_map(teacher_units, kept_units or teacher_units)
         self.teacher = teacher.requires_grad_(False).eval().to(self.acc.device)
@@ -279,17 +284,15 @@ class Trainer:
         g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.acc.process_index)) & (2**62 - 1))
         idx = torch.randint(0, len(d), (self.micro,), generator=g)
         drop = torch.rand(self.micro, generator=g) < cfg.caption_dropout
-        emb = torch.where(drop[:, None, None], d.null_embeds, d.prompt_embeds[idx])
-        mask = torch.where(drop[:, None], d.null_mask, d.prompt_mask[idx])
         dev = self.acc.device
-        return d.latents[idx].to(dev), {"prompt_embeds": emb.to(dev), "prompt_mask": mask.to(dev)}, g
+        return d.latents[idx].to(dev), {k: v.to(dev) for k, v in d.take(idx, drop).items()}, g
 
     def _micro_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         x0, cond, g = self._batch(step, micro)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        t = self.objective.sample_t(x0.shape[0], g).to(x0.device)
-        xt, target = self.objective.noise(x0, eps, t)
         a, student = self.adapter, self.acc.unwrap_model(self.student)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = self.objective.sample_t(x0.shape[0], g, a.image_tokens(student, x0)).to(x0.device)
+        xt, target = self.objective.noise(x0, eps, t)
         t_units = [tu for _, tu in self.pairs]
         s_units = [su for su, _ in self.pairs]
         with torch.no_grad(), a.capture(self.teacher, t_units) as tf:
@@ -297,7 +300,7 @@ class Trainer:
         with self.acc.autocast(), a.capture(student, s_units) as sf:
             s_out = a.predict(self.student, xt, t, cond)
         task_i = per_sample_mse(a.prediction(student, s_out), target)
-        return kd_loss(self.cfg.kd, task_i, t_out, s_out, [tf[u] for u in t_units], [sf[u] for u in s_units])
+        return kd_loss(self.cfg.kd, task_i, t_out, s_out, a.features(tf, t_units), a.features(sf, s_units))
 
     def _optimizer_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; the averaged loss terms. A non-finite loss or

@@ -27,61 +27,58 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class CKARecorder:
-    """Accumulate, per unit and sampling step (one forward call = one step), the CKA of the unit's input vs its
-    output and the RMS of its output features (thesis fig. 5.12)."""
+    """Accumulate, per unit, stream and sampling step (one forward call = one step), the CKA of the unit's input vs
+    its output and the RMS of its output features (thesis fig. 5.12). Every stream the adapter names is recorded
+    (Flux double and single blocks: image and text); importance and the default heatmap read the image stream."""
 
     def __init__(self, adapter: Adapter, model: nn.Module):
         self.adapter, self.model = adapter, model
         self.units = adapter.units(model)
-        self.sums: dict[tuple[str, int], float] = {}
-        self.counts: dict[tuple[str, int], int] = {}
-        self.sq: dict[tuple[str, int], float] = {}  # sum over tokens of mean-square output features
-        self.tokens: dict[tuple[str, int], int] = {}
+        self.sums: dict[tuple[str, str, int], float] = {}
+        self.counts: dict[tuple[str, str, int], int] = {}
+        self.sq: dict[tuple[str, str, int], float] = {}  # sum over tokens of mean-square output features
+        self.tokens: dict[tuple[str, str, int], int] = {}
         self._calls: dict[str, int] = {}
+
+    def _record(self, unit: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        step = self._calls.get(unit, 0)
+        self._calls[unit] = step + 1
+        for stream, y in outputs.items():
+            key = (unit, stream, step)
+            c = linear_cka(inputs[stream], y)  # (B,)
+            self.sums[key] = self.sums.get(key, 0.0) + float(c.sum())
+            self.counts[key] = self.counts.get(key, 0) + c.numel()
+            self.sq[key] = self.sq.get(key, 0.0) + float(y.double().pow(2).mean(-1).sum())
+            self.tokens[key] = self.tokens.get(key, 0) + y.shape[0] * y.shape[1]
 
     @contextmanager
     def recording(self) -> Iterator[CKARecorder]:
-        handles = []
-        for u in self.units:
-            def hook(_m, args, kwargs, out, name=u):
-                x = args[0] if args else kwargs["hidden_states"]
-                y = out[0] if isinstance(out, tuple) else out
-                step = self._calls.get(name, 0)
-                self._calls[name] = step + 1
-                c = linear_cka(x, y)  # (B,)
-                self.sums[(name, step)] = self.sums.get((name, step), 0.0) + float(c.sum())
-                self.counts[(name, step)] = self.counts.get((name, step), 0) + c.numel()
-                self.sq[(name, step)] = self.sq.get((name, step), 0.0) + float(y.double().pow(2).mean(-1).sum())
-                self.tokens[(name, step)] = self.tokens.get((name, step), 0) + y.shape[0] * y.shape[1]
-            handles.append(self.adapter.unit(self.model, u).register_forward_hook(hook, with_kwargs=True))
-        try:
+        with self.adapter.hooked(self.model, self.units, self._record):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def new_sample(self) -> None:
         """Call between sampling runs, so that step indices restart at 0."""
         self._calls.clear()
 
-    def heatmap(self) -> tuple[list[str], torch.Tensor]:
-        """(units, tensor (units, steps)) of mean CKA."""
-        steps = 1 + max((s for _, s in self.sums), default=-1)
+    def heatmap(self, stream: str = "image") -> tuple[list[str], torch.Tensor]:
+        """(units, tensor (units, steps)) of mean CKA on one stream."""
+        steps = 1 + max((s for _, _, s in self.sums), default=-1)
         h = torch.full((len(self.units), steps), float("nan"))
-        for (u, s), v in self.sums.items():
-            h[self.units.index(u), s] = v / self.counts[(u, s)]
+        for (u, st, s), v in self.sums.items():
+            if st == stream:
+                h[self.units.index(u), s] = v / self.counts[(u, st, s)]
         return self.units, h
 
-    def importance(self) -> dict[str, float]:
+    def importance(self, stream: str = "image") -> dict[str, float]:
         """``1 - mean CKA`` per unit: how strongly it transforms its input."""
-        units, h = self.heatmap()
+        units, h = self.heatmap(stream)
         return {u: float(1 - h[i].nanmean()) for i, u in enumerate(units)}
 
-    def feature_rms(self) -> dict[str, float]:
+    def feature_rms(self, stream: str = "image") -> dict[str, float]:
         """RMS of each unit's output features over all recorded steps."""
         out = {}
         for u in self.units:
-            sq = sum(v for (n, _), v in self.sq.items() if n == u)
-            tok = sum(v for (n, _), v in self.tokens.items() if n == u)
+            sq = sum(v for (n, st, _), v in self.sq.items() if n == u and st == stream)
+            tok = sum(v for (n, st, _), v in self.tokens.items() if n == u and st == stream)
             out[u] = (sq / tok) ** 0.5 if tok else float("nan")
         return out

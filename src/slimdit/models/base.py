@@ -17,6 +17,14 @@ class Adapter(ABC):
     #: group prefix -> (attribute holding the nn.ModuleList, config key holding its length)
     groups: dict[str, tuple[str, str]]
 
+    #: diffusers pipeline classes whose transformer this adapter handles, and their default sampling settings
+    pipelines: tuple[str, ...] = ()
+    sampling: dict = {}
+    #: the streams a unit reads and writes, the image stream first (Flux blocks also carry the text stream)
+    streams: tuple[str, ...] = ("image",)
+    #: the objective (``slimdit.distill.objectives``) read from the pipeline's scheduler config by ``adapter_for``
+    _objective = None
+
     @classmethod
     @abstractmethod
     def handles(cls, model: nn.Module) -> bool: ...
@@ -25,17 +33,55 @@ class Adapter(ABC):
     def part_layers(self, model: nn.Module, unit: str) -> dict[str, list[str]]:
         """Part name -> paths (relative to the unit) of the linear layers in it."""
 
-    #: the training objective, a key of ``slimdit.distill.objectives.OBJECTIVES``
-    objective: str
+    @property
+    def objective(self):
+        if self._objective is None:
+            raise ValueError(f"the {self.name} adapter was made without its pipeline's scheduler config, so its "
+                             "training objective is unknown; use adapter_for(model, pipe.scheduler.config)")
+        return self._objective
 
     @abstractmethod
     def predict(self, model: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
                 ) -> torch.Tensor:
-        """Run the model on noisy latents at timesteps ``t`` with conditioning ``cond``; return its output."""
+        """Run the model on noisy latents ``(B, C, H, W)`` at scheduler timesteps ``t`` with conditioning ``cond``
+        (the dict :meth:`encode_prompts` makes); return its output in the latents' layout."""
 
     def prediction(self, model: nn.Module, output: torch.Tensor) -> torch.Tensor:
         """The part of the output the objective's target is compared with (default: all of it)."""
         return output
+
+    def image_tokens(self, model: nn.Module, latents: torch.Tensor) -> int:
+        """How many image tokens the model sees for ``latents`` (a flow objective's dynamic shift depends on it)."""
+        p = getattr(model.config, "patch_size", 1) or 1
+        return (latents.shape[-2] // p) * (latents.shape[-1] // p)
+
+    def latent_shape(self, pipe, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the clean latents of a ``height`` x ``width`` image through ``pipe``'s VAE."""
+        vae = pipe.vae.config
+        scale = 2 ** (len(getattr(vae, "block_out_channels", [0])) - 1)
+        return getattr(vae, "latent_channels", 3), height // scale, width // scale
+
+    def passes_per_step(self, model: nn.Module) -> int:
+        """Transformer passes per sampling step at the pipeline's default: 2 with classifier-free guidance."""
+        return 2
+
+    @abstractmethod
+    def encode_prompts(self, pipe, captions: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """The text conditioning of ``captions`` through ``pipe``'s own encoders: a dict of ``(N, ...)`` tensors,
+        what :meth:`predict` takes as ``cond`` (the empty caption gives the dropped, null form)."""
+
+    # ---- unit I/O: which streams a unit reads and writes --------------------------------------------------
+    def unit_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """A unit's input streams, from the arguments of its forward call."""
+        return {"image": args[0] if args else kwargs["hidden_states"]}
+
+    def unit_outputs(self, out) -> dict[str, torch.Tensor]:
+        """A unit's output streams, from what its forward returned."""
+        return {"image": out[0] if isinstance(out, tuple) else out}
+
+    def unit_result(self, streams: dict[str, torch.Tensor]):
+        """``streams`` packed as the unit's forward returns them (for hooks that replace a unit's output)."""
+        return streams["image"]
 
     # ---- units -------------------------------------------------------------------------------------------
     def _split(self, unit: str) -> tuple[str, int]:
@@ -90,36 +136,44 @@ class Adapter(ABC):
             model.register_to_config(**{key: len(keep)})
 
     @contextmanager
-    def bypassed(self, model: nn.Module, units: list[str]) -> Iterator[None]:
-        """Run as if ``units`` were removed (each passes its input through), without touching the model.
+    def hooked(self, model: nn.Module, units: list[str], fn) -> Iterator[None]:
+        """Call ``fn(unit, inputs, outputs)`` (stream dicts) after each forward of ``units``; a dict it returns
+        replaces the unit's output streams."""
+        def hook(_m, args, kwargs, out, name):
+            new = fn(name, self.unit_inputs(args, kwargs), self.unit_outputs(out))
+            return None if new is None else self.unit_result(new)
 
-        Equals :meth:`remove_units` for blocks whose output is their updated hidden states (PixArt); an
-        adapter whose blocks return more overrides this.
-        """
         handles = [self.unit(model, u).register_forward_hook(
-            lambda _m, args, kwargs, _out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
-            for u in units]
+            lambda m, a, k, o, name=u: hook(m, a, k, o, name), with_kwargs=True) for u in units]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
+    def bypassed(self, model: nn.Module, units: list[str]):
+        """Run as if ``units`` were removed (each passes every input stream through), without touching the model;
+        equals :meth:`remove_units`."""
+        return self.hooked(model, units, lambda _u, inputs, _outputs: inputs)
+
     # ---- features ----------------------------------------------------------------------------------------
     @contextmanager
-    def capture(self, model: nn.Module, units: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Record the output hidden states of ``units`` (default: all) during forward passes inside the block."""
-        feats: dict[str, torch.Tensor] = {}
-        handles = []
-        for u in units if units is not None else self.units(model):
-            def hook(_m, _inp, out, name=u):
-                feats[name] = out[0] if isinstance(out, tuple) else out
-            handles.append(self.unit(model, u).register_forward_hook(hook))
-        try:
+    def capture(self, model: nn.Module, units: list[str] | None = None
+                ) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        """Record the output streams of ``units`` (default: all), ``{unit: {stream: tensor}}``, during forward
+        passes inside the block."""
+        feats: dict[str, dict[str, torch.Tensor]] = {}
+
+        def record(unit, _inputs, outputs):
+            feats[unit] = outputs
+
+        with self.hooked(model, units if units is not None else self.units(model), record):
             yield feats
-        finally:
-            for h in handles:
-                h.remove()
+
+    def features(self, feats: dict[str, dict[str, torch.Tensor]], units: list[str]) -> list[torch.Tensor]:
+        """The captured features of ``units`` as the list feature KD compares, every stream of every unit in
+        order: each (unit, stream) is one feature l of eq. 4.11-4.14, normalised on its own."""
+        return [feats[u][s] for u in units for s in self.streams]
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -133,14 +187,15 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 def adapter_for(model: nn.Module, scheduler_config=None) -> Adapter:
     """Return the adapter for a model, by its class; fail with the supported list otherwise.
 
-    With the ``scheduler_config`` of the model's pipeline, the adapter's objective follows the scheduler's
-    ``prediction_type`` (a PixArt trained for v-prediction distils with a v target).
+    With the ``scheduler_config`` of the model's pipeline, the adapter carries the objective that config implies
+    (DDPM epsilon or v with its betas, or rectified flow); without one, asking for the objective is an error.
     """
-    from slimdit.distill.objectives import pipeline_objective
+    from slimdit.distill.objectives import objective_for
 
     for cls in ADAPTERS.values():
         if cls.handles(model):
             adapter = cls()
-            adapter.objective = pipeline_objective(cls.objective, scheduler_config)
+            if scheduler_config is not None:
+                adapter._objective = objective_for(scheduler_config)
             return adapter
     raise ValueError(f"no slimdit adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")

@@ -90,12 +90,43 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _pipeline_class(model: str) -> str | None:
+    """The pipeline class a model directory (or a cached hub model) names in ``model_index.json``."""
+    src = resolve_model_dir(model)
+    index = src / "model_index.json" if isinstance(src, Path) else None
+    if index is None and _cached_hub_model(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        index = Path(try_to_load_from_cache(model, "model_index.json"))
+    return json.loads(index.read_text()).get("_class_name") if index is not None and index.exists() else None
+
+
 def sampling_defaults(model: str) -> dict:
-    """The sampling settings a model directory records in ``slimdit.json``, else PixArt-Sigma's (table 4.3)."""
+    """How ``model`` samples by default: what its directory records in ``slimdit.json``, else its architecture's
+    published defaults, from the adapter of its pipeline class (PixArt-Sigma: thesis table 4.3; Flux-dev: 4.4)."""
+    from slimdit.models import ADAPTERS
+
     src = resolve_model_dir(model)
     if isinstance(src, Path) and (src / "slimdit.json").exists():
         return json.loads((src / "slimdit.json").read_text()).get("sampling", {})
-    return {"num_inference_steps": 20, "guidance_scale": 3.5, "max_sequence_length": 300}
+    cls = _pipeline_class(model)
+    for adapter in ADAPTERS.values():
+        if cls in adapter.pipelines:
+            return dict(adapter.sampling)
+    raise ValueError(f"no sampling defaults for {model!r}: its pipeline class {cls!r} has no slimdit adapter "
+                     f"(supported: {', '.join(p for a in ADAPTERS.values() for p in a.pipelines)}) and it records "
+                     "none in slimdit.json")
+
+
+def sampling_options(defaults: dict, steps: int | None = None, guidance: float | None = None,
+                     batch_size: int = 64) -> SamplingOptions:
+    """Sampling options from a model's ``defaults`` (:func:`sampling_defaults`), overridden where given; what the
+    defaults hold beyond steps, guidance and prompt length (e.g. ``height``) is passed to the pipeline as is."""
+    known = {"num_inference_steps", "guidance_scale", "max_sequence_length"}
+    return SamplingOptions(num_inference_steps=steps or defaults["num_inference_steps"],
+                           guidance_scale=defaults["guidance_scale"] if guidance is None else guidance,
+                           max_sequence_length=defaults["max_sequence_length"], batch_size=batch_size,
+                           extra={k: v for k, v in defaults.items() if k not in known})
 
 
 def load_sampler(model: str, steps: int | None = None, guidance: float | None = None, batch_size: int = 64,
@@ -112,10 +143,7 @@ def pipeline_sampler(pipe, model: str, steps: int | None = None, guidance: float
                      batch_size: int = 64, name: str | None = None) -> PipelineSampler:
     """A sampler over an already loaded ``pipe`` with ``model``'s recorded sampling defaults, overridden by
     ``steps`` / ``guidance``. The pipe's transformer may be swapped for a student's between calls."""
-    d = sampling_defaults(model)
-    opts = SamplingOptions(num_inference_steps=steps or d.get("num_inference_steps", 20),
-                           guidance_scale=d.get("guidance_scale", 3.5) if guidance is None else guidance,
-                           max_sequence_length=d.get("max_sequence_length", 300), batch_size=batch_size)
+    opts = sampling_options(sampling_defaults(model), steps, guidance, batch_size)
     return PipelineSampler(pipe, opts, name=name or model)
 
 

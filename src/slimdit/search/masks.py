@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from slimdit.compress.plan import Plan, UnitOp
 from slimdit.distill.losses import kd_loss, per_sample_mse
-from slimdit.distill.objectives import OBJECTIVES
 from slimdit.distill.trainer import Conditioning
 from slimdit.models.base import Adapter
 
@@ -70,18 +69,16 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
     opt = torch.optim.Adam([{"params": [logits], "lr": cfg.lr_logits}, {"params": lora, "lr": cfg.lr_lora}])
     member = member.to(dev)
     gates = torch.ones(len(groups), cfg.group_size, device=dev)
-    handles = []
-    for g, group in enumerate(groups):
-        for j, u in enumerate(group):
-            def hook(_m, args, kwargs, out, g=g, j=j):
-                x = args[0] if args else kwargs["hidden_states"]
-                return x + gates[g, j] * (out - x)
-            handles.append(adapter.unit(student, u).register_forward_hook(hook, with_kwargs=True))
+    where = {u: (g, j) for g, group in enumerate(groups) for j, u in enumerate(group)}
 
-    objective = OBJECTIVES[adapter.objective]()
+    def gate(unit, inputs, outputs):  # x + m (B(x) - x) on every stream the unit writes
+        m = gates[where[unit]]
+        return {s: inputs[s] + m * (outputs[s] - inputs[s]) for s in outputs}
+
+    objective = adapter.objective
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
-    try:
+    with adapter.hooked(student, list(where), gate):
         for step in tqdm(range(cfg.steps), desc="masks", unit="step", dynamic_ncols=True, leave=False):
             tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
             u = torch.rand(logits.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(dev)
@@ -91,9 +88,9 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
             gates = w @ member  # (G, M)
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
             x0 = data.latents[idx].to(dev)
-            cond = {"prompt_embeds": data.prompt_embeds[idx].to(dev), "prompt_mask": data.prompt_mask[idx].to(dev)}
+            cond = {k: v.to(dev) for k, v in data.take(idx).items()}
             eps = torch.randn(x0.shape, generator=gen).to(dev)
-            t = objective.sample_t(x0.shape[0], gen).to(dev)
+            t = objective.sample_t(x0.shape[0], gen, adapter.image_tokens(student, x0)).to(dev)
             xt, target = objective.noise(x0, eps, t)
             with torch.no_grad():
                 t_out = adapter.predict(teacher, xt, t, cond)
@@ -106,9 +103,6 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
             if step % 10 == 0 or step == cfg.steps - 1:
                 history.append({"step": step, "tau": tau, "loss": float(loss),
                                 "probs": F.softmax(logits.detach(), -1).tolist()})
-    finally:
-        for h in handles:
-            h.remove()
     choice = logits.detach().argmax(-1)
     removed = [u for g, group in enumerate(groups) for j, u in enumerate(group) if j not in pats[choice[g]]]
     info = {"groups": groups, "patterns": [list(p) for p in pats], "chosen": [list(pats[c]) for c in choice],

@@ -132,7 +132,7 @@ def _learn_masks(sampler, adapter, model: str, data: str, cache: Path, cfg: Mask
     from slimdit.search.masks import learn_masks
 
     pipe = sampler.pipe
-    max_len = sampling_defaults(model).get("max_sequence_length", 300)
+    max_len = sampling_defaults(model)["max_sequence_length"]
     cond = cached_conditioning(pipe, model, load_dataset(data), cache, max_len)
     return learn_masks(adapter, pipe.transformer, cond, cfg)
 

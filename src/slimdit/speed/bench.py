@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimdit.pipelines.loading import load_pipeline, sampling_defaults
+from slimdit.pipelines.loading import load_pipeline, sampling_defaults, sampling_options
+from slimdit.pipelines.sampling import PipelineSampler, SamplingOptions
+
+
+def _default_size(pipe) -> int:
+    """The image size a pipeline samples at by default (diffusers' ``default_sample_size`` x the VAE's scale)."""
+    size = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    scale = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(size * scale)
 
 
 @dataclass
@@ -43,31 +51,31 @@ class BenchResult:
 
 
 @torch.no_grad()
-def transformer_flops(pipe, batch_size: int, max_sequence_length: int) -> int:
-    """FLOPs of one transformer forward on a (2 x batch) CFG batch at the pipeline's default size."""
+def transformer_flops(pipe, batch_size: int, max_sequence_length: int, size: int) -> int:
+    """FLOPs of the transformer passes of one sampling step (two with CFG) for ``batch_size`` images of
+    ``size`` x ``size`` pixels, on the inputs the model's adapter feeds it."""
+    from slimdit.models import adapter_for
+
     tr = pipe.transformer
-    c = tr.config
-    size = c.sample_size
+    adapter = adapter_for(tr)
+    n = adapter.passes_per_step(tr) * batch_size
     dev, dt = tr.device, tr.dtype
-    x = torch.randn(2 * batch_size, c.in_channels, size, size, device=dev, dtype=dt)
-    emb_dim = pipe.text_encoder.config.d_model
-    emb = torch.randn(2 * batch_size, max_sequence_length, emb_dim, device=dev, dtype=dt)
-    mask = torch.ones(2 * batch_size, max_sequence_length, device=dev)
-    t = torch.full((2 * batch_size,), 500, device=dev)
+    x = torch.randn(n, *adapter.latent_shape(pipe, size, size), device=dev, dtype=dt)
+    cond = {k: v.to(dev, dt if v.is_floating_point() else v.dtype)
+            for k, v in adapter.encode_prompts(pipe, ["a red circle"] * n, max_sequence_length).items()}
+    t = torch.full((n,), 500, device=dev)
     counter = FlopCounterMode(display=False)
     with counter:
-        tr(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
-           added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        adapter.predict(tr, x, t, cond)
     return int(counter.get_total_flops())
 
 
-def _sample_once(pipe, prompts: list[str], steps: int, guidance: float, max_len: int) -> float:
+def _sample_once(pipe, prompts: list[str], options: SamplingOptions) -> float:
     sync = torch.cuda.synchronize if pipe.transformer.device.type == "cuda" else (lambda: None)
+    sampler = PipelineSampler(pipe, options)
     sync()
     t0 = time.perf_counter()
-    pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=max_len,
-         output_type="np", use_resolution_binning=False, clean_caption=False,
-         generator=torch.Generator(pipe.transformer.device).manual_seed(0))
+    pipe(prompt=prompts, generator=torch.Generator(pipe.transformer.device).manual_seed(0), **sampler.call_kwargs())
     sync()
     return time.perf_counter() - t0
 
@@ -95,20 +103,21 @@ def bench_pipelines(student_pipe, teacher_pipe, defaults: dict, repeats: int = 5
     if repeats < 1 or batch_size < 1:
         raise ValueError("repeats and batch_size must be at least 1")
     pipes = {"student": student_pipe, "teacher": teacher_pipe}
-    steps = steps or defaults.get("num_inference_steps", 20)
-    guidance, max_len = defaults.get("guidance_scale", 3.5), defaults.get("max_sequence_length", 300)
+    options = sampling_options(defaults, steps=steps, batch_size=batch_size)
     prompts = ["a red circle to the left of a blue square"] * batch_size
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
-        _sample_once(p, prompts, steps, guidance, max_len)  # warm-up
+        _sample_once(p, prompts, options)  # warm-up
     times: dict[str, list[float]] = {"student": [], "teacher": []}
     for r in range(repeats):
         order = ("student", "teacher") if r % 2 == 0 else ("teacher", "student")
         for name in order:
-            times[name].append(_sample_once(pipes[name], prompts, steps, guidance, max_len))
+            times[name].append(_sample_once(pipes[name], prompts, options))
     lat = {k: statistics.median(v) for k, v in times.items()}
     params = {k: sum(p.numel() for p in pipe.transformer.parameters()) for k, pipe in pipes.items()}
-    flops = {k: transformer_flops(pipe, batch_size, max_len) for k, pipe in pipes.items()}
+    size = options.extra.get("height") or _default_size(teacher_pipe)
+    flops = {k: transformer_flops(pipe, batch_size, options.max_sequence_length, size) for k, pipe in pipes.items()}
+    steps = options.num_inference_steps
     return BenchResult(lat["student"] / lat["teacher"], params["student"] / params["teacher"],
                        flops["student"] / flops["teacher"], lat["student"], lat["teacher"], params["student"],
                        params["teacher"], flops["student"], flops["teacher"], repeats, batch_size, steps,

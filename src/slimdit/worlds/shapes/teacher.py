@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimdit.distill.lr import warmup_cosine
-from slimdit.distill.objectives import DDPM, OBJECTIVES
+from slimdit.distill.objectives import DDPM
 from slimdit.io import load_tensors, read_json, write_json
 from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, resume, save_checkpoint
 from slimdit.worlds.shapes.prompts import TrainingSet
@@ -167,7 +167,7 @@ def branch_run(source: str | Path, run_dir: str | Path, recipe: dict, step: int 
     return cfg
 
 
-PREDICTION_TYPES = tuple(OBJECTIVES)  # the DDPM targets distillation knows: epsilon, v_prediction
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the DDPM targets distillation knows
 
 
 def build_transformer(cfg: TeacherConfig):
