@@ -69,3 +69,39 @@ def kd_loss(preset: KDPreset | str, task_i: torch.Tensor, t_out: torch.Tensor, s
         terms["feat"] = zero
     terms["total"] = terms["task"] + p.lambda_out * terms["out"] + p.lambda_feat * terms["feat"]
     return terms
+
+
+@dataclass
+class Batch:
+    """What a loss sees of one micro-batch: clean latents, their conditioning, and the generator that draws its
+    noise and timesteps (seeded by step, so a resumed run draws the same)."""
+
+    x0: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    generator: torch.Generator
+
+
+@dataclass
+class KDLoss:
+    """Eq. 4.10 as a loss callable, ``loss(student, teacher, batch) -> terms`` (the shape of EDM's losses): the
+    adapter's objective noises ``batch.x0`` at drawn timesteps; teacher and student predict; the terms of ``preset``
+    compare outputs and the features of ``pairs`` ((student unit, teacher unit), every stream of each). ``total``
+    is what the trainer minimises. A later method (guidance or step distillation) is another such callable."""
+
+    adapter: object  # slimdit.models.Adapter, with its objective
+    preset: str = "normalized_hybrid"
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
+        inner = getattr(student, "module", student)  # hooks go on the model a DDP wrapper holds
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = obj.sample_t(x0.shape[0], g, a.image_tokens(inner, x0)).to(x0.device)
+        xt, target = obj.noise(x0, eps, t)
+        t_units, s_units = [tu for _, tu in self.pairs], [su for su, _ in self.pairs]
+        with torch.no_grad(), a.capture(teacher, t_units) as tf:
+            t_out = a.predict(teacher, xt, t, batch.cond)
+        with a.capture(inner, s_units) as sf:
+            s_out = a.predict(student, xt, t, batch.cond)
+        task_i = per_sample_mse(a.prediction(inner, s_out), target)
+        return kd_loss(self.preset, task_i, t_out, s_out, a.features(tf, t_units), a.features(sf, s_units))

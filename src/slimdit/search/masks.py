@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimdit.compress.plan import Plan, UnitOp
-from slimdit.distill.losses import kd_loss, per_sample_mse
+from slimdit.distill.losses import Batch, KDLoss
 from slimdit.distill.trainer import Conditioning
 from slimdit.models.base import Adapter
 
@@ -75,7 +75,7 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
         m = gates[where[unit]]
         return {s: inputs[s] + m * (outputs[s] - inputs[s]) for s in outputs}
 
-    objective = adapter.objective
+    kd = KDLoss(adapter, cfg.kd)  # output KD on the masked student, the same loss the trainer runs
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     with adapter.hooked(student, list(where), gate):
@@ -87,16 +87,8 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
             w = hard + w - w.detach()  # straight through: a real N:M network forward, gradients to the logits
             gates = w @ member  # (G, M)
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
-            x0 = data.latents[idx].to(dev)
-            cond = {k: v.to(dev) for k, v in data.take(idx).items()}
-            eps = torch.randn(x0.shape, generator=gen).to(dev)
-            t = objective.sample_t(x0.shape[0], gen, adapter.image_tokens(student, x0)).to(dev)
-            xt, target = objective.noise(x0, eps, t)
-            with torch.no_grad():
-                t_out = adapter.predict(teacher, xt, t, cond)
-            s_out = adapter.predict(student, xt, t, cond)
-            task_i = per_sample_mse(adapter.prediction(student, s_out), target)
-            loss = kd_loss(cfg.kd, task_i, t_out, s_out, [], [])["total"]
+            batch = Batch(data.latents[idx].to(dev), {k: v.to(dev) for k, v in data.take(idx).items()}, gen)
+            loss = kd(student, teacher, batch)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
