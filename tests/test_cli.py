@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from slimdit.cli import main
-from slimdit.metrics.shapes_geneval import select_prompts
+from slimdit.worlds.shapes.benchmark import select_prompts
 from slimdit.worlds.shapes.prompts import CATEGORIES
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimdit.metrics.shapes_geneval import score_images
+from slimdit.worlds.shapes.benchmark import score_images
 from slimdit.worlds.shapes.detector import detect, prompt_holds
 from slimdit.worlds.shapes.prompts import CATEGORIES, eval_prompts, parse_prompt, render_prompt
 from slimdit.worlds.shapes.scenes import PlacedObject, render

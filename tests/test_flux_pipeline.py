@@ -78,3 +78,26 @@ def test_distill_eval_and_bench_on_flux(tiny_flux_pipeline, tmp_path):
     assert main(["eval", "--model", str(run / "student"), "--limit", "6", "--images-per-prompt", "1", "--out",
                  str(tmp_path / "m.json")]) == 0
     assert "overall" in json.loads((tmp_path / "m.json").read_text())
+
+
+def test_analyze_search_and_a_schedule_on_flux(tiny_flux_pipeline, tmp_path):
+    model = str(tiny_flux_pipeline)
+    assert main(["analyze", "--model", model, "--criteria", "magnitude,cka,metric", "--prompts", "shapes-train:4:7",
+                 "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    s = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert s["units"] == ["double.0", "single.0", "single.1"] and set(s["metric"]) == set(s["units"])
+    assert len(s["cka"]["text"]["heatmap"]) == 3 and (tmp_path / "a" / "plots" / "cka_heatmap_text.png").exists()
+    assert main(["search", "--model", model, "--units", "1", "--op", "remove", "--method", "greedy", "--prompts",
+                 "shapes-train:4:7", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert len(json.loads((tmp_path / "s" / "search.json").read_text())["greedy"]["units"]) == 1
+    cfg = {"teacher": model, "out": str(tmp_path / "run"),
+           "schedule": {"kind": "one_shot", "op": "svd", "svd_ratio": 0.5, "target": 0.8},
+           "calibration": {"prompts": "shapes-train:4:7", "steps": 2},
+           "protocol": [{"name": "all", "trainable": ["all"], "dataset": "real", "fraction": 1.0}],
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "lr": 1e-4, "checkpoint_every": 1},
+           "eval": {"limit": 6, "images_per_prompt": 1, "steps": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["stages"][0]["block_param_ratio"] <= 0.8 and "overall" in s["stages"][0]

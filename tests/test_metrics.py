@@ -99,7 +99,8 @@ def test_unknown_embedder_is_named():
 def test_shipped_shapes_embedder_separates_good_from_degraded_images():
     from scipy import ndimage
 
-    from slimdit.metrics.shapes_geneval import image_seeds, reference_images, select_prompts
+    from slimdit.metrics.benchmarks import image_seeds
+    from slimdit.worlds.shapes.benchmark import reference_images, select_prompts
     from slimdit.worlds.shapes.embedder import load_shapes_embedder
     from slimdit.worlds.shapes.oracle import OracleSampler
 

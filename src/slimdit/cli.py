@@ -47,42 +47,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
     print(json.dumps(r.metrics, indent=2))
 
 
-def cmd_teacher_train(a: argparse.Namespace) -> None:
-    from slimdit.config import parse_sets
-    from slimdit.worlds.shapes.teacher import branch_run, teacher_config, train_teacher
-
-    resumable = {"threads": a.threads, "device": a.device, "data_workers": a.data_workers}
-    steps = {"steps": a.steps} if a.steps else {}
-    recipe = parse_sets(a.set)
-    if a.source is not None:  # the branch takes the recipe changes; the new run then resumes as usual
-        branch_run(a.source, a.out, {**recipe, **steps}, a.from_step)
-        print(f"branched {a.out} from {a.source}")
-        recipe = {}
-    cfg = teacher_config(a.out, recipe, **resumable, **steps)
-    run = train_teacher(a.out, cfg, max_minutes=a.max_minutes)
-    print(f"teacher run: {run} (resume by running the same command again)")
-
-
-def cmd_teacher_export(a: argparse.Namespace) -> None:
-    from slimdit.worlds.shapes.teacher import export_teacher
-
-    print(f"wrote {export_teacher(a.run, a.out, use_ema=not a.no_ema, step=a.step)}")
-
-
-def cmd_teacher_probe(a: argparse.Namespace) -> None:
-    from slimdit.worlds.shapes.probe import probe_denoiser
-
-    r = probe_denoiser(a.model, n=a.n, out_png=a.png)
-    print(json.dumps(r, indent=2))
-
-
-def cmd_teacher_embedder(a: argparse.Namespace) -> None:
-    from slimdit.worlds.shapes.embedder import EmbedderConfig, train_embedder
-
-    train_embedder(a.out, EmbedderConfig(steps=a.steps))
-    print(f"wrote {a.out}")
-
-
 def cmd_compress(a: argparse.Namespace) -> None:
     from slimdit.compress.plan import Plan
     from slimdit.compress.student import compress_to_dir, format_record
@@ -211,7 +175,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slimdit.metrics.shapes_geneval import BENCHMARKS
+    from slimdit.registry import BENCHMARKS, COMMANDS
 
     ap = argparse.ArgumentParser(prog="slimdit", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -324,37 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.set_defaults(func=cmd_report)
 
-    t = sub.add_parser("teacher", help="reproduce the shapes world's built-in weights").add_subparsers(
-        dest="teacher_command", required=True)
-    p = t.add_parser("train", help="train the shapes-pixart teacher (resumable)")
-    p.add_argument("--out", type=Path, required=True, help="run directory; rerun to resume")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default: the run's, 30,000 for a new one)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--data-workers", type=int, default=0, help="processes rendering scenes ahead (use on a GPU)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe field of a new run (e.g. high_noise_weight=20); a resumed run keeps its recipe")
-    p.add_argument("--from", dest="source", type=Path, default=None,
-                   help="start a new run from another run's checkpoint, changing only optimisation fields with "
-                        "--set (e.g. anneal_start=6000 --steps 12000 to anneal a constant-rate run)")
-    p.add_argument("--from-step", type=int, default=None, help="the checkpoint --from starts at (default: last)")
-    p.set_defaults(func=cmd_teacher_train)
-    p = t.add_parser("export", help="write a teacher run as a diffusers pipeline directory")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--no-ema", action="store_true")
-    p.set_defaults(func=cmd_teacher_export)
-    p = t.add_parser("probe", help="one-step x0 guesses per noise level on training scenes (numbers and a grid)")
-    p.add_argument("--model", default="shapes-pixart")
-    p.add_argument("--n", type=int, default=32, help="training scenes")
-    p.add_argument("--png", type=Path, default=None, help="write the grid here")
-    p.set_defaults(func=cmd_teacher_probe)
-    p = t.add_parser("train-embedder", help="train the shapes embedder used by FID/CMMD/CLIP score")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=800)
-    p.set_defaults(func=cmd_teacher_embedder)
+    for add_commands in COMMANDS.values():  # the subcommands the worlds add
+        add_commands(sub)
     return ap
 
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slimdit.registry import is_spec
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -131,8 +133,8 @@ INPUT_PATHS = ("plan", "data.real", "data.synth", "calibration.prompts", "base")
 def resolve_input(value: Any, base: str | Path) -> Any:
     """A relative input path written in a file in folder ``base``: the absolute path beside that file when it
     exists there, else the path as written (the working directory's, e.g. a folder a run will create).
-    ``shapes-train:...`` specs stay as they are."""
-    if not isinstance(value, str) or value.startswith("shapes-train:") or Path(value).is_absolute():
+    Registered dataset specs (``shapes-train:...``) stay as they are."""
+    if not isinstance(value, str) or is_spec(value) or Path(value).is_absolute():
         return value
     beside = Path(base) / value
     return os.path.abspath(beside) if beside.exists() else value

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from slimdit.config import INPUT_PATHS, dump_config
 from slimdit.io import ensure_writable, read_json, write_json
+from slimdit.registry import is_spec
 
 # fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on
 FREE_FIELDS = ("train.max_skipped_steps",)
@@ -52,8 +53,9 @@ def files_fingerprint(path: str | Path) -> str:
 
 
 def _contents(spec: str | None) -> str | None:
-    """A data or prompt spec's identity: ``shapes-train:...`` is generated from its spec, a path is its files."""
-    if spec is None or spec.startswith("shapes-train:") or not Path(spec).exists():
+    """A data or prompt spec's identity: a registered spec (``shapes-train:...``) is generated from its spec, a path
+    is its files."""
+    if spec is None or is_spec(spec) or not Path(spec).exists():
         return spec
     return f"files {files_fingerprint(spec)}"
 

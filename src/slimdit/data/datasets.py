@@ -1,5 +1,6 @@
-"""Caption-image datasets: the shapes training stream, or a folder in the ``imagefolder`` layout
-(images plus ``metadata.jsonl`` rows ``{"file_name": ..., "text": ...}``), as written by ``slimdit synth``."""
+"""Caption-image datasets: a spec a world registers (``shapes-train:N[:SEED]``), or a folder in the
+``imagefolder`` layout (images plus ``metadata.jsonl`` rows ``{"file_name": ..., "text": ...}``), as written by
+``slimdit synth``."""
 
 from __future__ import annotations
 
@@ -10,19 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from slimdit.registry import DATASETS, is_spec, spec_forms
+
 
 @dataclass
 class CaptionImages:
     captions: list[str]
     images: np.ndarray  # (N, H, W, 3) uint8
     source: str
-
-
-def shapes_train(n: int, seed: int = 0) -> CaptionImages:
-    from slimdit.worlds.shapes.prompts import TrainingSet
-
-    caps, imgs = TrainingSet(seed).batch(0, n)
-    return CaptionImages(caps, imgs, f"shapes-train:{n}:{seed}")
 
 
 def read_metadata(folder: Path) -> list[dict]:
@@ -78,14 +74,9 @@ def image_folder(folder: str | Path, size: int | None = None) -> CaptionImages:
 
 
 def load_dataset(spec: str, size: int | None = None) -> CaptionImages:
-    """``shapes-train:N[:SEED]`` or a folder path."""
-    if spec.startswith("shapes-train:"):
-        parts = spec.split(":")
-        try:
-            n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
-        except (ValueError, IndexError) as e:
-            raise ValueError(f"dataset {spec!r}: expected shapes-train:N or shapes-train:N:SEED") from e
-        return shapes_train(n, seed)
+    """A registered spec (``shapes-train:N[:SEED]``) or a folder path."""
+    if is_spec(spec):
+        return DATASETS[spec.partition(":")[0]](spec)
     if not Path(spec).is_dir():
-        raise FileNotFoundError(f"dataset {spec!r} is neither shapes-train:N nor an existing folder")
+        raise FileNotFoundError(f"dataset {spec!r} is neither {spec_forms()} nor an existing folder")
     return image_folder(spec, size)

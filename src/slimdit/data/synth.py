@@ -12,17 +12,19 @@ from tqdm.auto import tqdm
 
 from slimdit.io import read_json, write_json
 from slimdit.pipelines.sampling import Sampler
+from slimdit.registry import is_spec, spec_forms
 
 
 def read_prompts(spec: str) -> list[str]:
-    """``shapes-train:N[:SEED]`` (training captions, never evaluation prompts) or a text file, one per line."""
-    if spec.startswith("shapes-train:"):
+    """A registered spec such as ``shapes-train:N[:SEED]`` (training captions, never evaluation prompts) or a text
+    file, one per line."""
+    if is_spec(spec):
         from slimdit.data.datasets import load_dataset
 
         return load_dataset(spec).captions
     p = Path(spec)
     if not p.exists():
-        raise FileNotFoundError(f"prompts {spec!r} is neither shapes-train:N nor an existing file")
+        raise FileNotFoundError(f"prompts {spec!r} is neither {spec_forms()} nor an existing file")
     prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{p} holds no prompts")

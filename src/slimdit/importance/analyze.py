@@ -46,6 +46,9 @@ def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str]
                 sampler.generate(prompts[i:i + bs], seeds[i:i + bs], progress=False)
         names, heat = rec.heatmap()
         scores["cka"] = {"importance": rec.importance(), "heatmap": heat.tolist(), "feature_rms": rec.feature_rms()}
+        for stream in adapter.streams[1:]:  # Flux: the text stream's transformation, step by step, beside it
+            scores["cka"][stream] = {"importance": rec.importance(stream), "heatmap": rec.heatmap(stream)[1].tolist(),
+                                     "feature_rms": rec.feature_rms(stream)}
     if "metric" in criteria:
         calib = Calibration.build(sampler, emb, prompts, seeds)
         scores["metric"] = metric_importance(adapter, sampler, emb, calib, op=op)

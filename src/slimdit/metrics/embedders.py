@@ -1,4 +1,4 @@
-"""Embedders for the metrics: ``shapes`` (ships with slimdit) and ``clip`` (transformers CLIP).
+"""Embedders for the metrics: ``clip`` (transformers CLIP) and those the worlds register (``shapes``).
 
 An embedder has ``name``, ``embed_images(uint8 (N, H, W, 3)) -> (N, D)`` and ``embed_texts(list[str]) -> (N, D)``.
 """
@@ -10,6 +10,8 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from slimdit.registry import EMBEDDERS
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"  # the CMMD reference model
 
@@ -78,22 +80,13 @@ def _features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def _shapes() -> Embedder:
-    from slimdit.worlds.shapes.embedder import load_shapes_embedder
-
-    return load_shapes_embedder()
-
-
-EMBEDDERS = {"shapes": _shapes, "clip": ClipEmbedder}
-
-
 def get_embedder(spec: str) -> Embedder:
-    """``shapes``, ``clip`` (the CMMD CLIP) or ``clip:<hub id or directory>``."""
+    """A registered embedder (``shapes``), ``clip`` (the CMMD CLIP) or ``clip:<hub id or directory>``."""
     name, _, arg = spec.partition(":")
-    if name not in EMBEDDERS:
-        raise ValueError(f"unknown embedder {spec!r}; allowed: {', '.join(EMBEDDERS)} (or clip:<model>)")
     if name == "clip":
         return ClipEmbedder(arg or DEFAULT_CLIP)
+    if name not in EMBEDDERS:
+        raise ValueError(f"unknown embedder {spec!r}; allowed: {', '.join([*EMBEDDERS, 'clip'])} (or clip:<model>)")
     if arg:
         raise ValueError(f"embedder {name!r} takes no argument, got {spec!r}")
     return EMBEDDERS[name]()

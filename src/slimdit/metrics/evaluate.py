@@ -6,9 +6,10 @@ from pathlib import Path
 
 from slimdit.errors import OutputError
 from slimdit.io import ensure_writable, write_json
+from slimdit.metrics.benchmarks import BENCHMARKS, EvalResult
 from slimdit.metrics.embedders import get_embedder
-from slimdit.metrics.shapes_geneval import BENCHMARKS, EvalResult, select_prompts
 from slimdit.pipelines.loading import load_sampler
+from slimdit.registry import SAMPLERS
 from slimdit.reports.grids import make_grid, save_images
 
 
@@ -21,7 +22,7 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
         raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
     if images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {images_per_prompt}")
-    select_prompts(limit)  # check the arguments and the outputs, and load the embedder, before the (heavy) model
+    BENCHMARKS[benchmark].check(limit)  # check the arguments and outputs, and load the embedder, before the model
     if out is not None:
         ensure_writable(out, "eval --out", is_dir=False)
     if save_images_to is not None:
@@ -31,7 +32,7 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
     result = BENCHMARKS[benchmark](sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed,
                                    embedder=emb)
     result.metrics.update(model=model, benchmark=benchmark)
-    if steps is not None or guidance is not None or model != "shapes-oracle":
+    if steps is not None or guidance is not None or model not in SAMPLERS:
         opts = getattr(sampler, "options", None)
         if opts is not None:
             result.metrics.update(steps=opts.num_inference_steps, guidance=opts.guidance_scale)

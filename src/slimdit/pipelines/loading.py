@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -11,18 +11,7 @@ import torch
 from slimdit.identity import files_fingerprint
 from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
-
-
-def _builtin_pipeline_dir(name: str) -> Path:
-    d = Path(str(resources.files("slimdit.worlds.shapes").joinpath("weights", name)))
-    if not (d / "model_index.json").exists():
-        raise FileNotFoundError(f"built-in model {name!r} has no weights at {d}; rebuild them with "
-                                "`slimdit teacher train` and `slimdit teacher export`")
-    return d
-
-
-BUILTINS = {"shapes-pixart": _builtin_pipeline_dir}
-SAMPLERS = {"shapes-oracle"}
+from slimdit.registry import COMPONENTS, MODELS, SAMPLERS
 
 
 def resolve_model_dir(model: str) -> Path | str:
@@ -31,8 +20,8 @@ def resolve_model_dir(model: str) -> Path | str:
     id: the error names the first missing component and suggests close names beside it."""
     from difflib import get_close_matches
 
-    if model in BUILTINS:
-        return BUILTINS[model](model)
+    if model in MODELS:
+        return MODELS[model]()
     p = Path(model)
     if p.exists():
         if not (p / "model_index.json").exists():
@@ -47,7 +36,7 @@ def resolve_model_dir(model: str) -> Path | str:
                                 f"a local directory is not taken for a hub id){hint}")
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model  # a hub id; diffusers resolves it from the cache or the hub
-    raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*BUILTINS, *SAMPLERS])}), "
+    raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*MODELS, *SAMPLERS])}), "
                             "not an existing directory, not a hub id (owner/name)")
 
 
@@ -77,8 +66,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     """Load a diffusers pipeline for ``model`` (built-in name, directory or hub id)."""
     from diffusers import DiffusionPipeline
 
-    import slimdit.worlds.shapes.pixel_vae  # noqa: F401  (diffusers loads the shapes VAE only once imported)
-
+    for module in COMPONENTS.values():  # a world's pipeline components (a custom VAE): diffusers finds a class
+        importlib.import_module(module)  # only once its module is imported
     src = resolve_model_dir(model)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():
@@ -132,10 +121,8 @@ def sampling_options(defaults: dict, steps: int | None = None, guidance: float |
 def load_sampler(model: str, steps: int | None = None, guidance: float | None = None, batch_size: int = 64,
                  device: str | None = None) -> Sampler:
     """Build the sampler for ``model`` with its recorded defaults, overridden by ``steps`` / ``guidance``."""
-    if model == "shapes-oracle":
-        from slimdit.worlds.shapes.oracle import OracleSampler
-
-        return OracleSampler()
+    if model in SAMPLERS:
+        return SAMPLERS[model]()
     return pipeline_sampler(load_pipeline(model, device), model, steps, guidance, batch_size)
 
 

@@ -50,16 +50,17 @@ def plot_criteria(scores: dict, out: Path) -> Path:
     return out
 
 
-def plot_cka_heatmap(scores: dict, out: Path) -> Path:
-    """CKA of each unit's input vs output at each sampling step (thesis fig. 6.1)."""
-    h = np.array(scores["cka"]["heatmap"], dtype=float)
+def plot_cka_heatmap(scores: dict, out: Path, stream: str | None = None) -> Path:
+    """CKA of each unit's input vs output at each sampling step (thesis fig. 6.1); ``stream``: another stream's
+    (Flux's text stream) instead of the image stream's."""
+    h = np.array((scores["cka"][stream] if stream else scores["cka"])["heatmap"], dtype=float)
     fig, ax = plt.subplots(figsize=(6, max(3, 0.25 * h.shape[0])))
     im = ax.imshow(h, aspect="auto", cmap="viridis", vmin=np.nanmin(h), vmax=1.0)
     ax.set_xlabel("sampling step")
     ax.set_ylabel("unit")
     ax.set_yticks(range(len(scores["units"])))
     ax.set_yticklabels(scores["units"], fontsize=7)
-    fig.colorbar(im, ax=ax, label="linear CKA(input, output)")
+    fig.colorbar(im, ax=ax, label=f"linear CKA(input, output){f', {stream} stream' if stream else ''}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -85,4 +86,6 @@ def plot_all(analysis_dir: str | Path) -> list[Path]:
     if "cka" in scores:
         paths += [plot_cka_heatmap(scores, d / "plots" / "cka_heatmap.png"),
                   plot_feature_rms(scores, d / "plots" / "feature_rms.png")]
+        paths += [plot_cka_heatmap(scores, d / "plots" / f"cka_heatmap_{s}.png", s)
+                  for s, v in scores["cka"].items() if isinstance(v, dict) and "heatmap" in v]
     return paths

@@ -263,7 +263,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
 def _evaluate_stage(cfg: RunConfig, pipe, student, sdir: Path) -> dict:
     if not cfg.eval.benchmark:
         return {}
-    from slimdit.metrics.shapes_geneval import BENCHMARKS
+    from slimdit.metrics.benchmarks import BENCHMARKS
     from slimdit.reports.grids import save_eval_grid
 
     e = cfg.eval

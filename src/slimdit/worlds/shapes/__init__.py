@@ -1,0 +1,68 @@
+"""The shapes world: coloured shapes on a plain background, a built-in teacher, a ground-truth sampler, a benchmark,
+an embedder and a training stream. It sits on top of the core like a user would: :func:`register` (the
+``slimdit.worlds`` entry point) publishes its names into :mod:`slimdit.registry`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slimdit.data.datasets import CaptionImages
+    from slimdit.metrics.embedders import Embedder
+    from slimdit.pipelines.sampling import Sampler
+
+
+def register() -> None:
+    """Publish the built-in model, sampler, benchmark, embedder, dataset spec and ``teacher`` commands."""
+    from slimdit import registry
+    from slimdit.worlds.shapes.benchmark import SHAPES_GENEVAL
+    from slimdit.worlds.shapes.cli import add_teacher_commands
+
+    registry.MODELS["shapes-pixart"] = shapes_pixart
+    registry.SAMPLERS["shapes-oracle"] = shapes_oracle
+    registry.BENCHMARKS["shapes-geneval"] = SHAPES_GENEVAL
+    registry.EMBEDDERS["shapes"] = shapes_embedder
+    registry.DATASETS["shapes-train"] = shapes_train
+    registry.COMMANDS["teacher"] = add_teacher_commands
+    registry.COMPONENTS["PixelSpaceVAE"] = "slimdit.worlds.shapes.pixel_vae"
+
+
+def pipeline_dir(name: str) -> Path:
+    """The shipped diffusers pipeline directory of built-in model ``name``."""
+    d = Path(str(resources.files(__name__).joinpath("weights", name)))
+    if not (d / "model_index.json").exists():
+        raise FileNotFoundError(f"built-in model {name!r} has no weights at {d}; rebuild them with "
+                                "`slimdit teacher train` and `slimdit teacher export`")
+    return d
+
+
+def shapes_pixart() -> Path:
+    return pipeline_dir("shapes-pixart")
+
+
+def shapes_oracle() -> Sampler:
+    from slimdit.worlds.shapes.oracle import OracleSampler
+
+    return OracleSampler()
+
+
+def shapes_embedder() -> Embedder:
+    from slimdit.worlds.shapes.embedder import load_shapes_embedder
+
+    return load_shapes_embedder()
+
+
+def shapes_train(spec: str) -> CaptionImages:
+    """``shapes-train:N[:SEED]``: the first N (caption, image) pairs of the seeded training stream."""
+    from slimdit.data.datasets import CaptionImages
+    from slimdit.worlds.shapes.prompts import TrainingSet
+
+    parts = spec.split(":")
+    try:
+        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"dataset {spec!r}: expected shapes-train:N or shapes-train:N:SEED") from e
+    caps, imgs = TrainingSet(seed).batch(0, n)
+    return CaptionImages(caps, imgs, f"shapes-train:{n}:{seed}")

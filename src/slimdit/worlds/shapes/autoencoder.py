@@ -52,9 +52,10 @@ def reconstruction_accuracy(vae, device, n_per_batch: int = 100) -> float:
     return ok / len(prompts)
 
 
-def train_vae(run: Path, cfg, device: torch.device, deadline: float | None):
+def train_vae(run: Path, cfg, device: torch.device, deadline: float | None, build=None):
     """Train (or resume, or load when finished) the autoencoder of teacher run ``run``; returns it frozen, or
-    None when ``deadline`` (a ``time.time()`` value) stopped it first. The finished VAE is ``run/vae``."""
+    None when ``deadline`` (a ``time.time()`` value) stopped it first. The finished VAE is ``run/vae``.
+    ``build(width, latent_channels)`` makes the untrained autoencoder (default: :func:`build_vae`, x4)."""
     from diffusers import AutoencoderKL
 
     final = run / "vae"
@@ -62,7 +63,7 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None):
         return AutoencoderKL.from_pretrained(final).to(device).requires_grad_(False).eval()
     folder = run / "vae_checkpoints"
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg.vae_width, cfg.latent_channels).to(device)
+    vae = (build or build_vae)(cfg.vae_width, cfg.latent_channels).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     step, elapsed = resume(folder, {"vae": vae}, {}, opt, device)
     data, t_start = TrainingSet(cfg.seed + 1), time.time()
@@ -99,6 +100,8 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None):
         z = torch.cat([vae.encode(images_to_tensor(imgs[i:i + 256]).to(device)).latent_dist.mode()
                        for i in range(0, n, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    if getattr(vae.config, "shift_factor", None) is not None:  # Flux's VAE centres its latents too
+        vae.register_to_config(shift_factor=float(z.mean()))
     vae.save_pretrained(final, safe_serialization=True)
     write_json(run / "vae_quality.json", {"steps": step, "elapsed_s": round(elapsed + time.time() - t_start, 1),
                                           "latent_std": float(z.std()), "latent_mean": float(z.mean()),

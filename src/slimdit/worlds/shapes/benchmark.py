@@ -8,12 +8,12 @@ with ground-truth renders of the same prompts (2,000 by default) through the emb
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from slimdit.metrics.benchmarks import Benchmark, EvalResult, image_seeds
 from slimdit.metrics.clip_score import clip_score
 from slimdit.metrics.cmmd import cmmd
 from slimdit.metrics.embedders import Embedder, get_embedder
@@ -24,19 +24,6 @@ from slimdit.worlds.shapes.prompts import CATEGORIES, Prompt, eval_prompts, rend
 
 REFERENCE_SEED = 424242
 REFERENCE_SIZE = 2000
-
-
-@dataclass
-class EvalResult:
-    metrics: dict
-    prompts: list[Prompt]  # one per image
-    images: np.ndarray  # (N, H, W, 3) uint8
-    correct: np.ndarray  # (N,) bool
-
-
-def image_seeds(n_prompts: int, images_per_prompt: int, seed: int) -> list[int]:
-    """Seed of image j of prompt i; independent of --limit, so a prefix of prompts gets the same images."""
-    return [seed * 1_000_003 + i * images_per_prompt + j for i in range(n_prompts) for j in range(images_per_prompt)]
 
 
 def select_prompts(limit: int | None = None) -> list[Prompt]:
@@ -97,4 +84,4 @@ def shapes_geneval(sampler: Sampler, limit: int | None = None, images_per_prompt
     return EvalResult(metrics, per_image, images, correct)
 
 
-BENCHMARKS = {"shapes-geneval": shapes_geneval}
+SHAPES_GENEVAL = Benchmark(run=shapes_geneval, check=select_prompts)

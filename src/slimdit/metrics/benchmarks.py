@@ -1,0 +1,41 @@
+"""What every benchmark shares: its result record, its image seeds, and the contract worlds register it under.
+
+A benchmark is ``run(sampler, limit=None, images_per_prompt=4, seed=0, embedder="shapes", progress=True)``
+returning an :class:`EvalResult`, plus ``check(limit)``, which refuses bad arguments before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from slimdit.registry import BENCHMARKS
+
+__all__ = ["BENCHMARKS", "Benchmark", "EvalResult", "image_seeds"]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    prompts: list[Any]  # one per image; each has a ``text``
+    images: np.ndarray  # (N, H, W, 3) uint8
+    correct: np.ndarray  # (N,) bool
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark: call it like ``run``; ``check(limit)`` validates arguments without sampling."""
+
+    run: Callable[..., EvalResult]
+    check: Callable[[int | None], object]
+
+    def __call__(self, sampler, **kwargs) -> EvalResult:
+        return self.run(sampler, **kwargs)
+
+
+def image_seeds(n_prompts: int, images_per_prompt: int, seed: int) -> list[int]:
+    """Seed of image j of prompt i; independent of --limit, so a prefix of prompts gets the same images."""
+    return [seed * 1_000_003 + i * images_per_prompt + j for i in range(n_prompts) for j in range(images_per_prompt)]

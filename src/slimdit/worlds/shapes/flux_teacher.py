@@ -1,0 +1,262 @@
+"""The shapes-flux recipe, made the way Flux-dev was made.
+
+1. An ``AutoencoderKL`` with one downsampling (32x32 pixels -> 16x16 x 4 latents, 64 tokens after 2x2 packing),
+   trained on scenes and frozen.
+2. The base: a ``FluxTransformer2DModel`` without a guidance embedding, with a tiny CLIP (pooled vector) and the
+   shapes T5 (token sequence), trained together by rectified flow (velocity target, the scheduler's shift) with
+   caption dropout, so that it samples with true classifier-free guidance.
+3. Guidance distillation (:mod:`slimdit.distill.guidance`, slimdit's own trainer): a ``guidance_embeds=True`` copy
+   learns the base's CFG output in one pass per step; the result is ``shapes-flux``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from slimdit.distill.lr import warmup_cosine
+from slimdit.io import load_tensors, read_json, write_json
+from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, resume, save_checkpoint
+from slimdit.worlds.shapes.flux import SAMPLING, FluxShape, build_pipeline, build_vae
+from slimdit.worlds.shapes.prompts import TrainingSet
+
+
+@dataclass
+class FluxTeacherConfig:
+    # autoencoder
+    latent_channels: int = 4
+    vae_width: int = 16
+    vae_steps: int = 2500
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # transformer and text encoders (FluxShape)
+    double: int = 4
+    single: int = 8
+    heads: int = 4
+    head_dim: int = 24
+    t5_dim: int = 64
+    t5_layers: int = 2
+    clip_dim: int = 32
+    clip_layers: int = 1
+    # base training
+    steps: int = 30000
+    batch_size: int = 64
+    lr: float = 8e-4
+    warmup: int = 200
+    anneal_start: int = 0  # 0: constant after warm-up; else a cosine from here to 0 at ``steps``
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    text_lr_scale: float = 0.1
+    weighting: str = "logit_normal"  # timestep density (diffusers' compute_density_for_timestep_sampling)
+    cfg_scale: float = 3.5  # the base's true-CFG scale when it samples
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 1
+    threads: int = 0
+    device: str = "auto"
+
+    def shape(self, guidance_embeds: bool = False) -> FluxShape:
+        return FluxShape(self.double, self.single, self.heads, self.head_dim, self.t5_dim, self.t5_layers,
+                         self.clip_dim, self.clip_layers, self.latent_channels, self.vae_width, guidance_embeds)
+
+
+# what may change when a run resumes: how long, where and how fast; never what is learned
+RESUMABLE = frozenset({"steps", "threads", "device", "checkpoint_every", "keep_checkpoints"})
+
+
+def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherConfig:
+    """The recipe of run ``run_dir``: its saved one (only :data:`RESUMABLE` fields of ``fields`` apply, and another
+    recipe field is an error naming it), else the defaults with ``fields``."""
+    known = set(FluxTeacherConfig.__dataclass_fields__)
+    unknown = sorted(set(fields or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown shapes-flux recipe field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    saved = Path(run_dir) / "config.json"
+    if not saved.exists():
+        return FluxTeacherConfig(**(fields or {}))
+    base = read_json(saved)
+    changed = sorted(k for k, v in (fields or {}).items() if k not in RESUMABLE and base.get(k) != v)
+    if changed:
+        raise ValueError(f"{run_dir} holds a run with another recipe ({', '.join(changed)} differ); use a new "
+                         "directory, or leave these fields out to resume")
+    return FluxTeacherConfig(**{**base, **{k: v for k, v in (fields or {}).items() if k in RESUMABLE}})
+
+
+def _vae(cfg: FluxTeacherConfig):
+    return lambda width, channels: build_vae(cfg.shape())
+
+
+def _objective(pipe, weighting: str):
+    from slimdit.distill.objectives import objective_for
+
+    obj = objective_for(pipe.scheduler.config)
+    obj.weighting = weighting
+    return obj
+
+
+def _device(cfg: FluxTeacherConfig) -> torch.device:
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
+def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
+                    max_minutes: float | None = None) -> Path:
+    """Train (or resume) the autoencoder, then the CFG base, in ``run_dir``."""
+    from slimdit.models.flux import FluxAdapter
+    from slimdit.worlds.shapes.autoencoder import train_vae
+    from slimdit.worlds.shapes.teacher import images_to_tensor
+
+    run = Path(run_dir)
+    cfg = flux_config(run, asdict(cfg) if cfg is not None else None)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "config.json", asdict(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+    vae = train_vae(run, cfg, device, deadline, build=_vae(cfg))
+    if vae is None:
+        return run
+    torch.manual_seed(cfg.seed)
+    pipe = build_pipeline(cfg.shape(), vae=vae).to(device)
+    modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+               "text_encoder_2": pipe.text_encoder_2}
+    ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
+    groups = [{"params": list(pipe.transformer.parameters()), "lr_scale": 1.0},
+              {"params": [p for k in ("text_encoder", "text_encoder_2") for p in modules[k].parameters()],
+               "lr_scale": cfg.text_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objective, adapter = _objective(pipe, cfg.weighting), FluxAdapter()
+    step, elapsed = resume(run / "checkpoints", modules, ema, opt, device)
+    data, t_start = TrainingSet(cfg.seed), time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="flux base", unit="step", dynamic_ncols=True)
+    log = (run / "metrics.jsonl").open("a")
+    loss_acc = torch.zeros(())
+    while step < cfg.steps:
+        rng = np.random.default_rng((cfg.seed, 1, step))
+        caps, imgs = data.batch(step * cfg.batch_size, cfg.batch_size)
+        caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < cfg.caption_dropout)]
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        with torch.no_grad():
+            x0 = vae.encode(images_to_tensor(imgs).to(device)).latent_dist.sample(generator=g)
+            x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+        emb, pooled, _ = pipe.encode_prompt(caps, prompt_2=None, device=device, max_sequence_length=SAMPLING[
+            "max_sequence_length"])  # the pipeline's own encoding, with gradients into both text encoders
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        t = objective.sample_t(x0.shape[0], g, adapter.image_tokens(pipe.transformer, x0)).to(device)
+        xt, target = objective.noise(x0, eps, t)
+        pred = adapter.predict(pipe.transformer, xt, t, {"prompt_embeds": emb, "pooled_prompt_embeds": pooled})
+        loss = F.mse_loss(pred, target)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * group["lr_scale"] * warmup_cosine(step, cfg.warmup, cfg.steps,
+                                                                     cfg.anneal_start or None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp["params"]], cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, m in modules.items():
+                for pe, p in zip(ema[k].parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        step += 1
+        loss_acc += loss.detach()
+        bar.update(1)
+        if step % 25 == 0 or step == cfg.steps:
+            n = 25 if step % 25 == 0 else step % 25
+            mean = (loss_acc / n).item()
+            loss_acc.zero_()
+            bar.set_postfix(loss=f"{mean:.4f}")
+            log.write(json.dumps({"step": step, "loss": mean, "elapsed_s": elapsed + time.time() - t_start}) + "\n")
+            log.flush()
+        done = step == cfg.steps or (deadline is not None and time.time() > deadline)
+        if step % cfg.checkpoint_every == 0 or done:
+            save_checkpoint(run / "checkpoints", step, modules, ema, opt, elapsed + time.time() - t_start,
+                            cfg.keep_checkpoints)
+            write_json(run / "hardware.json", {**hardware(device), "steps": step,
+                                               "elapsed_s": elapsed + time.time() - t_start})
+        if done:
+            break
+    bar.close()
+    log.close()
+    return run
+
+
+def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = False) -> Path:
+    """Write the base of a run as a ``FluxPipeline`` directory that samples with true CFG."""
+    from diffusers import AutoencoderKL
+
+    run = Path(run_dir)
+    cfg = FluxTeacherConfig(**read_json(run / "config.json"))
+    cks = checkpoints(run / "checkpoints")
+    if not cks:
+        raise FileNotFoundError(f"no checkpoint under {run / 'checkpoints'}")
+    pipe = build_pipeline(cfg.shape(), vae=AutoencoderKL.from_pretrained(run / "vae"))
+    load_into({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+               "text_encoder_2": pipe.text_encoder_2},
+              load_tensors(cks[-1] / ("ema.safetensors" if use_ema else "model.safetensors")))
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    state = read_json(cks[-1] / "state.json")
+    sampling = {**SAMPLING, "guidance_scale": 1.0, "true_cfg_scale": cfg.cfg_scale, "negative_prompt": ""}
+    write_json(out / "slimdit.json", {"world": "shapes", "sampling": sampling,
+                                      "trained": {"steps": state["step"], "ema": use_ema, "config": asdict(cfg)}})
+    return out
+
+
+def guided_student(base_transformer):
+    """A ``guidance_embeds=True`` copy of a base Flux transformer: the base's weights, and a guidance embedder whose
+    output layer starts at zero, so the student starts as the base's conditional prediction."""
+    from diffusers import FluxTransformer2DModel
+
+    student = FluxTransformer2DModel.from_config({**base_transformer.config, "guidance_embeds": True})
+    missing, unexpected = student.load_state_dict(base_transformer.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_text_embed.guidance_embedder.") for k in missing):
+        raise ValueError(f"the base does not fit a guidance-embedded copy: missing {missing}, unexpected {unexpected}")
+    last = student.time_text_embed.guidance_embedder.linear_2
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return student
+
+
+def guidance_distill(base_dir: str | Path, run_dir: str | Path, out_dir: str | Path, data: str = "shapes-train:8192",
+                     train: dict | None = None, w_range: tuple[float, float] = (1.0, 5.0),
+                     progress: bool = True) -> Path:
+    """Guidance-distil the base pipeline ``base_dir`` on ``data`` with slimdit's trainer (resumable in
+    ``run_dir``); write the guided ``FluxPipeline`` to ``out_dir``, sampling at guidance 3.5 in one pass."""
+    from slimdit.data.cache import cached_conditioning
+    from slimdit.data.datasets import load_dataset
+    from slimdit.distill.guidance import GuidanceLoss
+    from slimdit.distill.trainer import TrainConfig, Trainer
+    from slimdit.models import adapter_for
+    from slimdit.pipelines.loading import load_pipeline, save_pipeline_with
+
+    pipe = load_pipeline(str(base_dir))
+    teacher = pipe.transformer.eval()
+    student = guided_student(teacher)
+    adapter = adapter_for(student, pipe.scheduler.config)
+    cond = cached_conditioning(pipe, str(base_dir), load_dataset(data), Path(run_dir) / "cache",
+                               SAMPLING["max_sequence_length"])
+    fields = {"steps": 2000, "optimizer": "adamw", "lr": 1e-4, "warmup_steps": 100, "batch_size": 64,
+              "grad_clip": 1.0, "caption_dropout": 0.0, "checkpoint_every": 250, "val_every": 0,
+              "lr_schedule": "cosine", **(train or {})}
+    trainer = Trainer(adapter, teacher, student, cond, TrainConfig(**fields), run_dir,
+                      loss=GuidanceLoss(adapter, cond.null, *w_range))
+    trainer.train(progress=progress)
+    out = save_pipeline_with(pipe, trainer.student_model(), out_dir)
+    base = read_json(Path(base_dir) / "slimdit.json")
+    write_json(Path(out) / "slimdit.json", {
+        "world": "shapes", "sampling": {**SAMPLING, "guidance_scale": base["sampling"]["true_cfg_scale"]},
+        "trained": {"guidance_distilled_from": str(base_dir), "w_range": list(w_range), "train": fields,
+                    "base": base.get("trained")}})
+    return Path(out)

@@ -1,0 +1,91 @@
+"""The shapes-flux recipe at a tiny size: autoencoder, CFG base by rectified flow (resumable, exact), export as a
+FluxPipeline that samples with true CFG, then guidance distillation into a one-pass guidance-embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimdit.worlds.shapes.flux_teacher import (
+    FluxTeacherConfig,
+    export_flux_base,
+    guidance_distill,
+    guided_student,
+    train_flux_base,
+)
+
+TINY = dict(double=1, single=1, heads=2, head_dim=8, t5_dim=16, t5_layers=1, clip_dim=16, vae_width=8, vae_steps=2,
+            batch_size=4, checkpoint_every=2, warmup=1)
+
+
+def _weights(run):
+    from slimdit.io import load_tensors
+
+    ck = sorted((run / "checkpoints").glob("step_*"))[-1]
+    return ck.name, load_tensors(ck / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux-teacher")
+    run = train_flux_base(d / "run", FluxTeacherConfig(steps=4, **TINY))
+    return run, export_flux_base(run, d / "base")
+
+
+def test_base_resumes_exactly_and_samples_with_true_cfg(base, tmp_path):
+    from slimdit.pipelines.loading import load_pipeline, pipeline_sampler
+
+    run, out = base
+    train_flux_base(tmp_path / "r", FluxTeacherConfig(steps=2, **TINY))  # stopped at step 2 ...
+    train_flux_base(tmp_path / "r", FluxTeacherConfig(steps=4, **TINY))  # ... and resumed to 4
+    (name_a, a), (name_b, b) = _weights(run), _weights(tmp_path / "r")
+    assert name_a == name_b == "step_0000004" and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "slimdit.json").read_text())["sampling"]["true_cfg_scale"] == 3.5
+    pipe = load_pipeline(str(out), "cpu")
+    assert type(pipe).__name__ == "FluxPipeline" and not pipe.transformer.config.guidance_embeds
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda _m, _a, k: calls.append(k["hidden_states"].shape[0]),
+                                               with_kwargs=True)
+    images = pipeline_sampler(pipe, str(out), steps=2).generate(["a red circle", "two squares"], [0, 1])
+    assert images.shape == (2, 32, 32, 3) and len(calls) == 4  # true CFG: two passes per step
+
+
+def test_guided_student_starts_as_the_base_and_distils_to_one_pass(base, tmp_path):
+    from slimdit.models import adapter_for
+    from slimdit.pipelines.loading import load_pipeline, pipeline_sampler
+
+    _, out = base
+    teacher = load_pipeline(str(out), "cpu").transformer
+    student = guided_student(teacher)
+    a = adapter_for(student)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([300.0, 800.0])
+    cond = {"prompt_embeds": torch.randn(2, 16, 16, generator=g),
+            "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    with torch.no_grad():
+        assert torch.equal(a.predict(student, x, t, {**cond, "guidance": torch.tensor([1.0, 4.0])}),
+                           a.predict(teacher, x, t, cond))
+    guided = guidance_distill(out, tmp_path / "g", tmp_path / "shapes-flux", data="shapes-train:8",
+                              train={"steps": 3, "batch_size": 2, "warmup_steps": 1, "log_every": 1},
+                              progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["guided"] > 0 for r in rows)
+    pipe = load_pipeline(str(guided), "cpu")
+    assert pipe.transformer.config.guidance_embeds
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda _m, _a, k: calls.append(k["guidance"]), with_kwargs=True)
+    images = pipeline_sampler(pipe, str(guided), steps=2).generate(["a red circle"], [0])
+    assert images.shape == (1, 32, 32, 3) and len(calls) == 2 and float(calls[0][0]) == 3.5  # one pass per step
+
+
+def test_a_resumed_run_keeps_its_recipe(base):
+    from slimdit.worlds.shapes.flux_teacher import flux_config
+
+    run, _ = base
+    assert flux_config(run, {"steps": 9, "threads": 1}).steps == 9  # how long and how fast may change
+    with pytest.raises(ValueError, match="another recipe \\(lr differ"):
+        flux_config(run, {"lr": 1e-3})
+    with pytest.raises(ValueError, match="unknown shapes-flux recipe field"):
+        flux_config(run, {"lrr": 1e-3})

@@ -1,0 +1,74 @@
+"""The core never imports a world; the shapes world reaches the core only through the registries."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import slimdit
+from slimdit import registry
+
+SRC = Path(slimdit.__file__).parent
+WORLDS = SRC / "worlds"
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` names, at any depth (inside functions too)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # from slimdit import worlds
+    return names
+
+
+def test_the_core_imports_no_world():
+    core = [p for p in sorted(SRC.rglob("*.py")) if WORLDS not in p.parents]
+    assert len(core) > 20 and SRC / "registry.py" in core
+    offenders = {str(p.relative_to(SRC)): sorted(m for m in _imported_modules(ast.parse(p.read_text()))
+                                                 if m == "slimdit.worlds" or m.startswith("slimdit.worlds."))
+                 for p in core}
+    assert {p: m for p, m in offenders.items() if m} == {}
+
+
+def test_the_import_check_sees_imports_inside_functions():
+    tree = ast.parse("def f():\n    from slimdit.worlds.shapes.oracle import OracleSampler\n"
+                     "def g():\n    import slimdit.worlds.shapes.pixel_vae\n"
+                     "from slimdit import worlds\n")
+    assert {"slimdit.worlds.shapes.oracle", "slimdit.worlds.shapes.pixel_vae", "slimdit.worlds"} <= \
+        _imported_modules(tree)
+
+
+def test_the_shapes_world_registers_its_names():
+    registry.load_worlds()
+    assert "shapes-pixart" in registry.MODELS and registry.MODELS["shapes-pixart"]().is_dir()
+    assert "shapes-oracle" in registry.SAMPLERS
+    assert "shapes-geneval" in registry.BENCHMARKS
+    assert "shapes" in registry.EMBEDDERS
+    assert "shapes-train" in registry.DATASETS
+    assert "teacher" in registry.COMMANDS
+
+
+def test_dataset_specs_come_from_the_registry():
+    from slimdit.data.datasets import load_dataset
+
+    assert registry.is_spec("shapes-train:4:7") and registry.is_spec("shapes-train:")
+    assert not registry.is_spec("shapes-train") and not registry.is_spec("runs/synth")
+    assert not registry.is_spec("no-such-spec:4")
+    data = load_dataset("shapes-train:3:7")
+    assert len(data.captions) == 3 and data.images.shape[0] == 3 and data.source == "shapes-train:3:7"
+    with pytest.raises(ValueError, match="expected shapes-train:N"):
+        load_dataset("shapes-train:x")
+    with pytest.raises(FileNotFoundError, match="neither shapes-train:N nor an existing folder"):
+        load_dataset("no-such-spec:4")
+
+
+def test_the_registered_benchmark_checks_its_limit_before_any_model():
+    bench = registry.BENCHMARKS["shapes-geneval"]
+    with pytest.raises(ValueError, match="--limit must be between 1 and"):
+        bench.check(0)
+    bench.check(6)
