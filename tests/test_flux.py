@@ -196,3 +196,24 @@ def test_objectives_come_from_the_scheduler_config():
     assert not torch.allclose(ddpm.alphas_cumprod, DDPM.linear().alphas_cumprod)  # the config's betas, not linear
     xt, v = ddpm.noise(x0, eps, t.long()[:3])
     assert torch.allclose(ddpm.x0(xt, v, t.long()[:3]), x0, atol=1e-4)
+
+
+def test_grasp_selects_singular_values_of_both_block_kinds_by_the_flow_loss():
+    from slimdit.compress.grasp import grasp_keep
+
+    m = tiny_flux()
+    a = adapter_for(m, FLOW)
+    obj = a.objective
+    g = torch.Generator().manual_seed(5)
+    x0, eps = x(), torch.randn(2, 4, 8, 8, generator=g)
+    t = obj.sample_t(2, g, 16)
+    xt, target = obj.noise(x0, eps, t)
+
+    def loss(model):  # the flow objective's velocity MSE on a calibration batch
+        return (a.predict(model, xt, t, cond()) - target).pow(2).mean()
+
+    plan = Plan.from_dict({"units": {"double.0": {"svd": {"img_mlp": 0.5}}, "single.0": {"svd": {"mlp": 0.5}}}})
+    keep = grasp_keep(a, m, plan, loss, batches=1)
+    assert set(keep) == {"double.0.ff.net.0.proj", "double.0.ff.net.2", "single.0.proj_mlp"}
+    apply_plan(a, m, plan, keep=keep)
+    assert torch.isfinite(out(m)).all()

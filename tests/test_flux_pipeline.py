@@ -90,6 +90,12 @@ def test_analyze_search_and_a_schedule_on_flux(tiny_flux_pipeline, tmp_path):
     assert main(["search", "--model", model, "--units", "1", "--op", "remove", "--method", "greedy", "--prompts",
                  "shapes-train:4:7", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert len(json.loads((tmp_path / "s" / "search.json").read_text())["greedy"]["units"]) == 1
+    assert main(["search", "--model", model, "--units", "1", "--op", "0.5", "--method", "both", "--trials", "3",
+                 "--prompts", "shapes-train:4:7", "--steps", "2", "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "search.json").read_text())["optuna"]["units"]
+    assert main(["search", "--model", model, "--method", "masks", "--pattern", "1:2", "--data", "shapes-train:8",
+                 "--mask-steps", "3", "--out", str(tmp_path / "m")]) == 0
+    assert len(json.loads((tmp_path / "m" / "search.json").read_text())["masks"]["units"]) == 1
     cfg = {"teacher": model, "out": str(tmp_path / "run"),
            "schedule": {"kind": "one_shot", "op": "svd", "svd_ratio": 0.5, "target": 0.8},
            "calibration": {"prompts": "shapes-train:4:7", "steps": 2},
@@ -101,3 +107,18 @@ def test_analyze_search_and_a_schedule_on_flux(tiny_flux_pipeline, tmp_path):
     assert main(["run", str(tmp_path / "run.yaml")]) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["stages"][0]["block_param_ratio"] <= 0.8 and "overall" in s["stages"][0]
+
+
+def test_the_demo_and_generate_run_on_flux(tiny_flux_pipeline, tmp_path):
+    from tests.test_cli import TINY_DEMO
+
+    model = str(tiny_flux_pipeline)
+    assert main(["generate", "--model", model, "--prompt", "a red circle", "--num-images", "2", "--steps", "2",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "grid.png").exists()
+    sets = [x for item in [*TINY_DEMO, "schedule.kind=one_shot", "schedule.target=0.8"] for x in ("--set", item)]
+    assert main(["demo", "--model", model, "--out", str(tmp_path / "demo"), *sets]) == 0
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert {"shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall"} <= \
+        set(s["student"])
+    assert s["student"]["block_param_ratio"] <= 0.8 and (tmp_path / "demo" / "report.html").exists()

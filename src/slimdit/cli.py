@@ -22,7 +22,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     from slimdit.config import parse_sets
     from slimdit.demo import run_demo
 
-    run = run_demo(a.out, overrides=parse_sets(a.set))
+    run = run_demo(a.out, overrides={**parse_sets(a.set), **({"teacher": a.model} if a.model else {})})
     summary = json.loads((run / "summary.json").read_text())
     keys = ("shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall")
     print(json.dumps({"run": str(run), **{w: {k: summary[w][k] for k in keys if k in summary[w]}
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job on the embedded shapes world")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory; rerun to resume")
+    p.add_argument("--model", default=None,
+                   help="the teacher (default: the packaged config's, shapes-pixart); any PixArt or Flux pipeline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the packaged demo config (slimdit/demo.yaml), e.g. train.steps=400")
     p.set_defaults(func=cmd_demo)

@@ -64,7 +64,7 @@ class PhaseSection(_Strict):
 
 
 class EvalSection(_Strict):
-    benchmark: Literal["shapes-geneval"] | None = "shapes-geneval"
+    benchmark: str | None = "shapes-geneval"  # a registered benchmark (slimdit.registry.BENCHMARKS)
     limit: int | None = Field(60, ge=1)
     images_per_prompt: int = Field(4, ge=1)
     steps: int | None = None
@@ -75,6 +75,16 @@ class EvalSection(_Strict):
     # distill: a folder where the teacher's and the untrained student's metrics are kept and reused by other
     # runs with the same teacher, plan and eval settings (a sweep sets it; evaluation is seeded, so reuse is exact)
     shared: Path | None = None
+
+
+    @field_validator("benchmark")
+    @classmethod
+    def _benchmark_known(cls, v):
+        from slimdit.registry import BENCHMARKS
+
+        if v is not None and v not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {v!r}; allowed: {', '.join(BENCHMARKS)} (or null for none)")
+        return v
 
 
 class DistillConfig(_Strict):
