@@ -99,6 +99,10 @@ def test_capture_reads_both_streams_in_the_right_places():
     assert feats["double.0"]["image"].shape == (2, 16, 16) and feats["double.0"]["text"].shape == (2, 5, 16)
     assert feats["single.0"]["image"].shape == (2, 16, 16) and feats["single.0"]["text"].shape == (2, 5, 16)
     assert len(a.features(feats, ["double.0", "single.0"])) == 4  # each (unit, stream) is one feature of eq. 4.11
+    m.train().enable_gradient_checkpointing()  # diffusers then calls the blocks positionally
+    with a.capture(m) as ck:
+        a.predict(m, x(), torch.tensor([100.0, 900.0]), cond()).sum().backward()
+    assert torch.allclose(ck["single.0"]["image"], feats["single.0"]["image"], atol=1e-6)
 
 
 def _kd_terms(teacher, student, sched, data, kept, tmp_path):
@@ -190,6 +194,12 @@ def test_objectives_come_from_the_scheduler_config():
     assert torch.allclose(flow._shift(s.double(), 1024).float(), (torch.e ** mu / (torch.e ** mu + 1 / s - 1)))
     t = flow.sample_t(1000, torch.Generator().manual_seed(0), tokens=1024)
     assert 0 < t.min() and t.max() <= 1000 and t.median() > 500  # shifted towards noise, as sampling is
+    saved_lcm = {"_class_name": "FlowMatchLCMScheduler", "shift": 1.0, "num_train_timesteps": 1000}
+    assert isinstance(objective_for(saved_lcm), RectifiedFlow)  # every flow-matching scheduler, by its class
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        objective_for({**FLOW, "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="names no betas"):
+        objective_for({"_class_name": "DDPMScheduler"})
     ddpm = objective_for({"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
                           "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction"})
     assert isinstance(ddpm, DDPM) and ddpm.name == "v_prediction"
@@ -217,3 +227,17 @@ def test_grasp_selects_singular_values_of_both_block_kinds_by_the_flow_loss():
     assert set(keep) == {"double.0.ff.net.0.proj", "double.0.ff.net.2", "single.0.proj_mlp"}
     apply_plan(a, m, plan, keep=keep)
     assert torch.isfinite(out(m)).all()
+
+
+def test_guidance_distillation_refuses_a_teacher_that_already_takes_guidance():
+    from slimdit.distill.guidance import GuidanceLoss
+    from slimdit.distill.losses import Batch
+
+    guided = tiny_flux(guidance=True)
+    a = adapter_for(guided, FLOW)
+    loss = GuidanceLoss(a, {k: v[:1] * 0 for k, v in cond().items()})
+    batch = Batch(x(), cond(), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="teacher takes it: True"):
+        loss(guided, guided, batch)
+    with pytest.raises(ValueError, match="student: False"):
+        loss(tiny_flux(guidance=False), tiny_flux(guidance=False), batch)

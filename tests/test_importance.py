@@ -43,15 +43,20 @@ def test_cka_recorder_fills_a_unit_by_step_heatmap():
     m = tiny()
     rec = CKARecorder(adapter_for(m), m)
     with torch.no_grad(), rec.recording():
-        for _ in range(2):
+        for passes in (1, 2):  # a sample without CFG, then one with two passes (cond, uncond) per step
             rec.new_sample()
-            for _step in range(3):
-                m(**inputs())
+            for step in range(3):
+                for _ in range(passes):
+                    m(**{**inputs(), "timestep": torch.tensor([900 - 300 * step] * 2)})
     units, h = rec.heatmap()
-    assert units == ["block.0", "block.1", "block.2", "block.3"] and h.shape == (4, 3)
+    assert units == ["block.0", "block.1", "block.2", "block.3"] and h.shape == (4, 3)  # steps, not calls
+    assert rec.counts[("block.0", "image", 2)] == 2 * 3  # 2 images x (1 + 2 passes) at the last step
     assert torch.isfinite(h).all() and (h <= 1 + 1e-9).all()
     assert set(rec.importance()) == set(units)
-    rms = rec.feature_rms()
+    one = CKARecorder(adapter_for(m), m)
+    with torch.no_grad(), one.recording():
+        m(**inputs())
+    rms = one.feature_rms()
     with torch.no_grad(), adapter_for(m).capture(m) as feats:
         m(**inputs())
     assert rms["block.0"] == pytest.approx(float(feats["block.0"]["image"].double().pow(2).mean().sqrt()), rel=1e-6)

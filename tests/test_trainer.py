@@ -14,7 +14,8 @@ from slimdit.models import adapter_for
 from tests.test_compress import tiny
 
 # the scheduler config the tiny models distil under: PixArt's 1000-step linear-beta DDPM, epsilon
-SCHED = {"_class_name": "DDPMScheduler", "prediction_type": "epsilon"}
+SCHED = {"_class_name": "DDPMScheduler", "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+         "num_train_timesteps": 1000, "prediction_type": "epsilon"}
 
 
 def _data(n: int = 16) -> Conditioning:
@@ -108,6 +109,8 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     # a NaN on one rank stops both at the same step, neither waiting for the other
     stops = [(tmp_path / f"nan_rank{i}.txt").read_text() for i in range(2)]
     assert stops == ["training diverged at step 1"] * 2
+    flux = [(tmp_path / f"flux_rank{i}.txt").read_text() for i in range(2)]
+    assert flux[0] == flux[1]  # a Flux student under DDP
 
 
 def test_cosine_schedule_warms_up_then_falls_to_zero_and_constant_stays_flat():

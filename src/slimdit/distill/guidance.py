@@ -28,6 +28,10 @@ class GuidanceLoss:
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
         inner = getattr(student, "module", student)
+        if a.takes_guidance(teacher) or not a.takes_guidance(inner):
+            raise ValueError("guidance distillation needs a teacher sampled with classifier-free guidance (no "
+                             "guidance input) and a student that takes the guidance scale as an input "
+                             f"(teacher takes it: {a.takes_guidance(teacher)}, student: {a.takes_guidance(inner)})")
         b = x0.shape[0]
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         t = obj.sample_t(b, g, a.image_tokens(inner, x0)).to(x0.device)
@@ -38,6 +42,7 @@ class GuidanceLoss:
             c = a.predict(teacher, xt, t, batch.cond)
             u = a.predict(teacher, xt, t, null)
             target = u + w.view(-1, *[1] * (x0.ndim - 1)) * (c - u)
-        s = a.predict(student, xt, t, {**batch.cond, "guidance": w})
+        with batch.autocast():
+            s = a.predict(student, xt, t, {**batch.cond, "guidance": w})
         loss = per_sample_mse(a.prediction(inner, s), a.prediction(inner, target)).mean()
         return {"total": loss, "guided": loss.detach()}

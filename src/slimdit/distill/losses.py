@@ -3,6 +3,8 @@ per-unit normalisation of eq. 4.11-4.14, and the five presets of thesis section 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +75,14 @@ def kd_loss(preset: KDPreset | str, task_i: torch.Tensor, t_out: torch.Tensor, s
 
 @dataclass
 class Batch:
-    """What a loss sees of one micro-batch: clean latents, their conditioning, and the generator that draws its
-    noise and timesteps (seeded by step, so a resumed run draws the same)."""
+    """What a loss sees of one micro-batch: clean latents, their conditioning, the generator that draws its noise
+    and timesteps (seeded by step, so a resumed run draws the same), and the mixed-precision context the student's
+    forward runs in (the frozen teacher's targets are computed outside it)."""
 
     x0: torch.Tensor
     cond: dict[str, torch.Tensor]
     generator: torch.Generator
+    autocast: Callable[[], AbstractContextManager] = nullcontext
 
 
 @dataclass
@@ -91,6 +95,8 @@ class KDLoss:
     adapter: object  # slimdit.models.Adapter, with its objective
     preset: str = "normalized_hybrid"
     pairs: tuple[tuple[str, str], ...] = ()
+    #: the guidance scales a guidance-distilled teacher and its student are compared at, one per sample
+    guidance_range: tuple[float, float] = (1.0, 5.0)
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
@@ -98,10 +104,14 @@ class KDLoss:
         eps = torch.randn(x0.shape, generator=g).to(x0.device)
         t = obj.sample_t(x0.shape[0], g, a.image_tokens(inner, x0)).to(x0.device)
         xt, target = obj.noise(x0, eps, t)
+        cond = batch.cond
+        if a.takes_guidance(teacher):  # the student's whole guidance path, not one scale
+            lo, hi = self.guidance_range
+            cond = {**cond, "guidance": (lo + (hi - lo) * torch.rand(x0.shape[0], generator=g)).to(x0.device)}
         t_units, s_units = [tu for _, tu in self.pairs], [su for su, _ in self.pairs]
         with torch.no_grad(), a.capture(teacher, t_units) as tf:
-            t_out = a.predict(teacher, xt, t, batch.cond)
-        with a.capture(inner, s_units) as sf:
-            s_out = a.predict(student, xt, t, batch.cond)
+            t_out = a.predict(teacher, xt, t, cond)
+        with batch.autocast(), a.capture(inner, s_units) as sf:
+            s_out = a.predict(student, xt, t, cond)
         task_i = per_sample_mse(a.prediction(inner, s_out), target)
         return kd_loss(self.preset, task_i, t_out, s_out, a.features(tf, t_units), a.features(sf, s_units))

@@ -27,11 +27,15 @@ class DDPM:
         """The betas of any DDPM-family scheduler config (linear, scaled_linear, squaredcos_cap_v2, trained)."""
         from diffusers import DDPMScheduler
 
+        if not {"beta_start", "beta_schedule", "trained_betas"} & set(config):
+            raise ValueError("the scheduler config names no betas (beta_start/beta_end/beta_schedule or "
+                             "trained_betas); slimdit will not guess a noise schedule")
         sched = DDPMScheduler.from_config(config)
         name = config.get("prediction_type", "epsilon")
         if name not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type {name!r} is not supported; allowed: epsilon, v_prediction")
-        return cls(sched.alphas_cumprod.float(), name)
+        # a zero-terminal-SNR schedule ends at a_T = 0; sampling clamps it as DPM-Solver does (2^-24)
+        return cls(sched.alphas_cumprod.float().clamp_min(2.0 ** -24), name)
 
     @classmethod
     def linear(cls, name: str = "epsilon", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -86,6 +90,13 @@ class RectifiedFlow:
 
     @classmethod
     def from_config(cls, config: dict) -> RectifiedFlow:
+        unsupported = [k for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                   "invert_sigmas") if config.get(k)]
+        if config.get("time_shift_type", "exponential") != "exponential":
+            unsupported.append(f"time_shift_type={config['time_shift_type']}")
+        if unsupported:
+            raise ValueError(f"flow scheduler options slimdit's training objective does not follow: "
+                             f"{', '.join(unsupported)}; it would train at other noise levels than sampling visits")
         return cls(num_train_timesteps=config.get("num_train_timesteps", 1000),
                    shift=config.get("shift", config.get("flow_shift", 1.0)),
                    dynamic=bool(config.get("use_dynamic_shifting", False)),
@@ -122,7 +133,6 @@ class RectifiedFlow:
 
 
 Objective = DDPM | RectifiedFlow
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
 def objective_for(scheduler_config) -> Objective:
@@ -136,7 +146,7 @@ def objective_for(scheduler_config) -> Objective:
     # a config read from disk names its class; one built in memory does not, but only flow schedulers have a
     # ``shift`` and no betas
     cls = config.get("_class_name")
-    flow = cls in FLOW_SCHEDULERS if cls else ("shift" in config and "beta_start" not in config)
+    flow = cls.startswith("FlowMatch") if cls else ("shift" in config and "beta_start" not in config)
     if flow or config.get("use_flow_sigmas"):
         return RectifiedFlow.from_config(config)
     return DDPM.from_config(config)

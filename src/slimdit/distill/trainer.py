@@ -291,8 +291,7 @@ class Trainer:
 
     def _micro_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         x0, cond, g = self._batch(step, micro)
-        with self.acc.autocast():
-            return self.loss(self.student, self.teacher, Batch(x0, cond, g))
+        return self.loss(self.student, self.teacher, Batch(x0, cond, g, self.acc.autocast))
 
     def _optimizer_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; the averaged loss terms. A non-finite loss or

@@ -38,11 +38,10 @@ class CKARecorder:
         self.counts: dict[tuple[str, str, int], int] = {}
         self.sq: dict[tuple[str, str, int], float] = {}  # sum over tokens of mean-square output features
         self.tokens: dict[tuple[str, str, int], int] = {}
-        self._calls: dict[str, int] = {}
+        self._step, self._last_t = -1, None  # the sampling step of the current forward, by its timestep
 
     def _record(self, unit: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        step = self._calls.get(unit, 0)
-        self._calls[unit] = step + 1
+        step = self._step
         for stream, y in outputs.items():
             key = (unit, stream, step)
             c = linear_cka(inputs[stream], y)  # (B,)
@@ -51,14 +50,26 @@ class CKARecorder:
             self.sq[key] = self.sq.get(key, 0.0) + float(y.double().pow(2).mean(-1).sum())
             self.tokens[key] = self.tokens.get(key, 0) + y.shape[0] * y.shape[1]
 
+    def _on_forward(self, _module, args, kwargs) -> None:
+        """A sampling step is a new timestep: the passes of one step (a CFG pipeline may make two) share it."""
+        t = kwargs.get("timestep")
+        t = None if t is None else float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if t is None or t != self._last_t:
+            self._step += 1
+            self._last_t = t
+
     @contextmanager
     def recording(self) -> Iterator[CKARecorder]:
-        with self.adapter.hooked(self.model, self.units, self._record):
-            yield self
+        handle = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        try:
+            with self.adapter.hooked(self.model, self.units, self._record):
+                yield self
+        finally:
+            handle.remove()
 
     def new_sample(self) -> None:
         """Call between sampling runs, so that step indices restart at 0."""
-        self._calls.clear()
+        self._step, self._last_t = -1, None
 
     def heatmap(self, stream: str = "image") -> tuple[list[str], torch.Tensor]:
         """(units, tensor (units, steps)) of mean CKA on one stream."""

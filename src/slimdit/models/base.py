@@ -61,9 +61,13 @@ class Adapter(ABC):
         scale = 2 ** (len(getattr(vae, "block_out_channels", [0])) - 1)
         return getattr(vae, "latent_channels", 3), height // scale, width // scale
 
-    def passes_per_step(self, model: nn.Module) -> int:
-        """Transformer passes per sampling step at the pipeline's default: 2 with classifier-free guidance."""
-        return 2
+    def passes_per_step(self, model: nn.Module, options) -> int:
+        """Transformer passes per sampling step under sampling ``options``: 2 with classifier-free guidance."""
+        return 2 if options.guidance_scale > 1 else 1
+
+    def takes_guidance(self, model: nn.Module) -> bool:
+        """Whether the model takes a guidance scale as an input (``cond["guidance"]``): a guidance-distilled model."""
+        return False
 
     @abstractmethod
     def encode_prompts(self, pipe, captions: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
@@ -174,6 +178,11 @@ class Adapter(ABC):
         """The captured features of ``units`` as the list feature KD compares, every stream of every unit in
         order: each (unit, stream) is one feature l of eq. 4.11-4.14, normalised on its own."""
         return [feats[u][s] for u in units for s in self.streams]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a distributed wrapper (DDP) holds, whose ``config`` and modules the adapter reads."""
+    return getattr(model, "module", model)
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

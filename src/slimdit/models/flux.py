@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimdit.models.base import Adapter, register
+from slimdit.models.base import Adapter, register, unwrap
 
 _IMG_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _TXT_ATTN = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -67,16 +67,23 @@ class FluxAdapter(Adapter):
         return {"attn": ["attn.to_q", "attn.to_k", "attn.to_v"], "mlp": ["proj_mlp"], "proj_out": ["proj_out"],
                 "mod": ["norm.linear"]}
 
-    def passes_per_step(self, model: nn.Module) -> int:
-        """One pass for a guidance-distilled model (the scale is an input); two with true CFG."""
-        return 1 if model.config.guidance_embeds else 2
+    def takes_guidance(self, model: nn.Module) -> bool:
+        return bool(unwrap(model).config.guidance_embeds)
+
+    def passes_per_step(self, model: nn.Module, options) -> int:
+        """Two with true CFG (``true_cfg_scale > 1`` and a negative prompt), else one: a guidance-distilled model
+        takes its scale as an input."""
+        extra = options.extra
+        return 2 if extra.get("true_cfg_scale", 1.0) > 1 and extra.get("negative_prompt") is not None else 1
 
     def image_tokens(self, model: nn.Module, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     # ---- unit I/O: both streams, in and out ---------------------------------------------------------------
     def unit_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        return {"image": kwargs["hidden_states"], "text": kwargs["encoder_hidden_states"]}
+        # keywords in a plain forward; positional (hidden, encoder, ...) under gradient checkpointing
+        return {"image": args[0] if args else kwargs["hidden_states"],
+                "text": args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]}
 
     def unit_outputs(self, out) -> dict[str, torch.Tensor]:
         return {"text": out[0], "image": out[1]}
@@ -96,7 +103,7 @@ class FluxAdapter(Adapter):
         b, _, h, w = noisy.shape
         emb = cond["prompt_embeds"]
         guidance = None
-        if model.config.guidance_embeds:
+        if self.takes_guidance(model):
             g = cond.get("guidance")
             guidance = (g if g is not None else torch.full((b,), self.guidance)).to(noisy.device, noisy.dtype)
         out = model(hidden_states=pack(noisy), encoder_hidden_states=emb,

@@ -96,12 +96,15 @@ def sampling_defaults(model: str) -> dict:
     from slimdit.models import ADAPTERS
 
     src = resolve_model_dir(model)
+    recorded = {}
     if isinstance(src, Path) and (src / "slimdit.json").exists():
-        return json.loads((src / "slimdit.json").read_text()).get("sampling", {})
+        recorded = json.loads((src / "slimdit.json").read_text()).get("sampling", {})
     cls = _pipeline_class(model)
     for adapter in ADAPTERS.values():
         if cls in adapter.pipelines:
-            return dict(adapter.sampling)
+            return {**adapter.sampling, **recorded}  # what the directory records, over its architecture's
+    if {"num_inference_steps", "guidance_scale", "max_sequence_length"} <= set(recorded):
+        return recorded
     raise ValueError(f"no sampling defaults for {model!r}: its pipeline class {cls!r} has no slimdit adapter "
                      f"(supported: {', '.join(p for a in ADAPTERS.values() for p in a.pipelines)}) and it records "
                      "none in slimdit.json")

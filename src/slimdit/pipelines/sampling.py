@@ -61,10 +61,7 @@ class PipelineSampler:
         for i in tqdm(range(0, len(prompts), bs), desc=f"sampling {self.name}", unit="batch", disable=not progress,
                       dynamic_ncols=True):
             gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds[i:i + bs]]
-            kwargs = self.call_kwargs()
-            if isinstance(kwargs.get("negative_prompt"), str):  # one per image, as pipelines want a true-CFG batch
-                kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(gens)
-            imgs = self.pipe(prompt=list(prompts[i:i + bs]), generator=gens, **kwargs).images
+            imgs = self.pipe(prompt=list(prompts[i:i + bs]), generator=gens, **self.call_kwargs()).images
             out.append(np.clip(np.rint(np.asarray(imgs) * 255), 0, 255).astype(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 

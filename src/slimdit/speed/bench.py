@@ -51,14 +51,15 @@ class BenchResult:
 
 
 @torch.no_grad()
-def transformer_flops(pipe, batch_size: int, max_sequence_length: int, size: int) -> int:
-    """FLOPs of the transformer passes of one sampling step (two with CFG) for ``batch_size`` images of
-    ``size`` x ``size`` pixels, on the inputs the model's adapter feeds it."""
+def transformer_flops(pipe, batch_size: int, options: SamplingOptions, size: int) -> int:
+    """FLOPs of the transformer passes of one sampling step under ``options`` (two with CFG) for ``batch_size``
+    images of ``size`` x ``size`` pixels, on the inputs the model's adapter feeds it."""
     from slimdit.models import adapter_for
 
     tr = pipe.transformer
     adapter = adapter_for(tr)
-    n = adapter.passes_per_step(tr) * batch_size
+    max_sequence_length = options.max_sequence_length
+    n = adapter.passes_per_step(tr, options) * batch_size
     dev, dt = tr.device, tr.dtype
     x = torch.randn(n, *adapter.latent_shape(pipe, size, size), device=dev, dtype=dt)
     cond = {k: v.to(dev, dt if v.is_floating_point() else v.dtype)
@@ -116,7 +117,7 @@ def bench_pipelines(student_pipe, teacher_pipe, defaults: dict, repeats: int = 5
     lat = {k: statistics.median(v) for k, v in times.items()}
     params = {k: sum(p.numel() for p in pipe.transformer.parameters()) for k, pipe in pipes.items()}
     size = options.extra.get("height") or _default_size(teacher_pipe)
-    flops = {k: transformer_flops(pipe, batch_size, options.max_sequence_length, size) for k, pipe in pipes.items()}
+    flops = {k: transformer_flops(pipe, batch_size, options, size) for k, pipe in pipes.items()}
     steps = options.num_inference_steps
     return BenchResult(lat["student"] / lat["teacher"], params["student"] / params["teacher"],
                        flops["student"] / flops["teacher"], lat["student"], lat["teacher"], params["student"],

@@ -85,7 +85,8 @@ def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherC
     if not saved.exists():
         return FluxTeacherConfig(**(fields or {}))
     base = read_json(saved)
-    changed = sorted(k for k, v in (fields or {}).items() if k not in RESUMABLE and base.get(k) != v)
+    free = RESUMABLE - ({"steps"} if base.get("anneal_start") else set())  # the anneal ends at ``steps``
+    changed = sorted(k for k, v in (fields or {}).items() if k not in free and base.get(k) != v)
     if changed:
         raise ValueError(f"{run_dir} holds a run with another recipe ({', '.join(changed)} differ); use a new "
                          "directory, or leave these fields out to resume")
@@ -138,7 +139,8 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     objective, adapter = _objective(pipe, cfg.weighting), FluxAdapter()
     step, elapsed = resume(run / "checkpoints", modules, ema, opt, device)
-    data, t_start = TrainingSet(cfg.seed), time.time()
+    _truncate_log(run / "metrics.jsonl", step)
+    data, t_start, since = TrainingSet(cfg.seed), time.time(), step  # ``since``: the first step of the log window
     bar = tqdm(total=cfg.steps, initial=step, desc="flux base", unit="step", dynamic_ncols=True)
     log = (run / "metrics.jsonl").open("a")
     loss_acc = torch.zeros(())
@@ -173,9 +175,9 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
         loss_acc += loss.detach()
         bar.update(1)
         if step % 25 == 0 or step == cfg.steps:
-            n = 25 if step % 25 == 0 else step % 25
-            mean = (loss_acc / n).item()
+            mean = (loss_acc / (step - since)).item()  # over the steps this process summed (fewer after a resume)
             loss_acc.zero_()
+            since = step
             bar.set_postfix(loss=f"{mean:.4f}")
             log.write(json.dumps({"step": step, "loss": mean, "elapsed_s": elapsed + time.time() - t_start}) + "\n")
             log.flush()
@@ -190,6 +192,21 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
     bar.close()
     log.close()
     return run
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log rows after ``step``: a resumed run logs them again."""
+    if log.exists():
+        rows = [r for r in log.read_text().splitlines() if r.strip()]
+        keep = []
+        for r in rows:
+            try:
+                if json.loads(r)["step"] <= step:
+                    keep.append(r)
+            except (json.JSONDecodeError, KeyError):  # a line torn by the kill
+                continue
+        if len(keep) != len(rows):
+            log.write_text("".join(r + "\n" for r in keep))
 
 
 def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = False) -> Path:
@@ -214,12 +231,15 @@ def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = F
     return out
 
 
-def guided_student(base_transformer):
+def guided_student(base_transformer, seed: int = 0):
     """A ``guidance_embeds=True`` copy of a base Flux transformer: the base's weights, and a guidance embedder whose
-    output layer starts at zero, so the student starts as the base's conditional prediction."""
+    output layer starts at zero, so the student starts as the base's conditional prediction (its input layer is
+    drawn from ``seed``)."""
     from diffusers import FluxTransformer2DModel
 
-    student = FluxTransformer2DModel.from_config({**base_transformer.config, "guidance_embeds": True})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = FluxTransformer2DModel.from_config({**base_transformer.config, "guidance_embeds": True})
     missing, unexpected = student.load_state_dict(base_transformer.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_text_embed.guidance_embedder.") for k in missing):
         raise ValueError(f"the base does not fit a guidance-embedded copy: missing {missing}, unexpected {unexpected}")
@@ -243,7 +263,7 @@ def guidance_distill(base_dir: str | Path, run_dir: str | Path, out_dir: str | P
 
     pipe = load_pipeline(str(base_dir))
     teacher = pipe.transformer.eval()
-    student = guided_student(teacher)
+    student = guided_student(teacher, (train or {}).get("seed", 0))
     adapter = adapter_for(student, pipe.scheduler.config)
     cond = cached_conditioning(pipe, str(base_dir), load_dataset(data), Path(run_dir) / "cache",
                                SAMPLING["max_sequence_length"])
