@@ -82,11 +82,14 @@ def test_distill_eval_and_bench_on_flux(tiny_flux_pipeline, tmp_path):
 
 def test_analyze_search_and_a_schedule_on_flux(tiny_flux_pipeline, tmp_path):
     model = str(tiny_flux_pipeline)
-    assert main(["analyze", "--model", model, "--criteria", "magnitude,cka,metric", "--prompts", "shapes-train:4:7",
+    assert main(["analyze", "--model", model, "--criteria", "magnitude,cka,io_mse,metric", "--prompts",
+                 "shapes-train:4:7",
                  "--steps", "2", "--out", str(tmp_path / "a")]) == 0
     s = json.loads((tmp_path / "a" / "scores.json").read_text())
     assert s["units"] == ["double.0", "single.0", "single.1"] and set(s["metric"]) == set(s["units"])
     assert len(s["cka"]["text"]["heatmap"]) == 3 and (tmp_path / "a" / "plots" / "cka_heatmap_text.png").exists()
+    assert set(s["io_mse"]) == set(s["units"]) and all(v > 0 for v in s["io_mse"].values())
+    assert "io_mse" in s["agreement"]
     assert main(["search", "--model", model, "--units", "1", "--op", "remove", "--method", "greedy", "--prompts",
                  "shapes-train:4:7", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert len(json.loads((tmp_path / "s" / "search.json").read_text())["greedy"]["units"]) == 1

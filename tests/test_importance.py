@@ -53,10 +53,14 @@ def test_cka_recorder_fills_a_unit_by_step_heatmap():
     assert rec.counts[("block.0", "image", 2)] == 2 * 3  # 2 images x (1 + 2 passes) at the last step
     assert torch.isfinite(h).all() and (h <= 1 + 1e-9).all()
     assert set(rec.importance()) == set(units)
+    with torch.no_grad(), adapter_for(m).capture(m) as out_feats:  # input-output MSE of block.1 by hand
+        m(**inputs())
+    direct = (out_feats["block.1"]["image"] - out_feats["block.0"]["image"]).double().pow(2).mean()
     one = CKARecorder(adapter_for(m), m)
     with torch.no_grad(), one.recording():
         m(**inputs())
     rms = one.feature_rms()
+    assert one.io_mse()["block.1"] == pytest.approx(float(direct), rel=1e-6)  # block.1's input is block.0's output
     with torch.no_grad(), adapter_for(m).capture(m) as feats:
         m(**inputs())
     assert rms["block.0"] == pytest.approx(float(feats["block.0"]["image"].double().pow(2).mean().sqrt()), rel=1e-6)

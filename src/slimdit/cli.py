@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="score units (magnitude, CKA, metric) and draw the thesis' plots")
     p.add_argument("--model", required=True)
-    p.add_argument("--criteria", default="magnitude,cka,metric", help="comma-separated: magnitude, cka, metric")
+    p.add_argument("--criteria", default="magnitude,cka,metric",
+                   help="comma-separated: magnitude, cka, io_mse (Flux.1 Lite), metric")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prompts", default="shapes-train:32:7", help="calibration prompts: file or shapes-train:N[:SEED]")
     p.add_argument("--op", default="remove", help="how a unit is modified for the metric: remove or an SVD ratio")

@@ -18,7 +18,7 @@ from slimdit.pipelines.loading import load_sampler
 from slimdit.reports.grids import make_grid
 from slimdit.reports.plots import plot_all
 
-CRITERIA = ("magnitude", "cka", "metric")
+CRITERIA = ("magnitude", "cka", "io_mse", "metric")
 
 
 def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str], op: str | float = "remove",
@@ -37,13 +37,16 @@ def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str]
     scores: dict = {"model": model, "units": units, "op": op, "n_prompts": len(prompts)}
     if "magnitude" in criteria:
         scores["magnitude"] = magnitude(adapter, net)
-    if "cka" in criteria:
+    if "cka" in criteria or "io_mse" in criteria:  # one sampling pass records both
         rec = CKARecorder(adapter, net)
         with torch.no_grad(), rec.recording():
             bs = sampler.options.batch_size
             for i in range(0, len(prompts), bs):
                 rec.new_sample()
                 sampler.generate(prompts[i:i + bs], seeds[i:i + bs], progress=False)
+        if "io_mse" in criteria:
+            scores["io_mse"] = rec.io_mse()
+    if "cka" in criteria:
         names, heat = rec.heatmap()
         scores["cka"] = {"importance": rec.importance(), "heatmap": heat.tolist(), "feature_rms": rec.feature_rms()}
         for stream in adapter.streams[1:]:  # Flux: the text stream's transformation, step by step, beside it
@@ -77,6 +80,8 @@ def agreement(scores: dict) -> dict[str, dict[str, float]]:
         crit["magnitude"] = [scores["magnitude"][u] for u in units]
     if "cka" in scores:
         crit["cka"] = [scores["cka"]["importance"][u] for u in units]
+    if "io_mse" in scores:
+        crit["io_mse"] = [scores["io_mse"][u] for u in units]
     return {c: {t: float(spearmanr(x, y).statistic) for t, y in targets.items()} for c, x in crit.items()}
 
 

@@ -1,5 +1,6 @@
 """CKA importance (eq. 4.3 of the thesis): linear CKA between a unit's input and output token features, per
-sampling step. Importance is the transformation intensity ``1 - mean CKA``."""
+sampling step. Importance is the transformation intensity ``1 - mean CKA``. The same pass records the input-output
+MSE that Flux.1 Lite ranks blocks by (``io_mse``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class CKARecorder:
         self.sums: dict[tuple[str, str, int], float] = {}
         self.counts: dict[tuple[str, str, int], int] = {}
         self.sq: dict[tuple[str, str, int], float] = {}  # sum over tokens of mean-square output features
+        self.mse: dict[tuple[str, str, int], float] = {}  # sum over samples of the input-output MSE
         self.tokens: dict[tuple[str, str, int], int] = {}
         self._step, self._last_t = -1, None  # the sampling step of the current forward, by its timestep
 
@@ -49,6 +51,8 @@ class CKARecorder:
             self.counts[key] = self.counts.get(key, 0) + c.numel()
             self.sq[key] = self.sq.get(key, 0.0) + float(y.double().pow(2).mean(-1).sum())
             self.tokens[key] = self.tokens.get(key, 0) + y.shape[0] * y.shape[1]
+            mse = (y.double() - inputs[stream].double()).pow(2).mean((-1, -2))  # (B,) Flux.1 Lite's criterion
+            self.mse[key] = self.mse.get(key, 0.0) + float(mse.sum())
 
     def _on_forward(self, _module, args, kwargs) -> None:
         """A sampling step is a new timestep: the passes of one step (a CFG pipeline may make two) share it."""
@@ -84,6 +88,16 @@ class CKARecorder:
         """``1 - mean CKA`` per unit: how strongly it transforms its input."""
         units, h = self.heatmap(stream)
         return {u: float(1 - h[i].nanmean()) for i, u in enumerate(units)}
+
+    def io_mse(self, stream: str = "image") -> dict[str, float]:
+        """Mean squared difference between each unit's input and output over all recorded steps: how much it
+        changes its stream (Flux.1 Lite ranks blocks by this; a small value marks a removal candidate)."""
+        out = {}
+        for u in self.units:
+            keys = [k for k in self.mse if k[0] == u and k[1] == stream]
+            n = sum(self.counts[k] for k in keys)
+            out[u] = sum(self.mse[k] for k in keys) / n if n else float("nan")
+        return out
 
     def feature_rms(self, stream: str = "image") -> dict[str, float]:
         """RMS of each unit's output features over all recorded steps."""

@@ -35,6 +35,9 @@ def plot_criteria(scores: dict, out: Path) -> Path:
     if "cka" in scores:
         panels.append((f"CKA importance 1 - mean CKA (eq. 4.3){rho('cka')}",
                        [scores["cka"]["importance"][u] for u in units], "1 - CKA"))
+    if "io_mse" in scores:
+        panels.append((f"input-output MSE (Flux.1 Lite){rho('io_mse')}", [scores["io_mse"][u] for u in units],
+                       "MSE"))
     if "metric" in scores:
         panels.append(("CMMD with the unit modified", [scores["metric"][u]["cmmd"] for u in units], "CMMD"))
         panels.append(("CLIP score with the unit modified", [scores["metric"][u]["clip_score"] for u in units],
