@@ -241,3 +241,30 @@ def test_guidance_distillation_refuses_a_teacher_that_already_takes_guidance():
         loss(guided, guided, batch)
     with pytest.raises(ValueError, match="student: False"):
         loss(tiny_flux(guidance=False), tiny_flux(guidance=False), batch)
+
+
+def test_published_recipes_weigh_their_terms_as_published(tmp_path):
+    from slimdit.distill.losses import PRESETS
+    from slimdit.distill.trainer import Conditioning
+
+    teacher = tiny_flux(2, 2)
+    g = torch.Generator().manual_seed(3)
+    data = Conditioning(torch.randn(8, 4, 8, 8, generator=g),
+                        {"prompt_embeds": torch.randn(8, 5, 12, generator=g),
+                         "pooled_prompt_embeds": torch.randn(8, 10, generator=g)},
+                        {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 10)})
+    student = copy.deepcopy(teacher)
+    rec = apply_plan(adapter_for(student), student, Plan.from_dict({"units": {"double.1": {"svd": 0.5},
+                                                                              "single.1": {"svd": 0.5}}}))
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    def terms(kd):
+        cfg = TrainConfig(steps=1, batch_size=2, warmup_steps=1, kd=kd, caption_dropout=0.0)
+        t = Trainer(adapter_for(student, FLOW), teacher, student, data, cfg, tmp_path / kd, rec.kept_units)
+        return {k: v.item() for k, v in t._micro_step(0, 0).items()}
+
+    tf, fm, hy = terms("tinyfusion"), terms("flux_mini"), terms("hybrid")
+    assert tf["feat"] == 0 and tf["total"] == pytest.approx(0.1 * tf["task"] + 0.9 * tf["out"], rel=1e-6)
+    assert fm["out"] == pytest.approx(hy["out"]) and fm["feat"] != pytest.approx(hy["feat"])
+    p = PRESETS["flux_mini"]
+    assert dict(p.group_weights) == {"single": 0.05} and p.streams == ("image",)

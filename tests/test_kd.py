@@ -39,7 +39,8 @@ def test_every_kd_term_is_zero_for_identical_models(preset):
     task = torch.rand(4, generator=g)
     terms = kd_loss(preset, task, out, out.clone(), feats, [f.clone() for f in feats])
     assert terms["out"] == 0 and terms["feat"] == 0
-    assert torch.allclose(terms["total"], task.mean() if PRESETS[preset].task else torch.zeros(()))
+    p = PRESETS[preset]
+    assert torch.allclose(terms["total"], p.lambda_task * task.mean() if p.task else torch.zeros(()))
 
 
 def test_normalisation_matches_a_hand_computed_example():

@@ -43,7 +43,9 @@ class TrainSection(_Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    kd: Literal["output", "standard", "hybrid", "normalized", "normalized_hybrid"] = "normalized_hybrid"
+    # the thesis' presets (section 5.1.4), and published recipes: tinyfusion, bk_sdm, flux_mini
+    kd: Literal["output", "standard", "hybrid", "normalized", "normalized_hybrid", "tinyfusion", "bk_sdm",
+                "flux_mini"] = "normalized_hybrid"
     checkpoint_every: int = Field(500, ge=1)
     # optimizer steps with a non-finite loss or gradient that may be skipped (each logged in metrics.jsonl)
     # before the run stops; 0: the first one stops it, naming the step and the last finite checkpoint

@@ -20,6 +20,11 @@ class KDPreset:
     normalized: bool
     lambda_out: float = 1.0
     lambda_feat: float = 1.0
+    lambda_task: float = 1.0
+    #: unnormalised feature KD only: a weight per unit group (``single``: 0.05), 1 for groups not named, and the
+    #: streams compared (None: every stream the adapter names)
+    group_weights: tuple[tuple[str, float], ...] = ()
+    streams: tuple[str, ...] | None = None
 
 
 PRESETS = {
@@ -28,6 +33,13 @@ PRESETS = {
     "hybrid": KDPreset(task=True, output=True, feature=True, normalized=False),
     "normalized": KDPreset(task=False, output=True, feature=True, normalized=True),
     "normalized_hybrid": KDPreset(task=True, output=True, feature=True, normalized=True),
+    # published recipes, for side-by-side comparison at the same size and budget
+    "tinyfusion": KDPreset(task=True, output=True, feature=False, normalized=False, lambda_task=0.1,
+                           lambda_out=0.9),  # TinyFusion (Fang et al. 2025): 0.9 output KD + 0.1 task
+    "bk_sdm": KDPreset(task=True, output=True, feature=True, normalized=False),  # BK-SDM: unnormalised out + feat
+    # Flux-Mini: denoising + output + per-block feature KD on the image stream, single blocks weighted 0.05
+    "flux_mini": KDPreset(task=True, output=True, feature=True, normalized=False, group_weights=(("single", 0.05),),
+                          streams=("image",)),
 }
 
 
@@ -49,7 +61,8 @@ def normalized_kd(task_i: torch.Tensor, teacher: list[torch.Tensor], student: li
 
 
 def kd_loss(preset: KDPreset | str, task_i: torch.Tensor, t_out: torch.Tensor, s_out: torch.Tensor,
-            t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            t_feats: list[torch.Tensor], s_feats: list[torch.Tensor], feat_weights: list[float] | None = None
+            ) -> dict[str, torch.Tensor]:
     """Return the terms (``task``, ``out``, ``feat``) and their weighted ``total``.
 
     ``task_i`` is the student's own objective per sample (B,), needed by the normalisation even when the task
@@ -65,11 +78,15 @@ def kd_loss(preset: KDPreset | str, task_i: torch.Tensor, t_out: torch.Tensor, s
     else:
         terms["out"] = zero
     if p.feature and t_feats:
-        terms["feat"] = (normalized_kd(task_i, t_feats, s_feats) if p.normalized else
-                         torch.stack([per_sample_mse(t, s) for t, s in zip(t_feats, s_feats)], 1).mean(1).mean())
+        if p.normalized:
+            terms["feat"] = normalized_kd(task_i, t_feats, s_feats)
+        else:  # a weighted mean over features (equal weights unless the preset weighs unit groups)
+            per = torch.stack([per_sample_mse(t, s) for t, s in zip(t_feats, s_feats)], 1)
+            w = per.new_tensor(feat_weights if feat_weights is not None else [1.0] * per.shape[1])
+            terms["feat"] = ((per * w).sum(1) / w.sum()).mean()
     else:
         terms["feat"] = zero
-    terms["total"] = terms["task"] + p.lambda_out * terms["out"] + p.lambda_feat * terms["feat"]
+    terms["total"] = p.lambda_task * terms["task"] + p.lambda_out * terms["out"] + p.lambda_feat * terms["feat"]
     return terms
 
 
@@ -114,4 +131,8 @@ class KDLoss:
         with batch.autocast(), a.capture(inner, s_units) as sf:
             s_out = a.predict(student, xt, t, cond)
         task_i = per_sample_mse(a.prediction(inner, s_out), target)
-        return kd_loss(self.preset, task_i, t_out, s_out, a.features(tf, t_units), a.features(sf, s_units))
+        p = PRESETS[self.preset]
+        streams = p.streams or a.streams
+        weights = dict(p.group_weights)
+        w = [weights.get(u.partition(".")[0], 1.0) for u in t_units for _ in streams]
+        return kd_loss(p, task_i, t_out, s_out, a.features(tf, t_units, streams), a.features(sf, s_units, streams), w)

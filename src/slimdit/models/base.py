@@ -174,10 +174,11 @@ class Adapter(ABC):
         with self.hooked(model, units if units is not None else self.units(model), record):
             yield feats
 
-    def features(self, feats: dict[str, dict[str, torch.Tensor]], units: list[str]) -> list[torch.Tensor]:
-        """The captured features of ``units`` as the list feature KD compares, every stream of every unit in
-        order: each (unit, stream) is one feature l of eq. 4.11-4.14, normalised on its own."""
-        return [feats[u][s] for u in units for s in self.streams]
+    def features(self, feats: dict[str, dict[str, torch.Tensor]], units: list[str],
+                 streams: tuple[str, ...] | None = None) -> list[torch.Tensor]:
+        """The captured features of ``units`` as the list feature KD compares, every stream (or those given) of
+        every unit in order: each (unit, stream) is one feature l of eq. 4.11-4.14, normalised on its own."""
+        return [feats[u][s] for u in units for s in streams or self.streams]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
