@@ -59,7 +59,7 @@ def test_compress_to_a_student_plain_diffusers_loads_and_samples(tiny_flux_pipel
 def test_distill_eval_and_bench_on_flux(tiny_flux_pipeline, tmp_path):
     cfg = {"teacher": str(tiny_flux_pipeline), "out": str(tmp_path / "run"),
            "plan": {"units": {"single.0": "remove", "double.0": {"svd": {"img_mlp": 0.5, "txt_attn": 0.5}}}},
-           "protocol": "real_only", "data": {"real": "shapes-train:8"},
+           "protocol": "two_stage", "data": {"real": "shapes-train:8", "synth_images": 4},
            "train": {"steps": 4, "batch_size": 2, "warmup_steps": 1, "lr": 1e-4, "checkpoint_every": 2,
                      "log_every": 1, "val_prompts": 2},
            "eval": {"limit": 6, "images_per_prompt": 1}}
@@ -73,7 +73,8 @@ def test_distill_eval_and_bench_on_flux(tiny_flux_pipeline, tmp_path):
 
     keys = set(load_tensors(cache))
     assert {"cond.prompt_embeds", "cond.pooled_prompt_embeds", "null.pooled_prompt_embeds", "latents"} <= keys
-    rows = [json.loads(x) for x in (run / "phases" / "01_global" / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((run / "synth" / "synth.json").read_text())["images"] == 4  # teacher images for refine
+    rows = [json.loads(x) for x in (run / "phases" / "00_global" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["total"] > 0 for r in rows if "total" in r) and any("val_traj_mse" in r for r in rows)
     assert main(["eval", "--model", str(run / "student"), "--limit", "6", "--images-per-prompt", "1", "--out",
                  str(tmp_path / "m.json")]) == 0
@@ -125,3 +126,17 @@ def test_the_demo_and_generate_run_on_flux(tiny_flux_pipeline, tmp_path):
     assert {"shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall"} <= \
         set(s["student"])
     assert s["student"]["block_param_ratio"] <= 0.8 and (tmp_path / "demo" / "report.html").exists()
+
+
+def test_a_flux_pipeline_without_slimdit_json_samples_at_flux_dev_defaults(tiny_flux_pipeline, tmp_path):
+    import shutil
+
+    from slimdit.pipelines.loading import sampling_defaults
+
+    bare = shutil.copytree(tiny_flux_pipeline, tmp_path / "bare")
+    (bare / "slimdit.json").unlink()
+    assert sampling_defaults(str(bare)) == {"num_inference_steps": 50, "guidance_scale": 3.5,
+                                            "max_sequence_length": 512}  # thesis table 4.4
+    (bare / "slimdit.json").write_text(json.dumps({"sampling": {"num_inference_steps": 4}}))
+    assert sampling_defaults(str(bare))["num_inference_steps"] == 4  # what a directory records wins
+    assert sampling_defaults(str(bare))["max_sequence_length"] == 512
