@@ -7,8 +7,6 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimdit.distill.trainer import TrainConfig, Trainer  # noqa: E402
@@ -37,17 +35,12 @@ except TrainingDiverged as e:
 (out / f"nan_rank{nan.acc.process_index}.txt").write_text(stopped)
 
 # Flux under DDP: the adapter reads the config of the model the wrapper holds; both replicas stay identical
-from slimdit.distill.trainer import Conditioning  # noqa: E402
-from tests.test_flux import FLOW, tiny_flux  # noqa: E402
+from tests.test_flux import FLOW, flux_data, tiny_flux  # noqa: E402
 
-g = torch.Generator().manual_seed(4)
-flux_data = Conditioning(torch.randn(8, 4, 8, 8, generator=g),
-                         {"prompt_embeds": torch.randn(8, 5, 12, generator=g),
-                          "pooled_prompt_embeds": torch.randn(8, 10, generator=g)},
-                         {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 10)})
+data4 = flux_data(4)
 teacher = tiny_flux(2, 2)
 student = tiny_flux(2, 2)
-f = Trainer(adapter_for(student, FLOW), teacher, student, flux_data, TrainConfig(**{**CFG, "steps": 2}), out / "flux")
+f = Trainer(adapter_for(student, FLOW), teacher, student, data4, TrainConfig(**{**CFG, "steps": 2}), out / "flux")
 f.train(progress=False)
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in f.student_model().parameters())).hexdigest()
 (out / f"flux_rank{f.acc.process_index}.txt").write_text(digest)

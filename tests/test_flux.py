@@ -36,6 +36,17 @@ def x(b: int = 2, seed: int = 2) -> torch.Tensor:
     return torch.randn(b, 4, 8, 8, generator=torch.Generator().manual_seed(seed))  # 4 latent channels, 16 tokens
 
 
+def flux_data(seed: int, n: int = 8):
+    """Cached training inputs for the tiny Flux: latents, T5 sequence and CLIP pooled vector, and the null form."""
+    from slimdit.distill.trainer import Conditioning
+
+    g = torch.Generator().manual_seed(seed)
+    return Conditioning(torch.randn(n, 4, 8, 8, generator=g),
+                        {"prompt_embeds": torch.randn(n, 5, 12, generator=g),
+                         "pooled_prompt_embeds": torch.randn(n, 10, generator=g)},
+                        {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 10)})
+
+
 @torch.no_grad()
 def out(model) -> torch.Tensor:
     return adapter_for(model).predict(model, x(), torch.tensor([100.0, 900.0]), cond())
@@ -114,16 +125,11 @@ def _kd_terms(teacher, student, sched, data, kept, tmp_path):
 
 
 def test_kd_loss_of_a_copy_is_zero_for_flux_and_pixart(tmp_path):
-    from slimdit.distill.trainer import Conditioning
     from tests.test_trainer import SCHED, _data
     from tests.test_trainer import _student as pixart_student
 
     teacher = tiny_flux(2, 2)
-    g = torch.Generator().manual_seed(3)
-    data = Conditioning(torch.randn(8, 4, 8, 8, generator=g),
-                        {"prompt_embeds": torch.randn(8, 5, 12, generator=g),
-                         "pooled_prompt_embeds": torch.randn(8, 10, generator=g)},
-                        {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 10)})
+    data = flux_data(3)
     units = adapter_for(teacher).units(teacher)
     same = _kd_terms(teacher, copy.deepcopy(teacher), FLOW, data, units, tmp_path / "flux")
     assert same["out"] == 0 and same["feat"] == 0 and same["task"] > 0
@@ -137,13 +143,9 @@ def test_kd_loss_of_a_copy_is_zero_for_flux_and_pixart(tmp_path):
 
 
 def test_flux_training_resumes_bit_identical(tmp_path):
-    from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer
+    from slimdit.distill.trainer import TrainConfig, Trainer
 
-    g = torch.Generator().manual_seed(4)
-    data = Conditioning(torch.randn(8, 4, 8, 8, generator=g),
-                        {"prompt_embeds": torch.randn(8, 5, 12, generator=g),
-                         "pooled_prompt_embeds": torch.randn(8, 10, generator=g)},
-                        {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 10)})
+    data = flux_data(4)
     cfg = TrainConfig(steps=4, batch_size=2, warmup_steps=1, lr=1e-3, grad_clip=1.0, checkpoint_every=2,
                       log_every=1)
 
@@ -245,14 +247,9 @@ def test_guidance_distillation_refuses_a_teacher_that_already_takes_guidance():
 
 def test_published_recipes_weigh_their_terms_as_published(tmp_path):
     from slimdit.distill.losses import PRESETS
-    from slimdit.distill.trainer import Conditioning
 
     teacher = tiny_flux(2, 2)
-    g = torch.Generator().manual_seed(3)
-    data = Conditioning(torch.randn(8, 4, 8, 8, generator=g),
-                        {"prompt_embeds": torch.randn(8, 5, 12, generator=g),
-                         "pooled_prompt_embeds": torch.randn(8, 10, generator=g)},
-                        {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 10)})
+    data = flux_data(3)
     student = copy.deepcopy(teacher)
     rec = apply_plan(adapter_for(student), student, Plan.from_dict({"units": {"double.1": {"svd": 0.5},
                                                                               "single.1": {"svd": 0.5}}}))

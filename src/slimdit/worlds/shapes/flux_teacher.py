@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from slimdit.distill.lr import warmup_cosine
 from slimdit.io import load_tensors, read_json, write_json
-from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, resume, save_checkpoint
+from slimdit.worlds.shapes.checkpoints import checkpoints, load_into
 from slimdit.worlds.shapes.flux import SAMPLING, FluxShape, build_pipeline, build_vae
+from slimdit.worlds.shapes.loop import TeacherLoop
 from slimdit.worlds.shapes.prompts import TrainingSet
 
 
@@ -138,13 +136,11 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
                "lr_scale": cfg.text_lr_scale}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     objective, adapter = _objective(pipe, cfg.weighting), FluxAdapter()
-    step, elapsed = resume(run / "checkpoints", modules, ema, opt, device)
-    _truncate_log(run / "metrics.jsonl", step)
-    data, t_start, since = TrainingSet(cfg.seed), time.time(), step  # ``since``: the first step of the log window
-    bar = tqdm(total=cfg.steps, initial=step, desc="flux base", unit="step", dynamic_ncols=True)
-    log = (run / "metrics.jsonl").open("a")
-    loss_acc = torch.zeros(())
-    while step < cfg.steps:
+    params = [p for grp in groups for p in grp["params"]]
+    loop = TeacherLoop(run, cfg, modules, ema, opt, params, device, deadline, "flux base")
+    data = TrainingSet(cfg.seed)
+    while loop.running:
+        step = loop.step
         rng = np.random.default_rng((cfg.seed, 1, step))
         caps, imgs = data.batch(step * cfg.batch_size, cfg.batch_size)
         caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < cfg.caption_dropout)]
@@ -158,55 +154,10 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
         t = objective.sample_t(x0.shape[0], g, adapter.image_tokens(pipe.transformer, x0)).to(device)
         xt, target = objective.noise(x0, eps, t)
         pred = adapter.predict(pipe.transformer, xt, t, {"prompt_embeds": emb, "pooled_prompt_embeds": pooled})
-        loss = F.mse_loss(pred, target)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * group["lr_scale"] * warmup_cosine(step, cfg.warmup, cfg.steps,
-                                                                     cfg.anneal_start or None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp["params"]], cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, m in modules.items():
-                for pe, p in zip(ema[k].parameters(), m.parameters()):
-                    pe.lerp_(p, 1 - decay)
-        step += 1
-        loss_acc += loss.detach()
-        bar.update(1)
-        if step % 25 == 0 or step == cfg.steps:
-            mean = (loss_acc / (step - since)).item()  # over the steps this process summed (fewer after a resume)
-            loss_acc.zero_()
-            since = step
-            bar.set_postfix(loss=f"{mean:.4f}")
-            log.write(json.dumps({"step": step, "loss": mean, "elapsed_s": elapsed + time.time() - t_start}) + "\n")
-            log.flush()
-        done = step == cfg.steps or (deadline is not None and time.time() > deadline)
-        if step % cfg.checkpoint_every == 0 or done:
-            save_checkpoint(run / "checkpoints", step, modules, ema, opt, elapsed + time.time() - t_start,
-                            cfg.keep_checkpoints)
-            write_json(run / "hardware.json", {**hardware(device), "steps": step,
-                                               "elapsed_s": elapsed + time.time() - t_start})
-        if done:
+        if loop.update(F.mse_loss(pred, target)):
             break
-    bar.close()
-    log.close()
+    loop.close()
     return run
-
-
-def _truncate_log(log: Path, step: int) -> None:
-    """Drop log rows after ``step``: a resumed run logs them again."""
-    if log.exists():
-        rows = [r for r in log.read_text().splitlines() if r.strip()]
-        keep = []
-        for r in rows:
-            try:
-                if json.loads(r)["step"] <= step:
-                    keep.append(r)
-            except (json.JSONDecodeError, KeyError):  # a line torn by the kill
-                continue
-        if len(keep) != len(rows):
-            log.write_text("".join(r + "\n" for r in keep))
 
 
 def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = False) -> Path:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from slimdit.distill.lr import warmup_cosine
 from slimdit.distill.objectives import DDPM
 from slimdit.io import load_tensors, read_json, write_json
-from slimdit.worlds.shapes.checkpoints import checkpoints, hardware, load_into, resume, save_checkpoint
+from slimdit.worlds.shapes.checkpoints import checkpoints, load_into
+from slimdit.worlds.shapes.loop import TeacherLoop
 from slimdit.worlds.shapes.prompts import TrainingSet
 from slimdit.worlds.shapes.text import MAX_SEQUENCE_LENGTH, build_text_encoder, build_tokenizer
 
@@ -295,13 +295,10 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
     alphas = sched.alphas_cumprod.to(device)
     objective = DDPM(alphas, cfg.prediction_type)  # x_t and the target, on the scheduler's own alphas
 
-    step, elapsed = resume(run / "checkpoints", modules, ema, opt, device)
-    batches = _batch_stream(TrainingSet(cfg.seed), cfg, step)
-    t_start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True)
-    log = (run / "metrics.jsonl").open("a")
-    loss_acc = torch.zeros(())
-    while step < cfg.steps:
+    loop = TeacherLoop(run, cfg, modules, ema, opt, params, device, deadline, "teacher")
+    batches = _batch_stream(TrainingSet(cfg.seed), cfg, loop.step)
+    while loop.running:
+        step = loop.step
         rng = np.random.default_rng((cfg.seed, 1, step))
         caps, imgs = next(batches)
         caps = ["" if d else c for c, d in zip(caps, rng.random(len(caps)) < cfg.caption_dropout)]
@@ -325,36 +322,9 @@ def train_teacher(run_dir: str | Path, cfg: TeacherConfig | None = None, max_min
             loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         else:
             loss = F.mse_loss(pred, target)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, m in modules.items():
-                for pe, p in zip(ema[k].parameters(), m.parameters()):
-                    pe.lerp_(p, 1 - decay)
-        step += 1
-        loss_acc += loss.detach()
-        bar.update(1)
-        if step % 25 == 0:
-            mean = (loss_acc / 25).item()
-            loss_acc.zero_()
-            bar.set_postfix(loss=f"{mean:.4f}")
-            log.write(json.dumps({"step": step, "loss": mean, "elapsed_s": elapsed + time.time() - t_start}) + "\n")
-            log.flush()
-        done = step == cfg.steps or (deadline is not None and time.time() > deadline)
-        if step % cfg.checkpoint_every == 0 or done:
-            save_checkpoint(run / "checkpoints", step, modules, ema, opt, elapsed + time.time() - t_start,
-                            cfg.keep_checkpoints)
-            write_json(run / "hardware.json", {**hardware(device), "steps": step,
-                                               "elapsed_s": elapsed + time.time() - t_start})
-        if done:
+        if loop.update(loss):
             break
-    bar.close()
-    log.close()
+    loop.close()
     return run
 
 
