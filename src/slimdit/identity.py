@@ -10,7 +10,6 @@ over by the corrected config.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from slimdit.config import INPUT_PATHS, dump_config
-from slimdit.io import ensure_writable, read_json, write_json
+from slimdit.io import ensure_writable, files_fingerprint, read_json, write_json
 from slimdit.registry import is_spec
 
 # fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on
@@ -27,29 +26,6 @@ FREE_FIELDS = ("train.max_skipped_steps",)
 # what a run's work leaves; a directory with none of it (only records, caches, a plan or a selection that the next
 # attempt writes again) has done no work
 WORK = ("**/checkpoints/step_*", "**/done.json", "student", "untrained", "summary.json", "metrics", "bench.json")
-CHUNK, SAMPLES = 1 << 16, 16
-
-
-def files_fingerprint(path: str | Path) -> str:
-    """A short digest of a file or a folder's files (hidden ones, such as ``.git`` or ``.cache``, left out): each
-    contributes its relative path, size, first and last MiB and 16 chunks spread over the rest (hashing multi-GB
-    checkpoints whole would cost more than the checks save)."""
-    src = Path(path)
-    h = hashlib.sha256()
-    files = [src] if src.is_file() else sorted(
-        q for q in src.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(src).parts))
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(src).as_posix() if f != src else f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                for k in range(1, SAMPLES + 1):
-                    fh.seek((size - CHUNK) * k // (SAMPLES + 1))
-                    h.update(fh.read(CHUNK))
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 def _contents(spec: str | None) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from slimdit.identity import files_fingerprint
+from slimdit.io import files_fingerprint
 from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 from slimdit.registry import COMPONENTS, MODELS, SAMPLERS
@@ -55,7 +55,7 @@ def _cached_hub_model(model: str) -> bool:
 def model_fingerprint(model: str) -> str:
     """A short digest of a model's files, for caches and runs that are keyed by a model name: a built-in retrained
     under the same name, or a directory overwritten in place, gets a new fingerprint
-    (:func:`slimdit.identity.files_fingerprint`). A hub id is returned as it is."""
+    (:func:`slimdit.io.files_fingerprint`). A hub id is returned as it is."""
     if model in SAMPLERS:
         return model
     src = resolve_model_dir(model)

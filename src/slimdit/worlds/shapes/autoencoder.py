@@ -19,11 +19,15 @@ from tqdm.auto import tqdm
 from slimdit.io import write_json
 from slimdit.worlds.shapes.checkpoints import resume, save_checkpoint
 from slimdit.worlds.shapes.prompts import TrainingSet
-from slimdit.worlds.shapes.teacher import images_to_tensor
 
 DOWNSAMPLE = 4  # three encoder levels: 32x32 pixels -> 8x8 latents
 L1_WEIGHT = 0.5  # beside the MSE, for sharp edges
 SCALE_SCENES = 2048  # training scenes whose latent std sets the scaling factor (at most 32 batches)
+
+
+def images_to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def build_vae(width: int, latent_channels: int):

@@ -112,8 +112,7 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
                     max_minutes: float | None = None) -> Path:
     """Train (or resume) the autoencoder, then the CFG base, in ``run_dir``."""
     from slimdit.models.flux import FluxAdapter
-    from slimdit.worlds.shapes.autoencoder import train_vae
-    from slimdit.worlds.shapes.teacher import images_to_tensor
+    from slimdit.worlds.shapes.autoencoder import images_to_tensor, train_vae
 
     run = Path(run_dir)
     cfg = flux_config(run, asdict(cfg) if cfg is not None else None)

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimdit.worlds.shapes.autoencoder import images_to_tensor
 from slimdit.worlds.shapes.pixel_vae import PixelSpaceVAE
 from slimdit.worlds.shapes.prompts import TrainingSet
-from slimdit.worlds.shapes.teacher import _encode, build_noise_scheduler, images_to_tensor
+from slimdit.worlds.shapes.teacher import _encode, build_noise_scheduler
 
 TIMESTEPS = (100, 300, 500, 700, 900)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from slimdit.distill.lr import warmup_cosine
 from slimdit.distill.objectives import DDPM
 from slimdit.io import load_tensors, read_json, write_json
+from slimdit.worlds.shapes.autoencoder import images_to_tensor
 from slimdit.worlds.shapes.checkpoints import checkpoints, load_into
 from slimdit.worlds.shapes.loop import TeacherLoop
 from slimdit.worlds.shapes.prompts import TrainingSet
@@ -213,11 +214,6 @@ def build_pipeline(tokenizer, text_encoder, transformer, prediction_type: str = 
     return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
                                vae=vae if vae is not None else PixelSpaceVAE(), transformer=transformer,
                                scheduler=sched)
-
-
-def images_to_tensor(imgs: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _encode(tokenizer, text_encoder, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
