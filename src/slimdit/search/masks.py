@@ -93,7 +93,7 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
             loss.backward()
             opt.step()
             if step % 10 == 0 or step == cfg.steps - 1:
-                history.append({"step": step, "tau": tau, "loss": float(loss),
+                history.append({"step": step, "tau": tau, "loss": float(loss.detach()),
                                 "probs": F.softmax(logits.detach(), -1).tolist()})
     choice = logits.detach().argmax(-1)
     removed = [u for g, group in enumerate(groups) for j, u in enumerate(group) if j not in pats[choice[g]]]
