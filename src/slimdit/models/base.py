@@ -20,6 +20,8 @@ class Adapter(ABC):
     #: diffusers pipeline classes whose transformer this adapter handles, and their default sampling settings
     pipelines: tuple[str, ...] = ()
     sampling: dict = {}
+    #: keyword arguments the architecture's pipeline is always called with (unless a sampler sets them)
+    call_defaults: dict = {}
     #: the streams a unit reads and writes, the image stream first (Flux blocks also carry the text stream)
     streams: tuple[str, ...] = ("image",)
     #: the objective (``slimdit.distill.objectives``) read from the pipeline's scheduler config by ``adapter_for``

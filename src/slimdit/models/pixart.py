@@ -19,6 +19,8 @@ class PixArtAdapter(Adapter):
     pipelines = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     #: PixArt-Sigma's sampling (thesis table 4.3)
     sampling = {"num_inference_steps": 20, "guidance_scale": 3.5, "max_sequence_length": 300}
+    # sample at the requested size, not a binned aspect ratio; captions are clean already (cleaning needs bs4, ftfy)
+    call_defaults = {"use_resolution_binning": False, "clean_caption": False}
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:

@@ -45,11 +45,12 @@ class PipelineSampler:
         """The keyword arguments this sampler calls its pipeline with (besides prompts and generators)."""
         kw = dict(num_inference_steps=self.options.num_inference_steps, guidance_scale=self.options.guidance_scale,
                   max_sequence_length=self.options.max_sequence_length, output_type=output_type, **self.options.extra)
+        from slimdit.models import adapter_for
+
         params = _call_params(self.pipe)
-        if "use_resolution_binning" in params:
-            kw.setdefault("use_resolution_binning", False)
-        if "clean_caption" in params:  # needs bs4 and ftfy; our prompts are clean already
-            kw.setdefault("clean_caption", False)
+        for k, v in adapter_for(self.pipe.transformer).call_defaults.items():  # the architecture's pipeline knobs
+            if k in params:
+                kw.setdefault(k, v)
         return kw
 
     @torch.no_grad()
