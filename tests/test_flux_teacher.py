@@ -89,3 +89,29 @@ def test_a_resumed_run_keeps_its_recipe(base):
         flux_config(run, {"lr": 1e-3})
     with pytest.raises(ValueError, match="unknown shapes-flux recipe field"):
         flux_config(run, {"lrr": 1e-3})
+
+
+def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends_and_an_anneal_branch_is_checked(base,
+                                                                                                        tmp_path):
+    from slimdit.io import read_json
+    from slimdit.worlds.shapes.flux_teacher import branch_flux_run, flux_config
+
+    run, _ = base  # the straight run: 4 steps
+    train_flux_base(tmp_path / "src", FluxTeacherConfig(steps=2, **TINY))
+    cfg = branch_flux_run(tmp_path / "src", tmp_path / "b", {"steps": 4})
+    train_flux_base(tmp_path / "b", cfg)
+    (name_a, a), (name_b, b) = _weights(run), _weights(tmp_path / "b")
+    assert name_a == name_b == "step_0000004" and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_json(tmp_path / "b" / "branch.json") == {"source": str(tmp_path / "src"), "step": 2,
+                                                          "changed": {"steps": 4}}
+    with pytest.raises(ValueError, match="may not change double"):
+        branch_flux_run(tmp_path / "src", tmp_path / "c", {"double": 2, "steps": 4})
+    with pytest.raises(ValueError, match="before the branch point"):
+        branch_flux_run(tmp_path / "src", tmp_path / "c", {"anneal_start": 1, "steps": 4})
+    with pytest.raises(ValueError, match="between 0 and steps"):
+        branch_flux_run(tmp_path / "src", tmp_path / "c", {"anneal_start": 5, "steps": 4})
+    assert not (tmp_path / "c").exists()  # nothing written before the checks pass
+    cfg = branch_flux_run(tmp_path / "src", tmp_path / "c", {"anneal_start": 3, "steps": 5, "lr": 4e-4})
+    assert (cfg.anneal_start, cfg.steps, cfg.lr) == (3, 5, 4e-4)
+    with pytest.raises(ValueError, match="steps"):  # an anneal ends at its steps: it cannot be lengthened
+        flux_config(tmp_path / "c", {"steps": 9})

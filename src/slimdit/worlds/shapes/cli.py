@@ -45,10 +45,15 @@ def cmd_teacher_embedder(a: argparse.Namespace) -> None:
 
 def cmd_flux_train(a: argparse.Namespace) -> None:
     from slimdit.config import parse_sets
-    from slimdit.worlds.shapes.flux_teacher import flux_config, train_flux_base
+    from slimdit.worlds.shapes.flux_teacher import branch_flux_run, flux_config, train_flux_base
 
     resumable = {k: v for k, v in {"steps": a.steps, "threads": a.threads, "device": a.device}.items() if v}
-    cfg = flux_config(a.out, {**parse_sets(a.set), **resumable})
+    recipe = parse_sets(a.set)
+    if a.source is not None:  # the branch takes the recipe changes; the new run then resumes as usual
+        branch_flux_run(a.source, a.out, {**recipe, **resumable}, a.from_step)
+        print(f"branched {a.out} from {a.source}")
+        recipe = {}
+    cfg = flux_config(a.out, {**recipe, **resumable})
     run = train_flux_base(a.out, cfg, max_minutes=a.max_minutes)
     print(f"shapes-flux base run: {run} (resume by running the same command again)")
 
@@ -75,6 +80,10 @@ def _add_flux(t: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe field of a new run")
+    p.add_argument("--from", dest="source", type=Path, default=None,
+                   help="start a new run from another run's checkpoint, changing only optimisation fields with "
+                        "--set (e.g. --set anneal_start=8000 --steps 12000 to anneal a constant-rate run)")
+    p.add_argument("--from-step", type=int, default=None, help="the checkpoint --from starts at (default: last)")
     p.set_defaults(func=cmd_flux_train)
     p = t.add_parser("export-flux", help="write a shapes-flux base run as a FluxPipeline (true CFG)")
     p.add_argument("--run", type=Path, required=True)

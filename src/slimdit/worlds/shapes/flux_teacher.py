@@ -70,6 +70,9 @@ class FluxTeacherConfig:
 
 # what may change when a run resumes: how long, where and how fast; never what is learned
 RESUMABLE = frozenset({"steps", "threads", "device", "checkpoint_every", "keep_checkpoints"})
+# what a branch (``--from``) may change: how the optimisation goes on, never the architecture or the target
+BRANCHABLE = frozenset({"anneal_start", "lr", "ema_decay", "grad_clip", "weight_decay", "caption_dropout",
+                        "text_lr_scale", "weighting"})
 
 
 def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherConfig:
@@ -81,14 +84,31 @@ def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherC
         raise ValueError(f"unknown shapes-flux recipe field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     saved = Path(run_dir) / "config.json"
     if not saved.exists():
-        return FluxTeacherConfig(**(fields or {}))
+        return _checked(FluxTeacherConfig(**(fields or {})))
     base = read_json(saved)
     free = RESUMABLE - ({"steps"} if base.get("anneal_start") else set())  # the anneal ends at ``steps``
     changed = sorted(k for k, v in (fields or {}).items() if k not in free and base.get(k) != v)
     if changed:
         raise ValueError(f"{run_dir} holds a run with another recipe ({', '.join(changed)} differ); use a new "
                          "directory, or leave these fields out to resume")
-    return FluxTeacherConfig(**{**base, **{k: v for k, v in (fields or {}).items() if k in RESUMABLE}})
+    return _checked(FluxTeacherConfig(**{**base, **{k: v for k, v in (fields or {}).items() if k in RESUMABLE}}))
+
+
+def _checked(cfg: FluxTeacherConfig) -> FluxTeacherConfig:
+    if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
+        raise ValueError(f"anneal_start must lie between 0 and steps ({cfg.steps}), got {cfg.anneal_start}")
+    return cfg
+
+
+def branch_flux_run(source: str | Path, run_dir: str | Path, recipe: dict,
+                    step: int | None = None) -> FluxTeacherConfig:
+    """Start run ``run_dir`` from checkpoint ``step`` (default: the last) of the shapes-flux run ``source``, with
+    the optimisation fields in ``recipe`` changed from then on (e.g. ``anneal_start`` and ``steps`` to anneal a
+    constant-rate run); see :func:`slimdit.worlds.shapes.branch.branch_run`."""
+    from slimdit.worlds.shapes.branch import branch_run
+
+    return branch_run(source, run_dir, recipe, step, config=flux_config, branchable=BRANCHABLE,
+                      resumable=RESUMABLE)
 
 
 def _vae(cfg: FluxTeacherConfig):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,43 +127,12 @@ BRANCHABLE_FIELDS = frozenset({"anneal_start", "lr", "ema_decay", "grad_clip", "
 
 
 def branch_run(source: str | Path, run_dir: str | Path, recipe: dict, step: int | None = None) -> TeacherConfig:
-    """Start run ``run_dir`` from checkpoint ``step`` (default: the last) of run ``source``, with the optimisation
-    fields in ``recipe`` changed from then on; the autoencoder, checkpoint and log up to ``step`` are copied and
-    ``branch.json`` records where the run came from. An ``anneal_start`` before ``step`` is refused: it would
-    rewrite what the source already trained."""
-    src, run = Path(source), Path(run_dir)
-    if (run / "config.json").exists():
-        raise FileExistsError(f"{run} already holds a run; resume it without --from")
-    cks = checkpoints(src / "checkpoints")
-    ck = (cks[-1] if cks else None) if step is None else src / "checkpoints" / f"step_{step:07d}"
-    if ck is None or not ck.exists():
-        raise FileNotFoundError(f"no checkpoint {'' if ck is None else ck.name + ' '}under {src / 'checkpoints'}"
-                                f" to branch from{'' if src.exists() else f' ({src} does not exist)'}")
-    at = read_json(ck / "state.json")["step"]
-    bad = sorted(set(recipe) - BRANCHABLE_FIELDS - RESUMABLE_FIELDS)
-    if bad:
-        raise ValueError(f"a branch may not change {', '.join(bad)}; "
-                         f"it may change {', '.join(sorted(BRANCHABLE_FIELDS))}")
-    if recipe.get("anneal_start") and recipe["anneal_start"] < at:
-        raise ValueError(f"anneal_start {recipe['anneal_start']} lies before the branch point, step {at}")
-    before = asdict(teacher_config(src))
-    cfg = teacher_config(run, {**before, **recipe})
-    if cfg.steps <= at:
-        raise ValueError(f"the branch starts at step {at}; give it more steps (--steps), not {cfg.steps}")
-    run.mkdir(parents=True, exist_ok=True)
-    for name in ("vae", "vae_quality.json", "hardware.json"):
-        if (src / name).is_dir():
-            shutil.copytree(src / name, run / name)
-        elif (src / name).exists():
-            shutil.copy2(src / name, run / name)
-    shutil.copytree(ck, run / "checkpoints" / ck.name)
-    if (src / "metrics.jsonl").exists():
-        lines = [ln for ln in (src / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= at]
-        (run / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-    write_json(run / "branch.json", {"source": str(src), "step": at,
-                                     "changed": {k: v for k, v in recipe.items() if before[k] != v}})
-    write_json(run / "config.json", asdict(cfg))
-    return cfg
+    """Start run ``run_dir`` from checkpoint ``step`` (default: the last) of run ``source`` with the optimisation
+    fields in ``recipe`` changed from then on (:func:`slimdit.worlds.shapes.branch.branch_run`)."""
+    from slimdit.worlds.shapes.branch import branch_run as branch
+
+    return branch(source, run_dir, recipe, step, config=lambda run, fields: teacher_config(run, fields),
+                  branchable=BRANCHABLE_FIELDS, resumable=RESUMABLE_FIELDS)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # the DDPM targets distillation knows
