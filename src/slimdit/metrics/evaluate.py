@@ -35,7 +35,8 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
     if steps is not None or guidance is not None or model not in SAMPLERS:
         opts = getattr(sampler, "options", None)
         if opts is not None:
-            result.metrics.update(steps=opts.num_inference_steps, guidance=opts.guidance_scale)
+            result.metrics.update(steps=opts.num_inference_steps, guidance=opts.guidance_scale,
+                                  **{k: v for k, v in opts.extra.items() if k == "true_cfg_scale"})
     _write_outputs(result, out, save_images_to, images_per_prompt)
     return result
 
