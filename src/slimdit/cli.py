@@ -182,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job on the embedded shapes world")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory; rerun to resume")
-    p.add_argument("--model", default=None,
+    _add_model(p, default=None,
                    help="the teacher (default: the packaged config's, shapes-pixart); any PixArt or Flux pipeline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the packaged demo config (slimdit/demo.yaml), e.g. train.steps=400")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write images and an enlarged grid for prompts")
-    p.add_argument("--model", required=True, help="built-in name, diffusers directory or hub id")
+    _add_model(p, required=True, help="built-in name, diffusers directory or hub id")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a model on a benchmark")
-    p.add_argument("--model", required=True, help="shapes-pixart, shapes-oracle, a diffusers directory or hub id")
+    _add_model(p, required=True, help="shapes-pixart, shapes-oracle, a diffusers directory or hub id")
     p.add_argument("--benchmark", default="shapes-geneval", choices=sorted(BENCHMARKS))
     p.add_argument("--out", type=Path, default=None, help="metrics JSON")
     p.add_argument("--limit", type=int, default=None, help="first N prompts")
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="score units (magnitude, CKA, metric) and draw the thesis' plots")
-    p.add_argument("--model", required=True)
+    _add_model(p, required=True)
     p.add_argument("--criteria", default="magnitude,cka,metric",
                    help="comma-separated: magnitude, cka, io_mse (Flux.1 Lite), metric")
     p.add_argument("--out", type=Path, required=True)
@@ -223,20 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compress", help="apply a plan (remove / SVD units) and save the student")
-    p.add_argument("--model", required=True)
+    _add_model(p, required=True)
     p.add_argument("--plan", type=Path, required=True, help="YAML or JSON plan file")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--dry-run", action="store_true", help="print parameters per unit before and after; write nothing")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="export a student")
-    p.add_argument("--model", required=True)
+    _add_model(p, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--merge", action="store_true", help="merge low-rank layers into a dense diffusers model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="teacher-generated images with captions (resumable)")
-    p.add_argument("--model", required=True)
+    _add_model(p, required=True)
     p.add_argument("--prompts", required=True, help="text file (one prompt per line) or shapes-train:N[:SEED]")
     p.add_argument("--out", type=Path, required=True)
     _add_sampling(p)
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="which k units to modify: greedy and Optuna TPE on calibration CMMD, or "
                        "TinyFusion's learnable masks")
-    p.add_argument("--model", required=True)
+    _add_model(p, required=True)
     p.add_argument("--units", type=int, default=None, help="k, how many units to modify (greedy, optuna)")
     p.add_argument("--method", default="both", help="greedy | optuna | both (Optuna starts from greedy's answer) | "
                    "masks (TinyFusion: learn an N:M keep pattern with LoRA recovery)")
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="latency, parameter and FLOP ratios of a student against its teacher")
-    p.add_argument("--model", required=True, help="the student")
+    _add_model(p, required=True, help="the student")
     p.add_argument("--vs", required=True, help="the teacher")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -309,9 +309,23 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _add_model(p: argparse.ArgumentParser, **kwargs) -> None:
+    """``--model`` and, beside it, ``--transformer`` (a transformer-only repo or directory over the model)."""
+    p.add_argument("--model", **kwargs)
+    p.add_argument("--transformer", default=None, metavar="PATH",
+                   help="take the transformer from here (a transformer-only hub repo or directory, e.g. "
+                        "PixArt-alpha/PixArt-Sigma-XL-2-512-MS) and the rest from --model")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "transformer", None):
+            from slimdit.pipelines.loading import join_model
+
+            if not args.model:
+                raise ValueError("--transformer needs --model, the base pipeline that supplies the other components")
+            args.model = join_model(args.model, args.transformer)
         args.func(args)
     except OutputError as e:
         if e.payload is not None:  # what could not be written (e.g. the metrics) is not lost

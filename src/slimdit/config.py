@@ -89,8 +89,26 @@ class EvalSection(_Strict):
         return v
 
 
+class TeacherSource(_Strict):
+    """A teacher whose transformer comes from elsewhere: ``teacher: {pipeline: BASE, transformer: REPO_OR_DIR}``."""
+
+    pipeline: str
+    transformer: str | None = None
+
+
+def _teacher_string(v: Any) -> Any:
+    """``teacher`` as the one MODEL string the rest of slimdit reads (``slimdit.pipelines.loading.join_model``)."""
+    if isinstance(v, dict):
+        from slimdit.pipelines.loading import join_model
+
+        src = TeacherSource(**v)
+        return join_model(src.pipeline, src.transformer)
+    return v
+
+
 class DistillConfig(_Strict):
     teacher: str
+    _teacher = field_validator("teacher", mode="before")(_teacher_string)
     plan: dict[str, Any] | str  # inline plan or a plan file
     out: Path
     protocol: Literal["three_stage", "two_stage", "real_only"] | list[PhaseSection] = "three_stage"
@@ -217,6 +235,7 @@ class ScheduleSection(_Strict):
 
 class RunConfig(_Strict):
     teacher: str
+    _teacher = field_validator("teacher", mode="before")(_teacher_string)
     out: Path
     schedule: ScheduleSection = ScheduleSection()
     calibration: CalibrationSection = CalibrationSection()

@@ -1,4 +1,10 @@
-"""Resolve a MODEL argument: a built-in name, a local diffusers directory, or a hub id."""
+"""Resolve a MODEL argument: a built-in name, a local diffusers directory, or a hub id, optionally with its
+transformer taken from elsewhere (a transformer-only repo or directory over a base pipeline).
+
+A model whose transformer comes from elsewhere is written ``PIPELINE#transformer=TRANSFORMER`` (what
+``--transformer`` beside ``--model`` and ``teacher: {pipeline: ..., transformer: ...}`` in a config make), so
+that one string names it everywhere: run identity, caches and sampling defaults.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +20,48 @@ from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 from slimdit.registry import COMPONENTS, MODELS, SAMPLERS
 
 
+TRANSFORMER_SEP = "#transformer="
+
+
+def join_model(pipeline: str, transformer: str | None) -> str:
+    """The MODEL string of ``pipeline`` with its transformer taken from ``transformer`` (a directory holding
+    ``config.json`` or ``transformer/config.json``, or a hub id); ``pipeline`` itself without one."""
+    if not transformer:
+        return pipeline
+    if TRANSFORMER_SEP in pipeline:
+        raise ValueError(f"{pipeline!r} already names its transformer; give --transformer once")
+    return f"{pipeline}{TRANSFORMER_SEP}{transformer}"
+
+
+def split_model(model: str) -> tuple[str, str | None]:
+    """``(pipeline, transformer or None)`` of a MODEL string (:func:`join_model`)."""
+    pipeline, sep, transformer = model.partition(TRANSFORMER_SEP)
+    return pipeline, (transformer if sep else None)
+
+
 def resolve_model_dir(model: str) -> Path | str:
     """Return a local pipeline directory for a built-in or local model, or the hub id unchanged. A missing path whose
     first component is a local directory (``runs/studnt`` where ``runs/`` exists) is a mistyped directory, not a hub
     id: the error names the first missing component and suggests close names beside it."""
     from difflib import get_close_matches
 
+    model, transformer = split_model(model)
+    if transformer is not None:
+        resolve_transformer(transformer)
     if model in MODELS:
         return MODELS[model]()
+    if model.startswith("arch:"):
+        raise ValueError(f"{model!r} is a random-weight model at real dimensions, for 'slimdit bench' and memory "
+                         "plans (--dry-run) only; give a built-in name, a pipeline directory or a hub id")
     p = Path(model)
     if p.exists():
         if not (p / "model_index.json").exists():
+            if _transformer_config(p) is not None:
+                raise FileNotFoundError(f"{p} holds only a transformer, not a pipeline: give a base pipeline as "
+                                        f"the model and this directory as its transformer (--transformer {p}, "
+                                        "or teacher: {pipeline: ..., transformer: ...} in a config)")
             raise FileNotFoundError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
+        _check_components(p)
         return p
     if len(p.parts) > 1 and Path(p.parts[0]).is_dir() and not _cached_hub_model(model):
         base = next(q for q in p.parents if q.is_dir())  # the deepest existing directory, at least p.parts[0]
@@ -35,9 +71,71 @@ def resolve_model_dir(model: str) -> Path | str:
         raise FileNotFoundError(f"model directory {p} does not exist: {base}/ has no {missing!r} (a path under "
                                 f"a local directory is not taken for a hub id){hint}")
     if model.count("/") == 1 and not model.startswith((".", "/")):
+        if not _cached_hub_model(model) and _cached_hub_transformer(model):
+            raise FileNotFoundError(f"hub repo {model} holds only a transformer, not a pipeline: give a base "
+                                    f"pipeline as the model and this repo as its transformer (--transformer {model})")
         return model  # a hub id; diffusers resolves it from the cache or the hub
     raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*MODELS, *SAMPLERS])}), "
                             "not an existing directory, not a hub id (owner/name)")
+
+
+def _transformer_config(p: Path) -> Path | None:
+    """The ``config.json`` of a transformer stored in directory ``p`` (at its top or under ``transformer/``)."""
+    for c in (p / "config.json", p / "transformer" / "config.json"):
+        if c.exists() and json.loads(c.read_text()).get("_class_name"):
+            return c
+    return None
+
+
+def resolve_transformer(transformer: str) -> Path | str:
+    """A transformer's directory (holding its ``config.json``), or a hub id unchanged."""
+    p = Path(transformer)
+    if p.exists():
+        c = _transformer_config(p)
+        if c is None:
+            raise FileNotFoundError(f"transformer {p} has no config.json (nor transformer/config.json) naming a "
+                                    "diffusers model class")
+        return c.parent
+    if transformer.count("/") == 1 and not transformer.startswith((".", "/")):
+        return transformer
+    raise FileNotFoundError(f"transformer {transformer!r}: not an existing directory and not a hub id (owner/name)")
+
+
+def _check_components(p: Path) -> None:
+    """Refuse a pipeline directory that lacks a component its ``model_index.json`` names, naming it."""
+    index = json.loads((p / "model_index.json").read_text())
+    missing = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+               and not (p / k).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"pipeline {p} lacks component(s) {', '.join(missing)} that its model_index.json "
+                                "names (an incomplete download or copy?)")
+
+
+def _load_transformer(transformer: str, dtype: torch.dtype | None):
+    """Load a transformer from a directory or hub id, by the class its ``config.json`` names."""
+    import diffusers
+
+    src = resolve_transformer(transformer)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if isinstance(src, Path):
+        if (src / LOWRANK_INDEX).exists():
+            return load_model(src, dtype=dtype)
+        cls = json.loads((src / "config.json").read_text())["_class_name"]
+        return getattr(diffusers, cls).from_pretrained(src, **kwargs)
+    from huggingface_hub import hf_hub_download
+
+    sub = None
+    try:
+        config = hf_hub_download(src, "config.json")
+    except Exception:  # a pipeline-style repo keeps it under transformer/
+        sub = "transformer"
+        try:
+            config = hf_hub_download(src, "config.json", subfolder=sub)
+        except Exception as e:
+            raise FileNotFoundError(f"could not find transformer {src!r}'s config.json (at its top or under "
+                                    f"transformer/) locally or on the hub: {e}") from e
+    cls = json.loads(Path(config).read_text())["_class_name"]
+    return getattr(diffusers, cls).from_pretrained(src, subfolder=sub, **kwargs)
 
 
 def _cached_hub_model(model: str) -> bool:
@@ -52,14 +150,30 @@ def _cached_hub_model(model: str) -> bool:
         return False
 
 
+def _cached_hub_transformer(model: str) -> bool:
+    """Whether ``model`` is a hub id whose cached files hold a transformer's config (a transformer-only repo)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(model, f), str)
+                   for f in ("config.json", "transformer/config.json"))
+    except ValueError:
+        return False
+
+
 def model_fingerprint(model: str) -> str:
     """A short digest of a model's files, for caches and runs that are keyed by a model name: a built-in retrained
     under the same name, or a directory overwritten in place, gets a new fingerprint
     (:func:`slimdit.io.files_fingerprint`). A hub id is returned as it is."""
     if model in SAMPLERS:
         return model
-    src = resolve_model_dir(model)
-    return files_fingerprint(src) if isinstance(src, Path) else src
+    pipeline, transformer = split_model(model)
+    src = resolve_model_dir(pipeline)
+    fp = files_fingerprint(src) if isinstance(src, Path) else src
+    if transformer is not None:
+        t = resolve_transformer(transformer)
+        fp += "+" + (files_fingerprint(t) if isinstance(t, Path) else t)
+    return fp
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None):
@@ -69,13 +183,20 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     for module in COMPONENTS.values():  # a world's pipeline components (a custom VAE): diffusers finds a class
         importlib.import_module(module)  # only once its module is imported
     src = resolve_model_dir(model)
+    _, transformer = split_model(model)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    if isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():
+    if transformer is not None:
+        kwargs["transformer"] = _load_transformer(transformer, dtype)
+    elif isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():
         kwargs["transformer"] = load_model(src / "transformer", dtype=dtype)  # a low-rank student
     try:
         pipe = DiffusionPipeline.from_pretrained(src, **kwargs)
     except OSError as e:
-        raise FileNotFoundError(f"could not load model {model!r}: {e}") from e
+        hint = ""
+        if isinstance(src, str) and "model_index.json" in str(e):
+            hint = (" (a hub repo that holds only a transformer, like PixArt-alpha/PixArt-Sigma-XL-2-512-MS, needs "
+                    "a base pipeline: --model BASE --transformer REPO)")
+        raise FileNotFoundError(f"could not load model {model!r}: {e}{hint}") from e
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -83,10 +204,10 @@ def _pipeline_class(model: str) -> str | None:
     """The pipeline class a model directory (or a cached hub model) names in ``model_index.json``."""
     src = resolve_model_dir(model)
     index = src / "model_index.json" if isinstance(src, Path) else None
-    if index is None and _cached_hub_model(model):
+    if index is None and _cached_hub_model(src):
         from huggingface_hub import try_to_load_from_cache
 
-        index = Path(try_to_load_from_cache(model, "model_index.json"))
+        index = Path(try_to_load_from_cache(src, "model_index.json"))
     return json.loads(index.read_text()).get("_class_name") if index is not None and index.exists() else None
 
 

@@ -1,0 +1,112 @@
+"""Real layouts: a transformer-only directory or hub repo over a base pipeline, an offline Hub cache, and errors
+that name a missing component."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimdit.cli import main
+from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def transformer_only(tiny_teacher, tmp_path_factory):  # noqa: F811
+    """The tiny teacher's transformer, perturbed so it differs from the base's, alone in a hub-style directory
+    (``transformer/config.json`` and weights, no ``model_index.json``)."""
+    from diffusers import PixArtTransformer2DModel
+
+    tr = PixArtTransformer2DModel.from_pretrained(Path(tiny_teacher) / "transformer")
+    with torch.no_grad():
+        tr.proj_out.bias.add_(0.5)
+    d = tmp_path_factory.mktemp("tr") / "transformer-only"
+    tr.save_pretrained(d / "transformer")
+    return d, tr
+
+
+def test_a_transformer_only_directory_over_a_base_pipeline_loads_generates_and_distils(
+        tiny_teacher, transformer_only, tmp_path):  # noqa: F811
+    from slimdit.pipelines.loading import join_model, load_pipeline, load_sampler, model_fingerprint
+
+    d, tr = transformer_only
+    model = join_model(tiny_teacher, str(d))
+    pipe = load_pipeline(model, "cpu")
+    assert torch.equal(pipe.transformer.proj_out.bias, tr.proj_out.bias)  # the transformer is the given one
+    assert model_fingerprint(model) != model_fingerprint(tiny_teacher)
+    images = load_sampler(model).generate(["a red circle"], [0])
+    base = load_sampler(tiny_teacher).generate(["a red circle"], [0])
+    assert images.shape == base.shape and not (images == base).all()
+
+    with pytest.raises(FileNotFoundError, match="holds only a transformer"):  # given as the pipeline
+        load_pipeline(str(d), "cpu")
+    assert main(["generate", "--model", tiny_teacher, "--transformer", str(d), "--prompt", "a red circle",
+                 "--num-images", "1", "--out", str(tmp_path / "g"), "--steps", "2"]) == 0
+
+    cfg = {"teacher": {"pipeline": tiny_teacher, "transformer": str(d)}, "out": str(tmp_path / "run"),
+           "plan": {"units": {"block.1": "remove"}}, "protocol": "real_only", "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "lr": 1e-4, "checkpoint_every": 1},
+           "eval": {"benchmark": None, "bench": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["teacher"] == model  # one string names the teacher in the run's identity
+    student = load_pipeline(str(tmp_path / "run" / "student"), "cpu").transformer
+    assert len(student.transformer_blocks) == len(tr.transformer_blocks) - 1
+
+
+def test_a_pipeline_directory_missing_a_component_is_named(tiny_teacher, tmp_path):  # noqa: F811
+    from slimdit.pipelines.loading import load_pipeline
+
+    broken = shutil.copytree(tiny_teacher, tmp_path / "broken")
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(FileNotFoundError, match="lacks component\\(s\\) vae"):
+        load_pipeline(str(broken), "cpu")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pipeline(f"{tiny_teacher}#transformer={tmp_path}", "cpu")
+    assert main(["generate", "--transformer", str(tmp_path), "--model", str(broken), "--prompt", "x",
+                 "--out", str(tmp_path / "g")]) == 2
+
+
+def _hub_cache(cache: Path, repo: str, src: Path) -> None:
+    """Lay ``src`` out as the snapshot of hub repo ``repo`` in a Hugging Face cache, as a download leaves it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(src, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_load_from_a_local_cache_offline(tiny_teacher, transformer_only, tmp_path):  # noqa: F811
+    d, _ = transformer_only
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "someone/tiny-pipeline", Path(tiny_teacher))
+    _hub_cache(cache, "someone/tiny-transformer", d)
+    script = (
+        "import torch\n"
+        "from slimdit.pipelines.loading import load_pipeline, sampling_defaults\n"
+        "p = load_pipeline('someone/tiny-pipeline#transformer=someone/tiny-transformer', 'cpu')\n"
+        "print(round(float(p.transformer.proj_out.bias.mean() - load_pipeline('someone/tiny-pipeline', 'cpu')"
+        ".transformer.proj_out.bias.mean()), 3))\n"
+        "print(sampling_defaults('someone/tiny-pipeline')['num_inference_steps'])\n"
+        "for m in ('someone/not-cached', 'someone/tiny-transformer'):\n"
+        "    try:\n        load_pipeline(m, 'cpu')\n    except FileNotFoundError as e:\n        print('ERR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "0.5"  # the transformer came from the transformer-only repo
+    assert lines[1] == str(json.loads((Path(tiny_teacher) / "slimdit.json").read_text())["sampling"]
+                           ["num_inference_steps"])
+    assert lines[2].startswith("ERR could not load model 'someone/not-cached'")
+    assert "holds only a transformer" in lines[3] and "--transformer someone/tiny-transformer" in lines[3]
