@@ -2,6 +2,9 @@
 
 A benchmark is ``run(sampler, limit=None, images_per_prompt=4, seed=0, embedder="shapes", progress=True)``
 returning an :class:`EvalResult`, plus ``check(limit)``, which refuses bad arguments before any model is loaded.
+Benchmarks that read data (the core's adapters to external benchmarks, :mod:`slimdit.metrics.external`,
+registered when :mod:`slimdit.metrics` is first imported) take ``data=`` in both, ``check`` also
+``images_per_prompt=``; they bring their own models and take no embedder.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ class EvalResult:
     metrics: dict
     prompts: list[Any]  # one per image; each has a ``text``
     images: np.ndarray  # (N, H, W, 3) uint8
-    correct: np.ndarray  # (N,) bool
+    correct: np.ndarray | None  # (N,) bool; None where a benchmark scores without pass/fail (HPSv2, FID, ...)
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,10 @@ class Benchmark:
     """A registered benchmark: call it like ``run``; ``check(limit)`` validates arguments without sampling."""
 
     run: Callable[..., EvalResult]
-    check: Callable[[int | None], object]
+    check: Callable[..., object]
+    images_per_prompt: int = 4  # the protocol's number, used when the caller gives none
+    data: str | None = None  # what its ``data=`` path is (prompts, a reference set); None: it takes no data
+    embedder: bool = True  # whether ``run`` takes an ``embedder=``
 
     def __call__(self, sampler, **kwargs) -> EvalResult:
         return self.run(sampler, **kwargs)

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from slimdit.registry import EMBEDDERS
 
@@ -25,8 +25,9 @@ class Embedder(Protocol):
 
 
 class ClipEmbedder:
-    """CLIP image and text projections, with CMMD's preprocessing: centre crop to the largest square,
-    bicubic resize to the model's input size, CLIP mean/std."""
+    """CLIP image and text projections, with CMMD's preprocessing (google-research/cmmd ``io_util`` and
+    ``embedding``): centre crop to the largest square and PIL bicubic resize to the model's input size (336 for
+    ViT-L/14@336), then [0, 1] and CLIP mean/std."""
 
     name = "clip"
 
@@ -48,12 +49,8 @@ class ClipEmbedder:
         self.batch_size = batch_size
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, H, W)
-        h, w = x.shape[-2:]
-        s = min(h, w)
-        x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
-                          antialias=True).clamp(0, 1)
+        x = np.stack([center_crop_resize(im, (self.size, self.size)) for im in images])  # (N, S, S, 3) uint8
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, S, S) in [0, 1]
         return (x - self.mean) / self.std
 
     @torch.no_grad()
@@ -73,6 +70,19 @@ class ClipEmbedder:
                                  return_tensors="pt").to(self.device)
             out.append(_features(self.model.get_text_features(**tok)).float().cpu())
         return torch.cat(out)
+
+
+def center_crop_resize(image: np.ndarray | Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Crop the largest centred box of ``size``'s (height, width) aspect and resize it to ``size`` with PIL bicubic,
+    which antialiases when it shrinks; for a square size this is google-research/cmmd's ``_center_crop_and_resize``
+    (box offsets ``(w - l) // 2``, ``(h - l) // 2``). Returns (H, W, 3) uint8."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    im = im.convert("RGB")
+    th, tw = size
+    w, h = im.size
+    bw, bh = min(w, round(h * tw / th)), min(h, round(w * th / tw))
+    left, top = (w - bw) // 2, (h - bh) // 2
+    return np.asarray(im.crop((left, top, left + bw, top + bh)).resize((tw, th), Image.BICUBIC))
 
 
 def _features(out) -> torch.Tensor:

@@ -14,23 +14,35 @@ from slimdit.reports.grids import make_grid, save_images
 
 
 def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Path | None = None,
-                   limit: int | None = None, images_per_prompt: int = 4, seed: int = 0, steps: int | None = None,
-                   guidance: float | None = None, embedder: str = "shapes", save_images_to: str | Path | None = None,
-                   batch_size: int = 64) -> EvalResult:
-    """Evaluate ``model`` on ``benchmark``; write metrics to ``out`` and, optionally, the images and a grid."""
+                   limit: int | None = None, images_per_prompt: int | None = None, seed: int = 0,
+                   steps: int | None = None, guidance: float | None = None, embedder: str = "shapes",
+                   save_images_to: str | Path | None = None, batch_size: int = 64,
+                   benchmark_data: str | Path | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``benchmark``; write metrics to ``out`` and, optionally, the images and a grid.
+    ``images_per_prompt`` defaults to the benchmark's own number; ``benchmark_data`` is the data path a benchmark
+    that reads data takes (GenEval's checkout, a reference set, ...; ``Benchmark.data`` says which)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; allowed: {', '.join(BENCHMARKS)}")
+    bench = BENCHMARKS[benchmark]
+    images_per_prompt = bench.images_per_prompt if images_per_prompt is None else images_per_prompt
     if images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {images_per_prompt}")
-    BENCHMARKS[benchmark].check(limit)  # check the arguments and outputs, and load the embedder, before the model
+    if benchmark_data is not None and bench.data is None:
+        raise ValueError(f"benchmark {benchmark!r} takes no --benchmark-data, got {benchmark_data}")
+    # check the arguments (and a data-reading benchmark's data, packages and weights), and load the embedder,
+    # before the model
+    data = {} if bench.data is None else {"data": benchmark_data}
+    if data:
+        bench.check(limit, images_per_prompt=images_per_prompt, **data)
+    else:
+        bench.check(limit)
     if out is not None:
         ensure_writable(out, "eval --out", is_dir=False)
     if save_images_to is not None:
         ensure_writable(save_images_to, "eval --save-images")
-    emb = get_embedder(embedder)
+    emb = {"embedder": get_embedder(embedder)} if bench.embedder else {}
     sampler = load_sampler(model, steps=steps, guidance=guidance, batch_size=batch_size)
-    result = BENCHMARKS[benchmark](sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed,
-                                   embedder=emb)
+    result = bench(sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed, **emb, **data)
     result.metrics.update(model=model, benchmark=benchmark)
     if steps is not None or guidance is not None or model not in SAMPLERS:
         opts = getattr(sampler, "options", None)
