@@ -92,9 +92,16 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    from slimdit.models.arch import is_arch
+
+    if is_arch(a.model):
+        return _bench_arch(a)
+    if a.vs is None or a.plan is not None or a.blocks is not None:
+        raise ValueError("bench: a student and its teacher take --model STUDENT --vs TEACHER; --plan and --blocks "
+                         "are for random-weight models at real dimensions (--model arch:NAME)")
     from slimdit.speed.bench import bench
 
-    r = bench(a.model, a.vs, repeats=a.repeats, batch_size=a.batch_size, steps=a.steps)
+    r = bench(a.model, a.vs, repeats=a.repeats, batch_size=a.batch_size or 8, steps=a.steps)
     if a.json:
         print(json.dumps(r.ratios()))
         return
@@ -102,6 +109,37 @@ def cmd_bench(a: argparse.Namespace) -> None:
           f"{r.teacher_latency_s:.3f} s; median of {r.repeats}, batch {r.batch_size}, {r.steps} steps, {r.device})")
     print(f"param ratio   {r.param_ratio:.3f}  ({r.student_params:,} / {r.teacher_params:,})")
     print(f"FLOP ratio    {r.flop_ratio:.3f}  ({r.student_flops:,} / {r.teacher_flops:,} per CFG forward)")
+
+
+def _bench_arch(a: argparse.Namespace) -> None:
+    import torch
+
+    from slimdit.compress.plan import Plan
+    from slimdit.models.arch import parse_blocks
+    from slimdit.speed.arch import bench_arch
+
+    if a.plan is None or a.vs is not None:
+        raise ValueError("bench --model arch:NAME measures a plan's student against the unmodified model: give "
+                         "--plan PLAN (and --blocks N to cut both to N units per group), not --vs")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if a.dtype not in dtypes:
+        raise ValueError(f"--dtype {a.dtype!r}; allowed: {', '.join(dtypes)}")
+    r = bench_arch(a.model, Plan.load(a.plan), parse_blocks(a.blocks), a.resolution, a.batch_size or 1,
+                   a.repeats, dtypes[a.dtype], profile=a.profile)
+    if a.json:
+        print(json.dumps(r.to_json(), indent=2))
+        return
+    s, t = r.student, r.teacher
+    print(f"{r.model} cut to {r.blocks}, {r.resolution} px, batch {r.batch_size}, {r.dtype} on {r.device}; "
+          f"one transformer forward, median of {r.repeats}")
+    print(f"latency ratio     {r.latency_ratio:.3f}  ({s['latency_s']:.3f} s / {t['latency_s']:.3f} s)")
+    print(f"FLOP ratio        {r.flop_ratio:.3f}  ({s['flops']:,} / {t['flops']:,})")
+    print(f"param ratio       {r.param_ratio:.3f}  ({s['params']:,} / {t['params']:,}; blocks "
+          f"{s['block_param_ratio']:.3f})")
+    print(f"peak memory ratio {r.peak_memory_ratio:.3f}  ({s['peak_bytes'] / 2**20:.0f} / "
+          f"{t['peak_bytes'] / 2**20:.0f} MiB)")
+    for name, kinds in r.profile.items():
+        print(f"{name} time by kind (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in kinds.items()))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -279,12 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="latency, parameter and FLOP ratios of a student against its teacher")
-    _add_model(p, required=True, help="the student")
-    p.add_argument("--vs", required=True, help="the teacher")
+    _add_model(p, required=True, help="the student, or arch:pixart-sigma-xl / arch:flux-dev (random weights at "
+               "the real dimensions, with --plan)")
+    p.add_argument("--vs", default=None, help="the teacher")
+    p.add_argument("--plan", type=Path, default=None, help="arch models: the plan whose student is measured")
+    p.add_argument("--blocks", default=None, help="arch models: cut both to N units per group (or double=2,single=4)")
+    p.add_argument("--resolution", type=int, default=None, help="arch models: image size (default: the model's)")
+    p.add_argument("--dtype", default="float32", help="arch models: float32 | bfloat16 | float16")
+    p.add_argument("--profile", action="store_true", help="arch models: where each one's time goes")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 images (arch models: 1)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print only the three ratios as JSON")
+    p.add_argument("--json", action="store_true", help="print the ratios as JSON")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="rebuild report.html of a run directory from its files")

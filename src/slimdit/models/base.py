@@ -71,6 +71,16 @@ class Adapter(ABC):
         """Whether the model takes a guidance scale as an input (``cond["guidance"]``): a guidance-distilled model."""
         return False
 
+    def latent_channels(self, model: nn.Module) -> int:
+        """Channels of the clean latents the model denoises."""
+        return unwrap(model).config.in_channels
+
+    @abstractmethod
+    def dummy_conditioning(self, model: nn.Module, n: int, max_sequence_length: int,
+                           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Random conditioning of the shapes :meth:`encode_prompts` gives for ``n`` captions, without text encoders
+        (benches and memory measurements at real dimensions)."""
+
     @abstractmethod
     def encode_prompts(self, pipe, captions: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """The text conditioning of ``captions`` through ``pipe``'s own encoders: a dict of ``(N, ...)`` tensors,

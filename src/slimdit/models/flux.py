@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimdit.models.arch import T5_XXL, ArchSpec, Component, register_arch
 from slimdit.models.base import Adapter, register, unwrap
 
 _IMG_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -92,6 +93,15 @@ class FluxAdapter(Adapter):
         return streams["text"], streams["image"]
 
     # ---- conditioning and prediction ---------------------------------------------------------------------
+    def latent_channels(self, model: nn.Module) -> int:
+        return unwrap(model).config.in_channels // 4  # each token packs a 2x2 latent patch
+
+    def dummy_conditioning(self, model: nn.Module, n: int, max_sequence_length: int,
+                           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        c = unwrap(model).config
+        return {"prompt_embeds": torch.randn(n, max_sequence_length, c.joint_attention_dim, generator=generator),
+                "pooled_prompt_embeds": torch.randn(n, c.pooled_projection_dim, generator=generator)}
+
     def encode_prompts(self, pipe, captions: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """T5 hidden states and the CLIP pooled vector, through ``FluxPipeline.encode_prompt``."""
         emb, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=pipe.text_encoder.device,
@@ -112,3 +122,26 @@ class FluxAdapter(Adapter):
                     txt_ids=torch.zeros(emb.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
                     guidance=guidance).sample
         return unpack(out, h, w)
+
+
+# FLUX.1-dev: diffusers' FluxTransformer2DModel defaults are its dimensions (19 double, 38 single blocks, 3072
+# wide, a guidance embedding); CLIP ViT-L/14's text model for the pooled vector, T5-XXL for the sequence, the
+# 16-channel VAE and the flow-matching scheduler with dynamic shifting
+register_arch(ArchSpec(
+    name="flux-dev", adapter="flux", resolution=1024, max_sequence_length=512,
+    components={
+        "transformer": Component("diffusers", "FluxTransformer2DModel", {"guidance_embeds": True}),
+        "text_encoder": Component("transformers", "CLIPTextModel", {
+            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": 768,
+            "hidden_act": "quick_gelu"}, "CLIPTextConfig"),
+        "text_encoder_2": T5_XXL,
+        "vae": Component("diffusers", "AutoencoderKL", {
+            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 16,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024,
+            "scaling_factor": 0.3611, "shift_factor": 0.1159}),
+        "scheduler": Component("diffusers", "FlowMatchEulerDiscreteScheduler", {
+            "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+            "base_image_seq_len": 256, "max_image_seq_len": 4096}),
+    }))

@@ -7,6 +7,7 @@ import inspect
 import torch
 import torch.nn as nn
 
+from slimdit.models.arch import T5_XXL, ArchSpec, Component, register_arch
 from slimdit.models.base import Adapter, register
 
 _ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -54,3 +55,28 @@ class PixArtAdapter(Adapter):
                                              device=pipe.text_encoder.device,
                                              max_sequence_length=max_sequence_length, **extra)
         return {"prompt_embeds": emb.float().cpu(), "prompt_mask": mask.cpu()}
+
+    def dummy_conditioning(self, model: nn.Module, n: int, max_sequence_length: int,
+                           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dim = model.config.caption_channels
+        return {"prompt_embeds": torch.randn(n, max_sequence_length, dim, generator=generator),
+                "prompt_mask": torch.ones(n, max_sequence_length, dtype=torch.long)}
+
+
+# PixArt-Sigma-XL-2-512-MS over pixart_sigma_sdxlvae_T5_diffusers: the transformer's published config (64x64
+# latents at 512 px, T5-XXL captions), the SDXL VAE, DPM-Solver with PixArt's linear betas and epsilon
+register_arch(ArchSpec(
+    name="pixart-sigma-xl", adapter="pixart", resolution=512, max_sequence_length=300,
+    components={
+        "transformer": Component("diffusers", "PixArtTransformer2DModel", {
+            "sample_size": 64, "caption_channels": 4096, "interpolation_scale": None,
+            "use_additional_conditions": False}),
+        "text_encoder": T5_XXL,
+        "vae": Component("diffusers", "AutoencoderKL", {
+            "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "sample_size": 1024, "scaling_factor": 0.13025}),
+        "scheduler": Component("diffusers", "DPMSolverMultistepScheduler", {
+            "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000,
+            "prediction_type": "epsilon"}),
+    }))
