@@ -43,7 +43,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     r = evaluate_model(a.model, a.benchmark, out=a.out, limit=a.limit, images_per_prompt=a.images_per_prompt,
                        seed=a.seed, steps=a.steps, guidance=a.guidance, embedder=a.embedder,
-                       save_images_to=a.save_images, batch_size=a.batch_size)
+                       save_images_to=a.save_images, batch_size=a.batch_size, benchmark_data=a.benchmark_data)
     print(json.dumps(r.metrics, indent=2))
 
 
@@ -241,10 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", default="shapes-geneval", choices=sorted(BENCHMARKS))
     p.add_argument("--out", type=Path, default=None, help="metrics JSON")
     p.add_argument("--limit", type=int, default=None, help="first N prompts")
-    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--images-per-prompt", type=int, default=None,
+                   help="default: the benchmark's own (4 shapes-geneval/geneval/dpg-bench, 1 cmmd/fid/hpsv2, "
+                        "10 imagereward)")
     p.add_argument("--embedder", default="shapes", help="shapes | clip | clip:<hub id or directory>")
     p.add_argument("--save-images", type=Path, default=None, help="also write the images and a grid here")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--benchmark-data", type=Path, default=None,
+                   help="the benchmark's data: a reference image folder (cmmd, fid), GenEval's checkout, ELLA's "
+                        "dpg_bench folder, ...; see docs/benchmarks.md")
     _add_sampling(p)
     p.set_defaults(func=cmd_eval)
 

@@ -20,6 +20,8 @@ def load_worlds() -> None:
     if _loaded:
         return
     _loaded = True  # before the calls: a world may read a registry while it registers
+    import slimdit.metrics  # noqa: F401  (the core's own benchmarks register when it is imported)
+
     try:
         for ep in entry_points(group=GROUP):
             ep.load()()

@@ -41,7 +41,8 @@ def save_eval_grid(result, path: str | Path, images_per_prompt: int, rows: int =
     """The first ``rows`` prompts of an evaluation, one row each, frames marking success; captions beside as .txt."""
     k = min(rows, len(result.prompts) // images_per_prompt) * images_per_prompt
     path = Path(path)
-    make_grid(result.images[:k], ncol=images_per_prompt, scale=6, marks=result.correct[:k]).save(path)
+    marks = None if result.correct is None else result.correct[:k]  # benchmarks without a per-image verdict
+    make_grid(result.images[:k], ncol=images_per_prompt, scale=6, marks=marks).save(path)
     path.with_suffix(".txt").write_text(
         "\n".join(result.prompts[i].text for i in range(0, k, images_per_prompt)) + "\n")
     return path
