@@ -72,6 +72,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     from slimdit.models import adapter_for
     from slimdit.models.storage import load_model
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults
+    from slimdit.reports.card import write_card
     from slimdit.reports.grids import save_eval_grid
     from slimdit.reports.html import build_report
     from slimdit.schedules.run import run_schedule
@@ -155,5 +156,6 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
         "timings_s": timings,
         "elapsed_s": round(time.time() - t0, 1),
     })
+    write_card(run / "student", run)  # again, now with the teacher's metrics and the latency beside the student's
     build_report(run)
     return run

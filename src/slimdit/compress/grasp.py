@@ -3,10 +3,14 @@
 Every layer a plan factors is re-parameterised as ``W(s) = U diag(s) V^T`` with only ``s`` trainable; the loss
 is accumulated over a calibration set and ``|dL/ds_j|`` summed; the ``k`` singular values with the largest
 sums are kept (instead of the ``k`` largest values).
+
+A plan asks for it with ``grasp: {images: N, batch_size: B, data: SET}`` (:class:`slimdit.compress.plan.Grasp`);
+:func:`grasp_from_data` then takes the model's own objective on ``N`` cached calibration images as the loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdit.compress.lowrank import replace_module
-from slimdit.compress.plan import Plan, svd_layers, validate
+from slimdit.compress.plan import Grasp, Plan, svd_layers, validate
 from slimdit.models.base import Adapter
 
 
@@ -31,7 +35,8 @@ class SingularValueLinear(nn.Module):
         self.original = linear
 
     def forward(self, x):
-        return F.linear(x, (self.U * self.s) @ self.Vh, self.bias)
+        # the factors stay float32 (as the SVD was taken); a half-precision model's activations are cast to meet them
+        return F.linear(x.to(self.U.dtype), (self.U * self.s) @ self.Vh, self.bias).to(x.dtype)
 
 
 def grasp_keep(adapter: Adapter, model: nn.Module, plan: Plan, loss_fn: Callable[[nn.Module], torch.Tensor],
@@ -68,3 +73,42 @@ def grasp_keep(adapter: Adapter, model: nn.Module, plan: Plan, loss_fn: Callable
             replace_module(unit, path, sv.original)
         for p in frozen:
             p.requires_grad_(True)
+
+
+def calibration_loss(adapter: Adapter, data, images: int, batch_size: int, seed: int = 0
+                     ) -> tuple[Callable[[nn.Module], torch.Tensor], int]:
+    """The model's own objective (the adapter's: epsilon, v or velocity MSE) on the first ``images`` samples of
+    ``data`` (a :class:`slimdit.distill.trainer.Conditioning`), batch after batch, at seeded timesteps drawn over
+    the whole range (thesis: all timesteps); and how many batches cover them once."""
+    if len(data) < images:
+        raise ValueError(f"plan grasp.images = {images}, but the calibration set holds only {len(data)} images; "
+                         "lower grasp.images or give a larger grasp.data")
+    batches = math.ceil(images / batch_size)
+    g = torch.Generator().manual_seed(seed)
+    calls = [0]
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        i = calls[0]
+        calls[0] += 1
+        idx = torch.arange(i * batch_size, min((i + 1) * batch_size, images))
+        dev = next(model.parameters()).device
+        x0 = data.latents[idx].to(dev)
+        cond = {k: v.to(dev) for k, v in data.take(idx).items()}
+        obj = adapter.objective
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        t = obj.sample_t(len(idx), g, adapter.image_tokens(model, x0)).to(dev)
+        xt, target = obj.noise(x0, eps, t)
+        if adapter.takes_guidance(model):  # a guidance-distilled model: its trained range of scales
+            cond["guidance"] = (1.0 + 4.0 * torch.rand(len(idx), generator=g)).to(dev)
+        pred = adapter.prediction(model, adapter.predict(model, xt, t, cond))
+        return (pred.float() - target.float()).pow(2).mean()
+
+    return loss, batches
+
+
+def grasp_from_data(adapter: Adapter, model: nn.Module, plan: Plan, data, seed: int = 0
+                    ) -> dict[str, torch.Tensor]:
+    """:func:`grasp_keep` with the settings of ``plan.grasp`` and :func:`calibration_loss` on ``data``."""
+    spec = plan.grasp or Grasp()
+    loss, batches = calibration_loss(adapter, data, spec.images, spec.batch_size, seed)
+    return grasp_keep(adapter, model, plan, loss, batches)

@@ -7,6 +7,14 @@ A plan file looks like::
       block.7: {svd: {mlp: 0.6, self_attn: 0.8, cross_attn: 0.8}}   # removal fraction c per part (eq. 4.9)
       block.9: {svd: 0.5}                                             # the same c for every part
       block.2: {svd: {mlp: {rank: 16}}}                               # an explicit rank
+    grasp: {images: 200, batch_size: 8}   # optional: GRASP chooses which singular values the svd ops keep
+
+Without ``grasp`` an SVD op keeps the largest singular values (eq. 4.7-4.9). With it, GRASP (thesis section 4.4.4,
+:mod:`slimdit.compress.grasp`) keeps those with the largest accumulated ``|dL/ds|`` of the model's own objective
+over ``images`` calibration images (thesis: 200) at timesteps drawn over the whole range, in batches of
+``batch_size``. The images are ``data`` (a caption-image set: ``shapes-train:N`` or an imagefolder); ``slimdit
+distill`` defaults it to the run's ``data.real``, ``slimdit compress`` needs it named. ``grasp: true`` takes the
+defaults.
 """
 
 from __future__ import annotations
@@ -33,13 +41,48 @@ class UnitOp:
 
 
 @dataclass
+class Grasp:
+    """How a plan's SVD ops choose their singular values by gradient (thesis section 4.4.4)."""
+
+    images: int = 200  # calibration images (thesis: 200)
+    batch_size: int = 8
+    data: str | None = None  # a caption-image set; None: the run's data.real (slimdit distill)
+
+    @classmethod
+    def from_spec(cls, spec) -> Grasp:
+        if spec is True:
+            return cls()
+        if not isinstance(spec, dict):
+            raise ValueError(f"plan grasp: expected true or {{images: N, batch_size: B, data: SET}}, got {spec!r}")
+        unknown = set(spec) - {"images", "batch_size", "data"}
+        if unknown:
+            raise ValueError(f"plan grasp: unknown field(s) {sorted(unknown)}; allowed: images, batch_size, data")
+        g = cls(**spec)
+        for name in ("images", "batch_size"):
+            v = getattr(g, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"plan grasp.{name}: expected a whole number >= 1, got {v!r}")
+        if g.data is not None and not isinstance(g.data, str):
+            raise ValueError(f"plan grasp.data: expected a caption-image set (shapes-train:N or a folder), "
+                             f"got {g.data!r}")
+        return g
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class Plan:
     ops: list[UnitOp]
+    grasp: Grasp | None = None  # None: SVD keeps the largest singular values
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         if not isinstance(d, dict) or not isinstance(d.get("units"), dict):
             raise ValueError("a plan needs a mapping 'units: {unit: remove | {svd: ...}}'")
+        unknown = set(d) - {"units", "grasp"}
+        if unknown:
+            raise ValueError(f"plan: unknown field(s) {sorted(unknown)}; allowed: units, grasp")
         ops = []
         for unit, spec in d["units"].items():
             if spec == "remove":
@@ -50,7 +93,10 @@ class Plan:
             else:
                 raise ValueError(f"plan units.{unit}: expected 'remove' or {{svd: ratio | {{part: ratio}}}}, "
                                  f"got {spec!r}")
-        return cls(ops)
+        grasp = None if d.get("grasp") in (None, False) else Grasp.from_spec(d["grasp"])
+        if grasp is not None and not any(o.op == "svd" for o in ops):
+            raise ValueError("plan grasp: the plan has no svd op whose singular values GRASP could choose")
+        return cls(ops, grasp)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -65,7 +111,10 @@ class Plan:
                 return "remove"
             return {"svd": o.ratios["*"] if set(o.ratios) == {"*"} else o.ratios}  # as the file format writes it
 
-        return {"units": {o.unit: spec(o) for o in self.ops}}
+        out = {"units": {o.unit: spec(o) for o in self.ops}}
+        if self.grasp is not None:
+            out["grasp"] = self.grasp.to_dict()
+        return out
 
 
 @dataclass

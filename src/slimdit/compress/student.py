@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+
+import torch.nn as nn
 
 from slimdit.compress.plan import Plan, PlanRecord, apply_plan, validate
 from slimdit.io import ensure_writable, write_json
 from slimdit.models import adapter_for
-from slimdit.models.storage import merge_lowrank
-from slimdit.pipelines.loading import load_pipeline, save_pipeline_with
+from slimdit.models.storage import merge_lowrank, meta_model
+from slimdit.pipelines.loading import (
+    load_pipeline,
+    resolve_model_dir,
+    resolve_transformer,
+    sampling_defaults,
+    save_pipeline_with,
+    split_model,
+)
 
 
 def format_record(record: PlanRecord) -> str:
@@ -22,26 +32,103 @@ def format_record(record: PlanRecord) -> str:
     return "\n".join(lines)
 
 
-def compress_to_dir(model: str, plan: Plan, out: str | Path | None, dry_run: bool = False,
+def as_plan(plan: Plan | dict | str | Path) -> Plan:
+    """A plan given as a :class:`Plan`, its dict (``{"units": ...}``) or a YAML/JSON file."""
+    if isinstance(plan, Plan):
+        return plan
+    return Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan)
+
+
+def _cached_dir(repo: str, files: tuple[str, ...]) -> Path | None:
+    """The folder in the local Hugging Face cache that holds the first of ``files`` of hub repo ``repo``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for f in files:
+        try:
+            path = try_to_load_from_cache(repo, f)
+        except ValueError:  # not a valid repo id: loading it reports that
+            return None
+        if isinstance(path, str):
+            return Path(path).parent
+    return None
+
+
+def transformer_skeleton(model: str) -> nn.Module | None:
+    """``model``'s transformer built from its config alone on the meta device (no weights read), or None where that
+    config is not on this machine (a hub id not in the cache). An unknown model fails here as it would when loaded."""
+    _, transformer = split_model(model)
+    if transformer is not None:  # PIPELINE#transformer=...: the transformer's own folder or repo
+        src = resolve_transformer(transformer)
+        d = src if isinstance(src, Path) else _cached_dir(src, ("config.json", "transformer/config.json"))
+    else:
+        src = resolve_model_dir(model)
+        d = src / "transformer" if isinstance(src, Path) else _cached_dir(src, ("transformer/config.json",))
+    return meta_model(d) if d is not None and (d / "config.json").exists() else None
+
+
+def check_plan(model: str, plan: Plan) -> None:
+    """Check ``plan``'s units, parts and ratios against ``model``'s transformer config before any weights load, so
+    that a plan naming ``block.99`` or a misspelt part fails in a second, naming the unit. A model whose config is
+    not on this machine is checked once loaded (by :func:`slimdit.compress.plan.validate`)."""
+    skeleton = transformer_skeleton(model)
+    if skeleton is not None:
+        validate(adapter_for(skeleton), skeleton, plan)
+
+
+def grasp_calibration(pipe, model: str, data: str):
+    """The cached conditioning (:class:`slimdit.distill.trainer.Conditioning`) of caption-image set ``data``
+    through ``pipe``'s encoders, made in a temporary folder: GRASP's calibration set for ``slimdit compress``."""
+    from slimdit.data.cache import cached_conditioning
+    from slimdit.data.datasets import load_dataset
+
+    with tempfile.TemporaryDirectory(prefix="slimdit-grasp-") as tmp:
+        return cached_conditioning(pipe, model, load_dataset(data), tmp,
+                                   sampling_defaults(model)["max_sequence_length"])
+
+
+def compress_to_dir(model: str, plan: Plan | dict | str | Path, out: str | Path | None, dry_run: bool = False,
                     device: str | None = None) -> PlanRecord:
-    """Apply ``plan`` to ``model``'s transformer; write the student pipeline and ``plan.json`` to ``out``."""
+    """Apply ``plan`` to ``model``'s transformer; write the student pipeline, ``plan.json`` and a model card
+    (``README.md``) to ``out``. ``plan`` is a :class:`Plan`, its dict or a plan file."""
+    plan = as_plan(plan)
     if not dry_run and out is None:
         raise ValueError("give --out (or --dry-run)")
+    if plan.grasp is not None and plan.grasp.data is None and not dry_run:
+        raise ValueError("plan grasp.data: slimdit compress has no training set to calibrate GRASP on; name one "
+                         "(e.g. grasp: {data: 'shapes-train:200'}) or use slimdit distill, which calibrates on its "
+                         "data.real")
+    check_plan(model, plan)
     if not dry_run:
         ensure_writable(out, "compress --out")
     pipe = load_pipeline(model, device)
     adapter = adapter_for(pipe.transformer, pipe.scheduler.config)
     validate(adapter, pipe.transformer, plan)
     student = pipe.transformer
-    record = apply_plan(adapter, student, plan)
+    keep = None
+    if plan.grasp is not None and not dry_run:  # the choice of singular values does not change any count
+        from slimdit.compress.grasp import grasp_from_data
+
+        keep = grasp_from_data(adapter, student, plan, grasp_calibration(pipe, model, plan.grasp.data))
+    record = apply_plan(adapter, student, plan, keep=keep)
     if not dry_run:
+        from slimdit.reports.card import write_card
+
         save_pipeline_with(pipe, student, out, source=model)
-        write_json(Path(out) / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
+        write_json(Path(out) / "plan.json", {"teacher": model, "plan": plan.to_dict(), "record": record.to_json()})
+        write_card(out, out, teacher=model)
     return record
 
 
 def export_merged(model: str, out: str | Path, device: str | None = None) -> Path:
-    """Write a dense copy of a (low-rank) student pipeline that plain diffusers loads."""
+    """Write a dense copy of a (low-rank) student pipeline that plain diffusers loads, with a model card made from
+    the student's run records."""
+    from slimdit.reports.card import run_of, write_card
+
     ensure_writable(out, "export --out")
     pipe = load_pipeline(model, device)
-    return save_pipeline_with(pipe, merge_lowrank(pipe.transformer), out, source=model)
+    merged = merge_lowrank(pipe.transformer)
+    saved = save_pipeline_with(pipe, merged, out, source=model)
+    src = resolve_model_dir(model)
+    write_card(saved, run_of(src) if isinstance(src, Path) else None, merged_from=model,
+               merged_block_params=adapter_for(merged).block_params(merged))
+    return saved

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slimdit.compress.plan import Plan, apply_plan, validate
+from slimdit.compress.student import check_plan
 from slimdit.config import DistillConfig, load_config
 from slimdit.data.cache import cached_conditioning
 from slimdit.data.datasets import load_dataset
@@ -35,30 +36,41 @@ from slimdit.pipelines.loading import (
     sampling_defaults,
     save_pipeline_with,
 )
+from slimdit.reports.card import write_card
 
 
 def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True) -> Path:
     """Run (or continue) a distillation; return the run directory."""
     cfg = config if isinstance(config, DistillConfig) else load_config(config)
     run = Path(cfg.out)
-    check_user_set(cfg.data.synth)
-    check_run_dir(run, cfg, input_fingerprints(cfg))  # refuses changed inputs before anything is written
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
+    check_plan(cfg.teacher, plan)  # units and parts against the teacher's config, before anything loads or is written
+    check_user_set(cfg.data.synth)
+    inputs = input_fingerprints(cfg)
+    check_run_dir(run, cfg, inputs)  # refuses changed inputs before anything is written
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
+    if plan.grasp is not None and plan.grasp.data is None and len(real.captions) < plan.grasp.images:
+        raise ValueError(f"plan grasp.images = {plan.grasp.images}, but data.real ({cfg.data.real}) holds only "
+                         f"{len(real.captions)} images; lower grasp.images or name a larger set in grasp.data")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device)
     teacher = pipe.transformer.eval()
     adapter = adapter_for(teacher, pipe.scheduler.config)
     validate(adapter, teacher, plan)
 
+    conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
     student = copy.deepcopy(teacher)
-    record = apply_plan(adapter, student, plan)
+    keep = None
+    if plan.grasp is not None:
+        made_by = {"plan": plan.to_dict(), "inputs": inputs, "data": cfg.data.model_dump(mode="json"),
+                   "seed": cfg.train.seed}
+        keep = _grasp(adapter, student, plan, conditioning, run, made_by)
+    record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
     if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / "model_index.json").exists():
         save_pipeline_with(pipe, student, run / "untrained", source=cfg.teacher)
 
-    conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
     validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
     student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units], phases,
                              cfg.train.model_dump(), run, conditioning, device, progress, validator)
@@ -78,7 +90,28 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         b = read_json(run / "bench.json")
         summary["bench"] = {k: b[k] for k in ("latency_ratio", "param_ratio", "flop_ratio")}
     write_json(run / "summary.json", summary)
+    write_card(run / "student", run)  # after the evaluation: the card carries its numbers
     return run
+
+
+def _grasp(adapter, model, plan: Plan, conditioning, run: Path, made_by: dict) -> dict[str, torch.Tensor]:
+    """The singular values GRASP keeps (thesis section 4.4.4), calibrated on ``plan.grasp.data`` or the run's real
+    set; kept in ``grasp.json`` with what they were made from (``made_by``: plan, inputs, data settings, seed), so
+    that a resumed run factors exactly as the first attempt did (a GPU may break ties differently on a rerun)."""
+    from slimdit.compress.grasp import grasp_from_data
+
+    path = run / "grasp.json"
+    if path.exists() and (saved := read_json(path)).get("made_by") == made_by:
+        return {k: torch.tensor(v) for k, v in saved["keep"].items()}
+    spec = plan.grasp
+    if spec.data is None:
+        data = conditioning("real")
+    else:
+        data = cached_conditioning(conditioning.pipe, conditioning.teacher, load_dataset(spec.data),
+                                   run / "cache", conditioning.max_len)
+    keep = grasp_from_data(adapter, model, plan, data, made_by["seed"])
+    write_json(path, {"made_by": made_by, "keep": {k: v.tolist() for k, v in keep.items()}})
+    return keep
 
 
 def train_protocol(adapter, teacher, student, kept_units: list[str], modified: list[str], phases: list[Phase],

@@ -80,6 +80,22 @@ def load_model(path: str | Path, dtype=None) -> nn.Module:
     return model.to(dtype) if dtype is not None else model
 
 
+def meta_model(path: str | Path) -> nn.Module:
+    """The model a directory written by :func:`save_model` holds, built from its config alone on the meta device,
+    its low-rank layers in place: units, parts and shapes to check a plan against, without reading any weights."""
+    d = Path(path)
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d} is not a diffusers model directory (no config.json)")
+    cls = _diffusers_class(json.loads((d / "config.json").read_text())["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(d))
+        if (d / LOWRANK_INDEX).exists():
+            for name, spec in json.loads((d / LOWRANK_INDEX).read_text())["layers"].items():
+                replace_module(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
+                                                          bias=spec["bias"]))
+    return model
+
+
 def merge_lowrank(model: nn.Module) -> nn.Module:
     """Replace every low-rank layer by its dense product, in place."""
     for name in list(lowrank_layers(model)):

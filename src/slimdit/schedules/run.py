@@ -191,7 +191,9 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     cfg = config if isinstance(config, RunConfig) else load_config(config, RunConfig)
     run = Path(cfg.out)
     check_user_set(cfg.data.synth)
-    check_run_dir(run, cfg, input_fingerprints(cfg))  # refuses changed inputs before anything is written
+    inputs = input_fingerprints(cfg)
+    check_run_dir(run, cfg, inputs)  # refuses changed inputs before anything is written
+    made_by = _made_by(cfg, inputs)
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)
     prompts = read_prompts(cfg.calibration.prompts)
@@ -224,15 +226,17 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         params_now = adapter.block_params(student)
         if params_now <= target * (1 + 1e-9):
             break
-        st = _Stage(cfg, pipe, student, calib, embedder)
-        if cfg.schedule.kind == "one_shot":
-            plan, why = _select_one_shot(st, target)
-        elif cfg.schedule.kind == "progressive":
-            plan, why = _select_progressive(st, target, {_to_student(kept, u) for u in modified if u in kept},
-                                            n_stages - s)
-        else:
-            plan, why = _select_linear(st, (params_now - target) / (n_stages - s))
-        write_json(sdir / "selection.json", why)
+        plan = _saved_selection(sdir, made_by)
+        if plan is None:
+            st = _Stage(cfg, pipe, student, calib, embedder)
+            if cfg.schedule.kind == "one_shot":
+                plan, why = _select_one_shot(st, target)
+            elif cfg.schedule.kind == "progressive":
+                plan, why = _select_progressive(st, target, {_to_student(kept, u) for u in modified if u in kept},
+                                                n_stages - s)
+            else:
+                plan, why = _select_linear(st, (params_now - target) / (n_stages - s))
+            write_json(sdir / "selection.json", {**why, "plan": plan.to_dict(), "made_by": made_by})
         record = apply_plan(adapter, student, plan)
         write_json(sdir / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
         # plans name the student's units; KD and trainable selection speak the teacher's
@@ -254,10 +258,33 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
                                       "student_block_params": adapter.block_params(student),
                                       "description": f"{cfg.schedule.kind} {cfg.schedule.op} of {cfg.teacher} to "
                                                      f"{cfg.schedule.target:.0%} of its block parameters"})
+    from slimdit.reports.card import write_card
     from slimdit.reports.html import build_report
 
+    write_card(run / "student", run)
     build_report(run)
     return run
+
+
+def _made_by(cfg: RunConfig, inputs: dict) -> str:
+    """A digest of what a stage's selection depends on: the config and the contents of its inputs."""
+    import hashlib
+    import json
+
+    key = json.dumps({"config": cfg.model_dump(mode="json"), "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _saved_selection(sdir: Path, made_by: str) -> Plan | None:
+    """The plan a stage selected before the run was stopped (scoring is the costly part of a stage, and a resumed
+    stage must train the units its checkpoints were trained on); None when it has none from this config."""
+    path = sdir / "selection.json"
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    if saved.get("made_by") != made_by or "plan" not in saved:  # a selection of another config is redone
+        return None
+    return Plan.from_dict(saved["plan"])
 
 
 def _evaluate_stage(cfg: RunConfig, pipe, student, sdir: Path) -> dict:

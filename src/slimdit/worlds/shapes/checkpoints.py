@@ -12,7 +12,9 @@ from slimdit.io import load_tensors, optimizer_from_tensors, optimizer_to_tensor
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("step_*"))
+    """The complete checkpoints under ``folder``, oldest first: a ``step_N.tmp`` left by a kill mid-write is not one
+    (it would sort after ``step_N`` and be resumed from, or outlive a complete checkpoint when old ones are pruned)."""
+    return sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 def save_checkpoint(folder: Path, step: int, modules: dict, ema: dict, opt, elapsed: float, keep: int) -> None:

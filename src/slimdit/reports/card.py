@@ -1,0 +1,390 @@
+"""Model cards: the ``README.md`` a saved student carries, written from what its run directory records.
+
+A card opens with the Hugging Face Hub's YAML header (``base_model`` when the teacher is a hub id, ``library_name:
+diffusers``, ``tags``) and says what was removed or compressed (units, ops, ranks, the block parameter ratio), how the
+student was trained (schedule, protocol, KD preset, steps), its measured metrics beside the teacher's where the run
+measured them, and how to load it. It reads only files: ``plan.json`` (or ``stages/*/plan.json``), ``config.yaml``,
+``summary.json``, ``metrics/*.json`` (or the last stage's ``eval.json``) and ``phases/*/done.json``. So
+:func:`write_card` is safe to call again whenever the run adds a file, say an evaluation after the save: the card
+then says what the run now knows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimdit.io import atomic_write_text
+from slimdit.models.storage import LOWRANK_INDEX
+
+# the keys of a metrics JSON that describe how it was measured, not what
+PROTOCOL_KEYS = ("benchmark", "model", "embedder", "n_images", "images_per_prompt", "n_prompts", "seed", "steps",
+                 "guidance", "true_cfg_scale")
+LOWER_IS_BETTER = ("fid", "cmmd")
+MAIN_METRICS = ("overall", "fid", "cmmd", "clip_score")
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass
+class Stage:
+    """One compression step: its plan and record, and the teacher's name of each unit the plan names."""
+
+    label: str | None  # "stage 0", ... for a schedule; None for a single plan
+    plan: dict
+    record: dict
+    teacher_names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunFacts:
+    """What a run directory records about one student."""
+
+    teacher: str | None = None
+    config: dict | None = None
+    summary: dict = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)
+    metrics: dict[str, dict] = field(default_factory=dict)  # teacher / untrained / student -> metrics JSON
+    phases: list[tuple[str | None, dict]] = field(default_factory=list)  # (stage label, done.json)
+
+    @classmethod
+    def read(cls, run: Path | None, teacher: str | None = None) -> RunFacts:
+        f = cls()
+        if run is None or not Path(run).is_dir():
+            f.teacher = teacher
+            return f
+        run = Path(run)
+        f.config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
+        f.summary = _json(run / "summary.json") or {}
+        f.stages = _stages(run)
+        plan_teacher = (_json(run / "plan.json") or {}).get("teacher")
+        f.teacher = teacher or (f.config or {}).get("teacher") or f.summary.get("teacher") or plan_teacher
+        for name in ("teacher", "untrained", "student"):
+            if (m := _json(run / "metrics" / f"{name}.json")) is not None:
+                f.metrics[name] = m
+        stage_dirs = sorted(run.glob("stages/[0-9]*"))
+        if "student" not in f.metrics and stage_dirs and (m := _json(stage_dirs[-1] / "eval.json")) is not None:
+            f.metrics["student"] = m
+        for d in stage_dirs or [run]:
+            label = f"stage {int(d.name)}" if stage_dirs else None
+            f.phases += [(label, _json(p)) for p in sorted(d.glob("phases/*/done.json"))]
+        return f
+
+    @property
+    def block_params(self) -> tuple[int, int] | None:
+        """(teacher, student) parameters in all units."""
+        if not self.stages:
+            return None
+        return self.stages[0].record["block_params_before"], self.stages[-1].record["block_params_after"]
+
+    @property
+    def trained(self) -> bool:
+        return any(d.get("steps", 0) > 0 for _, d in self.phases)
+
+
+def _stages(run: Path) -> list[Stage]:
+    if (run / "plan.json").exists():
+        p = _json(run / "plan.json")
+        return [Stage(None, p["plan"], p["record"])]
+    out = []
+    kept: list[str] | None = None  # the teacher's names of the units the stage's student has
+    for d in sorted(run.glob("stages/[0-9]*")):
+        if not (d / "plan.json").exists():
+            continue
+        p = _json(d / "plan.json")
+        names = {u: _teacher_name(kept, u) for u in p["plan"]["units"]} if kept is not None else {}
+        out.append(Stage(f"stage {int(d.name)}", p["plan"], p["record"], names))
+        done = _json(d / "done.json")
+        kept = done["kept"] if done else None
+    return out
+
+
+def _teacher_name(kept: list[str], unit: str) -> str:
+    """A schedule's plans name the units of that stage's student: the j-th kept unit of its group."""
+    group, _, j = unit.partition(".")
+    return [u for u in kept if u.partition(".")[0] == group][int(j)]
+
+
+def run_of(student: str | Path) -> Path | None:
+    """The run directory that made the student pipeline in ``student``: the folder itself (``slimdit compress``
+    writes ``plan.json`` beside the pipeline) or, for a run's ``student/``, its parent."""
+    d = Path(student)
+    if (d / "plan.json").exists():
+        return d
+    if any((d.parent / f).exists() for f in ("plan.json", "stages", "summary.json")):
+        return d.parent
+    return None
+
+
+def is_hub_id(name: str | None) -> bool:
+    return (name is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and not Path(name).exists())
+
+
+# ---- rendering ------------------------------------------------------------------------------------------------
+def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
+    ops = {u["op"] for s in f.stages for u in s.record["units"]}
+    tags = ["slimdit", "text-to-image", "diffusion-transformer", "model-compression"]
+    for tag, holds in (("block-pruning", "remove" in ops), ("low-rank", "svd" in ops),
+                       ("knowledge-distillation", f.trained), ("merged", merged)):
+        if holds:
+            tags.append(tag)
+    if f.stages:
+        tags.append(f.stages[0].record["adapter"])
+    meta: dict[str, Any] = {}
+    if is_hub_id(f.teacher):
+        meta["base_model"] = f.teacher
+    meta.update({"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags})
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip()]
+    if not is_hub_id(f.teacher):
+        lines.append(f"# base_model: the teacher ({f.teacher or 'unknown'}) is not a hub id; name it here if it is "
+                     "published")
+    lines.append("---")
+    if lowrank:
+        lines.append("<!-- a slimdit low-rank student: plain diffusers cannot load it; see 'How to load' -->")
+    return "\n".join(lines)
+
+
+def _intro(f: RunFacts, lowrank: bool, merged_from: str | None, merged_params: int | None) -> str:
+    units = [u for s in f.stages for u in s.record["units"]]
+    removed = sum(u["op"] == "remove" for u in units)
+    factored = sum(u["op"] == "svd" for u in units)
+    what = [f"{removed} unit(s) removed"] if removed else []
+    what += [f"{factored} unit(s) low-rank (SVD) factored"] if factored else []
+    teacher = f"`{f.teacher}`" if f.teacher else "an unrecorded teacher"
+    text = [f"A student of {teacher}, made with slimdit by compressing its transformer"
+            + (f" ({' and '.join(what)})" if what else "")
+            + (", then distilled from the teacher." if f.trained else ".")]
+    if (bp := f.block_params) is not None:
+        text.append(f"Its transformer blocks hold {bp[1]:,} parameters, {bp[1] / bp[0]:.1%} of the teacher's "
+                    f"{bp[0]:,}.")
+    if merged_from is not None:
+        size = ""
+        if merged_params is not None:
+            share = f" ({merged_params / bp[0]:.1%} of the teacher's)" if bp else ""
+            size = f"; its blocks hold {merged_params:,} parameters{share}, so only removed units save size and time"
+        text.append(f"This folder is the dense (merged) export of `{merged_from}`: every low-rank layer was "
+                    f"multiplied back into one dense matrix, so plain diffusers loads it{size}. Its outputs are the "
+                    "low-rank student's up to rounding.")
+    return " ".join(text)
+
+
+def _setting(spec: Any) -> str:
+    if spec == "remove":
+        return ""
+    r = spec["svd"]
+    if not isinstance(r, dict):
+        return f"c = {r:g}, every part"
+    return ", ".join(f"{part} rank {v['rank']}" if isinstance(v, dict) else f"{part} c = {v:g}"
+                     for part, v in r.items())
+
+
+def _ranks(layers: list[dict]) -> str:
+    counts = Counter(layer["rank"] for layer in layers)
+    return ", ".join(f"{r} ×{n}" for r, n in sorted(counts.items(), reverse=True))
+
+
+def _compression(f: RunFacts) -> str:
+    if not f.stages:
+        return "## What was compressed\n\nThe run directory that made this student records no plan."
+    out = ["## What was compressed", "",
+           "Units are transformer blocks; `remove` deletes a block (eq. 4.6 of the thesis *Diffusion Model "
+           "Distillation*), `svd` replaces each linear layer of a part by two low-rank factors (eq. 4.7-4.9), at a "
+           "removal fraction c of its weights or an explicit rank."]
+    for s in f.stages:
+        rec = s.record
+        out += ["", f"### {s.label.capitalize()}", ""] if s.label else [""]
+        how = ""
+        if s.plan.get("grasp"):
+            how = (" Singular values chosen by GRASP (thesis section 4.4.4) on "
+                   f"{s.plan['grasp'].get('images', 200)} calibration images.")
+        elif any(u["op"] == "svd" for u in rec["units"]):
+            how = " SVD keeps the largest singular values."
+        out += [f"Block parameters {rec['block_params_before']:,} → {rec['block_params_after']:,} "
+                f"({rec['block_params_after'] / rec['block_params_before']:.1%}).{how}", "",
+                "| unit | op | setting | ranks (× layers) | parameters before → after | kept |",
+                "|---|---|---|---|---|---|"]
+        for u in rec["units"]:
+            name = u["unit"]
+            if s.teacher_names.get(name, name) != name:
+                name = f"{name} (teacher {s.teacher_names[name]})"
+            kept = u["params_after"] / u["params_before"] if u["params_before"] else 0.0
+            out.append(f"| {name} | {u['op']} | {_setting(s.plan['units'].get(u['unit'], ''))} | "
+                       f"{_ranks(u['layers'])} | {u['params_before']:,} → {u['params_after']:,} | {kept:.1%} |")
+        layers = [layer for u in rec["units"] for layer in u["layers"]]
+        if layers:
+            out += ["", "<details><summary>Every factored layer</summary>", "",
+                    "| layer | shape (out × in) | rank |", "|---|---|---|"]
+            out += [f"| {x['path']} | {x['shape'][0]} × {x['shape'][1]} | {x['rank']} |" for x in layers]
+            out += ["", "</details>"]
+    return "\n".join(out)
+
+
+def _training(f: RunFacts) -> str:
+    out = ["## How it was trained", ""]
+    c = f.config
+    if c is None or "train" not in c:
+        out.append("Not trained: compressed only (`slimdit compress`). Distilling it from the teacher "
+                   "(`slimdit distill`) recovers quality.")
+        return "\n".join(out)
+    t, sched = c["train"], c.get("schedule")
+    if sched:
+        out.append(f"- schedule: `{sched['kind']}` ({sched['op']}) to {sched['target']:.0%} of the teacher's block "
+                   f"parameters over at most {sched['stages'] if sched['kind'] != 'one_shot' else 1} stage(s)"
+                   + (f"; {sched['units_per_stage']} units per stage, base ratio {sched['base_ratio']}, scored at "
+                      f"c = {sched['c_fixed']} (eq. 4.15-4.21)" if sched["kind"] == "linear_progressive" else "")
+                   + (f"; CMMD threshold {sched['cmmd_threshold']}" if sched["kind"] == "progressive" else ""))
+    protocol = c.get("protocol")
+    protocol = protocol if isinstance(protocol, str) else ", ".join(p["name"] for p in protocol or [])
+    out += [f"- protocol: `{protocol}`; KD preset `{t['kd']}` (eq. 4.10-4.14)",
+            f"- {t['steps']:,} optimizer steps{' per stage' if sched else ''}, batch {t['batch_size']}"
+            + (f" × {t['grad_accum']} accumulated" if t.get("grad_accum", 1) > 1 else "")
+            + f", {t['optimizer']} at lr {t['lr']:g} ({t.get('lr_schedule', 'constant')} after {t['warmup_steps']} "
+              f"warm-up steps), gradient clip {t['grad_clip']:g}"
+            + (f", EMA {t['ema_decay']}" if t.get("ema_decay") else ""),
+            f"- data: `{c['data']['real']}`" + (f"; teacher-generated `{c['data']['synth']}`"
+                                               if c["data"].get("synth") else "")]
+    if f.phases:
+        staged = f.phases[0][0] is not None
+        cols = ["stage"] * staged + ["phase", "steps", "trained units", "seconds"]
+        out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for label, d in f.phases:
+            trainable = d.get("trainable")
+            trainable = ", ".join(trainable) if isinstance(trainable, list) else trainable
+            cells = [label] * staged + [d["phase"], f"{d['steps']:,}", trainable or "—", d.get("seconds", "—")]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out += ["", "<details><summary>The run's resolved config (config.yaml)</summary>", "", "```yaml",
+            yaml.safe_dump(c, sort_keys=False).rstrip(), "```", "", "</details>"]
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "—" if v is None else str(v)
+
+
+def _protocol(f: RunFacts) -> str:
+    """How the metrics were measured: from the metrics files (a stage's evaluation records less), else the config."""
+    p = {k: v for k, v in ((f.config or {}).get("eval") or {}).items() if v is not None}
+    for name in ("untrained", "teacher", "student"):  # the student's record wins
+        p.update({k: v for k, v in f.metrics.get(name, {}).items() if k in PROTOCOL_KEYS and v is not None})
+    text = [f"On `{p['benchmark']}`" if "benchmark" in p else "Measured"]
+    n = p.get("n_prompts", p.get("limit"))
+    details = [f"{n} prompts × {p['images_per_prompt']} images" if n and "images_per_prompt" in p else None,
+               f"{p['steps']} sampling steps" if "steps" in p else None,
+               f"guidance {p['guidance']:g}" if "guidance" in p else None,
+               f"seed {p['seed']}" if "seed" in p else None,
+               f"embedder `{p['embedder']}`" if "embedder" in p else None]
+    details = [d for d in details if d]
+    return text[0] + (": " + ", ".join(details) if details else "")
+
+
+def _metrics(f: RunFacts, merged: bool) -> str:
+    out = ["## Metrics", ""]
+    m = f.metrics
+    if not m:
+        out.append("Not evaluated yet. `slimdit eval --model <this folder>` measures it; when its run directory gains "
+                   "`metrics/student.json`, writing the card again (`slimdit.reports.card.write_card`) adds the "
+                   "numbers here.")
+        return "\n".join(out)
+    ref = m.get("student") or next(iter(m.values()))
+    out.append(_protocol(f) + (" (measured on the low-rank student this was merged from)" if merged else "") + ".")
+    if "teacher" not in m:
+        out.append("The teacher was not evaluated in this run.")
+    cols = [c for c in ("teacher", "untrained", "student") if c in m]
+    keys = [k for k in MAIN_METRICS if any(k in m[c] for c in cols)]
+    keys += [k for k in ref if k not in keys and k not in PROTOCOL_KEYS and isinstance(ref[k], float)]
+    out += ["", "| metric | " + " | ".join(cols) + " |" + " student / teacher |" * ("teacher" in m and "student" in m),
+            "|---|" + "---|" * (len(cols) + ("teacher" in m and "student" in m))]
+    for k in keys:
+        arrow = " ↓" if k in LOWER_IS_BETTER else " ↑"
+        row = f"| {k}{arrow} | " + " | ".join(_fmt(m[c].get(k)) for c in cols) + " |"
+        if "teacher" in m and "student" in m:
+            t, s = m["teacher"].get(k), m["student"].get(k)
+            row += f" {s / t:.1%} |" if isinstance(t, (int, float)) and isinstance(s, (int, float)) and t else " — |"
+        out.append(row)
+    stages = f.summary.get("stages") if isinstance(f.summary.get("stages"), list) else []
+    if len(stages) > 1:
+        out += ["", "Per stage:", "", "| stage | units | block parameter ratio | overall ↑ | fid ↓ | cmmd ↓ |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['stage']} | {', '.join(r.get('units', []))} | {r.get('block_param_ratio', 0):.1%} | "
+                f"{_fmt(r.get('overall'))} | {_fmt(r.get('fid'))} | {_fmt(r.get('cmmd'))} |" for r in stages]
+    demo_student = f.summary.get("student") if isinstance(f.summary.get("student"), dict) else {}  # distill: a path
+    speed = f.summary.get("bench") or {k: v for k, v in demo_student.items() if k in ("latency_ratio", "flop_ratio")}
+    if speed and not merged:
+        out += ["", "Against the teacher (`slimdit bench`): "
+                + ", ".join(f"{k.replace('_ratio', '')} {v:.1%}" for k, v in speed.items()
+                            if isinstance(v, (int, float))) + "."]
+    return "\n".join(out)
+
+
+def _call_kwargs(student: Path, index: dict) -> dict:
+    """How the student samples by default: its recorded sampling settings (``slimdit.json``, the teacher's) and the
+    keyword arguments its architecture's pipeline is always called with (the adapter's ``call_defaults``)."""
+    from slimdit.models import ADAPTERS
+
+    kwargs = dict((_json(student / "slimdit.json") or {}).get("sampling", {}))
+    for adapter in ADAPTERS.values():
+        if index.get("_class_name") in adapter.pipelines:
+            kwargs.update(adapter.call_defaults)
+    return kwargs
+
+
+def _loading(student: Path, lowrank: bool) -> str:
+    from slimdit.registry import COMPONENTS
+
+    index = _json(student / "model_index.json") or {}
+    custom = sorted({COMPONENTS[v[1]] for k, v in index.items()
+                     if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1] in COMPONENTS})
+    call = ", ".join(f"{k}={v!r}" for k, v in _call_kwargs(student, index).items())
+    name = f"path/to/{student.name}"
+    out = ["## How to load", ""]
+    if lowrank:
+        out += ["Plain diffusers cannot load this model: its transformer stores factored (low-rank) layers in "
+                "`transformer/lowrank_model.safetensors` with their ranks in `transformer/slimdit_lowrank.json`, and "
+                "`DiffusionPipeline.from_pretrained` stops with \"no file named diffusion_pytorch_model.bin found in "
+                "directory .../transformer\". Load it with slimdit installed:", "",
+                "```python", "import slimdit", "", f'pipe = slimdit.load_pipeline("{name}")',
+                f"image = pipe(\"<your prompt>\"{', ' + call if call else ''}).images[0]", "```", "",
+                "or write a dense copy that any diffusers user loads (it has the teacher's parameter count in the "
+                "factored layers, so it is not smaller or faster there):", "", "```bash",
+                f"slimdit export --model {name} --merge --out {name}-dense", "```"]
+        return "\n".join(out)
+    out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
+            "loads it:", "", "```python"]
+    out += [f"import {m}  # registers a component class this pipeline names" for m in custom]
+    out += ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{name}")',
+            f"image = pipe(\"<your prompt>\"{', ' + call if call else ''}).images[0]", "```"]
+    return "\n".join(out)
+
+
+def render_card(student: str | Path, run: str | Path | None = None, teacher: str | None = None,
+                merged_from: str | None = None, merged_block_params: int | None = None) -> str:
+    """The card of the student pipeline in ``student``, from the files of ``run`` (default: :func:`run_of`)."""
+    student = Path(student)
+    facts = RunFacts.read(Path(run) if run is not None else run_of(student), teacher)
+    lowrank = (student / "transformer" / LOWRANK_INDEX).exists()
+    merged = merged_from is not None
+    title = facts.teacher or "A transformer"
+    if not is_hub_id(title) and len(Path(title).parts) > 1:  # a local folder: its name, not this machine's path
+        title = Path(title).name
+    parts = [_header(facts, lowrank, merged), "", f"# {title}, compressed with slimdit", "",
+             _intro(facts, lowrank, merged_from, merged_block_params), "", _compression(facts), "",
+             _training(facts), "", _metrics(facts, merged), "", _loading(student, lowrank), "",
+             "*Written by slimdit from the run directory's records; writing it again brings it up to date.*", ""]
+    return "\n".join(parts)
+
+
+def write_card(student: str | Path, run: str | Path | None = None, teacher: str | None = None,
+               merged_from: str | None = None, merged_block_params: int | None = None) -> Path:
+    """Write (or rewrite) ``student/README.md``; return its path."""
+    path = Path(student) / "README.md"
+    atomic_write_text(path, render_card(student, run, teacher, merged_from, merged_block_params))
+    return path
