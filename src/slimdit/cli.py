@@ -148,6 +148,10 @@ def cmd_report(a: argparse.Namespace) -> None:
     if not (a.run / "summary.json").exists():
         raise FileNotFoundError(f"{a.run} has no summary.json: not a finished run directory")
     print(f"wrote {build_report(a.run)}")
+    if (a.run / "student" / "model_index.json").exists():  # the card picks up metrics added since the run
+        from slimdit.reports.card import write_card
+
+        print(f"wrote {write_card(a.run / 'student', a.run)}")
 
 
 def cmd_analyze(a: argparse.Namespace) -> None:
