@@ -83,12 +83,30 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
     cfg = load_config(a.config, overrides=parse_sets(a.set))
     if a.dry_run:
-        import yaml
-
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        _distill_dry_run(cfg, a.json)
         return
+    if a.json:
+        raise ValueError("--json goes with --dry-run")
     run = run_distill(cfg)
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
+def _distill_dry_run(cfg, as_json: bool) -> None:
+    """The resolved config and the memory plan (from the models' configs alone), without loading a model."""
+    import torch
+    import yaml
+
+    from slimdit.compress.plan import Plan
+    from slimdit.speed.memory import config_memory_plan
+
+    plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mp = config_memory_plan(cfg, plan, device, both=True)
+    if as_json:
+        print(json.dumps({"config": cfg.model_dump(mode="json"), **mp.to_json()}, indent=2, default=str))
+        return
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    print(mp.table())
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -293,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.kd=hybrid --set out=runs/x (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the memory plan (from the models' configs alone) and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: as JSON (memory.per_device_gib, memory.fits)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("run", help="run a schedule (one-shot, progressive, linear progressive); rerun to continue")

@@ -41,6 +41,9 @@ class TrainSection(_Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(0.001, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # recompute each block's activations in the backward instead of keeping them (the memory plan says how much
+    # that saves); the gradients are the same
+    gradient_checkpointing: bool = False
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # the thesis' presets (section 5.1.4), and published recipes: tinyfusion, bk_sdm, flux_mini
@@ -109,6 +112,9 @@ def _teacher_string(v: Any) -> Any:
 class DistillConfig(_Strict):
     teacher: str
     _teacher = field_validator("teacher", mode="before")(_teacher_string)
+    # the memory plan (slimdit.speed.memory) at the start of the run, before any model loads: auto traces it on a
+    # GPU (and refuses a run that cannot fit); on: also on a CPU (against the host's available memory); off: never
+    memory_plan: Literal["auto", "on", "off"] = "auto"
     plan: dict[str, Any] | str  # inline plan or a plan file
     out: Path
     protocol: Literal["three_stage", "two_stage", "real_only"] | list[PhaseSection] = "three_stage"

@@ -39,6 +39,27 @@ from slimdit.pipelines.loading import (
 from slimdit.reports.card import write_card
 
 
+def _check_memory(cfg: DistillConfig, plan: Plan, device: str, run: Path, captions: int) -> None:
+    """Print the memory plan (``cfg.memory_plan``: auto on a GPU, or on) and refuse a run that cannot fit, naming
+    the fixes, before any model loads."""
+    from accelerate import PartialState
+
+    from slimdit.speed.memory import GIB, config_memory_plan
+
+    if cfg.memory_plan == "off" or (cfg.memory_plan == "auto" and not device.startswith("cuda")):
+        return
+    state = PartialState()
+    mp = config_memory_plan(cfg, plan, device, captions, state.num_processes)
+    if state.is_main_process:
+        print(mp.table(), flush=True)
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "memory_plan.json", mp.to_json())
+    if mp.fits is False:
+        raise ValueError(f"the run needs {mp.per_device / GIB:.1f} GiB per device and {device} has "
+                         f"{mp.device_gib:.1f} GiB; fixes: " + "; ".join(mp.fixes)
+                         + " (or memory_plan: off to run anyway)")
+
+
 def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True) -> Path:
     """Run (or continue) a distillation; return the run directory."""
     cfg = config if isinstance(config, DistillConfig) else load_config(config)
@@ -54,6 +75,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         raise ValueError(f"plan grasp.images = {plan.grasp.images}, but data.real ({cfg.data.real}) holds only "
                          f"{len(real.captions)} images; lower grasp.images or name a larger set in grasp.data")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_memory(cfg, plan, device, run, len(real.captions))
     pipe = load_pipeline(cfg.teacher, device)
     teacher = pipe.transformer.eval()
     adapter = adapter_for(teacher, pipe.scheduler.config)

@@ -54,6 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 0.001
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute block activations in the backward
     caption_dropout: float = 0.1
     ema_decay: float | None = None
     kd: str = "normalized_hybrid"
@@ -182,6 +183,8 @@ class Trainer:
             p.requires_grad_(True)
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
         self.opt = _optimizer(cfg, params)
+        if cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
         self.student, self.opt = self.acc.prepare(student.train(), self.opt)
         self.ema = ([p.detach().clone() for p in params] if cfg.ema_decay else None)
         self.params = params

@@ -1,0 +1,468 @@
+"""A memory plan before heavy work: per-device bytes of a distillation run, from the models' configs alone.
+
+Weights, gradients and optimizer states are counted exactly from the parameter shapes (every component built on
+the meta device from its ``config.json``; a plan's student counted from the teacher's shapes and the plan's
+ranks). Activations are traced: the real KD loss (:class:`slimdit.distill.losses.KDLoss`) runs forward and
+backward under ``FakeTensorMode`` and torch's ``MemTracker`` on small cuts of the model (one and two units of each
+group) at the real batch, resolution and caption length, with and without gradient checkpointing, and the
+per-unit cost is scaled to the student's units. Nothing is allocated and no weight is read.
+
+Training holds the frozen teacher, the student's weights, gradients and optimizer states, and the activations of
+a micro-batch; the text encoders and the VAE run before it (filling the conditioning and latent caches) and, while
+slimdit keeps the pipeline on the device, stay there, which the plan counts unless they are offloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimdit.compress.plan import Plan, svd_layers, validate
+from slimdit.models import adapter_for
+
+GIB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per device of each item, what they add up to, and whether that fits the device."""
+
+    model: str
+    processes: int
+    shard: bool
+    batch_size: int
+    resolution: int
+    checkpointing: bool
+    items: dict[str, int]  # per device, during training
+    activations: dict[str, int]  # per device: {"plain": ..., "checkpointed": ...}
+    host: dict[str, int]  # host RAM: the conditioning cache
+    params: dict[str, int]  # parameter counts: components, student, trainable
+    device_gib: float | None = None
+    fixes: list[str] = field(default_factory=list)
+
+    @property
+    def per_device(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_gib is None else self.per_device / GIB <= self.device_gib
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["memory"] = {"per_device_gib": round(self.per_device / GIB, 3), "fits": self.fits,
+                       "device_gib": self.device_gib,
+                       "items_gib": {k: round(v / GIB, 3) for k, v in self.items.items()}}
+        return d
+
+    def table(self) -> str:
+        rows = [f"memory plan for {self.model}: batch {self.batch_size} at {self.resolution} px, {self.processes} "
+                f"process(es){', sharded (FSDP)' if self.shard else ''}, gradient checkpointing "
+                f"{'on' if self.checkpointing else 'off'}"]
+        rows += [f"  {k:<22} {v / GIB:9.2f} GiB" for k, v in self.items.items()]
+        rows.append(f"  {'per device':<22} {self.per_device / GIB:9.2f} GiB"
+                    + ("" if self.device_gib is None else f" of {self.device_gib:.1f} GiB: "
+                       + ("fits" if self.fits else "does NOT fit")))
+        a = self.activations
+        if len(a) == 2:
+            rows.append(f"  activations: {a['plain'] / GIB:.2f} GiB plain, {a['checkpointed'] / GIB:.2f} GiB with "
+                        "gradient checkpointing")
+        rows += [f"  host: {k} {v / GIB:.2f} GiB" for k, v in self.host.items()]
+        rows += [f"  fix: {f}" for f in self.fixes]
+        return "\n".join(rows)
+
+
+# ---- the models' shapes, from their configs ---------------------------------------------------------------
+def _component_configs(model: str) -> dict[str, tuple[type, dict | object]]:
+    """``component -> (class, config)`` of every model component of ``model`` (a directory, hub id or
+    ``arch:NAME``), read from ``config.json`` files only."""
+    from slimdit.models.arch import arch_spec, is_arch
+    from slimdit.pipelines.loading import resolve_model_dir, resolve_transformer, split_model
+
+    if is_arch(model):
+        import importlib
+
+        spec = arch_spec(model)
+        out = {}
+        for name, c in spec.components.items():
+            if name == "scheduler":
+                continue
+            lib = importlib.import_module(c.module)
+            out[name] = (getattr(lib, c.cls), getattr(lib, c.config_cls)(**c.config) if c.config_cls else c.config)
+        return out
+    pipeline, transformer = split_model(model)
+    src = resolve_model_dir(pipeline)
+    index = json.loads(_read(src, "model_index.json"))
+    out = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
+            continue
+        if name == "transformer" and transformer is not None:
+            t = resolve_transformer(transformer)
+            text = (t / "config.json").read_text() if isinstance(t, Path) else _read(t, "config.json", "transformer")
+        else:
+            try:
+                text = _read(src, f"{name}/config.json")
+            except FileNotFoundError:
+                continue  # a component without a config (a tokenizer, a scheduler)
+        out[name] = _class_and_config(entry[0], entry[1], json.loads(text))
+    return out
+
+
+def _read(src: Path | str, file: str, fallback_sub: str | None = None) -> str:
+    if isinstance(src, Path):
+        p = src / file
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        return p.read_text()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(src, file)).read_text()
+    except Exception as e:
+        if fallback_sub is not None:
+            return Path(hf_hub_download(src, file, subfolder=fallback_sub)).read_text()
+        raise FileNotFoundError(f"{src}: no {file} locally or on the hub ({e})") from e
+
+
+def _class_and_config(library: str, cls_name: str, config: dict):
+    import importlib
+
+    lib = importlib.import_module(library)
+    cls = getattr(lib, cls_name, None)
+    if cls is None:
+        raise ValueError(f"unknown {library} class {cls_name!r} in the model's model_index.json")
+    if library == "transformers":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(**config)
+        return cls, cfg
+    return cls, {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _build(cls, config, **overrides) -> nn.Module:
+    """The component on the meta device."""
+    with torch.device("meta"):
+        if isinstance(config, dict):
+            return cls.from_config({**config, **overrides}) if hasattr(cls, "from_config") else cls(**config)
+        return cls(config)
+
+
+def _count(m: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
+
+
+def student_params(adapter, teacher: nn.Module, plan: Plan) -> int:
+    """The plan's student's parameter count, from the teacher's shapes (meta device)."""
+    validate(adapter, teacher, plan)
+    total = _count(teacher)
+    removed = {o.unit for o in plan.ops if o.op == "remove"}
+    for u in removed:
+        total -= adapter.unit_params(teacher, u)
+    for op in plan.ops:
+        if op.op != "svd" or op.unit in removed:
+            continue
+        for _unit, _path, layer, k in list(svd_layers(adapter, teacher, op)):
+            n, m = layer.weight.shape
+            total += k * (n + m) - n * m
+    return total
+
+
+def optimizer_bytes(model_shapes: list[tuple[int, ...]], optimizer: str) -> int:
+    """fp32 optimizer state bytes: AdamW keeps two moments per parameter; CAME keeps the first moment and
+    factored (row and column) second moments and residuals for matrices, two moments for vectors."""
+    total = 0
+    for s in model_shapes:
+        n = 1
+        for d in s:
+            n *= d
+        if optimizer == "adamw" or len(s) < 2:
+            total += 8 * n
+        else:  # CAME: exp_avg, and row/column factors of exp_avg_sq and exp_avg_res
+            total += 4 * (n + 2 * s[0] + 2 * (n // s[0]))
+    return total
+
+
+# ---- activations, traced ------------------------------------------------------------------------------------
+def _trace_kd_step(cls, config, groups: dict[str, tuple[str, str]], counts: dict[str, int], model: str,
+                   scheduler_config: dict, batch: int, resolution: int, seq_len: int, preset: str,
+                   dtype: torch.dtype, checkpointing: bool, vae_scale: int = 8) -> int:
+    """Peak activation bytes (activations + temporaries) of one KD training step (teacher forward without grad,
+    student forward and backward under autocast to ``dtype``, features of every unit paired) on a cut of
+    ``counts`` units per group, in float32 weights as the trainer holds them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from slimdit.distill.losses import Batch, KDLoss
+
+    overrides = {groups[g][1]: n for g, n in counts.items()}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # requires_grad stays on (MemTracker hooks every parameter); the loss runs the teacher without grad
+        teacher = _build_real(cls, config, overrides).eval()
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        if checkpointing:
+            student.enable_gradient_checkpointing()
+        adapter = adapter_for(student, scheduler_config)
+        units = adapter.units(student)
+        x0, cond = _fake_inputs(adapter, student, batch, resolution, seq_len, vae_scale)
+        tracker = MemTracker()
+        tracker.track_external(teacher, student)
+        loss = KDLoss(adapter, preset, tuple((u, u) for u in units))
+        with tracker:
+            autocast = (lambda: torch.autocast("cpu", dtype)) if dtype != torch.float32 else nullcontext
+            terms = loss(student, teacher, Batch(x0, cond, torch.Generator().manual_seed(0), autocast))
+            terms["total"].backward()
+        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    # what the step adds to the resident weights at its peak: activations, temporaries and the gradients
+    # accumulated by then (gradients grow while activations are freed, so the two overlap only partly)
+    return int(snap[_MemRefType.ACT] + snap[_MemRefType.TEMP] + snap[_MemRefType.GRAD])
+
+
+def _vae_scale(vae: nn.Module | None) -> int:
+    """Pixels per latent pixel of a VAE (2 per down block after the first), 8 without one."""
+    channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    return 2 ** (len(channels) - 1) if channels else 8
+
+
+def _build_real(cls, config, overrides: dict) -> nn.Module:
+    if isinstance(config, dict):
+        return cls.from_config({**config, **overrides})
+    return cls(config)
+
+
+def _fake_inputs(adapter, model, batch: int, resolution: int, seq_len: int, vae_scale: int = 8):
+    h = resolution // vae_scale
+    return torch.randn(batch, adapter.latent_channels(model), h, h), adapter.dummy_conditioning(model, batch, seq_len)
+
+
+def activation_bytes(cls, config, adapter, student_counts: dict[str, int], model: str, scheduler_config: dict,
+                     batch: int, resolution: int, seq_len: int, preset: str, dtype: torch.dtype,
+                     checkpointing: bool, vae_scale: int = 8) -> int:
+    """Activation bytes of a KD step of a student with ``student_counts`` units per group: traced on cuts of one
+    unit of each group and of two of one group, scaled linearly in the units (each unit's cost is the same at a
+    given batch, resolution and caption length)."""
+    groups = adapter.groups
+    present = [g for g in groups if student_counts.get(g, 0) > 0] or list(groups)
+    base_counts = {g: 1 for g in groups}
+    args = (model, scheduler_config, batch, resolution, seq_len, preset, dtype, checkpointing, vae_scale)
+    base = _trace_kd_step(cls, config, groups, base_counts, *args)
+    total = base
+    for g in present:
+        two = _trace_kd_step(cls, config, groups, {**base_counts, g: 2}, *args)
+        total += (two - base) * (student_counts.get(g, 0) - 1)
+    for g in groups:
+        if student_counts.get(g, 0) == 0:  # a group the student has no unit of: take its one unit back out
+            two = _trace_kd_step(cls, config, groups, {**base_counts, g: 2}, *args)
+            total -= two - base
+    return max(total, 0)
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------
+def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None = None, *,
+                frozen_dtype: str = "fp32", mixed_precision: str = "no", optimizer: str = "came",
+                checkpointing: bool = False, processes: int = 1, shard: bool = False,
+                kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
+                offload_text: bool = False, device_gib: float | None = None, blocks=None,
+                both: bool = True) -> MemoryPlan:
+    """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
+    ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
+    gradient checkpointing (else only the configured setting, unless the plan does not fit)."""
+    from slimdit.models.arch import arch_spec, is_arch, scheduler_config
+
+    if frozen_dtype not in DTYPE_BYTES:
+        raise ValueError(f"frozen dtype {frozen_dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
+    comps = _component_configs(model)
+    if "transformer" not in comps:
+        raise ValueError(f"{model} has no transformer component to plan for")
+    if blocks is not None:
+        if not is_arch(model):
+            raise ValueError("blocks cuts only arch:NAME models")
+        from slimdit.models.arch import block_overrides
+
+        cls, config = comps["transformer"]
+        comps["transformer"] = (cls, {**config, **block_overrides(arch_spec(model), blocks)})
+    built = {k: _build(*v) for k, v in comps.items()}
+    teacher = built["transformer"]
+    vae_scale = _vae_scale(built.get("vae"))
+    if is_arch(model):
+        sched = scheduler_config(model)
+        spec = arch_spec(model)
+        res, seq = resolution or spec.resolution, max_sequence_length or spec.max_sequence_length
+    else:
+        from slimdit.pipelines.loading import resolve_model_dir, sampling_defaults
+
+        sched = json.loads(_read(resolve_model_dir(model), "scheduler/scheduler_config.json"))
+        defaults = sampling_defaults(model)
+        res = resolution or defaults.get("height") or vae_scale * teacher.config.get("sample_size", 64)
+        seq = max_sequence_length or defaults["max_sequence_length"]
+    adapter = adapter_for(teacher, sched)
+    n_student = student_params(adapter, teacher, plan)
+    removed = {o.unit for o in plan.ops if o.op == "remove"}
+    counts = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".") and u not in removed)
+              for g in adapter.groups}
+    fb = DTYPE_BYTES[frozen_dtype]
+    div = processes if shard else 1
+    params = {k: _count(m) for k, m in built.items()}
+    # the student's parameter shapes: the teacher's, with each SVD layer as two factors
+    shapes = _student_shapes(adapter, teacher, plan)
+    act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    cls, config = comps["transformer"]
+    def traced(ck: bool) -> int:
+        return activation_bytes(cls, config, adapter, counts, model, sched, batch_size, res, seq, kd, act_dtype, ck,
+                                vae_scale)
+
+    acts = {checkpointing: traced(checkpointing)}
+    grads = 4 * n_student // div
+    items = {"teacher": params["transformer"] * fb // div,
+             "student weights": 4 * n_student // div,
+             "optimizer states": optimizer_bytes(shapes, optimizer) // div,
+             # the backward's peak of activations and the gradients made by then, or all gradients at its end
+             "activations, gradients": max(acts[checkpointing], grads)}
+    others = {k: v for k, v in params.items() if k != "transformer"}
+    if not offload_text:
+        items["text encoders and VAE"] = sum(others.values()) * fb
+    cond_dim = teacher.config.get("caption_channels") or teacher.config.get("joint_attention_dim") or 0
+    host = {"conditioning cache": captions * seq * cond_dim * 4 * 2} if captions else {}  # caption + null, fp32
+    mp = MemoryPlan(model, processes, shard, batch_size, res, checkpointing, items, {
+        ("checkpointed" if k else "plain"): v for k, v in acts.items()}, host, {**params, "student": n_student},
+        device_gib)
+    if mp.fits is False or both:  # the other setting too: what checkpointing would change
+        mp.activations[("plain" if checkpointing else "checkpointed")] = traced(not checkpointing)
+    if mp.fits is False:
+        mp.fixes = _fixes(mp, frozen_dtype, mixed_precision, processes, shard, offload_text)
+    return mp
+
+
+def _student_shapes(adapter, teacher: nn.Module, plan: Plan) -> list[tuple[int, ...]]:
+    removed = {o.unit for o in plan.ops if o.op == "remove"}
+    skip = {f"{adapter.groups[u.partition('.')[0]][0]}.{u.partition('.')[2]}." for u in removed}
+    factored = {}
+    for op in plan.ops:
+        if op.op == "svd" and op.unit not in removed:
+            attr = adapter.groups[op.unit.partition(".")[0]][0]
+            for _unit, path, layer, k in list(svd_layers(adapter, teacher, op)):
+                factored[f"{attr}.{op.unit.partition('.')[2]}.{path}.weight"] = (layer.weight.shape, k)
+    shapes = []
+    for name, p in teacher.named_parameters():
+        if any(name.startswith(s) for s in skip):
+            continue
+        if name in factored:
+            (n, m), k = factored[name]
+            shapes += [(k, m), (n, k)]
+        else:
+            shapes.append(tuple(p.shape))
+    return shapes
+
+
+def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, processes: int, shard: bool,
+           offload_text: bool) -> list[str]:
+    """What would bring the plan down, most effective first; those the trainer cannot do yet say so."""
+    out = []
+    a = mp.activations
+    if not mp.checkpointing and a["plain"] > a.get("checkpointed", a["plain"]):
+        out.append(f"train.gradient_checkpointing: true (activations {a['plain'] / GIB:.1f} -> "
+                   f"{a['checkpointed'] / GIB:.1f} GiB)")
+    if mp.batch_size > 1:
+        out.append("a smaller train.batch_size with train.grad_accum to keep the effective batch")
+    if mixed_precision in ("no", "auto"):
+        out.append("train.mixed_precision: bf16 on a GPU (activations in bf16)")
+    if not shard:
+        out.append("sharding the teacher, student, gradients and optimizer states over processes (FSDP; not yet "
+                   "in slimdit's trainer)")
+    if frozen_dtype == "fp32":
+        out.append("frozen parts (teacher, text encoders, VAE) in bf16 (not yet configurable)")
+    if not offload_text:
+        out.append("text encoders and VAE off the device once the caches are filled (not yet in slimdit)")
+    return out
+
+
+# ---- the measurement the plan is checked against ---------------------------------------------------------------
+def measure_step_peak(model: str, plan: Plan, batch_size: int, resolution: int | None = None, *,
+                      optimizer: str = "came", mixed_precision: str = "no", checkpointing: bool = False,
+                      kd: str = "normalized_hybrid", max_sequence_length: int | None = None, steps: int = 2,
+                      blocks=None) -> int:
+    """Peak bytes of live tensors over ``steps`` real KD training steps (teacher and student weights, gradients,
+    optimizer states, activations) on real tensors, by torch's ``MemTracker``: what :func:`memory_plan` estimates
+    without the text encoders and the VAE. ``model`` is ``arch:NAME`` (random weights, cut to ``blocks``) or a
+    pipeline whose transformer is loaded."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from slimdit.compress.plan import apply_plan
+    from slimdit.distill.losses import Batch, KDLoss
+    from slimdit.distill.trainer import TrainConfig, _optimizer
+    from slimdit.models.arch import arch_spec, build_transformer, is_arch, scheduler_config
+
+    if is_arch(model):
+        spec = arch_spec(model)
+        teacher, sched = build_transformer(model, blocks), scheduler_config(model)
+        res, seq = resolution or spec.resolution, max_sequence_length or spec.max_sequence_length
+    else:
+        from slimdit.pipelines.loading import load_pipeline, sampling_defaults
+
+        pipe = load_pipeline(model, "cpu")
+        teacher, sched = pipe.transformer, dict(pipe.scheduler.config)
+        defaults = sampling_defaults(model)
+        vae_scale = _vae_scale(pipe.vae)
+        res = resolution or defaults.get("height") or vae_scale * teacher.config.sample_size
+        seq = max_sequence_length or defaults["max_sequence_length"]
+        del pipe
+    teacher = teacher.eval()
+    student = copy.deepcopy(teacher).train()
+    adapter = adapter_for(student, sched)
+    record = apply_plan(adapter, student, plan)
+    if checkpointing:
+        student.enable_gradient_checkpointing()
+    opt = _optimizer(TrainConfig(optimizer=optimizer, lr=1e-5), [p for p in student.parameters()])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    autocast = (lambda: torch.autocast("cpu", dtype)) if dtype != torch.float32 else nullcontext
+    if is_arch(model):
+        vae_scale = arch_spec(model).vae_scale
+    g = torch.Generator().manual_seed(0)
+    loss = KDLoss(adapter, kd, tuple(zip(adapter.units(student), record.kept_units)))
+    tracker = MemTracker()
+    tracker.track_external(teacher, student, opt)
+    with tracker:
+        for _ in range(steps):
+            x0, cond = _fake_inputs(adapter, student, batch_size, res, seq, vae_scale)
+            loss(student, teacher, Batch(x0, cond, g, autocast))["total"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tracker.reset_mod_stats()  # the per-module stats; the peak is kept
+    return int(next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"])
+
+
+# ---- the plan of a distillation config -------------------------------------------------------------------------
+def device_gib(device: str) -> float | None:
+    """Memory of ``device`` in GiB: a GPU's total, or the host's available memory for ``cpu``."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processes: int = 1,
+                       both: bool = False) -> MemoryPlan:
+    """The memory plan of distillation config ``cfg`` (a :class:`slimdit.config.DistillConfig`) on ``device``:
+    its teacher, plan, micro-batch, precision, checkpointing and processes, before any model loads."""
+    from slimdit.distill.trainer import _mixed_precision
+
+    t = cfg.train
+    micro = max(1, t.batch_size // (processes * t.grad_accum))
+    mp = _mixed_precision(t.mixed_precision) if device.startswith("cuda") else "no"
+    return memory_plan(cfg.teacher, plan, micro, cfg.data.image_size, mixed_precision=mp, optimizer=t.optimizer,
+                       checkpointing=t.gradient_checkpointing, processes=processes, kd=t.kd, captions=captions,
+                       max_sequence_length=cfg.data.max_sequence_length, device_gib=device_gib(device), both=both)

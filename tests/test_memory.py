@@ -1,0 +1,79 @@
+"""The memory plan: exact weight and optimizer bytes from configs, traced activations, checked against measured
+peaks; gradient checkpointing changes memory, not gradients; a run that cannot fit is refused before it loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from slimdit.cli import main
+from slimdit.compress.plan import Plan
+from slimdit.speed.memory import GIB, measure_step_peak, memory_plan, optimizer_bytes
+from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_plan_is_within_20_percent_of_the_measured_peak(tiny_teacher, checkpointing):  # noqa: F811
+    plan = Plan.from_dict({"units": {"block.1": "remove", "block.2": {"svd": 0.5}}})
+    measured = measure_step_peak(tiny_teacher, plan, 16, checkpointing=checkpointing)
+    mp = memory_plan(tiny_teacher, plan, 16, checkpointing=checkpointing, offload_text=True, both=False)
+    assert abs(mp.per_device / measured - 1) < 0.2, (mp.per_device, measured)
+
+
+def test_weights_and_optimizer_states_are_counted_exactly():
+    from slimdit.models.arch import component_params
+
+    plan = Plan.from_dict({"units": {"block.0": "remove", "block.1": {"svd": {"mlp": {"rank": 512}}}}})
+    mp = memory_plan("arch:pixart-sigma-xl", plan, 1, resolution=128, offload_text=True, both=False,
+                     optimizer="adamw")
+    teacher = component_params("arch:pixart-sigma-xl")["transformer"]
+    block = 21_255_552  # one PixArt-Sigma-XL block (1152 wide, MLP 4608)
+    mlp = 2 * 1152 * 4608  # the MLP's two weight matrices, factored at rank 512
+    student = teacher - block - mlp + 512 * (1152 + 4608) * 2
+    assert mp.params["student"] == student and mp.items["student weights"] == 4 * student
+    assert mp.items["optimizer states"] == 8 * student  # AdamW: two fp32 moments
+    assert mp.items["teacher"] == 4 * teacher
+    assert optimizer_bytes([(4, 6), (6,)], "came") == 4 * (24 + 8 + 12) + 8 * 6
+
+
+def test_gradient_checkpointing_changes_memory_not_the_training(tmp_path):
+    from slimdit.distill.trainer import TrainConfig, Trainer
+    from slimdit.models import adapter_for
+    from tests.test_trainer import SCHED, _data, _student
+
+    def run(d, ck):
+        t, s, kept = _student()
+        cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=1, lr=1e-3, optimizer="adamw", checkpoint_every=10,
+                          log_every=1, val_every=0, gradient_checkpointing=ck)
+        tr = Trainer(adapter_for(s, SCHED), t, s, _data(), cfg, d, kept)
+        tr.train(progress=False)
+        return tr.student_model()
+
+    a, b = run(tmp_path / "a", False), run(tmp_path / "b", True)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_teacher, tmp_path, capsys):  # noqa: F811
+    cfg = {"teacher": "arch:pixart-sigma-xl", "plan": {"units": {"block.0": "remove"}}, "out": str(tmp_path / "x"),
+           "train": {"batch_size": 1}, "data": {"image_size": 128, "max_sequence_length": 32}}  # small traces
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(tmp_path / "f.yaml"), "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    mem = out["memory"]
+    assert mem["per_device_gib"] > 20  # T5-XXL alone is 17.7 GiB in fp32
+    assert mem["fits"] == (mem["per_device_gib"] <= mem["device_gib"])
+    assert out["params"]["text_encoder"] == 4_762_310_656 and out["activations"]["checkpointed"] > 0
+    assert not (tmp_path / "x").exists()
+
+    cfg = {"teacher": tiny_teacher, "plan": {"units": {"block.1": "remove"}}, "out": str(tmp_path / "big"),
+           "memory_plan": "on", "data": {"real": "shapes-train:8"},
+           "train": {"batch_size": 2**22, "steps": 1}}  # four million images a step
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "GiB per device" in err and "train.gradient_checkpointing: true" in err
+    assert not (tmp_path / "big" / "phases").exists() and not (tmp_path / "big" / "cache").exists()
