@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from slimdit.cli import main
 from slimdit.compress.plan import Plan

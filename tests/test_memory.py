@@ -11,7 +11,7 @@ import yaml
 
 from slimdit.cli import main
 from slimdit.compress.plan import Plan
-from slimdit.speed.memory import GIB, measure_step_peak, memory_plan, optimizer_bytes
+from slimdit.speed.memory import measure_step_peak, memory_plan, optimizer_bytes
 from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 
 

@@ -112,6 +112,8 @@ def _distill_dry_run(cfg, as_json: bool) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from slimdit.models.arch import is_arch
 
+    if a.memory:
+        return _bench_memory(a)
     if is_arch(a.model):
         return _bench_arch(a)
     if a.vs is None or a.plan is not None or a.blocks is not None:
@@ -127,6 +129,29 @@ def cmd_bench(a: argparse.Namespace) -> None:
           f"{r.teacher_latency_s:.3f} s; median of {r.repeats}, batch {r.batch_size}, {r.steps} steps, {r.device})")
     print(f"param ratio   {r.param_ratio:.3f}  ({r.student_params:,} / {r.teacher_params:,})")
     print(f"FLOP ratio    {r.flop_ratio:.3f}  ({r.student_flops:,} / {r.teacher_flops:,} per CFG forward)")
+
+
+def _bench_memory(a: argparse.Namespace) -> None:
+    """The memory plan of a KD step against its peak measured on real tensors, side by side."""
+    from slimdit.compress.plan import Plan
+    from slimdit.models.arch import parse_blocks
+    from slimdit.speed.memory import GIB, measure_step_peak, memory_plan
+
+    if a.plan is None:
+        raise ValueError("bench --memory needs --plan PLAN (the student whose KD step is measured)")
+    plan, blocks, batch = Plan.load(a.plan), parse_blocks(a.blocks), a.batch_size or 1
+    kw = dict(optimizer=a.optimizer, checkpointing=a.checkpointing)
+    measured = measure_step_peak(a.model, plan, batch, a.resolution, blocks=blocks, **kw)
+    mp = memory_plan(a.model, plan, batch, a.resolution, blocks=blocks, offload_text=True, both=False, **kw)
+    r = {"model": a.model, "blocks": a.blocks, "batch_size": batch, "resolution": mp.resolution, **kw,
+         "planned_gib": mp.per_device / GIB, "measured_gib": measured / GIB, "error": mp.per_device / measured - 1,
+         "items_gib": {k: v / GIB for k, v in mp.items.items()}}
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{a.model} ({a.blocks or 'all'} units), batch {batch} at {mp.resolution} px, {a.optimizer}, "
+          f"checkpointing {'on' if a.checkpointing else 'off'}: planned {r['planned_gib']:.3f} GiB, measured "
+          f"{r['measured_gib']:.3f} GiB ({100 * r['error']:+.1f} %)")
 
 
 def _bench_arch(a: argparse.Namespace) -> None:
@@ -354,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="arch models: image size (default: the model's)")
     p.add_argument("--dtype", default="float32", help="arch models: float32 | bfloat16 | float16")
     p.add_argument("--profile", action="store_true", help="arch models: where each one's time goes")
+    p.add_argument("--memory", action="store_true",
+                   help="the memory plan of one KD step of the --plan student against the peak measured on real "
+                        "tensors (text encoders and VAE aside)")
+    p.add_argument("--optimizer", default="came", help="with --memory: came | adamw")
+    p.add_argument("--checkpointing", action="store_true", help="with --memory: gradient checkpointing on")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 images (arch models: 1)")
     p.add_argument("--steps", type=int, default=None)

@@ -19,7 +19,6 @@ from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 from slimdit.registry import COMPONENTS, MODELS, SAMPLERS
 
-
 TRANSFORMER_SEP = "#transformer="
 
 

@@ -163,4 +163,5 @@ def bench_arch(model: str, plan: Plan, blocks=None, resolution: int | None = Non
         device=str(dev), repeats=repeats, latency_ratio=s["latency_s"] / t["latency_s"],
         flop_ratio=s["flops"] / t["flops"], param_ratio=s["params"] / t["params"],
         peak_memory_ratio=s["peak_bytes"] / t["peak_bytes"],
-        student={**s, "block_param_ratio": record.block_params_after / record.block_params_before}, teacher=t, profile=prof)
+        student={**s, "block_param_ratio": record.block_params_after / record.block_params_before}, teacher=t,
+        profile=prof)

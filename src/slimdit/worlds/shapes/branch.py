@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from slimdit.io import read_json, write_json
 from slimdit.worlds.shapes.checkpoints import checkpoints
