@@ -40,6 +40,7 @@ def test_blocks_and_unknown_names_are_checked():
         build_transformer("arch:flux-dev", {"block": 2}, device="meta")
 
 
+@pytest.mark.slow  # 3 benches at 1152 wide; test_bench_cli_on_an_arch_model runs the same path in the default suite
 def test_the_real_dims_bench_compares_a_plan_with_the_unmodified_model():
     from slimdit.speed.arch import bench_arch
 

@@ -15,7 +15,7 @@ from slimdit.speed.memory import measure_step_peak, memory_plan, optimizer_bytes
 from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_plan_is_within_20_percent_of_the_measured_peak(tiny_teacher, checkpointing):  # noqa: F811
     plan = Plan.from_dict({"units": {"block.1": "remove", "block.2": {"svd": 0.5}}})
     measured = measure_step_peak(tiny_teacher, plan, 16, checkpointing=checkpointing)

@@ -106,7 +106,7 @@ def _distill_dry_run(cfg, as_json: bool) -> None:
         print(json.dumps({"config": cfg.model_dump(mode="json"), **mp.to_json()}, indent=2, default=str))
         return
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    print(mp.table())
+    print("\n".join("# " + line for line in mp.table().splitlines()))  # comments: the output stays YAML
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
