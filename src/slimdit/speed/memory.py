@@ -147,32 +147,22 @@ def _class_and_config(library: str, cls_name: str, config: dict):
     return cls, {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _build(cls, config, **overrides) -> nn.Module:
-    """The component on the meta device."""
-    with torch.device("meta"):
-        if isinstance(config, dict):
-            return cls.from_config({**config, **overrides}) if hasattr(cls, "from_config") else cls(**config)
-        return cls(config)
+def _build(cls, config, overrides: dict | None = None) -> nn.Module:
+    """The component from its config, on the current device (meta, or fake tensors inside ``FakeTensorMode``)."""
+    if isinstance(config, dict):
+        return cls.from_config({**config, **(overrides or {})})
+    return cls(config)
 
 
-def _count(m: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
 
 
-def student_params(adapter, teacher: nn.Module, plan: Plan) -> int:
-    """The plan's student's parameter count, from the teacher's shapes (meta device)."""
-    validate(adapter, teacher, plan)
-    total = _count(teacher)
-    removed = {o.unit for o in plan.ops if o.op == "remove"}
-    for u in removed:
-        total -= adapter.unit_params(teacher, u)
-    for op in plan.ops:
-        if op.op != "svd" or op.unit in removed:
-            continue
-        for _unit, _path, layer, k in list(svd_layers(adapter, teacher, op)):
-            n, m = layer.weight.shape
-            total += k * (n + m) - n * m
-    return total
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def optimizer_bytes(model_shapes: list[tuple[int, ...]], optimizer: str) -> int:
@@ -180,9 +170,7 @@ def optimizer_bytes(model_shapes: list[tuple[int, ...]], optimizer: str) -> int:
     factored (row and column) second moments and residuals for matrices, two moments for vectors."""
     total = 0
     for s in model_shapes:
-        n = 1
-        for d in s:
-            n *= d
+        n = _numel(s)
         if optimizer == "adamw" or len(s) < 2:
             total += 8 * n
         else:  # CAME: exp_avg, and row/column factors of exp_avg_sq and exp_avg_res
@@ -205,7 +193,7 @@ def _trace_kd_step(cls, config, groups: dict[str, tuple[str, str]], counts: dict
     overrides = {groups[g][1]: n for g, n in counts.items()}
     with FakeTensorMode(allow_non_fake_inputs=True):
         # requires_grad stays on (MemTracker hooks every parameter); the loss runs the teacher without grad
-        teacher = _build_real(cls, config, overrides).eval()
+        teacher = _build(cls, config, overrides).eval()
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         if checkpointing:
             student.enable_gradient_checkpointing()
@@ -231,12 +219,6 @@ def _vae_scale(vae: nn.Module | None) -> int:
     """Pixels per latent pixel of a VAE (2 per down block after the first), 8 without one."""
     channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
     return 2 ** (len(channels) - 1) if channels else 8
-
-
-def _build_real(cls, config, overrides: dict) -> nn.Module:
-    if isinstance(config, dict):
-        return cls.from_config({**config, **overrides})
-    return cls(config)
 
 
 def _fake_inputs(adapter, model, batch: int, resolution: int, seq_len: int, vae_scale: int = 8):
@@ -290,7 +272,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
 
         cls, config = comps["transformer"]
         comps["transformer"] = (cls, {**config, **block_overrides(arch_spec(model), blocks)})
-    built = {k: _build(*v) for k, v in comps.items()}
+    with torch.device("meta"):
+        built = {k: _build(*v) for k, v in comps.items()}
     teacher = built["transformer"]
     vae_scale = _vae_scale(built.get("vae"))
     if is_arch(model):
@@ -305,15 +288,15 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         res = resolution or defaults.get("height") or vae_scale * teacher.config.get("sample_size", 64)
         seq = max_sequence_length or defaults["max_sequence_length"]
     adapter = adapter_for(teacher, sched)
-    n_student = student_params(adapter, teacher, plan)
+    validate(adapter, teacher, plan)
     removed = {o.unit for o in plan.ops if o.op == "remove"}
     counts = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".") and u not in removed)
               for g in adapter.groups}
     fb = DTYPE_BYTES[frozen_dtype]
     div = processes if shard else 1
     params = {k: _count(m) for k, m in built.items()}
-    # the student's parameter shapes: the teacher's, with each SVD layer as two factors
     shapes = _student_shapes(adapter, teacher, plan)
+    n_student = sum(_numel(sh) for sh in shapes)
     act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     cls, config = comps["transformer"]
     def traced(ck: bool) -> int:
@@ -343,6 +326,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
 
 
 def _student_shapes(adapter, teacher: nn.Module, plan: Plan) -> list[tuple[int, ...]]:
+    """The shapes of the plan's student's parameters, from the teacher's (meta device): removed units dropped,
+    each factored layer's weight as its two factors."""
     removed = {o.unit for o in plan.ops if o.op == "remove"}
     skip = {f"{adapter.groups[u.partition('.')[0]][0]}.{u.partition('.')[2]}." for u in removed}
     factored = {}
