@@ -64,10 +64,24 @@ def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_t
     assert main(["distill", "--config", str(tmp_path / "f.yaml"), "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     mem = out["memory"]
-    assert mem["per_device_gib"] > 20  # T5-XXL alone is 17.7 GiB in fp32
     assert mem["fits"] == (mem["per_device_gib"] <= mem["device_gib"])
     assert out["params"]["text_encoder"] == 4_762_310_656 and out["activations"]["checkpointed"] > 0
+    assert "text encoders and VAE" not in out["items"]  # distill parks them in host memory after caching
     assert not (tmp_path / "x").exists()
+
+    # sharded over 4 processes: the models and optimizer states divide by 4, and two gathered units are added
+    sharded = ["--set", "train.sharding=fsdp", "--set", "train.optimizer=adamw", "--set", "train.batch_size=4"]
+    plans = []
+    for extra in (["--set", "train.sharding=none"], ["--processes", "4"]):
+        assert main(["distill", "--config", str(tmp_path / "f.yaml"), "--dry-run", "--json", *sharded, *extra]) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    whole, quarter = (q["items"] for q in plans)
+    assert plans[1]["processes"] == 4 and plans[1]["batch_size"] == 1  # the batch of 4 split over 4 processes
+    for k in ("teacher", "student weights", "optimizer states"):
+        assert quarter[k] == whole[k] // 4, k
+    # the largest unit twice (running and prefetched): fp32 teacher, student and gradient
+    assert quarter["gathered units (FSDP)"] == 2 * 21_255_552 * 12
+    assert "gathered units (FSDP)" not in whole
 
     cfg = {"teacher": tiny_teacher, "plan": {"units": {"block.1": "remove"}}, "out": str(tmp_path / "big"),
            "memory_plan": "on", "data": {"real": "shapes-train:8"},

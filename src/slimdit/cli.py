@@ -83,7 +83,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
     cfg = load_config(a.config, overrides=parse_sets(a.set))
     if a.dry_run:
-        _distill_dry_run(cfg, a.json)
+        _distill_dry_run(cfg, a.json, a.processes)
         return
     if a.json:
         raise ValueError("--json goes with --dry-run")
@@ -91,7 +91,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
-def _distill_dry_run(cfg, as_json: bool) -> None:
+def _distill_dry_run(cfg, as_json: bool, processes: int | None) -> None:
     """The resolved config and the memory plan (from the models' configs alone), without loading a model."""
     import torch
     import yaml
@@ -101,7 +101,11 @@ def _distill_dry_run(cfg, as_json: bool) -> None:
 
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mp = config_memory_plan(cfg, plan, device, both=True)
+    if processes is None:  # as launched (accelerate launch --num_processes N), else 1
+        from accelerate import PartialState
+
+        processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    mp = config_memory_plan(cfg, plan, device, processes=processes, both=True)
     if as_json:
         print(json.dumps({"config": cfg.model_dump(mode="json"), **mp.to_json()}, indent=2, default=str))
         return
@@ -339,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the memory plan (from the models' configs alone) and exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: as JSON (memory.per_device_gib, memory.fits)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="with --dry-run: plan for N processes (default: as launched); the batch splits over them and "
+                        "train.sharding: fsdp divides the models among them")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("run", help="run a schedule (one-shot, progressive, linear progressive); rerun to continue")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimdit.registry import is_spec
 
@@ -44,6 +44,9 @@ class TrainSection(_Strict):
     # recompute each block's activations in the backward instead of keeping them (the memory plan says how much
     # that saves); the gradients are the same
     gradient_checkpointing: bool = False
+    # none: every process holds whole models (DDP); fsdp: teacher, student, gradients and optimizer states sharded
+    # over the processes, one shard group per block (torch FSDP2; needs optimizer: adamw)
+    sharding: Literal["none", "fsdp"] = "none"
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # the thesis' presets (section 5.1.4), and published recipes: tinyfusion, bk_sdm, flux_mini
@@ -59,6 +62,15 @@ class TrainSection(_Strict):
     val_every: int = Field(50, ge=0)
     val_prompts: int = Field(8, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _sharding_needs(self):
+        if self.sharding == "fsdp" and self.optimizer != "adamw":
+            raise ValueError("sharding: fsdp needs optimizer: adamw (CAME's factored second moments do not run on "
+                             "sharded parameters)")
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("sharding: fsdp runs with mixed_precision bf16 or no, not fp16")
+        return self
 
 
 class PhaseSection(_Strict):

@@ -36,6 +36,7 @@ from slimdit.pipelines.loading import (
     sampling_defaults,
     save_pipeline_with,
 )
+from slimdit.pipelines.placement import frozen_components, parked
 from slimdit.reports.card import write_card
 
 
@@ -94,8 +95,13 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         save_pipeline_with(pipe, student, run / "untrained", source=cfg.teacher)
 
     validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
-    student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units], phases,
-                             cfg.train.model_dump(), run, conditioning, device, progress, validator)
+    for kind in dict.fromkeys(ph.dataset for ph in phases):
+        conditioning(kind)  # every cache (and synthetic set) the phases need, while the pipeline is whole
+    # training needs none of the text encoders and VAE; a sharded run's trainer holds the teacher as shards
+    idle = frozen_components(pipe) + (["transformer"] if cfg.train.sharding == "fsdp" else [])
+    with parked(pipe, idle):
+        student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units],
+                                 phases, cfg.train.model_dump(), run, conditioning, device, progress, validator)
 
     save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
     summary = {"teacher": cfg.teacher, "student": str(run / "student"),

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from slimdit.distill import sharding
 from slimdit.distill.feature_map import feature_map
 from slimdit.distill.losses import PRESETS, Batch, KDLoss
 from slimdit.distill.lr import warmup_cosine
@@ -55,6 +56,9 @@ class TrainConfig:
     grad_clip: float = 0.001
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute block activations in the backward
+    # none: each process holds whole models (DDP); fsdp: teacher, student, gradients and optimizer states sharded
+    # over the processes, one shard group per unit (slimdit.distill.sharding)
+    sharding: str = "none"
     caption_dropout: float = 0.1
     ema_decay: float | None = None
     kd: str = "normalized_hybrid"
@@ -82,6 +86,13 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every < 0:
             raise ValueError(f"train.val_every must be 0 (off) or more, got {self.val_every}")
+        if self.sharding not in ("none", "fsdp"):
+            raise ValueError(f"train.sharding: {self.sharding!r} is not one of none, fsdp")
+        if self.sharding == "fsdp" and self.optimizer != "adamw":
+            raise ValueError("train.sharding: fsdp needs train.optimizer: adamw (CAME's factored second moments "
+                             "do not run on sharded parameters)")
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("train.sharding: fsdp runs with train.mixed_precision bf16 or no, not fp16")
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be 0 or more, got {self.max_skipped_steps}")
         if not 0 <= self.caption_dropout < 1:
@@ -168,12 +179,20 @@ class Trainer:
         if cfg.batch_size % n:
             raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {n}")
         self.micro = cfg.batch_size // n
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError("slimdit shards models itself, one shard group per unit: launch with a plain "
+                             "multi-process accelerate config (accelerate launch --multi_gpu --num_processes N) and "
+                             "set train.sharding: fsdp; accelerate's FSDP and DeepSpeed plugins are not supported")
+        # sharding over one process would change nothing
+        self.sharded = cfg.sharding == "fsdp" and self.acc.num_processes > 1
         adapter.objective  # noqa: B018  (fails now, naming the fix, when the adapter has no scheduler config)
         teacher_units = adapter.units(teacher)
         self.pairs = feature_map(teacher_units, kept_units or teacher_units)
         # the loss callable the steps minimise: KD by default (eq. 4.10), anything of the same shape otherwise
         self.loss = loss if loss is not None else KDLoss(adapter, cfg.kd, tuple(self.pairs))
-        self.teacher = teacher.requires_grad_(False).eval().to(self.acc.device)
+        teacher = teacher.requires_grad_(False).eval()
         student.requires_grad_(False)
         self.trainable = trainable
         units = trainable if trainable is not None else None
@@ -182,10 +201,20 @@ class Trainer:
         for p in params:
             p.requires_grad_(True)
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
-        self.opt = _optimizer(cfg, params)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        self.student, self.opt = self.acc.prepare(student.train(), self.opt)
+        if self.sharded:  # the optimizer is built over the shards, after sharding
+            # an unsharded copy on the host, which student_model() fills with the gathered weights
+            self._template = copy.deepcopy(student).cpu()
+            # a copy: the caller's teacher stays whole (on the host in a sharded distill run) for sampling
+            self.teacher = sharding.shard(adapter, copy.deepcopy(teacher), self.acc.device)
+            self.student = sharding.shard(adapter, student.train(), self.acc.device)
+            named = dict(self.student.named_parameters())
+            params = [named[n] for n in self.names]
+            self.opt = self.acc.prepare(_optimizer(cfg, params))
+        else:
+            self.teacher = teacher.to(self.acc.device)
+            self.student, self.opt = self.acc.prepare(student.train(), _optimizer(cfg, params))
         self.ema = ([p.detach().clone() for p in params] if cfg.ema_decay else None)
         self.params = params
         self.validate = validate
@@ -199,16 +228,20 @@ class Trainer:
     def _lr_scale(self, step: int) -> float:
         return lr_scale(self.cfg, step)
 
-    def _first_nonfinite(self, optimizer_state: dict[str, torch.Tensor]) -> str | None:
-        """The first trained parameter, EMA weight or optimizer state tensor holding a NaN or inf, else None."""
-        named = [*((f"parameter {n}", p) for n, p in zip(self.names, self.params)),
-                 *((f"EMA weight {n}", e) for n, e in zip(self.names, self.ema or [])),
-                 *((f"optimizer state {k}", v) for k, v in optimizer_state.items() if v.is_floating_point())]
+    @staticmethod
+    def _first_nonfinite(groups: dict[str, dict[str, torch.Tensor]]) -> str | None:
+        """The first tensor (``"parameter NAME"``, ...) holding a NaN or inf, else None."""
+        named = [(f"{what} {n}", t) for what, ts in groups.items() for n, t in ts.items() if t.is_floating_point()]
         return next((name for name, t in named if not torch.isfinite(t).all()), None)
 
     def save(self) -> Path:
         opt_t, opt_meta = optimizer_to_tensors(getattr(self.opt, "optimizer", self.opt))
-        bad = self._first_nonfinite(opt_t)  # on every process (replicas agree), so none is left waiting
+        # whole tensors, gathered from the shards (on every process, in the same order: each is a collective)
+        opt_t = {k: sharding.full(v) for k, v in opt_t.items()}
+        weights = {n: sharding.full(p) for n, p in zip(self.names, self.params)}
+        ema = {n: sharding.full(e) for n, e in zip(self.names, self.ema)} if self.ema is not None else None
+        # on every process (all hold the same whole tensors), so none is left waiting
+        bad = self._first_nonfinite({"parameter": weights, "EMA weight": ema or {}, "optimizer state": opt_t})
         if bad is not None:  # never write it: rotation would then delete a good checkpoint
             raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: {bad} is not finite; "
                                    f"{self._last_good()}; {_ADVICE}")
@@ -220,9 +253,9 @@ class Trainer:
         ck = self.run / "checkpoints" / f"step_{self.step:07d}"
         tmp = ck.with_name(ck.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_tensors(tmp / "trainable.safetensors", dict(zip(self.names, self.params)))
-        if self.ema is not None:
-            save_tensors(tmp / "ema.safetensors", dict(zip(self.names, self.ema)))
+        save_tensors(tmp / "trainable.safetensors", weights)
+        if ema is not None:
+            save_tensors(tmp / "ema.safetensors", ema)
         save_tensors(tmp / "optimizer.safetensors", opt_t)
         # the loss sums of the steps since the last log, so the first log after a resume is the same mean
         save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in sums.items()})
@@ -250,15 +283,19 @@ class Trainer:
         saved = load_tensors(ck / "trainable.safetensors")
         if set(saved) != set(self.names):  # safetensors stores keys sorted
             raise ValueError(f"checkpoint {ck} trains other parameters than this run; use a new run directory")
-        with torch.no_grad():
-            for p, n in zip(self.params, self.names):
-                p.copy_(saved[n])
-            if self.ema is not None:
-                ema = load_tensors(ck / "ema.safetensors")
-                for e, n in zip(self.ema, self.names):
-                    e.copy_(ema[n])
+        for p, n in zip(self.params, self.names):
+            sharding.assign_(p, saved[n])
+        if self.ema is not None:
+            ema = load_tensors(ck / "ema.safetensors")
+            for e, n in zip(self.ema, self.names):
+                sharding.assign_(e, ema[n])
         inner = getattr(self.opt, "optimizer", self.opt)
-        optimizer_from_tensors(inner, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
+        opt_t = load_tensors(ck / "optimizer.safetensors")
+        for k, v in opt_t.items():  # a state shaped as its parameter is sharded as it is
+            ref = self.params[int(k.split(".", 1)[0])]
+            if v.shape == ref.shape:
+                opt_t[k] = sharding.like(v, ref)
+        optimizer_from_tensors(inner, opt_t, state["optimizer"])
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         if (ck / "log_sums.safetensors").exists():
@@ -286,7 +323,10 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------------
     def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict, torch.Generator]:
         cfg, d = self.cfg, self.data
-        g = torch.Generator().manual_seed(hash((cfg.seed, step, micro, self.acc.process_index)) & (2**62 - 1))
+        # draws are keyed by the micro-batch's index in the global batch, so one process with grad_accum = 2 draws
+        # what two processes draw (the trailing 0 keeps one-process runs drawing what they always drew)
+        k = self.acc.process_index * cfg.grad_accum + micro
+        g = torch.Generator().manual_seed(hash((cfg.seed, step, k, 0)) & (2**62 - 1))
         idx = torch.randint(0, len(d), (self.micro,), generator=g)
         drop = torch.rand(self.micro, generator=g) < cfg.caption_dropout
         dev = self.acc.device
@@ -310,7 +350,7 @@ class Trainer:
                 if self.acc.sync_gradients:
                     loss, norm = terms_sum["total"], None
                     if self.acc.scaler is None:  # one check of loss and gradient norm
-                        norm = self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
+                        norm = sharding.full(self.acc.clip_grad_norm_(self.params, cfg.grad_clip))
                     # under fp16 loss scaling an inf gradient is the scaler's to skip (it lowers the scale), so
                     # only the loss is checked, before clipping unscales the gradients
                     flag = ~torch.isfinite(loss)
@@ -390,14 +430,15 @@ class Trainer:
                     self.acc.log({f"train/{k}": v for k, v in last.items() if k != "step"}, step=self.step)
                     bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.1f}")
                     self._write(last)
-                if (self.validate is not None and cfg.val_every and self.acc.is_main_process
+                if (self.validate is not None and cfg.val_every and (self.sharded or self.acc.is_main_process)
                         and (self.step % cfg.val_every == 0 or self.step == stop)):
-                    val = {f"val_{k}": v
-                           for k, v in self.validate(self.student_model(cfg.ema_decay is not None)).items()}
-                    self.acc.log(val, step=self.step)
-                    bar.set_postfix(loss=f"{last.get('total', float('nan')):.4f}",
-                                    **{k: f"{v:.4g}" for k, v in list(val.items())[:1]})
-                    self._write({"step": self.step, **val})
+                    model = self.student_model(cfg.ema_decay is not None)  # gathered by all, when sharded
+                    if self.acc.is_main_process:
+                        val = {f"val_{k}": v for k, v in self.validate(model).items()}
+                        self.acc.log(val, step=self.step)
+                        bar.set_postfix(loss=f"{last.get('total', float('nan')):.4f}",
+                                        **{k: f"{v:.4g}" for k, v in list(val.items())[:1]})
+                        self._write({"step": self.step, **val})
                 if self.step % cfg.checkpoint_every == 0 or self.step == stop:
                     self.acc.wait_for_everyone()
                     self.save()
@@ -411,7 +452,16 @@ class Trainer:
         return last
 
     def student_model(self, use_ema: bool = False) -> nn.Module:
-        """The trained student (unwrapped), optionally with EMA weights copied in."""
+        """The trained student (unwrapped), optionally with EMA weights copied in. When sharded, a whole copy
+        gathered from the shards (a collective: every process must call it)."""
+        if self.sharded:
+            model = copy.deepcopy(self._template)
+            params = dict(model.named_parameters())
+            values = self.ema if use_ema and self.ema is not None else self.params
+            with torch.no_grad():
+                for n, v in zip(self.names, values):
+                    params[n].copy_(sharding.full(v))
+            return model.to(self.acc.device)
         model = self.acc.unwrap_model(self.student)
         if use_ema and self.ema is not None:
             model = copy.deepcopy(model)

@@ -8,8 +8,9 @@ group) at the real batch, resolution and caption length, with and without gradie
 per-unit cost is scaled to the student's units. Nothing is allocated and no weight is read.
 
 Training holds the frozen teacher, the student's weights, gradients and optimizer states, and the activations of
-a micro-batch; the text encoders and the VAE run before it (filling the conditioning and latent caches) and, while
-slimdit keeps the pipeline on the device, stay there, which the plan counts unless they are offloaded.
+a micro-batch; the text encoders and the VAE run before it (filling the conditioning and latent caches), then
+wait in host memory (``slimdit distill`` parks them), so a distill plan leaves them out. With ``train.sharding:
+fsdp`` the teacher, the student's weights, gradients and optimizer states are divided among the processes.
 """
 
 from __future__ import annotations
@@ -310,6 +311,9 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
              "optimizer states": optimizer_bytes(shapes, optimizer) // div,
              # the backward's peak of activations and the gradients made by then, or all gradients at its end
              "activations, gradients": max(acts[checkpointing], grads)}
+    if shard and processes > 1:  # FSDP gathers a whole unit to run it, the next one prefetched: two at a time
+        unit = max(adapter.unit_params(teacher, u) for u in adapter.units(teacher))
+        items["gathered units (FSDP)"] = 2 * unit * (fb + 4 + 4)  # teacher's, student's and its gradient's
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
@@ -361,12 +365,12 @@ def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, processes: i
     if mixed_precision in ("no", "auto"):
         out.append("train.mixed_precision: bf16 on a GPU (activations in bf16)")
     if not shard:
-        out.append("sharding the teacher, student, gradients and optimizer states over processes (FSDP; not yet "
-                   "in slimdit's trainer)")
+        out.append("train.sharding: fsdp with optimizer: adamw, over N processes (accelerate launch --multi_gpu "
+                   "--num_processes N): teacher, student, gradients and optimizer states divided by N")
     if frozen_dtype == "fp32":
         out.append("frozen parts (teacher, text encoders, VAE) in bf16 (not yet configurable)")
     if not offload_text:
-        out.append("text encoders and VAE off the device once the caches are filled (not yet in slimdit)")
+        out.append("text encoders and VAE off the device once the caches are filled (slimdit distill does this)")
     return out
 
 
@@ -449,5 +453,6 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
     micro = max(1, t.batch_size // (processes * t.grad_accum))
     mp = _mixed_precision(t.mixed_precision) if device.startswith("cuda") else "no"
     return memory_plan(cfg.teacher, plan, micro, cfg.data.image_size, mixed_precision=mp, optimizer=t.optimizer,
-                       checkpointing=t.gradient_checkpointing, processes=processes, kd=t.kd, captions=captions,
-                       max_sequence_length=cfg.data.max_sequence_length, device_gib=device_gib(device), both=both)
+                       checkpointing=t.gradient_checkpointing, processes=processes, shard=t.sharding == "fsdp",
+                       kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
+                       offload_text=True, device_gib=device_gib(device), both=both)
