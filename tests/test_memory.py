@@ -37,6 +37,10 @@ def test_weights_and_optimizer_states_are_counted_exactly():
     assert mp.items["optimizer states"] == 8 * student  # AdamW: two fp32 moments
     assert mp.items["teacher"] == 4 * teacher
     assert optimizer_bytes([(4, 6), (6,)], "came") == 4 * (24 + 8 + 12) + 8 * 6
+    half = memory_plan("arch:pixart-sigma-xl", plan, 1, resolution=128, offload_text=True, both=False,
+                       optimizer="adamw", frozen_dtype="bf16", student_dtype="bf16")
+    assert half.items["teacher"] == 2 * teacher and half.items["student weights"] == 2 * student
+    assert half.items["optimizer states"] == 4 * student  # AdamW's moments in bf16, as torch keeps them
 
 
 def test_gradient_checkpointing_changes_memory_not_the_training(tmp_path):

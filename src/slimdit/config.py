@@ -47,6 +47,10 @@ class TrainSection(_Strict):
     # none: every process holds whole models (DDP); fsdp: teacher, student, gradients and optimizer states sharded
     # over the processes, one shard group per block (torch FSDP2; needs optimizer: adamw)
     sharding: Literal["none", "fsdp"] = "none"
+    # the frozen teacher, text encoders and VAE (auto: bf16 on a GPU that has it, else fp32); the trained student:
+    # fp32 (master weights, with mixed_precision's autocast) or bf16 (weights, gradients and optimizer states)
+    frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    student_dtype: Literal["fp32", "bf16"] = "fp32"
     caption_dropout: float = Field(0.1, ge=0, lt=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # the thesis' presets (section 5.1.4), and published recipes: tinyfusion, bk_sdm, flux_mini
@@ -70,6 +74,8 @@ class TrainSection(_Strict):
                              "sharded parameters)")
         if self.sharding == "fsdp" and self.mixed_precision == "fp16":
             raise ValueError("sharding: fsdp runs with mixed_precision bf16 or no, not fp16")
+        if self.student_dtype == "bf16" and self.mixed_precision == "fp16":
+            raise ValueError("student_dtype: bf16 goes with mixed_precision bf16, no or auto, not fp16")
         return self
 
 

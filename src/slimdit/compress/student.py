@@ -78,12 +78,12 @@ def check_plan(model: str, plan: Plan) -> None:
 def grasp_calibration(pipe, model: str, data: str):
     """The cached conditioning (:class:`slimdit.distill.trainer.Conditioning`) of caption-image set ``data``
     through ``pipe``'s encoders, made in a temporary folder: GRASP's calibration set for ``slimdit compress``."""
-    from slimdit.data.cache import cached_conditioning
+    from slimdit.data.cache import cached_conditioning, in_memory
     from slimdit.data.datasets import load_dataset
 
-    with tempfile.TemporaryDirectory(prefix="slimdit-grasp-") as tmp:
-        return cached_conditioning(pipe, model, load_dataset(data), tmp,
-                                   sampling_defaults(model)["max_sequence_length"])
+    with tempfile.TemporaryDirectory(prefix="slimdit-grasp-") as tmp:  # read whole before the folder goes
+        return in_memory(cached_conditioning(pipe, model, load_dataset(data), tmp,
+                                             sampling_defaults(model)["max_sequence_length"]))
 
 
 def compress_to_dir(model: str, plan: Plan | dict | str | Path, out: str | Path | None, dry_run: bool = False,

@@ -1,7 +1,15 @@
-"""Cache text-encoder outputs and VAE latents once per dataset; every phase and stage reuses them."""
+"""Cache text-encoder outputs and VAE latents once per dataset; every phase and stage reuses them.
+
+An entry is a folder of safetensors shards of ``SHARD`` samples each (``latents`` and ``cond.*``), plus the empty
+caption's conditioning (``null.safetensors``) and ``meta.json``, written last. Training reads the rows it draws
+from the memory-mapped shards (:class:`Rows`), so a cache larger than host memory (a 100k-caption Flux cache is
+about 0.8 TB in fp32) trains as a small one does. Shards are written one at a time, atomically, so an interrupted
+caching resumes at the first missing shard.
+"""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from pathlib import Path
@@ -51,30 +59,100 @@ def _key(model_id: str, data: CaptionImages, max_sequence_length: int) -> str:
     new entry)."""
     from slimdit.pipelines.loading import model_fingerprint
 
-    h = hashlib.sha256(b"conditioning v2")  # v2: the adapter's conditioning dict (cond.*, null.*)
+    h = hashlib.sha256(b"conditioning v3")  # v3: shards of SHARD samples, read lazily
     h.update(json.dumps([model_id, model_fingerprint(model_id), data.source, max_sequence_length,
-                         data.images.shape]).encode())
+                         data.images.shape, SHARD]).encode())
     h.update("\n".join(data.captions).encode())
     h.update(data.images.tobytes())
     return h.hexdigest()[:16]
 
 
+SHARD = 4096  # samples per shard file
+
+
+class Rows:
+    """The rows of one cached tensor across shard files, read on demand: ``rows[idx]`` (a 1-D index tensor)
+    returns those rows, stacked; ``rows.shape`` is the whole tensor's."""
+
+    def __init__(self, files: list[Path], key: str, counts: list[int]):
+        from safetensors import safe_open
+
+        self.files, self.key = files, key
+        self.starts = [sum(counts[:i]) for i in range(len(counts))]
+        self._open = lambda f: safe_open(str(f), framework="pt")
+        self._handles: dict[int, object] = {}
+        row = self._slice(0).get_shape()[1:]
+        self.shape = torch.Size([sum(counts), *row])
+
+    def _slice(self, shard: int):
+        if shard not in self._handles:
+            self._handles[shard] = self._open(self.files[shard])
+        return self._handles[shard].get_slice(self.key)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        if isinstance(idx, slice):
+            idx = torch.arange(len(self))[idx]
+        rows = []
+        for i in torch.as_tensor(idx).reshape(-1).tolist():  # CPU indices: no device sync
+            s = bisect.bisect_right(self.starts, i) - 1
+            j = i - self.starts[s]
+            rows.append(self._slice(s)[j:j + 1])
+        return torch.cat(rows)
+
+    def load(self) -> torch.Tensor:
+        """All rows, in memory."""
+        return torch.cat([self._slice(s)[:] for s in range(len(self.files))])
+
+    def __getstate__(self):  # handles are reopened where the rows are used
+        return {**self.__dict__, "_handles": {}, "_open": None}
+
+    def __setstate__(self, state):
+        from safetensors import safe_open
+
+        self.__dict__.update(state)
+        self._open = lambda f: safe_open(str(f), framework="pt")
+
+
 def cached_conditioning(pipe, model_id: str, data: CaptionImages, cache_dir: str | Path,
                         max_sequence_length: int) -> Conditioning:
-    """Load the conditioning of ``data`` from ``cache_dir``, computing and saving it the first time.
+    """The conditioning of ``data``, read lazily from its cache entry under ``cache_dir``, which is computed and
+    written first when missing (shard by shard; finished shards of an interrupted attempt are kept).
 
-    A fresh entry is read back from disk too, so that a run and its resumption train on the very same tensors
-    (freshly encoded latents may be ``channels_last``, reloaded ones are contiguous, and convolutions round the
-    two differently)."""
+    Training always reads what is on disk, fresh entry or not, so that a run and its resumption train on the very
+    same tensors (freshly encoded latents may be ``channels_last``, reloaded ones are contiguous, and convolutions
+    round the two differently)."""
     d = Path(cache_dir) / _key(model_id, data, max_sequence_length)
-    if not (d / "conditioning.safetensors").exists():
-        cond = encode_captions(pipe, data.captions, max_sequence_length)
+    n = len(data.captions)
+    starts = list(range(0, n, SHARD))
+    files = [d / f"shard_{i:05d}.safetensors" for i in range(len(starts))]
+    if not (d / "meta.json").exists():
+        for f, a in tqdm(list(zip(files, starts)), desc="caching conditioning", unit="shard", dynamic_ncols=True,
+                         disable=len(files) <= 1):
+            if f.exists():
+                continue
+            cond = encode_captions(pipe, data.captions[a:a + SHARD], max_sequence_length)
+            latents = encode_images(pipe, data.images[a:a + SHARD])
+            save_tensors(f, {"latents": latents, **{f"cond.{k}": v for k, v in cond.items()}})
         null = encode_captions(pipe, [""], max_sequence_length)
-        latents = encode_images(pipe, data.images)
-        save_tensors(d / "conditioning.safetensors", {"latents": latents, **{f"cond.{k}": v for k, v in cond.items()},
-                                                      **{f"null.{k}": v for k, v in null.items()}})
-        write_json(d / "meta.json", {"model": model_id, "source": data.source, "n": len(data.captions),
-                                     "max_sequence_length": max_sequence_length})
-    t = load_tensors(d / "conditioning.safetensors")
-    return Conditioning(t["latents"], {k[5:]: v for k, v in t.items() if k.startswith("cond.")},
-                        {k[5:]: v for k, v in t.items() if k.startswith("null.")})
+        save_tensors(d / "null.safetensors", null)
+        write_json(d / "meta.json", {"model": model_id, "source": data.source, "n": n, "shards": len(files),
+                                     "shard_size": SHARD, "max_sequence_length": max_sequence_length})
+    counts = [min(SHARD, n - a) for a in starts]
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        keys = list(f.keys())
+    return Conditioning(Rows(files, "latents", counts),
+                        {k[5:]: Rows(files, k, counts) for k in keys if k.startswith("cond.")},
+                        load_tensors(d / "null.safetensors"))
+
+
+def in_memory(c: Conditioning) -> Conditioning:
+    """``c`` with every row read into memory (for a cache that will not outlive its use)."""
+    def load(v):
+        return v.load() if isinstance(v, Rows) else v
+
+    return Conditioning(load(c.latents), {k: load(v) for k, v in c.cond.items()}, c.null)

@@ -28,6 +28,7 @@ from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.identity import check_run_dir, input_fingerprints
 from slimdit.io import atomic_write_text, read_json, write_json
 from slimdit.models import adapter_for
+from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy, weights_dtype
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import (
     load_pipeline,
@@ -77,13 +78,13 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
                          f"{len(real.captions)} images; lower grasp.images or name a larger set in grasp.data")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_memory(cfg, plan, device, run, len(real.captions))
-    pipe = load_pipeline(cfg.teacher, device)
-    teacher = pipe.transformer.eval()
+    pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    teacher = cast_io(pipe.transformer.eval())
     adapter = adapter_for(teacher, pipe.scheduler.config)
     validate(adapter, teacher, plan)
 
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
-    student = copy.deepcopy(teacher)
+    student = student_copy(teacher, cfg.train.student_dtype)
     keep = None
     if plan.grasp is not None:
         made_by = {"plan": plan.to_dict(), "inputs": inputs, "data": cfg.data.model_dump(mode="json"),
@@ -113,7 +114,8 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         if not (run / "bench.json").exists():
             from slimdit.speed.bench import bench_transformers
 
-            write_json(run / "bench.json", bench_transformers(pipe, student.eval(), sampling_defaults(cfg.teacher),
+            same = copy.deepcopy(student).to(weights_dtype(teacher)).eval()  # timed in the teacher's dtype
+            write_json(run / "bench.json", bench_transformers(pipe, same, sampling_defaults(cfg.teacher),
                                                               steps=cfg.eval.steps).to_json())
         b = read_json(run / "bench.json")
         summary["bench"] = {k: b[k] for k in ("latency_ratio", "param_ratio", "flop_ratio")}
@@ -157,7 +159,7 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
     for i, (ph, n) in enumerate(zip(phases, steps)):
         pdir = run / "phases" / f"{i:02d}_{ph.name}"
         if (pdir / "done.json").exists():
-            student = load_model(pdir / "student").to(device)
+            student = cast_io(load_model(pdir / "student").to(device, DTYPES[train_fields["student_dtype"]]))
             continue
         units = trainable_units(ph.trainable, teacher_units, kept_units, modified)
         if units == []:  # nothing of this kind to train (e.g. "modified" in a removal-only plan)

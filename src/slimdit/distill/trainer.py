@@ -59,6 +59,9 @@ class TrainConfig:
     # none: each process holds whole models (DDP); fsdp: teacher, student, gradients and optimizer states sharded
     # over the processes, one shard group per unit (slimdit.distill.sharding)
     sharding: str = "none"
+    # read by the runs that load the models (slimdit.models.precision); the trainer trains what it is given
+    frozen_dtype: str = "auto"
+    student_dtype: str = "fp32"
     caption_dropout: float = 0.1
     ema_decay: float | None = None
     kd: str = "normalized_hybrid"
@@ -215,7 +218,8 @@ class Trainer:
         else:
             self.teacher = teacher.to(self.acc.device)
             self.student, self.opt = self.acc.prepare(student.train(), _optimizer(cfg, params))
-        self.ema = ([p.detach().clone() for p in params] if cfg.ema_decay else None)
+        # in fp32 whatever the weights' dtype: a bf16 average would swallow updates 1000 times smaller than it
+        self.ema = ([p.detach().float().clone() for p in params] if cfg.ema_decay else None)
         self.params = params
         self.validate = validate
         self.step = 0
@@ -367,7 +371,7 @@ class Trainer:
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+                    e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
         return terms_sum
 
     def _bad(self, flag: torch.Tensor) -> bool:

@@ -69,7 +69,7 @@ def load_model(path: str | Path, dtype=None) -> nn.Module:
     config = json.loads((d / "config.json").read_text())
     cls = _diffusers_class(config["_class_name"])
     if not (d / LOWRANK_INDEX).exists():
-        return cls.from_pretrained(d, **({"torch_dtype": dtype} if dtype is not None else {}))
+        return cls.from_pretrained(d, **({"dtype": dtype} if dtype is not None else {}))
     index = json.loads((d / LOWRANK_INDEX).read_text())
     model = cls.from_config(cls.load_config(d))
     for name, spec in index["layers"].items():

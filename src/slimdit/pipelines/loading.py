@@ -115,7 +115,7 @@ def _load_transformer(transformer: str, dtype: torch.dtype | None):
     import diffusers
 
     src = resolve_transformer(transformer)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     if isinstance(src, Path):
         if (src / LOWRANK_INDEX).exists():
             return load_model(src, dtype=dtype)
@@ -183,7 +183,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
         importlib.import_module(module)  # only once its module is imported
     src = resolve_model_dir(model)
     _, transformer = split_model(model)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     if transformer is not None:
         kwargs["transformer"] = _load_transformer(transformer, dtype)
     elif isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():

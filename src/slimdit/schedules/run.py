@@ -14,7 +14,6 @@ names), retrains with the protocol, evaluates, and writes ``stages/NN/`` (``sele
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from slimdit.importance.metric import Calibration, metric_importance, plan_metri
 from slimdit.io import read_json, write_json
 from slimdit.metrics.embedders import get_embedder
 from slimdit.models import adapter_for
+from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_pipeline_with
 from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, feasible_range, linear_ratios
@@ -199,8 +199,8 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     prompts = read_prompts(cfg.calibration.prompts)
     embedder = get_embedder(cfg.calibration.embedder)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(cfg.teacher, device)
-    teacher = pipe.transformer.eval()
+    pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    teacher = cast_io(pipe.transformer.eval())
     adapter = adapter_for(teacher, pipe.scheduler.config)
 
     teacher_params = adapter.block_params(teacher)
@@ -210,7 +210,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     conditioning = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)
     validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
 
-    student = copy.deepcopy(teacher)
+    student = student_copy(teacher, cfg.train.student_dtype)
     kept = adapter.units(teacher)  # teacher names of the student's units
     modified: set[str] = set()  # teacher names
     n_stages = 1 if cfg.schedule.kind == "one_shot" else cfg.schedule.stages
@@ -219,7 +219,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         sdir = run / "stages" / f"{s:02d}"
         if (sdir / "done.json").exists():
             done = read_json(sdir / "done.json")
-            student = load_model(sdir / "student").to(device)
+            student = cast_io(load_model(sdir / "student").to(device, DTYPES[cfg.train.student_dtype]))
             kept, modified = done["kept"], set(done["modified"])
             rows.append(read_json(sdir / "metrics.json"))
             continue

@@ -251,7 +251,8 @@ def activation_bytes(cls, config, adapter, student_counts: dict[str, int], model
 
 # ---- the plan -------------------------------------------------------------------------------------------------
 def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None = None, *,
-                frozen_dtype: str = "fp32", mixed_precision: str = "no", optimizer: str = "came",
+                frozen_dtype: str = "fp32", student_dtype: str = "fp32", mixed_precision: str = "no",
+                optimizer: str = "came",
                 checkpointing: bool = False, processes: int = 1, shard: bool = False,
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
@@ -293,27 +294,29 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     removed = {o.unit for o in plan.ops if o.op == "remove"}
     counts = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".") and u not in removed)
               for g in adapter.groups}
-    fb = DTYPE_BYTES[frozen_dtype]
+    fb, sb = DTYPE_BYTES[frozen_dtype], DTYPE_BYTES[student_dtype]
     div = processes if shard else 1
     params = {k: _count(m) for k, m in built.items()}
     shapes = _student_shapes(adapter, teacher, plan)
     n_student = sum(_numel(sh) for sh in shapes)
-    act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        "bf16" if student_dtype == "bf16" else mixed_precision, torch.float32)
     cls, config = comps["transformer"]
     def traced(ck: bool) -> int:
         return activation_bytes(cls, config, adapter, counts, model, sched, batch_size, res, seq, kd, act_dtype, ck,
                                 vae_scale)
 
     acts = {checkpointing: traced(checkpointing)}
-    grads = 4 * n_student // div
+    grads = sb * n_student // div
     items = {"teacher": params["transformer"] * fb // div,
-             "student weights": 4 * n_student // div,
-             "optimizer states": optimizer_bytes(shapes, optimizer) // div,
+             "student weights": sb * n_student // div,
+             # states in the weights' dtype (torch's AdamW and CAME keep them so)
+             "optimizer states": optimizer_bytes(shapes, optimizer) * sb // 4 // div,
              # the backward's peak of activations and the gradients made by then, or all gradients at its end
              "activations, gradients": max(acts[checkpointing], grads)}
     if shard and processes > 1:  # FSDP gathers a whole unit to run it, the next one prefetched: two at a time
         unit = max(adapter.unit_params(teacher, u) for u in adapter.units(teacher))
-        items["gathered units (FSDP)"] = 2 * unit * (fb + 4 + 4)  # teacher's, student's and its gradient's
+        items["gathered units (FSDP)"] = 2 * unit * (fb + 2 * sb)  # teacher's, student's and its gradient's
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
@@ -325,7 +328,7 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     if mp.fits is False or both:  # the other setting too: what checkpointing would change
         mp.activations[("plain" if checkpointing else "checkpointed")] = traced(not checkpointing)
     if mp.fits is False:
-        mp.fixes = _fixes(mp, frozen_dtype, mixed_precision, processes, shard, offload_text)
+        mp.fixes = _fixes(mp, frozen_dtype, mixed_precision, processes, shard, offload_text, student_dtype)
     return mp
 
 
@@ -353,7 +356,7 @@ def _student_shapes(adapter, teacher: nn.Module, plan: Plan) -> list[tuple[int, 
 
 
 def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, processes: int, shard: bool,
-           offload_text: bool) -> list[str]:
+           offload_text: bool, student_dtype: str = "fp32") -> list[str]:
     """What would bring the plan down, most effective first; those the trainer cannot do yet say so."""
     out = []
     a = mp.activations
@@ -368,7 +371,10 @@ def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, processes: i
         out.append("train.sharding: fsdp with optimizer: adamw, over N processes (accelerate launch --multi_gpu "
                    "--num_processes N): teacher, student, gradients and optimizer states divided by N")
     if frozen_dtype == "fp32":
-        out.append("frozen parts (teacher, text encoders, VAE) in bf16 (not yet configurable)")
+        out.append("train.frozen_dtype: bf16 (teacher, text encoders and VAE at 2 bytes a weight)")
+    if student_dtype == "fp32":
+        out.append("train.student_dtype: bf16 (student weights, gradients and optimizer states at half the bytes; "
+                   "less exact than fp32 master weights)")
     if not offload_text:
         out.append("text encoders and VAE off the device once the caches are filled (slimdit distill does this)")
     return out
@@ -448,11 +454,14 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
     """The memory plan of distillation config ``cfg`` (a :class:`slimdit.config.DistillConfig`) on ``device``:
     its teacher, plan, micro-batch, precision, checkpointing and processes, before any model loads."""
     from slimdit.distill.trainer import _mixed_precision
+    from slimdit.models.precision import DTYPES, frozen_dtype
 
     t = cfg.train
     micro = max(1, t.batch_size // (processes * t.grad_accum))
     mp = _mixed_precision(t.mixed_precision) if device.startswith("cuda") else "no"
-    return memory_plan(cfg.teacher, plan, micro, cfg.data.image_size, mixed_precision=mp, optimizer=t.optimizer,
+    frozen = {v: k for k, v in DTYPES.items()}[frozen_dtype(t.frozen_dtype, device)]
+    return memory_plan(cfg.teacher, plan, micro, cfg.data.image_size, frozen_dtype=frozen,
+                       student_dtype=t.student_dtype, mixed_precision=mp, optimizer=t.optimizer,
                        checkpointing=t.gradient_checkpointing, processes=processes, shard=t.sharding == "fsdp",
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both)
