@@ -25,7 +25,7 @@ def lowrank_student(tiny_teacher, tmp_path_factory):  # noqa: F811
 
 
 def test_a_compressed_student_carries_a_card_that_says_what_changed_and_how_to_load_it(lowrank_student):
-    from diffusers import DiffusionPipeline
+    from diffusers import PixArtTransformer2DModel
 
     card = (lowrank_student / "README.md").read_text()
     meta = header(card)
@@ -40,17 +40,17 @@ def test_a_compressed_student_carries_a_card_that_says_what_changed_and_how_to_l
         assert f"| {layer['path']} | {layer['shape'][0]} × {layer['shape'][1]} | {layer['rank']} |" in card
     # what the card says about loading holds: plain diffusers fails as quoted, slimdit and the merged export load
     assert "Plain diffusers cannot load this model" in card and "no file named diffusion_pytorch_model.bin" in card
-    assert "slimdit.load_pipeline(" in card and "slimdit export --model" in card and "--merge" in card
+    assert "slimdit.load_pipeline(" in card and "slimdit export --model" in card and "--merge --full" in card
     with pytest.raises(OSError, match="no file named diffusion_pytorch_model.bin"):
-        DiffusionPipeline.from_pretrained(lowrank_student)
+        PixArtTransformer2DModel.from_pretrained(lowrank_student, subfolder="transformer")
 
 
 def test_the_merged_export_carries_a_card_for_plain_diffusers(lowrank_student, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from slimdit.compress.student import export_merged
+    from slimdit.compress.student import export_student
 
-    dense = export_merged(str(lowrank_student), tmp_path / "dense")
+    dense = export_student(str(lowrank_student), tmp_path / "dense", merge=True, full=True)
     card = (dense / "README.md").read_text()
     assert "merged" in header(card)["tags"] and "dense (merged) export" in card
     assert "DiffusionPipeline.from_pretrained(" in card and "cannot load" not in card

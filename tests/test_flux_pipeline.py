@@ -43,13 +43,15 @@ def test_loads_samples_and_packs_64_tokens(tiny_flux_pipeline, tmp_path):
 
 
 def test_compress_to_a_student_plain_diffusers_loads_and_samples(tiny_flux_pipeline, tmp_path):
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"units": {"single.1": "remove"}}))
     assert main(["compress", "--model", str(tiny_flux_pipeline), "--plan", str(plan), "--out",
                  str(tmp_path / "student")]) == 0
-    pipe = FluxPipeline.from_pretrained(tmp_path / "student")  # plain diffusers
+    # plain diffusers: the student's transformer over its base pipeline, as its card says
+    transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "student", subfolder="transformer")
+    pipe = FluxPipeline.from_pretrained(tiny_flux_pipeline, transformer=transformer)
     assert pipe.transformer.config.num_single_layers == 1
     img = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
                output_type="np").images

@@ -53,7 +53,7 @@ def test_slimdit_compress_and_distill_are_callables(tiny_teacher, tmp_path):  # 
 
     record = slimdit.compress(tiny_teacher, {"units": {"block.1": "remove"}}, tmp_path / "student")
     assert record.block_params_after < record.block_params_before
-    assert (tmp_path / "student" / "model_index.json").exists() and (tmp_path / "student" / "README.md").exists()
+    assert (tmp_path / "student" / "slimdit_base.json").exists() and (tmp_path / "student" / "README.md").exists()
     assert slimdit.compress.compress is compress_to_dir  # the subpackage's names stay where they were
     with pytest.raises(ValueError, match="block.99"):
         slimdit.distill({"teacher": tiny_teacher, "out": str(tmp_path / "run"),

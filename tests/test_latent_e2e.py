@@ -42,7 +42,8 @@ def test_compress_synth_distill_eval(tiny_latent_pipeline, tmp_path, capsys):
     assert main(["compress", "--model", model, "--plan", str(plan), "--dry-run"]) == 0
     assert "block.1" in capsys.readouterr().out and not (tmp_path / "student").exists()
     assert main(["compress", "--model", model, "--plan", str(plan), "--out", str(tmp_path / "student")]) == 0
-    assert main(["export", "--model", str(tmp_path / "student"), "--merge", "--out", str(tmp_path / "dense")]) == 0
+    assert main(["export", "--model", str(tmp_path / "student"), "--merge", "--full", "--out",
+                 str(tmp_path / "dense")]) == 0
 
     from diffusers import PixArtSigmaPipeline
 
@@ -64,7 +65,7 @@ def test_compress_synth_distill_eval(tiny_latent_pipeline, tmp_path, capsys):
     (tmp_path / "distill.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["distill", "--config", str(tmp_path / "distill.yaml")]) == 0
     run = tmp_path / "run"
-    for f in ("config.yaml", "plan.json", "metrics.jsonl", "summary.json", "student/model_index.json"):
+    for f in ("config.yaml", "plan.json", "metrics.jsonl", "summary.json", "student/slimdit_base.json"):
         assert (run / f).exists(), f
     assert sorted(p.name for p in (run / "phases").iterdir()) == ["00_local", "01_global", "02_refine"]
     assert list((run / "phases" / "01_global" / "checkpoints").glob("step_*"))

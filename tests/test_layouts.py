@@ -110,3 +110,54 @@ def test_hub_ids_load_from_a_local_cache_offline(tiny_teacher, transformer_only,
                            ["num_inference_steps"])
     assert lines[2].startswith("ERR could not load model 'someone/not-cached'")
     assert "holds only a transformer" in lines[3] and "--transformer someone/tiny-transformer" in lines[3]
+
+
+def test_a_student_is_its_transformer_and_the_name_of_its_base(tiny_teacher, tmp_path):  # noqa: F811
+    import re
+
+    from diffusers import DiffusionPipeline
+
+    from slimdit.compress.student import compress_to_dir, export_student
+    from slimdit.pipelines.loading import load_pipeline, model_fingerprint
+
+    student = tmp_path / "student"
+    compress_to_dir(tiny_teacher, {"units": {"block.1": "remove"}}, student)
+    assert sorted(p.name for p in student.iterdir()) == ["README.md", "plan.json", "slimdit.json",
+                                                        "slimdit_base.json", "transformer"]
+    base = json.loads((student / "slimdit_base.json").read_text())
+    assert base["base"] == str(Path(tiny_teacher).resolve())  # a local base by its absolute path
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np", use_resolution_binning=False).images  # 32 px is no PixArt bin
+
+    pipe = load_pipeline(str(student), "cpu")
+    assert len(pipe.transformer.transformer_blocks) == 3 and pipe.text_encoder is not None
+    assert model_fingerprint(str(student)) != model_fingerprint(tiny_teacher)
+
+    # the card's plain-diffusers code runs as written
+    card = (student / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("path/to/student", str(student))
+    scope: dict = {}
+    exec(code.replace("<your prompt>", "a red circle"), scope)  # at the teacher's recorded sampling settings
+    assert scope["image"].size == sample(pipe)[0].shape[:2]
+
+    # a standalone export is a whole pipeline that diffusers loads, sampling what the student samples
+    full = export_student(str(student), tmp_path / "full", full=True)
+    assert (full / "model_index.json").exists() and (full / "text_encoder").is_dir()
+    assert (sample(DiffusionPipeline.from_pretrained(full)) == sample(pipe)).all()
+
+    # a base that moved is named, with the file that names it
+    moved = tmp_path / "moved"
+    shutil.copytree(student, moved)
+    (moved / "slimdit_base.json").write_text(json.dumps({"base": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match="runs in the base pipeline .*gone.* slimdit_base.json"):
+        load_pipeline(str(moved), "cpu")
+
+    # a student saved where a whole pipeline was reads as the student afterwards
+    with pytest.raises(ValueError, match="its own base"):
+        compress_to_dir(str(full), {"units": {"block.0": "remove"}}, full)
+    compress_to_dir(tiny_teacher, {"units": {"block.0": "remove", "block.1": "remove"}}, full)
+    assert not (full / "model_index.json").exists() and not (full / "text_encoder").exists()
+    assert len(load_pipeline(str(full), "cpu").transformer.transformer_blocks) == 2

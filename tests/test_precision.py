@@ -8,10 +8,10 @@ from slimdit.distill.losses import Batch, KDLoss
 from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.models import adapter_for
 from slimdit.models.precision import cast_io, student_copy
+from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
 from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 from tests.test_trainer import SCHED, _data
-from tests.test_compress import tiny
 
 
 def _kd(adapter, student, teacher, data, preset="normalized_hybrid"):

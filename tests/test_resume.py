@@ -125,7 +125,7 @@ def test_killed_distill_resumes_bit_identical(tiny_teacher, straight_distill, tm
     import slimdit.distill.run as distill_run
 
     if kill == "save":  # training finished, then the final pipeline save dies
-        kill_at(monkeypatch, 1, distill_run, "save_pipeline_with")
+        kill_at(monkeypatch, 1, distill_run, "save_student")
     else:
         kill_at(monkeypatch, kill)
     cfg = distill_cfg(tiny_teacher, tmp_path / "run")

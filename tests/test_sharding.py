@@ -118,9 +118,11 @@ def test_a_sharded_distill_runs_end_to_end_on_two_processes(tiny_teacher, tmp_pa
            "eval": {"benchmark": None, "bench": False}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543",
-           "-m", "slimdit.cli", "distill", "--config", str(tmp_path / "c.yaml")]
+    # the README's launch line, with the shipped accelerate config (2 processes, fp32 on CPU)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs" / "accelerate" / "multi-gpu.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", "29543", "-m", "slimdit.cli", "distill", "--config", str(tmp_path / "c.yaml")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"

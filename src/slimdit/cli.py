@@ -58,11 +58,9 @@ def cmd_compress(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from slimdit.compress.student import export_merged
+    from slimdit.compress.student import export_student
 
-    if not a.merge:
-        raise ValueError("export needs --merge (the only export so far: a dense copy for plain diffusers)")
-    print(f"wrote {export_merged(a.model, a.out)}")
+    print(f"wrote {export_student(a.model, a.out, merge=a.merge, full=a.full)}")
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
@@ -195,7 +193,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     if not (a.run / "summary.json").exists():
         raise FileNotFoundError(f"{a.run} has no summary.json: not a finished run directory")
     print(f"wrote {build_report(a.run)}")
-    if (a.run / "student" / "model_index.json").exists():  # the card picks up metrics added since the run
+    if (a.run / "student" / "transformer").is_dir():  # the card picks up metrics added since the run
         from slimdit.reports.card import write_card
 
         print(f"wrote {write_card(a.run / 'student', a.run)}")
@@ -223,6 +221,21 @@ def cmd_run(a: argparse.Namespace) -> None:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return
     run = run_schedule(cfg)
+    print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
+def cmd_steps(a: argparse.Namespace) -> None:
+    from slimdit.config import load_config, parse_sets
+    from slimdit.distill.fewstep import StepsConfig, rounds, run_steps
+
+    cfg = load_config(a.config, StepsConfig, overrides=parse_sets(a.set))
+    if a.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        print(f"# rounds: {' -> '.join(str(n) for n in [cfg.start, *rounds(cfg)])} steps")
+        return
+    run = run_steps(cfg)
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
@@ -327,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--merge", action="store_true", help="merge low-rank layers into a dense diffusers model")
+    p.add_argument("--full", action="store_true",
+                   help="a standalone pipeline (the base's text encoders, VAE and scheduler copied in); with --merge, "
+                        "what plain diffusers loads")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="teacher-generated images with captions (resumable)")
@@ -353,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("steps", help="fewer sampling steps: progressive distillation, halving rounds; rerun to "
+                       "continue")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and its rounds, and exit")
+    p.set_defaults(func=cmd_steps)
 
     p = sub.add_parser("search", help="which k units to modify: greedy and Optuna TPE on calibration CMMD, or "
                        "TinyFusion's learnable masks")

@@ -17,6 +17,7 @@ from slimdit.pipelines.loading import (
     resolve_transformer,
     sampling_defaults,
     save_pipeline_with,
+    save_student,
     split_model,
 )
 
@@ -113,22 +114,29 @@ def compress_to_dir(model: str, plan: Plan | dict | str | Path, out: str | Path 
     if not dry_run:
         from slimdit.reports.card import write_card
 
-        save_pipeline_with(pipe, student, out, source=model)
+        save_student(student, out, base=model)
         write_json(Path(out) / "plan.json", {"teacher": model, "plan": plan.to_dict(), "record": record.to_json()})
         write_card(out, out, teacher=model)
     return record
 
 
-def export_merged(model: str, out: str | Path, device: str | None = None) -> Path:
-    """Write a dense copy of a (low-rank) student pipeline that plain diffusers loads, with a model card made from
-    the student's run records."""
+def export_student(model: str, out: str | Path, merge: bool = False, full: bool = False,
+                   device: str | None = None) -> Path:
+    """Export a student: ``merge`` multiplies its low-rank layers back into dense ones; ``full`` writes a standalone
+    pipeline (the base pipeline's text encoders, VAE and scheduler copied beside the transformer). Both together
+    give what plain diffusers loads. The copy carries a model card made from the student's run records."""
     from slimdit.reports.card import run_of, write_card
 
+    if not (merge or full):
+        raise ValueError("export needs --merge (dense layers), --full (a standalone pipeline) or both")
     ensure_writable(out, "export --out")
     pipe = load_pipeline(model, device)
-    merged = merge_lowrank(pipe.transformer)
-    saved = save_pipeline_with(pipe, merged, out, source=model)
-    src = resolve_model_dir(model)
-    write_card(saved, run_of(src) if isinstance(src, Path) else None, merged_from=model,
-               merged_block_params=adapter_for(merged).block_params(merged))
+    transformer = merge_lowrank(pipe.transformer) if merge else pipe.transformer
+    if full:
+        saved = save_pipeline_with(pipe, transformer, out, source=model)
+    else:
+        saved = save_student(transformer, out, base=model)
+    src = Path(model) if Path(model).is_dir() else None  # the student's folder, for its run's records
+    write_card(saved, run_of(src) if src is not None else None, merged_from=model if merge else None,
+               merged_block_params=adapter_for(transformer).block_params(transformer) if merge else None)
     return saved

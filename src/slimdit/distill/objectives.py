@@ -60,6 +60,17 @@ class DDPM:
             return (xt - (1 - a).sqrt() * pred) / a.sqrt()
         return a.sqrt() * xt - (1 - a).sqrt() * pred
 
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` of ``x_t = alpha_t x_0 + sigma_t eps``; ``t = -1`` is the clean end (1, 0), where
+        DDIM's last step lands (``set_alpha_to_one``)."""
+        a = torch.where(t.view(-1, *([1] * (like.ndim - 1))).to(like.device) < 0, torch.ones(()),
+                        self._a(t.clamp_min(0), like))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def midpoint(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The timestep halfway between ``t`` and ``s`` (integers: rounded down)."""
+        return torch.div(t + s, 2, rounding_mode="floor")
+
 
 def _calculate_shift(tokens: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
     """``mu`` of FluxPipeline's resolution-dependent shift: linear in the number of image tokens."""
@@ -130,6 +141,14 @@ class RectifiedFlow:
 
     def x0(self, xt: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return xt - self._s(t, xt) * pred
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t) = (1 - s, s)``; ``t = 0`` is the clean end."""
+        s = self._s(t, like)
+        return 1 - s, s
+
+    def midpoint(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (t + s) / 2
 
 
 Objective = DDPM | RectifiedFlow

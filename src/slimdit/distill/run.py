@@ -31,11 +31,12 @@ from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy, weights_dtype
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import (
+    BASE_FILE,
     load_pipeline,
     model_fingerprint,
     pipeline_sampler,
     sampling_defaults,
-    save_pipeline_with,
+    save_student,
 )
 from slimdit.pipelines.placement import frozen_components, parked
 from slimdit.reports.card import write_card
@@ -92,8 +93,8 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         keep = _grasp(adapter, student, plan, conditioning, run, made_by)
     record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
-    if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / "model_index.json").exists():
-        save_pipeline_with(pipe, student, run / "untrained", source=cfg.teacher)
+    if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / BASE_FILE).exists():
+        save_student(student, run / "untrained", base=cfg.teacher)
 
     validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
     for kind in dict.fromkeys(ph.dataset for ph in phases):
@@ -104,7 +105,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units],
                                  phases, cfg.train.model_dump(), run, conditioning, device, progress, validator)
 
-    save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
+    save_student(student, run / "student", base=cfg.teacher)
     summary = {"teacher": cfg.teacher, "student": str(run / "student"),
                "block_params": {"teacher": record.block_params_before, "student": record.block_params_after,
                                 "ratio": record.block_params_after / record.block_params_before}}

@@ -64,6 +64,8 @@ def load_model(path: str | Path, dtype=None) -> nn.Module:
     d = Path(path)
     if (d / "model_index.json").exists():
         raise ValueError(f"{d} is a pipeline directory; load it with slimdit.load_pipeline, or pass {d}/transformer")
+    if (d / "slimdit_base.json").exists():
+        raise ValueError(f"{d} is a student directory; load it with slimdit.load_pipeline, or pass {d}/transformer")
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d} is not a diffusers model directory (no config.json)")
     config = json.loads((d / "config.json").read_text())

@@ -4,6 +4,10 @@ transformer taken from elsewhere (a transformer-only repo or directory over a ba
 A model whose transformer comes from elsewhere is written ``PIPELINE#transformer=TRANSFORMER`` (what
 ``--transformer`` beside ``--model`` and ``teacher: {pipeline: ..., transformer: ...}`` in a config make), so
 that one string names it everywhere: run identity, caches and sampling defaults.
+
+A student is saved as its transformer alone (``transformer/``) beside ``slimdit_base.json``, which names the pipeline
+it runs in (its teacher's); such a directory reads as ``BASE#transformer=DIR/transformer`` everywhere. ``slimdit
+export --full`` writes a standalone pipeline from it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from slimdit.io import files_fingerprint
+from slimdit.io import files_fingerprint, write_json
 from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 from slimdit.registry import COMPONENTS, MODELS, SAMPLERS
 
 TRANSFORMER_SEP = "#transformer="
+BASE_FILE = "slimdit_base.json"  # in a student directory: the pipeline its transformer runs in
 
 
 def join_model(pipeline: str, transformer: str | None) -> str:
@@ -32,8 +37,19 @@ def join_model(pipeline: str, transformer: str | None) -> str:
     return f"{pipeline}{TRANSFORMER_SEP}{transformer}"
 
 
+def student_base(model: str) -> str | None:
+    """The base pipeline a student directory names in ``slimdit_base.json``, else None."""
+    p = Path(model)
+    if TRANSFORMER_SEP in model or not (p / BASE_FILE).is_file() or (p / "model_index.json").exists():
+        return None
+    return json.loads((p / BASE_FILE).read_text())["base"]
+
+
 def split_model(model: str) -> tuple[str, str | None]:
-    """``(pipeline, transformer or None)`` of a MODEL string (:func:`join_model`)."""
+    """``(pipeline, transformer or None)`` of a MODEL string (:func:`join_model`) or a student directory."""
+    base = student_base(model)
+    if base is not None:
+        return base, str(Path(model) / "transformer")
     pipeline, sep, transformer = model.partition(TRANSFORMER_SEP)
     return pipeline, (transformer if sep else None)
 
@@ -44,6 +60,14 @@ def resolve_model_dir(model: str) -> Path | str:
     id: the error names the first missing component and suggests close names beside it."""
     from difflib import get_close_matches
 
+    base = student_base(model)
+    if base is not None:
+        try:
+            resolve_model_dir(base)
+        except (FileNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"student {model} runs in the base pipeline {base!r} that its {BASE_FILE} names, "
+                                    f"which cannot be found ({e}); restore it there, or point {BASE_FILE} at a copy"
+                                    ) from e
     model, transformer = split_model(model)
     if transformer is not None:
         resolve_transformer(transformer)
@@ -196,6 +220,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
             hint = (" (a hub repo that holds only a transformer, like PixArt-alpha/PixArt-Sigma-XL-2-512-MS, needs "
                     "a base pipeline: --model BASE --transformer REPO)")
         raise FileNotFoundError(f"could not load model {model!r}: {e}{hint}") from e
+    if student_base(model) is not None and (Path(model) / "scheduler").is_dir():  # a few-step student's sampler
+        import diffusers
+
+        cfg = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
+        pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_pretrained(Path(model) / "scheduler")
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -216,6 +245,8 @@ def sampling_defaults(model: str) -> dict:
     from slimdit.models import ADAPTERS
 
     src = resolve_model_dir(model)
+    if student_base(model) is not None:  # a student records its own (a few-step student's differ)
+        src = Path(model)
     recorded = {}
     if isinstance(src, Path) and (src / "slimdit.json").exists():
         recorded = json.loads((src / "slimdit.json").read_text()).get("sampling", {})
@@ -257,6 +288,42 @@ def pipeline_sampler(pipe, model: str, steps: int | None = None, guidance: float
     return PipelineSampler(pipe, opts, name=name or model)
 
 
+def save_student(transformer, out_dir: str | Path, base: str, scheduler=None, sampling: dict | None = None) -> Path:
+    """Save a student as ``transformer/`` (dense or low-rank) beside ``slimdit_base.json`` naming the pipeline it
+    runs in (``base``'s pipeline: a registered name, a hub id, or a directory by its absolute path), and its sampling
+    defaults (``slimdit.json``: ``base``'s, updated with ``sampling``). A few-step student also saves the
+    ``scheduler`` it samples with, which replaces the base's. A whole pipeline an earlier save left in ``out_dir`` is
+    taken out first, so the folder reads as the student."""
+    import shutil
+
+    out = Path(out_dir)
+    check_finite(transformer, str(out))
+    pipeline, _ = split_model(base)  # a student of a student runs in the same base
+    ref = pipeline if pipeline in MODELS or not Path(pipeline).exists() else str(Path(pipeline).resolve())
+    if ref == str(out.resolve()):
+        raise ValueError(f"cannot save a student into {out}: that folder is its own base pipeline; give another")
+    if (out / "model_index.json").exists():
+        index = json.loads((out / "model_index.json").read_text())
+        for k in index:
+            if not k.startswith("_") and (out / k).is_dir():
+                shutil.rmtree(out / k)
+        (out / "model_index.json").unlink()
+    for sub in ("transformer", "scheduler"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    save_model(transformer, out / "transformer")
+    if scheduler is not None:
+        scheduler.save_pretrained(out / "scheduler")
+    src = Path(base) if student_base(base) is not None else resolve_model_dir(pipeline)
+    record = json.loads((src / "slimdit.json").read_text()) if isinstance(src, Path) and (
+        src / "slimdit.json").exists() else {}
+    if sampling:
+        record["sampling"] = {**record.get("sampling", {}), **sampling}
+    if record:
+        write_json(out / "slimdit.json", record)
+    write_json(out / BASE_FILE, {"base": ref, "base_fingerprint": model_fingerprint(pipeline)})
+    return out
+
+
 def save_pipeline_with(pipe, transformer, out_dir: str | Path, source: str | None = None) -> Path:
     """Save ``pipe`` with ``transformer`` in place of its own (dense or low-rank), plus the source's sampling
     defaults (``slimdit.json``)."""
@@ -273,7 +340,7 @@ def save_pipeline_with(pipe, transformer, out_dir: str | Path, source: str | Non
     shutil.rmtree(out / "transformer")
     save_model(transformer, out / "transformer")
     if source is not None:
-        src = resolve_model_dir(source)
+        src = Path(source) if student_base(source) is not None else resolve_model_dir(source)
         if isinstance(src, Path) and (src / "slimdit.json").exists():
             shutil.copy(src / "slimdit.json", out / "slimdit.json")
     return out

@@ -338,30 +338,46 @@ def _call_kwargs(student: Path, index: dict) -> dict:
 
 
 def _loading(student: Path, lowrank: bool) -> str:
+    from slimdit.pipelines.loading import resolve_model_dir, student_base
     from slimdit.registry import COMPONENTS
 
-    index = _json(student / "model_index.json") or {}
+    base = student_base(str(student))  # None: a standalone pipeline
+    src = resolve_model_dir(base) if base is not None else student
+    index = (_json(src / "model_index.json") if isinstance(src, Path) else None) or {}
     custom = sorted({COMPONENTS[v[1]] for k, v in index.items()
                      if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1] in COMPONENTS})
     call = ", ".join(f"{k}={v!r}" for k, v in _call_kwargs(student, index).items())
     name = f"path/to/{student.name}"
+    sample = f"image = pipe(\"<your prompt>\"{', ' + call if call else ''}).images[0]"
     out = ["## How to load", ""]
+    if base is not None:
+        out += [f"This folder holds the student's transformer (`transformer/`) and `slimdit_base.json`, which names "
+                f"the pipeline it runs in: `{base}` (its text encoders, VAE and scheduler are the teacher's, so they "
+                "are not copied here).", ""]
     if lowrank:
         out += ["Plain diffusers cannot load this model: its transformer stores factored (low-rank) layers in "
                 "`transformer/lowrank_model.safetensors` with their ranks in `transformer/slimdit_lowrank.json`, and "
-                "`DiffusionPipeline.from_pretrained` stops with \"no file named diffusion_pytorch_model.bin found in "
-                "directory .../transformer\". Load it with slimdit installed:", "",
-                "```python", "import slimdit", "", f'pipe = slimdit.load_pipeline("{name}")',
-                f"image = pipe(\"<your prompt>\"{', ' + call if call else ''}).images[0]", "```", "",
-                "or write a dense copy that any diffusers user loads (it has the teacher's parameter count in the "
-                "factored layers, so it is not smaller or faster there):", "", "```bash",
-                f"slimdit export --model {name} --merge --out {name}-dense", "```"]
+                "diffusers' `from_pretrained` of `transformer/` stops with \"no file named "
+                "diffusion_pytorch_model.bin found in directory .../transformer\". Load it with slimdit installed:", "",
+                "```python", "import slimdit", "", f'pipe = slimdit.load_pipeline("{name}")', sample, "```", "",
+                "or write a dense, standalone pipeline that any diffusers user loads (it has the teacher's parameter "
+                "count in the factored layers, so it is not smaller or faster there):", "", "```bash",
+                f"slimdit export --model {name} --merge --full --out {name}-dense", "```"]
         return "\n".join(out)
+    imports = [f"import {m}  # registers a component class this pipeline names" for m in custom]
+    if base is None:
+        out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
+                "loads it:", "", "```python", *imports, "from diffusers import DiffusionPipeline", "",
+                f'pipe = DiffusionPipeline.from_pretrained("{name}")', sample, "```"]
+        return "\n".join(out)
+    cls = json.loads((student / "transformer" / "config.json").read_text())["_class_name"]
     out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
-            "loads it:", "", "```python"]
-    out += [f"import {m}  # registers a component class this pipeline names" for m in custom]
-    out += ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{name}")',
-            f"image = pipe(\"<your prompt>\"{', ' + call if call else ''}).images[0]", "```"]
+            "loads it over the base pipeline:", "", "```python", *imports,
+            f"from diffusers import DiffusionPipeline, {cls}", "",
+            f'transformer = {cls}.from_pretrained("{name}", subfolder="transformer")',
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", transformer=transformer)', sample, "```", "",
+            "or, with slimdit installed, `slimdit.load_pipeline(\"" + name + "\")`; `slimdit export --model "
+            f"{name} --full --out {name}-pipeline` writes a standalone pipeline."]
     return "\n".join(out)
 
 

@@ -32,7 +32,7 @@ from slimdit.metrics.embedders import get_embedder
 from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
 from slimdit.models.storage import load_model, save_model
-from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_pipeline_with
+from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_student
 from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, feasible_range, linear_ratios
 
 
@@ -252,7 +252,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         write_json(sdir / "metrics.json", row)
         write_json(sdir / "done.json", {"kept": kept, "modified": sorted(modified)})
         rows.append(row)
-    save_pipeline_with(pipe, student, run / "student", source=cfg.teacher)
+    save_student(student, run / "student", base=cfg.teacher)
     write_json(run / "summary.json", {"teacher": cfg.teacher, "schedule": cfg.schedule.kind, "stages": rows,
                                       "teacher_block_params": teacher_params,
                                       "student_block_params": adapter.block_params(student),

@@ -88,7 +88,7 @@ def bench(student: str, teacher: str, repeats: int = 5, batch_size: int = 8, ste
         raise ValueError("--repeats and --batch-size must be at least 1")
     pipes = {"student": load_pipeline(student, device), "teacher": load_pipeline(teacher, device)}
     return bench_pipelines(pipes["student"], pipes["teacher"], sampling_defaults(teacher), repeats, batch_size,
-                           steps)
+                           steps, student_defaults=sampling_defaults(student))
 
 
 def bench_transformers(pipe, student, defaults: dict, repeats: int = 5, batch_size: int = 8,
@@ -100,25 +100,30 @@ def bench_transformers(pipe, student, defaults: dict, repeats: int = 5, batch_si
 
 
 def bench_pipelines(student_pipe, teacher_pipe, defaults: dict, repeats: int = 5, batch_size: int = 8,
-                    steps: int | None = None) -> BenchResult:
+                    steps: int | None = None, student_defaults: dict | None = None) -> BenchResult:
+    """Time both pipelines alternately; each samples at its own defaults (``student_defaults``: a few-step
+    student's steps and guidance), unless ``steps`` sets both. FLOPs are per sampling call: one step's transformer
+    passes times the steps."""
     if repeats < 1 or batch_size < 1:
         raise ValueError("repeats and batch_size must be at least 1")
     pipes = {"student": student_pipe, "teacher": teacher_pipe}
-    options = sampling_options(defaults, steps=steps, batch_size=batch_size)
+    opts = {"teacher": sampling_options(defaults, steps=steps, batch_size=batch_size),
+            "student": sampling_options(student_defaults or defaults, steps=steps, batch_size=batch_size)}
     prompts = ["a red circle to the left of a blue square"] * batch_size
-    for p in pipes.values():
+    for name, p in pipes.items():
         p.set_progress_bar_config(disable=True)
-        _sample_once(p, prompts, options)  # warm-up
+        _sample_once(p, prompts, opts[name])  # warm-up
     times: dict[str, list[float]] = {"student": [], "teacher": []}
     for r in range(repeats):
         order = ("student", "teacher") if r % 2 == 0 else ("teacher", "student")
         for name in order:
-            times[name].append(_sample_once(pipes[name], prompts, options))
+            times[name].append(_sample_once(pipes[name], prompts, opts[name]))
     lat = {k: statistics.median(v) for k, v in times.items()}
     params = {k: sum(p.numel() for p in pipe.transformer.parameters()) for k, pipe in pipes.items()}
-    size = options.extra.get("height") or _default_size(teacher_pipe)
-    flops = {k: transformer_flops(pipe, batch_size, options, size) for k, pipe in pipes.items()}
-    steps = options.num_inference_steps
+    size = opts["teacher"].extra.get("height") or _default_size(teacher_pipe)
+    flops = {k: transformer_flops(pipe, batch_size, opts[k], size) * opts[k].num_inference_steps
+             for k, pipe in pipes.items()}
+    steps = opts["student"].num_inference_steps
     return BenchResult(lat["student"] / lat["teacher"], params["student"] / params["teacher"],
                        flops["student"] / flops["teacher"], lat["student"], lat["teacher"], params["student"],
                        params["teacher"], flops["student"], flops["teacher"], repeats, batch_size, steps,

@@ -1,0 +1,148 @@
+"""``slimdit steps --config C``: make a model sample in fewer steps, one halving round at a time.
+
+Progressive distillation (:mod:`slimdit.distill.progressive`) from the teacher sampled at ``start`` deterministic
+steps down to ``steps``: round k trains a student for ``start / 2^k`` steps against the previous round's model at
+twice as many. The teacher may be any model, a compressed student included, so size and steps compose. With a CFG
+teacher the first round distils its guided sampling, and every later student samples without CFG.
+
+Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each; ``student/`` and ``done.json`` once
+finished), ``student/`` (the final one: transformer, scheduler, sampling defaults, card), ``metrics/*.json``,
+``summary.json``. Rerunning the same config continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, load_config
+from slimdit.io import read_json, write_json
+
+
+class StepsConfig(_Strict):
+    teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
+    out: str
+    method: Literal["progressive"] = "progressive"
+    steps: int = Field(4, ge=1)  # the final student's sampling steps
+    start: int = Field(16, ge=2)  # the teacher's deterministic steps the first round distils; steps x 2^k
+    guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
+    device: str | None = None
+    data: DataConfig = DataConfig()
+    train: TrainSection = TrainSection(steps=500, optimizer="adamw", lr=1e-4, warmup_steps=50, grad_clip=1.0,
+                                       weight_decay=0.0, val_every=0, checkpoint_every=100, batch_size=32)
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _halvings(self):
+        k = math.log2(self.start / self.steps) if self.start > self.steps else 0
+        if k < 1 or k != int(k):
+            raise ValueError(f"start ({self.start}) must be steps ({self.steps}) times a power of 2, at least 2")
+        return self
+
+
+def rounds(cfg: StepsConfig) -> list[int]:
+    """The student steps of each round: start/2, start/4, ..., steps."""
+    out, n = [], cfg.start
+    while n > cfg.steps:
+        n //= 2
+        out.append(n)
+    return out
+
+
+def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) -> Path:
+    """Run (or continue) a step distillation; return the run directory."""
+    from slimdit.data.datasets import load_dataset
+    from slimdit.distill.progressive import ProgressiveLoss
+    from slimdit.distill.run import Conditionings
+    from slimdit.distill.steps import student_scheduler, transitions
+    from slimdit.distill.trainer import TrainConfig, Trainer
+    from slimdit.identity import check_run_dir, input_fingerprints
+    from slimdit.models import adapter_for
+    from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
+    from slimdit.models.storage import load_model
+    from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student
+    from slimdit.pipelines.placement import frozen_components, parked
+
+    cfg = config if isinstance(config, StepsConfig) else load_config(config, StepsConfig)
+    run = Path(cfg.out)
+    inputs = input_fingerprints(cfg)
+    check_run_dir(run, cfg, inputs)
+    real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    teacher = cast_io(pipe.transformer.eval())
+    sched_config = dict(pipe.scheduler.config)
+    adapter = adapter_for(teacher, sched_config)
+    defaults = sampling_defaults(cfg.teacher)
+    w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
+    guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
+    data = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
+    tokens = adapter.image_tokens(teacher, data.latents[:1])
+    student = student_copy(teacher, cfg.train.student_dtype)
+    scheduler = student_scheduler(sched_config)
+    with parked(pipe, frozen_components(pipe)):
+        for i, n in enumerate(rounds(cfg)):
+            rdir = run / "rounds" / f"{i:02d}_{n}steps"
+            if (rdir / "done.json").exists():
+                student = cast_io(load_model(rdir / "student" / "transformer").to(device,
+                                                                                   DTYPES[cfg.train.student_dtype]))
+                teacher = student
+                continue
+            t, s = transitions(sched_config, n, tokens)
+            # round 0 distils the CFG teacher's guided steps; later teachers are students that sample without CFG
+            cfg_null = data.null if (i == 0 and not guided_input and w != 1) else None
+            loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w)
+            tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas),
+                                  "eps": tuple(cfg.train.eps)})
+            t0 = time.time()
+            trainer = Trainer(adapter, teacher, student, data, tcfg, rdir, loss=loss)
+            last = trainer.train(progress=progress)
+            student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
+            save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
+                         sampling=_sampling(n, w, guided_input))
+            write_json(rdir / "done.json", {"steps": n, "teacher_steps": 2 * n, "train_steps": tcfg.steps,
+                                            "seconds": round(time.time() - t0, 1), "last": last})
+            teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    save_student(student, run / "student", base=cfg.teacher, scheduler=scheduler,
+                 sampling=_sampling(cfg.steps, w, guided_input))
+    summary = {"teacher": cfg.teacher, "student": str(run / "student"), "method": cfg.method, "steps": cfg.steps,
+               "teacher_steps": defaults["num_inference_steps"],
+               "rounds": [read_json(d) for d in sorted((run / "rounds").glob("*/done.json"))]}
+    if cfg.eval.benchmark:
+        summary.update(_evaluate(cfg, run))
+    if cfg.eval.bench:
+        if not (run / "bench.json").exists():
+            from slimdit.speed.bench import bench
+
+            write_json(run / "bench.json", bench(str(run / "student"), cfg.teacher, repeats=3).to_json())
+        b = read_json(run / "bench.json")
+        summary["bench"] = {k: b[k] for k in ("latency_ratio", "param_ratio", "flop_ratio")}
+    write_json(run / "summary.json", summary)
+    return run
+
+
+def _sampling(steps: int, w: float, guided_input: bool) -> dict:
+    """A few-step student's sampling defaults: its steps, and no CFG (a CFG teacher's guidance is distilled in),
+    or the teacher's guidance input scale."""
+    return {"num_inference_steps": steps, "guidance_scale": w if guided_input else 1.0}
+
+
+def _evaluate(cfg: StepsConfig, run: Path) -> dict:
+    from slimdit.metrics.evaluate import evaluate_model
+
+    e, out = cfg.eval, {}
+    for name, model in (("teacher", cfg.teacher), ("student", str(run / "student"))):
+        path = run / "metrics" / f"{name}.json"
+        m = read_json(path) if path.exists() else evaluate_model(
+            model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed).metrics
+        out[f"{name}_metrics"] = {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}
+    t, s = out["teacher_metrics"].get("overall"), out["student_metrics"].get("overall")
+    if t:
+        out["retained_overall"] = s / t
+    return out

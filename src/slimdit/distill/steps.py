@@ -1,0 +1,56 @@
+"""Few-step sampling grids: the steps a few-step student takes, exactly as the diffusers scheduler it is saved with
+takes them, so training and sampling visit the same timesteps.
+
+A diffusion (DDPM-family) student samples with ``DDIMScheduler`` (``trailing`` spacing, so the first step starts
+at pure noise; no clipping; the last step lands on the clean image). A flow student keeps its flow-matching Euler
+scheduler, whose steps are deterministic already, with the sigmas its pipeline sets (Flux: ``linspace(1, 1/N, N)``,
+shifted by the image's token count).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slimdit.distill.objectives import DDPM, RectifiedFlow, _calculate_shift, objective_for
+
+
+def student_scheduler(scheduler_config: dict):
+    """The diffusers scheduler a few-step student of a teacher with ``scheduler_config`` samples with."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if isinstance(objective_for(scheduler_config), RectifiedFlow):
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", clip_sample=False,
+                                     thresholding=False, set_alpha_to_one=True, steps_offset=0)
+
+
+def transitions(scheduler_config: dict, steps: int, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, s)``: where each of the ``steps`` sampling steps starts and lands, as the student's scheduler steps
+    (the clean end is ``-1`` for DDIM, ``0`` for flow). ``tokens``: the image token count (dynamic flow shift)."""
+    sched = student_scheduler(scheduler_config)
+    if isinstance(objective_for(scheduler_config), RectifiedFlow):
+        cfg = sched.config
+        kwargs = {}
+        if cfg.get("use_dynamic_shifting"):
+            if tokens is None:
+                raise ValueError("a dynamically shifted flow schedule needs the image token count")
+            kwargs["mu"] = _calculate_shift(tokens, cfg.get("base_image_seq_len") or 256,
+                                            cfg.get("max_image_seq_len") or 4096, cfg.get("base_shift") or 0.5,
+                                            cfg.get("max_shift") or 1.15)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kwargs)  # as FluxPipeline sets them
+        sig = sched.sigmas.float()
+        n = sched.config.num_train_timesteps
+        return sig[:-1] * n, sig[1:] * n
+    sched.set_timesteps(steps)
+    t = sched.timesteps.long()
+    return t, t - sched.config.num_train_timesteps // steps  # DDIM's own prev_timestep; < 0 is the clean end
+
+
+def deterministic_step(objective: DDPM | RectifiedFlow, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor,
+                       s: torch.Tensor) -> torch.Tensor:
+    """One DDIM (eta 0) / flow Euler step from ``t`` to ``s``: ``x_s = alpha_s x0_hat + sigma_s eps_hat``."""
+    x0 = objective.x0(x, pred, t)
+    a_t, s_t = objective.coefficients(t, x)
+    a_s, s_s = objective.coefficients(s, x)
+    return a_s * x0 + s_s * (x - a_t * x0) / s_t

@@ -1,0 +1,98 @@
+"""Few-step students: the grid a student trains on is the grid its scheduler samples on, and progressive
+distillation's target makes one step land where the teacher's two land."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimdit.distill.losses import Batch
+from slimdit.distill.objectives import objective_for
+from slimdit.distill.progressive import ProgressiveLoss
+from slimdit.distill.steps import deterministic_step, student_scheduler, transitions
+from slimdit.models import adapter_for
+from tests.test_compress import tiny
+from tests.test_flux import FLOW, flux_data, tiny_flux
+from tests.test_trainer import SCHED, _data
+
+V = {**SCHED, "prediction_type": "v_prediction"}
+STATIC_FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+
+
+@pytest.mark.parametrize("config", [SCHED, V, STATIC_FLOW, FLOW], ids=["eps", "v", "flow", "flux"])
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_training_steps_are_the_schedulers_steps(config, steps):
+    """Stepping with the scheduler a student saves with, from each grid point, equals the training's step."""
+    obj = objective_for(config)
+    t, s = transitions(config, steps, tokens=16)
+    assert len(t) == steps and (s < t).all()
+    sched = student_scheduler(config)
+    if "shift" in config:
+        import numpy as np
+
+        from slimdit.distill.objectives import _calculate_shift
+        mu = {"mu": _calculate_shift(16, 256, 4096, 0.5, 1.15)} if config.get("use_dynamic_shifting") else {}
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **mu)
+    else:
+        sched.set_timesteps(steps)
+    assert torch.allclose(sched.timesteps.float(), t.float())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for i in range(steps):
+        pred = torch.randn(2, 4, 8, 8, generator=g)
+        mine = deterministic_step(obj, x, pred, t[i].expand(2), s[i].expand(2))
+        theirs = sched.step(pred, sched.timesteps[i], x).prev_sample
+        assert torch.allclose(mine, theirs, atol=1e-5), i
+        x = theirs
+    assert s[-1] <= 0  # the last step lands on the clean end
+
+
+@pytest.mark.parametrize("case", ["pixart-cfg", "flux-guidance"])
+def test_one_step_on_the_target_lands_where_two_teacher_steps_land(case):
+    if case == "pixart-cfg":
+        teacher, sched, data = tiny(), V, _data()
+    else:
+        teacher, sched, data = tiny_flux(1, 1), FLOW, flux_data(4)
+    adapter = adapter_for(teacher, sched)
+    t, s = transitions(sched, 2, tokens=adapter.image_tokens(teacher, data.latents[:2]))
+    loss = ProgressiveLoss(adapter, t, s, null=data.null, guidance=3.0)
+    obj = adapter.objective
+    x0 = data.latents[:2]
+    tt, ss = t, s
+    xt, _ = obj.noise(x0, torch.randn_like(x0), tt)
+    cond = {k: v[:2] for k, v in data.cond.items()}
+    null = None
+    if adapter.takes_guidance(teacher):
+        cond["guidance"] = torch.full((2,), 3.0)
+    else:
+        null = {k: v.expand(2, *v.shape[1:]) for k, v in data.null.items()}
+    with torch.no_grad():
+        target = loss.target(teacher, xt, tt, ss, cond, null)
+        mid = obj.midpoint(tt, ss)
+        two = deterministic_step(obj, xt, loss._teacher(teacher, xt, tt, cond, null), tt, mid)
+        two = deterministic_step(obj, two, loss._teacher(teacher, two, mid, cond, null), mid, ss)
+    assert torch.allclose(deterministic_step(obj, xt, target, tt, ss), two, atol=1e-4)
+
+
+def test_progressive_distillation_trains(tmp_path):
+    import copy
+
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    adapter = adapter_for(student, V)
+    t, s = transitions(V, 2)
+    data = _data()
+    loss = ProgressiveLoss(adapter, t, s, null=data.null, guidance=3.0)
+    cfg = TrainConfig(steps=30, batch_size=8, warmup_steps=1, lr=1e-3, optimizer="adamw", checkpoint_every=100,
+                      log_every=1, val_every=0, caption_dropout=0.0)
+    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=loss)
+
+    def measured():
+        g = torch.Generator().manual_seed(9)
+        return loss(tr.student, teacher, Batch(data.latents[:8], {k: v[:8] for k, v in data.cond.items()}, g))
+
+    before = measured()["total"].item()
+    tr.train(progress=False)
+    assert measured()["total"].item() < 0.5 * before
