@@ -13,6 +13,7 @@ from slimdit.distill.steps import deterministic_step, student_scheduler, transit
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
+from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 from tests.test_trainer import SCHED, _data
 
 V = {**SCHED, "prediction_type": "v_prediction"}
@@ -96,3 +97,40 @@ def test_progressive_distillation_trains(tmp_path):
     before = measured()["total"].item()
     tr.train(progress=False)
     assert measured()["total"].item() < 0.5 * before
+
+
+def test_slimdit_steps_halves_in_rounds_and_the_student_samples_with_its_own_scheduler(tiny_teacher, tmp_path):  # noqa: F811
+    import json
+
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.pipelines.loading import load_pipeline, sampling_defaults
+
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "steps": 2, "start": 8,
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1},
+           "eval": {"benchmark": "shapes-geneval", "limit": 4, "images_per_prompt": 1, "bench": True}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == ["00_4steps", "01_2steps"]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == 2 and s["teacher_steps"] == 20 and "retained_overall" in s
+    assert s["bench"]["flop_ratio"] == pytest.approx(2 / (20 * 2))  # 2 passes against 20 steps x 2 (CFG)
+    student = str(run / "student")
+    assert sampling_defaults(student)["num_inference_steps"] == 2 and sampling_defaults(student)["guidance_scale"] == 1
+    pipe = load_pipeline(student, "cpu")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
+    # a rerun finds every round done and trains nothing
+    before = (run / "rounds" / "01_2steps" / "done.json").read_text()
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert (run / "rounds" / "01_2steps" / "done.json").read_text() == before
+
+
+def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
+    from slimdit.distill.fewstep import StepsConfig
+
+    with pytest.raises(ValueError, match="power of 2"):
+        StepsConfig(out="x", steps=4, start=12)
+    assert StepsConfig(out="x", steps=1, start=8).model_dump()["start"] == 8

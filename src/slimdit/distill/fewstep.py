@@ -143,6 +143,5 @@ def _evaluate(cfg: StepsConfig, run: Path) -> dict:
             model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed).metrics
         out[f"{name}_metrics"] = {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}
     t, s = out["teacher_metrics"].get("overall"), out["student_metrics"].get("overall")
-    if t:
-        out["retained_overall"] = s / t
+    out["retained_overall"] = s / t if t else None  # None: the teacher scores 0 (an untrained test model)
     return out
