@@ -122,6 +122,8 @@ def test_slimdit_steps_halves_in_rounds_and_the_student_samples_with_its_own_sch
     assert sampling_defaults(student)["num_inference_steps"] == 2 and sampling_defaults(student)["guidance_scale"] == 1
     pipe = load_pipeline(student, "cpu")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
+    card = (run / "student" / "README.md").read_text()
+    assert "few-step" in card and "| 1 | 2 | 4 | 2 |" in card and "samples in 2 deterministic steps" in card
     # a rerun finds every round done and trains nothing
     before = (run / "rounds" / "01_2steps" / "done.json").read_text()
     assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0

@@ -68,6 +68,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.models.storage import load_model
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student
     from slimdit.pipelines.placement import frozen_components, parked
+    from slimdit.reports.card import write_card
 
     cfg = config if isinstance(config, StepsConfig) else load_config(config, StepsConfig)
     run = Path(cfg.out)
@@ -124,6 +125,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
         b = read_json(run / "bench.json")
         summary["bench"] = {k: b[k] for k in ("latency_ratio", "param_ratio", "flop_ratio")}
     write_json(run / "summary.json", summary)
+    write_card(run / "student", run)  # after the evaluation: the card carries its numbers
     return run
 
 

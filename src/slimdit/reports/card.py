@@ -54,6 +54,7 @@ class RunFacts:
     stages: list[Stage] = field(default_factory=list)
     metrics: dict[str, dict] = field(default_factory=dict)  # teacher / untrained / student -> metrics JSON
     phases: list[tuple[str | None, dict]] = field(default_factory=list)  # (stage label, done.json)
+    rounds: list[dict] = field(default_factory=list)  # a step distillation's rounds (done.json each)
 
     @classmethod
     def read(cls, run: Path | None, teacher: str | None = None) -> RunFacts:
@@ -76,6 +77,7 @@ class RunFacts:
         for d in stage_dirs or [run]:
             label = f"stage {int(d.name)}" if stage_dirs else None
             f.phases += [(label, _json(p)) for p in sorted(d.glob("phases/*/done.json"))]
+        f.rounds = [_json(p) for p in sorted(run.glob("rounds/*/done.json"))]
         return f
 
     @property
@@ -134,7 +136,8 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
     ops = {u["op"] for s in f.stages for u in s.record["units"]}
     tags = ["slimdit", "text-to-image", "diffusion-transformer", "model-compression"]
     for tag, holds in (("block-pruning", "remove" in ops), ("low-rank", "svd" in ops),
-                       ("knowledge-distillation", f.trained), ("merged", merged)):
+                       ("knowledge-distillation", f.trained), ("merged", merged),
+                       ("progressive-distillation", bool(f.rounds)), ("few-step", bool(f.rounds))):
         if holds:
             tags.append(tag)
     if f.stages:
@@ -175,6 +178,25 @@ def _intro(f: RunFacts, lowrank: bool, merged_from: str | None, merged_params: i
                     f"multiplied back into one dense matrix, so plain diffusers loads it{size}. Its outputs are the "
                     "low-rank student's up to rounding.")
     return " ".join(text)
+
+
+def _fewstep(f: RunFacts) -> str:
+    c = f.config or {}
+    first, last = f.rounds[0], f.rounds[-1]
+    t = c.get("train", {})
+    out = [f"A few-step student of `{f.teacher}`, made with slimdit by progressive distillation (Salimans & Ho "
+           f"2022): it samples in {last['steps']} deterministic steps with the scheduler saved beside it, where "
+           f"the first round's teacher took {first['teacher_steps']}. Each round halves the steps: one student step "
+           "learns to land where two steps of the round's teacher land. A CFG teacher's guided steps are distilled "
+           "in the first round, so the student samples without CFG, one transformer pass per step. "
+           "Its transformer has the teacher's architecture.", "", "## How it was trained", "",
+           f"- {t.get('steps', '?')} optimizer steps per round, batch {t.get('batch_size', '?')}, "
+           f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}; data `{(c.get('data') or {}).get('real', '?')}`",
+           "", "| round | student steps | teacher steps | optimizer steps | seconds | last loss |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {i} | {r['steps']} | {r['teacher_steps']} | {r['train_steps']} | {r.get('seconds', '')} | "
+            f"{_fmt((r.get('last') or {}).get('total'))} |" for i, r in enumerate(f.rounds)]
+    return "\n".join(out)
 
 
 def _setting(spec: Any) -> str:
@@ -391,9 +413,13 @@ def render_card(student: str | Path, run: str | Path | None = None, teacher: str
     title = facts.teacher or "A transformer"
     if not is_hub_id(title) and len(Path(title).parts) > 1:  # a local folder: its name, not this machine's path
         title = Path(title).name
-    parts = [_header(facts, lowrank, merged), "", f"# {title}, compressed with slimdit", "",
-             _intro(facts, lowrank, merged_from, merged_block_params), "", _compression(facts), "",
-             _training(facts), "", _metrics(facts, merged), "", _loading(student, lowrank), "",
+    if facts.rounds:  # a step distillation: fewer steps, the same transformer
+        body = [f"# {title} in {facts.rounds[-1]['steps']} steps, distilled with slimdit", "", _fewstep(facts)]
+    else:
+        body = [f"# {title}, compressed with slimdit", "", _intro(facts, lowrank, merged_from, merged_block_params),
+                "", _compression(facts), "", _training(facts)]
+    parts = [_header(facts, lowrank, merged), "", *body, "", _metrics(facts, merged), "",
+             _loading(student, lowrank), "",
              "*Written by slimdit from the run directory's records; writing it again brings it up to date.*", ""]
     return "\n".join(parts)
 
