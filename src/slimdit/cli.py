@@ -22,9 +22,10 @@ def cmd_demo(a: argparse.Namespace) -> None:
     from slimdit.config import parse_sets
     from slimdit.demo import run_demo
 
-    run = run_demo(a.out, overrides={**parse_sets(a.set), **({"teacher": a.model} if a.model else {})})
+    run = run_demo(a.out, overrides={**parse_sets(a.set), **({"teacher": a.model} if a.model else {}),
+                                     **({"fewstep.steps": a.steps} if a.steps else {})})
     summary = json.loads((run / "summary.json").read_text())
-    keys = ("shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall")
+    keys = ("shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall", "steps")
     print(json.dumps({"run": str(run), **{w: {k: summary[w][k] for k in keys if k in summary[w]}
                                           for w in ("teacher", "student")}}, indent=2))
     print(f"report: {run / 'report.html'}")
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher (default: the packaged config's, shapes-pixart); any PixArt or Flux pipeline")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the packaged demo config (slimdit/demo.yaml), e.g. train.steps=400")
+    p.add_argument("--steps", type=int, default=None,
+                   help="then make the compressed student sample in this many steps (progressive distillation)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="write images and an enlarged grid for prompts")

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from slimdit.config import RunConfig, _Strict, load_config
+from slimdit.config import RunConfig, TrainSection, _Strict, load_config
 from slimdit.identity import check_run_dir, input_fingerprints
 from slimdit.io import read_json, write_json
 
@@ -37,11 +37,22 @@ class BenchSection(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
+class FewStepSection(_Strict):
+    """``slimdit demo --steps N``: after the size stages, progressive distillation of the compressed student from
+    its ``start`` deterministic steps down to ``steps`` (:mod:`slimdit.distill.fewstep`)."""
+
+    steps: int | None = Field(None, ge=1)  # None: no step distillation
+    start: int = Field(16, ge=2)
+    train: TrainSection = TrainSection(steps=150, batch_size=32, optimizer="adamw", lr=1e-4, warmup_steps=20,
+                                       grad_clip=1.0, weight_decay=0.0, val_every=0, checkpoint_every=50)
+
+
 class DemoConfig(RunConfig):
-    """A schedule run (:class:`RunConfig`) plus the demo's analysis and benchmark settings."""
+    """A schedule run (:class:`RunConfig`) plus the demo's analysis, benchmark and few-step settings."""
 
     analysis: AnalysisSection = AnalysisSection()
     bench: BenchSection = BenchSection()
+    fewstep: FewStepSection = FewStepSection()
 
 
 def default_config() -> dict:
@@ -62,6 +73,30 @@ def _summary(m: dict, block_params: int | None = None) -> dict:
     if block_params is not None:
         s["block_params"] = block_params
     return s
+
+
+def _fewstep(cfg: DemoConfig, run: Path, size: dict, teacher: dict, progress: bool) -> dict:
+    """Step-distil the compressed student (``run/student``) into ``run/steps``; its summary beside the teacher's:
+    steps, quality retained, block parameter ratio, and per-image latency against the teacher at its own steps,
+    measured side by side."""
+    from slimdit.distill.fewstep import StepsConfig, run_steps
+    from slimdit.speed.bench import bench
+
+    f, e = cfg.fewstep, cfg.eval
+    scfg = StepsConfig(teacher=str(run / "student"), out=str(run / "steps"), steps=f.steps,
+                       start=max(f.start, 2 * f.steps), data=cfg.data, train=f.train, device=cfg.device,
+                       eval={"benchmark": "shapes-geneval", "limit": e.limit, "images_per_prompt": e.images_per_prompt,
+                             "seed": e.seed, "bench": False})
+    sdir = run_steps(scfg, progress=progress)
+    if not (sdir / "bench.json").exists():
+        write_json(sdir / "bench.json", bench(str(sdir / "student"), cfg.teacher, repeats=cfg.bench.repeats,
+                                              batch_size=cfg.bench.batch_size, device=cfg.device).to_json())
+    b = read_json(sdir / "bench.json")
+    m = _summary(read_json(sdir / "metrics" / "student.json"), size.get("block_params"))
+    t = teacher["shapes_geneval_overall"]
+    return {**m, "steps": f.steps, "block_param_ratio": size["block_param_ratio"],
+            "retained_overall": m["shapes_geneval_overall"] / t if t > 0 else None,
+            "latency_ratio": b["latency_ratio"], "flop_ratio": b["flop_ratio"], "model": str(sdir / "student")}
 
 
 def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = True) -> Path:
@@ -144,6 +179,10 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     teacher = _summary(teacher_m, teacher_params)
     student["retained_overall"] = (student["shapes_geneval_overall"] / teacher["shapes_geneval_overall"]
                                    if teacher["shapes_geneval_overall"] > 0 else None)
+    extra = {}
+    if cfg.fewstep.steps:  # 5. the compressed student in fewer steps; the final student is that one
+        extra["size_student"] = student
+        student = timed("fewstep", lambda: _fewstep(cfg, run, student, teacher, progress))
     write_json(run / "summary.json", {
         "description": f"{cfg.schedule.kind} {cfg.schedule.op} of {cfg.teacher} to {cfg.schedule.target:.0%} of "
                        f"its block parameters over {len(stages)} stage(s), {cfg.train.kd} KD, protocol "
@@ -153,6 +192,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
         "student": student,
         "schedule": cfg.schedule.kind,
         "stages": stages,
+        **extra,
         "timings_s": timings,
         "elapsed_s": round(time.time() - t0, 1),
     })
