@@ -148,6 +148,14 @@ def test_a_student_is_its_transformer_and_the_name_of_its_base(tiny_teacher, tmp
     assert (full / "model_index.json").exists() and (full / "text_encoder").is_dir()
     assert (sample(DiffusionPipeline.from_pretrained(full)) == sample(pipe)).all()
 
+    # a base changed since the student was saved loads with a warning
+    changed = tmp_path / "changed"
+    shutil.copytree(student, changed)
+    record = json.loads((changed / "slimdit_base.json").read_text())
+    (changed / "slimdit_base.json").write_text(json.dumps({**record, "base_fingerprint": "0" * 16}))
+    with pytest.warns(UserWarning, match="has changed since the student was saved"):
+        load_pipeline(str(changed), "cpu")
+
     # a base that moved is named, with the file that names it
     moved = tmp_path / "moved"
     shutil.copytree(student, moved)

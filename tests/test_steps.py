@@ -9,7 +9,7 @@ import torch
 from slimdit.distill.losses import Batch
 from slimdit.distill.objectives import objective_for
 from slimdit.distill.progressive import ProgressiveLoss
-from slimdit.distill.steps import deterministic_step, student_scheduler, transitions
+from slimdit.distill.steps import deterministic_step, midpoints, student_scheduler, transitions
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
@@ -67,9 +67,13 @@ def test_one_step_on_the_target_lands_where_two_teacher_steps_land(case):
         cond["guidance"] = torch.full((2,), 3.0)
     else:
         null = {k: v.expand(2, *v.shape[1:]) for k, v in data.null.items()}
+    tokens = adapter.image_tokens(teacher, data.latents[:2])
+    mid = midpoints(sched, 2, tokens)  # the teacher's own 4-step grid between the student's points
+    if case == "flux-guidance":  # shifted: its grid's odd points are not the halfway points
+        assert not torch.allclose(mid, obj.midpoint(t, s))
+        assert torch.allclose(transitions(sched, 4, tokens)[0][::2], t)  # its even points are the student's
     with torch.no_grad():
-        target = loss.target(teacher, xt, tt, ss, cond, null)
-        mid = obj.midpoint(tt, ss)
+        target = loss.target(teacher, xt, tt, ss, cond, null, mid)
         two = deterministic_step(obj, xt, loss._teacher(teacher, xt, tt, cond, null), tt, mid)
         two = deterministic_step(obj, two, loss._teacher(teacher, two, mid, cond, null), mid, ss)
     assert torch.allclose(deterministic_step(obj, xt, target, tt, ss), two, atol=1e-4)
@@ -124,6 +128,13 @@ def test_slimdit_steps_halves_in_rounds_and_the_student_samples_with_its_own_sch
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
     card = (run / "student" / "README.md").read_text()
     assert "few-step" in card and "| 1 | 2 | 4 | 2 |" in card and "samples in 2 deterministic steps" in card
+    import re
+
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("path/to/student", student)
+    scope: dict = {}
+    exec(code.replace("<your prompt>", "a red circle"), scope)  # plain diffusers, with the saved DDIM scheduler
+    assert type(scope["pipe"].scheduler).__name__ == "DDIMScheduler"
+    assert scope["pipe"].scheduler.num_inference_steps == 2
     # a rerun finds every round done and trains nothing
     before = (run / "rounds" / "01_2steps" / "done.json").read_text()
     assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0

@@ -129,9 +129,11 @@ def cmd_bench(a: argparse.Namespace) -> None:
         print(json.dumps(r.ratios()))
         return
     print(f"latency ratio {r.latency_ratio:.3f}  (student {r.student_latency_s:.3f} s, teacher "
-          f"{r.teacher_latency_s:.3f} s; median of {r.repeats}, batch {r.batch_size}, {r.steps} steps, {r.device})")
+          f"{r.teacher_latency_s:.3f} s; median of {r.repeats}, batch {r.batch_size}, each at its own steps "
+          f"(student {r.steps}), {r.device})")
     print(f"param ratio   {r.param_ratio:.3f}  ({r.student_params:,} / {r.teacher_params:,})")
-    print(f"FLOP ratio    {r.flop_ratio:.3f}  ({r.student_flops:,} / {r.teacher_flops:,} per CFG forward)")
+    print(f"FLOP ratio    {r.flop_ratio:.3f}  ({r.student_flops:,} / {r.teacher_flops:,} per sampling call: "
+          "transformer passes x steps)")
 
 
 def _bench_memory(a: argparse.Namespace) -> None:

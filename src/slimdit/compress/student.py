@@ -135,7 +135,8 @@ def export_student(model: str, out: str | Path, merge: bool = False, full: bool 
     if full:
         saved = save_pipeline_with(pipe, transformer, out, source=model)
     else:
-        saved = save_student(transformer, out, base=model)
+        own = (Path(model) / "scheduler").is_dir()  # a few-step student's sampler goes with it
+        saved = save_student(transformer, out, base=model, scheduler=pipe.scheduler if own else None)
     src = Path(model) if Path(model).is_dir() else None  # the student's folder, for its run's records
     write_card(saved, run_of(src) if src is not None else None, merged_from=model if merge else None,
                merged_block_params=adapter_for(transformer).block_params(transformer) if merge else None)

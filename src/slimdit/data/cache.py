@@ -54,14 +54,14 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tenso
     return torch.cat(out)
 
 
-def _key(model_id: str, data: CaptionImages, max_sequence_length: int) -> str:
+def _key(model_id: str, data: CaptionImages, max_sequence_length: int, dtype: str) -> str:
     """The cache entry of ``data`` under ``model_id``'s current files (a model retrained under the same name gets a
-    new entry)."""
+    new entry), encoded in ``dtype`` (the frozen parts')."""
     from slimdit.pipelines.loading import model_fingerprint
 
     h = hashlib.sha256(b"conditioning v3")  # v3: shards of SHARD samples, read lazily
     h.update(json.dumps([model_id, model_fingerprint(model_id), data.source, max_sequence_length,
-                         data.images.shape, SHARD]).encode())
+                         data.images.shape, SHARD, dtype]).encode())
     h.update("\n".join(data.captions).encode())
     h.update(data.images.tobytes())
     return h.hexdigest()[:16]
@@ -92,11 +92,16 @@ class Rows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
+    def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
+        if isinstance(idx, int):
+            return self[torch.tensor([idx])][0]
         if isinstance(idx, slice):
             idx = torch.arange(len(self))[idx]
         rows = []
         for i in torch.as_tensor(idx).reshape(-1).tolist():  # CPU indices: no device sync
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"row {i} of {len(self)}")
+            i %= len(self)
             s = bisect.bisect_right(self.starts, i) - 1
             j = i - self.starts[s]
             rows.append(self._slice(s)[j:j + 1])
@@ -124,7 +129,8 @@ def cached_conditioning(pipe, model_id: str, data: CaptionImages, cache_dir: str
     Training always reads what is on disk, fresh entry or not, so that a run and its resumption train on the very
     same tensors (freshly encoded latents may be ``channels_last``, reloaded ones are contiguous, and convolutions
     round the two differently)."""
-    d = Path(cache_dir) / _key(model_id, data, max_sequence_length)
+    dtype = str(next(pipe.transformer.parameters()).dtype)  # the frozen parts' (bf16 encodes differently)
+    d = Path(cache_dir) / _key(model_id, data, max_sequence_length, dtype)
     n = len(data.captions)
     starts = list(range(0, n, SHARD))
     files = [d / f"shard_{i:05d}.safetensors" for i in range(len(starts))]

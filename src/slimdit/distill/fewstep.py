@@ -57,10 +57,12 @@ def rounds(cfg: StepsConfig) -> list[int]:
 
 def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) -> Path:
     """Run (or continue) a step distillation; return the run directory."""
+    from accelerate import PartialState
+
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.progressive import ProgressiveLoss
     from slimdit.distill.run import Conditionings
-    from slimdit.distill.steps import student_scheduler, transitions
+    from slimdit.distill.steps import midpoints, student_scheduler, transitions
     from slimdit.distill.trainer import TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
     from slimdit.models import adapter_for
@@ -71,6 +73,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.reports.card import write_card
 
     cfg = config if isinstance(config, StepsConfig) else load_config(config, StepsConfig)
+    state = PartialState(cpu=not torch.cuda.is_available())  # what the trainer's Accelerator uses
     run = Path(cfg.out)
     inputs = input_fingerprints(cfg)
     check_run_dir(run, cfg, inputs)
@@ -93,23 +96,27 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             if (rdir / "done.json").exists():
                 student = cast_io(load_model(rdir / "student" / "transformer").to(device,
                                                                                    DTYPES[cfg.train.student_dtype]))
-                teacher = student
+                teacher = copy.deepcopy(student).requires_grad_(False).eval()  # as after a trained round
                 continue
             t, s = transitions(sched_config, n, tokens)
             # round 0 distils the CFG teacher's guided steps; later teachers are students that sample without CFG
             cfg_null = data.null if (i == 0 and not guided_input and w != 1) else None
-            loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w)
+            loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w, mid=midpoints(sched_config, n, tokens))
             tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas),
                                   "eps": tuple(cfg.train.eps)})
             t0 = time.time()
             trainer = Trainer(adapter, teacher, student, data, tcfg, rdir, loss=loss)
             last = trainer.train(progress=progress)
-            student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
-            save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
-                         sampling=_sampling(n, w, guided_input))
-            write_json(rdir / "done.json", {"steps": n, "teacher_steps": 2 * n, "train_steps": tcfg.steps,
-                                            "seconds": round(time.time() - t0, 1), "last": last})
+            student = trainer.student_model(use_ema=tcfg.ema_decay is not None).to(device)
+            if state.is_main_process:  # one writer; the others wait until the round is on disk
+                save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
+                             sampling=_sampling(n, w, guided_input))
+                write_json(rdir / "done.json", {"steps": n, "teacher_steps": 2 * n, "train_steps": tcfg.steps,
+                                                "seconds": round(time.time() - t0, 1), "last": last})
+            state.wait_for_everyone()
             teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    if not state.is_main_process:  # saving, evaluating and benchmarking are the main process's
+        return run
     save_student(student, run / "student", base=cfg.teacher, scheduler=scheduler,
                  sampling=_sampling(cfg.steps, w, guided_input))
     summary = {"teacher": cfg.teacher, "student": str(run / "student"), "method": cfg.method, "steps": cfg.steps,

@@ -27,6 +27,9 @@ class ProgressiveLoss:
     s: torch.Tensor  # (N,) where it lands
     null: dict[str, torch.Tensor] | None = None  # the empty caption's conditioning: CFG teacher at ``guidance``
     guidance: float = 1.0
+    # (N,) where the teacher's first step lands: its own 2N-step grid's odd points (a shifted flow grid's are not
+    # the halfway points of the N-step one); None: the objective's midpoint
+    mid: torch.Tensor | None = None
 
     def _teacher(self, teacher, x, t, cond, null) -> torch.Tensor:
         a = self.adapter
@@ -36,10 +39,11 @@ class ProgressiveLoss:
         u = a.prediction(teacher, a.predict(teacher, x, t, null))
         return u + self.guidance * (c - u)
 
-    def target(self, teacher, xt, t, s, cond, null) -> torch.Tensor:
-        """The prediction at ``(xt, t)`` whose one step lands where the teacher's two steps land."""
+    def target(self, teacher, xt, t, s, cond, null, mid=None) -> torch.Tensor:
+        """The prediction at ``(xt, t)`` whose one step lands where the teacher's two steps land (through
+        ``mid``, default halfway)."""
         obj = self.adapter.objective
-        mid = obj.midpoint(t, s)
+        mid = obj.midpoint(t, s) if mid is None else mid
         x_mid = deterministic_step(obj, xt, self._teacher(teacher, xt, t, cond, null), t, mid)
         x_s = deterministic_step(obj, x_mid, self._teacher(teacher, x_mid, mid, cond, null), mid, s)
         a_t, s_t = obj.coefficients(t, xt)
@@ -54,6 +58,7 @@ class ProgressiveLoss:
         b, dev = x0.shape[0], x0.device
         i = torch.randint(0, len(self.t), (b,), generator=g)
         t, s = self.t[i].to(dev), self.s[i].to(dev)
+        mid = self.mid[i].to(dev) if self.mid is not None else None
         eps = torch.randn(x0.shape, generator=g).to(dev)
         xt, _ = obj.noise(x0, eps, t)
         cond, null = batch.cond, None
@@ -62,7 +67,7 @@ class ProgressiveLoss:
         elif self.null is not None and self.guidance != 1:
             null = {k: v.to(dev).expand(b, *v.shape[1:]) for k, v in self.null.items()}
         with torch.no_grad():
-            target = self.target(teacher, xt, t, s, cond, null)
+            target = self.target(teacher, xt, t, s, cond, null, mid)
         with batch.autocast():
             pred = a.prediction(inner, a.predict(student, xt, t, cond))
         loss = per_sample_mse(pred, target).mean()

@@ -93,8 +93,13 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         keep = _grasp(adapter, student, plan, conditioning, run, made_by)
     record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # what the trainer's Accelerator uses
     if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / BASE_FILE).exists():
-        save_student(student, run / "untrained", base=cfg.teacher)
+        if state.is_main_process:
+            save_student(student, run / "untrained", base=cfg.teacher)
+        state.wait_for_everyone()
 
     validator = teacher_validator(pipe, cfg.teacher, real.captions, cfg.train)
     for kind in dict.fromkeys(ph.dataset for ph in phases):
@@ -105,6 +110,8 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         student = train_protocol(adapter, teacher, student, record.kept_units, [u.unit for u in record.units],
                                  phases, cfg.train.model_dump(), run, conditioning, device, progress, validator)
 
+    if not state.is_main_process:  # saving, evaluating and benchmarking are the main process's
+        return run
     save_student(student, run / "student", base=cfg.teacher)
     summary = {"teacher": cfg.teacher, "student": str(run / "student"),
                "block_params": {"teacher": record.block_params_before, "student": record.block_params_after,
@@ -115,7 +122,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         if not (run / "bench.json").exists():
             from slimdit.speed.bench import bench_transformers
 
-            same = copy.deepcopy(student).to(weights_dtype(teacher)).eval()  # timed in the teacher's dtype
+            same = copy.deepcopy(student).to(teacher.device, weights_dtype(teacher)).eval()  # as the teacher
             write_json(run / "bench.json", bench_transformers(pipe, same, sampling_defaults(cfg.teacher),
                                                               steps=cfg.eval.steps).to_json())
         b = read_json(run / "bench.json")
@@ -175,7 +182,7 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
         trainer = Trainer(adapter, teacher, student, conditioning(ph.dataset), tcfg, pdir, kept_units, units,
                           validate)
         last = trainer.train(progress=progress)
-        student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
+        student = trainer.student_model(use_ema=tcfg.ema_decay is not None).to(device)
         if state.is_main_process:  # one writer; the others wait until the phase is on disk
             save_model(student, pdir / "student")
             write_json(pdir / "done.json", {"phase": ph.name, "steps": n, "trainable": units or "all",

@@ -38,6 +38,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().full_tensor() if is_sharded(t) else t
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: its shard, or ``t`` itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``value`` (a full tensor) laid out as ``ref`` is: this process's shard when ``ref`` is sharded."""
     if not is_sharded(ref):

@@ -47,6 +47,13 @@ def transitions(scheduler_config: dict, steps: int, tokens: int | None = None) -
     return t, t - sched.config.num_train_timesteps // steps  # DDIM's own prev_timestep; < 0 is the clean end
 
 
+def midpoints(scheduler_config: dict, steps: int, tokens: int | None = None) -> torch.Tensor:
+    """Where a teacher sampling at ``2 steps`` lands between two of the ``steps``-step grid's points: the odd
+    points of its own grid (for a shifted flow schedule these are not the halfway points)."""
+    t2, _ = transitions(scheduler_config, 2 * steps, tokens)
+    return t2[1::2]
+
+
 def deterministic_step(objective: DDPM | RectifiedFlow, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor,
                        s: torch.Tensor) -> torch.Tensor:
     """One DDIM (eta 0) / flow Euler step from ``t`` to ``s``: ``x_s = alpha_s x0_hat + sigma_s eps_hat``."""

@@ -123,6 +123,14 @@ class Conditioning:
         return out
 
 
+def _host_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in host memory, made without a second copy on its device."""
+    dev = next(model.parameters()).device
+    copied = copy.deepcopy(model.cpu())
+    model.to(dev)
+    return copied
+
+
 def _mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -207,10 +215,11 @@ class Trainer:
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         if self.sharded:  # the optimizer is built over the shards, after sharding
-            # an unsharded copy on the host, which student_model() fills with the gathered weights
-            self._template = copy.deepcopy(student).cpu()
-            # a copy: the caller's teacher stays whole (on the host in a sharded distill run) for sampling
-            self.teacher = sharding.shard(adapter, copy.deepcopy(teacher), self.acc.device)
+            # copies made on the host (the shards then move to the device): an unsharded student, which
+            # student_model() fills with the gathered weights, and the teacher to shard, so that the caller's stays
+            # whole for sampling (on the host in a sharded distill run)
+            self._template = copy.deepcopy(student.cpu())
+            self.teacher = sharding.shard(adapter, _host_copy(teacher), self.acc.device)
             self.student = sharding.shard(adapter, student.train(), self.acc.device)
             named = dict(self.student.named_parameters())
             params = [named[n] for n in self.names]
@@ -238,17 +247,30 @@ class Trainer:
         named = [(f"{what} {n}", t) for what, ts in groups.items() for n, t in ts.items() if t.is_floating_point()]
         return next((name for name, t in named if not torch.isfinite(t).all()), None)
 
+    def _gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors on the host, on the main process only (others get {}): gathered one at a time, every
+        process in the same order (each gather is a collective), so the device holds one whole tensor at most."""
+        out = {}
+        for k, v in tensors.items():
+            whole = sharding.full(v)
+            if self.acc.is_main_process:
+                out[k] = whole.detach().cpu()
+            del whole
+        return out
+
     def save(self) -> Path:
         opt_t, opt_meta = optimizer_to_tensors(getattr(self.opt, "optimizer", self.opt))
-        # whole tensors, gathered from the shards (on every process, in the same order: each is a collective)
-        opt_t = {k: sharding.full(v) for k, v in opt_t.items()}
-        weights = {n: sharding.full(p) for n, p in zip(self.names, self.params)}
-        ema = {n: sharding.full(e) for n, e in zip(self.names, self.ema)} if self.ema is not None else None
-        # on every process (all hold the same whole tensors), so none is left waiting
-        bad = self._first_nonfinite({"parameter": weights, "EMA weight": ema or {}, "optimizer state": opt_t})
-        if bad is not None:  # never write it: rotation would then delete a good checkpoint
-            raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: {bad} is not finite; "
-                                   f"{self._last_good()}; {_ADVICE}")
+        local = {"parameter": dict(zip(self.names, self.params)), "EMA weight": dict(zip(self.names, self.ema or [])),
+                 "optimizer state": opt_t}
+        # each process checks what it holds (its shards, or its replica); all take the same decision
+        bad = self._first_nonfinite({what: {n: sharding.local(t) for n, t in ts.items()} for what, ts in local.items()})
+        if self._bad(torch.tensor(bad is not None)):  # never write it: rotation would then delete a good checkpoint
+            raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: "
+                                   f"{bad or 'a tensor on another process'} is not finite; {self._last_good()}; "
+                                   f"{_ADVICE}")
+        opt_t = self._gather(opt_t)
+        weights = self._gather(dict(zip(self.names, self.params)))
+        ema = self._gather(dict(zip(self.names, self.ema))) if self.ema is not None else None
         sums = {k: v.reshape(1) for k, v in self._sums.items()}
         if self.acc.num_processes > 1:  # the same on every process after a resume (exact in one process)
             sums = {k: self.acc.reduce(v, reduction="mean") for k, v in sums.items()}
@@ -438,7 +460,7 @@ class Trainer:
                         and (self.step % cfg.val_every == 0 or self.step == stop)):
                     model = self.student_model(cfg.ema_decay is not None)  # gathered by all, when sharded
                     if self.acc.is_main_process:
-                        val = {f"val_{k}": v for k, v in self.validate(model).items()}
+                        val = {f"val_{k}": v for k, v in self.validate(model.to(self.acc.device)).items()}
                         self.acc.log(val, step=self.step)
                         bar.set_postfix(loss=f"{last.get('total', float('nan')):.4f}",
                                         **{k: f"{v:.4g}" for k, v in list(val.items())[:1]})
@@ -456,16 +478,16 @@ class Trainer:
         return last
 
     def student_model(self, use_ema: bool = False) -> nn.Module:
-        """The trained student (unwrapped), optionally with EMA weights copied in. When sharded, a whole copy
-        gathered from the shards (a collective: every process must call it)."""
+        """The trained student (unwrapped), optionally with EMA weights copied in. When sharded, a whole copy on
+        the host, gathered from the shards one tensor at a time (a collective: every process must call it)."""
         if self.sharded:
             model = copy.deepcopy(self._template)
             params = dict(model.named_parameters())
             values = self.ema if use_ema and self.ema is not None else self.params
             with torch.no_grad():
                 for n, v in zip(self.names, values):
-                    params[n].copy_(sharding.full(v))
-            return model.to(self.acc.device)
+                    params[n].copy_(sharding.full(v).cpu())
+            return model
         model = self.acc.unwrap_model(self.student)
         if use_ema and self.ema is not None:
             model = copy.deepcopy(model)

@@ -220,7 +220,16 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
             hint = (" (a hub repo that holds only a transformer, like PixArt-alpha/PixArt-Sigma-XL-2-512-MS, needs "
                     "a base pipeline: --model BASE --transformer REPO)")
         raise FileNotFoundError(f"could not load model {model!r}: {e}{hint}") from e
-    if student_base(model) is not None and (Path(model) / "scheduler").is_dir():  # a few-step student's sampler
+    base = student_base(model)
+    if base is not None:
+        recorded = json.loads((Path(model) / BASE_FILE).read_text()).get("base_fingerprint")
+        if recorded is not None and recorded != model_fingerprint(base):
+            import warnings
+
+            warnings.warn(f"the base pipeline {base!r} of student {model} has changed since the student was saved "
+                          f"(fingerprint {recorded} -> {model_fingerprint(base)}): its text encoders or VAE may not "
+                          "be the ones the student was trained with", stacklevel=2)
+    if base is not None and (Path(model) / "scheduler").is_dir():  # a few-step student's sampler
         import diffusers
 
         cfg = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())

@@ -393,11 +393,16 @@ def _loading(student: Path, lowrank: bool) -> str:
                 f'pipe = DiffusionPipeline.from_pretrained("{name}")', sample, "```"]
         return "\n".join(out)
     cls = json.loads((student / "transformer" / "config.json").read_text())["_class_name"]
+    sched = _json(student / "scheduler" / "scheduler_config.json")  # a few-step student samples with its own
+    classes = ", ".join(["DiffusionPipeline", cls, *([sched["_class_name"]] if sched else [])])
     out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
-            "loads it over the base pipeline:", "", "```python", *imports,
-            f"from diffusers import DiffusionPipeline, {cls}", "",
+            "loads it over the base pipeline" + (", with the scheduler saved beside it" if sched else "") + ":", "",
+            "```python", *imports, f"from diffusers import {classes}", "",
             f'transformer = {cls}.from_pretrained("{name}", subfolder="transformer")',
-            f'pipe = DiffusionPipeline.from_pretrained("{base}", transformer=transformer)', sample, "```", "",
+            *([f'scheduler = {sched["_class_name"]}.from_pretrained("{name}", subfolder="scheduler")']
+              if sched else []),
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", transformer=transformer'
+            + (", scheduler=scheduler" if sched else "") + ")", sample, "```", "",
             "or, with slimdit installed, `slimdit.load_pipeline(\"" + name + "\")`; `slimdit export --model "
             f"{name} --full --out {name}-pipeline` writes a standalone pipeline."]
     return "\n".join(out)

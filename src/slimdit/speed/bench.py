@@ -1,9 +1,9 @@
 """``slimdit bench --model STUDENT --vs TEACHER``.
 
-Latency is the wall time of a full sampling call (all steps, CFG, decode) at the model's default settings;
-student and teacher run alternately in one process, and the ratio is of medians, so machine noise hits both
-alike. FLOPs are counted by ``torch.utils.flop_counter`` on one transformer forward; parameters are those of
-the transformer.
+Latency is the wall time of a full sampling call (all steps, CFG, decode), each model at its own default
+settings (a few-step student at its steps); student and teacher run alternately in one process, and the ratio is
+of medians, so machine noise hits both alike. FLOPs are counted by ``torch.utils.flop_counter`` on one step's
+transformer passes (two with CFG), times the steps; parameters are those of the transformer.
 """
 
 from __future__ import annotations
