@@ -95,3 +95,14 @@ def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_t
     err = capsys.readouterr().err
     assert "GiB per device" in err and "train.gradient_checkpointing: true" in err
     assert not (tmp_path / "big" / "phases").exists() and not (tmp_path / "big" / "cache").exists()
+
+
+def test_a_measured_step_with_a_bf16_teacher_has_time_flops_and_the_planned_peak(tiny_teacher):  # noqa: F811
+    from slimdit.speed.step import measure_step
+
+    plan = Plan.from_dict({"units": {"block.1": "remove", "block.2": {"svd": 0.5}}})
+    kw = dict(optimizer="adamw", frozen_dtype="bf16", mixed_precision="bf16")
+    r = measure_step(tiny_teacher, plan, 16, steps=2, **kw)
+    assert r.step_s > 0 and r.flops_per_step > 0 and r.mfu is None  # no known peak for a CPU
+    mp = memory_plan(tiny_teacher, plan, 16, offload_text=True, both=False, **kw)
+    assert abs(mp.per_device / r.peak_bytes - 1) < 0.2, (mp.per_device, r.peak_bytes)

@@ -140,23 +140,29 @@ def _bench_memory(a: argparse.Namespace) -> None:
     """The memory plan of a KD step against its peak measured on real tensors, side by side."""
     from slimdit.compress.plan import Plan
     from slimdit.models.arch import parse_blocks
-    from slimdit.speed.memory import GIB, measure_step_peak, memory_plan
+    from slimdit.speed.memory import GIB, memory_plan
+    from slimdit.speed.step import measure_step
 
     if a.plan is None:
         raise ValueError("bench --memory needs --plan PLAN (the student whose KD step is measured)")
     plan, blocks, batch = Plan.load(a.plan), parse_blocks(a.blocks), a.batch_size or 1
-    kw = dict(optimizer=a.optimizer, checkpointing=a.checkpointing)
-    measured = measure_step_peak(a.model, plan, batch, a.resolution, blocks=blocks, **kw)
+    kw = dict(optimizer=a.optimizer, checkpointing=a.checkpointing, frozen_dtype=a.frozen_dtype,
+              mixed_precision=a.mixed_precision)
+    step = measure_step(a.model, plan, batch, a.resolution, blocks=blocks, device=a.device, **kw)
     mp = memory_plan(a.model, plan, batch, a.resolution, blocks=blocks, offload_text=True, both=False, **kw)
     r = {"model": a.model, "blocks": a.blocks, "batch_size": batch, "resolution": mp.resolution, **kw,
-         "planned_gib": mp.per_device / GIB, "measured_gib": measured / GIB, "error": mp.per_device / measured - 1,
-         "items_gib": {k: v / GIB for k, v in mp.items.items()}}
+         "planned_gib": mp.per_device / GIB, "measured_gib": step.peak_bytes / GIB,
+         "error": mp.per_device / step.peak_bytes - 1, "items_gib": {k: v / GIB for k, v in mp.items.items()},
+         "step": step.to_json()}
     if a.json:
         print(json.dumps(r, indent=2))
         return
-    print(f"{a.model} ({a.blocks or 'all'} units), batch {batch} at {mp.resolution} px, {a.optimizer}, "
-          f"checkpointing {'on' if a.checkpointing else 'off'}: planned {r['planned_gib']:.3f} GiB, measured "
-          f"{r['measured_gib']:.3f} GiB ({100 * r['error']:+.1f} %)")
+    mfu = f", MFU {100 * step.mfu:.1f} %" if step.mfu is not None else ""
+    print(f"{a.model} ({a.blocks or 'all'} units), batch {batch} at {mp.resolution} px on {a.device}, "
+          f"{a.optimizer}, teacher {a.frozen_dtype}, autocast {a.mixed_precision}, checkpointing "
+          f"{'on' if a.checkpointing else 'off'}: planned {r['planned_gib']:.3f} GiB, measured "
+          f"{r['measured_gib']:.3f} GiB ({100 * r['error']:+.1f} %); a step {step.step_s:.3f} s, "
+          f"{step.samples_per_s:.2f} samples/s, {step.achieved_tflops:.2f} TFLOP/s{mfu}")
 
 
 def _bench_arch(a: argparse.Namespace) -> None:
@@ -419,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensors (text encoders and VAE aside)")
     p.add_argument("--optimizer", default="came", help="with --memory: came | adamw")
     p.add_argument("--checkpointing", action="store_true", help="with --memory: gradient checkpointing on")
+    p.add_argument("--device", default="cpu", help="with --memory: where the step runs (cuda: peak by "
+                   "max_memory_allocated, MFU of the device's bf16 peak)")
+    p.add_argument("--frozen-dtype", default="fp32", help="with --memory: the teacher's dtype, fp32 | bf16 | fp16")
+    p.add_argument("--mixed-precision", default="no", help="with --memory: the student's autocast, no | bf16 | fp16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 images (arch models: 1)")
     p.add_argument("--steps", type=int, default=None)

@@ -385,52 +385,23 @@ def measure_step_peak(model: str, plan: Plan, batch_size: int, resolution: int |
                       optimizer: str = "came", mixed_precision: str = "no", checkpointing: bool = False,
                       kd: str = "normalized_hybrid", max_sequence_length: int | None = None, steps: int = 2,
                       blocks=None) -> int:
-    """Peak bytes of live tensors over ``steps`` real KD training steps (teacher and student weights, gradients,
-    optimizer states, activations) on real tensors, by torch's ``MemTracker``: what :func:`memory_plan` estimates
+    """Peak bytes of live tensors over ``steps`` real KD training steps on the host (teacher and student weights,
+    gradients, optimizer states, activations), by torch's ``MemTracker``: what :func:`memory_plan` estimates
     without the text encoders and the VAE. ``model`` is ``arch:NAME`` (random weights, cut to ``blocks``) or a
-    pipeline whose transformer is loaded."""
+    pipeline whose transformer is loaded. (:func:`slimdit.speed.step.measure_step` also times the step, on any
+    device.)"""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from slimdit.compress.plan import apply_plan
-    from slimdit.distill.losses import Batch, KDLoss
-    from slimdit.distill.trainer import TrainConfig, _optimizer
-    from slimdit.models.arch import arch_spec, build_transformer, is_arch, scheduler_config
+    from slimdit.speed.step import build_step
 
-    if is_arch(model):
-        spec = arch_spec(model)
-        teacher, sched = build_transformer(model, blocks), scheduler_config(model)
-        res, seq = resolution or spec.resolution, max_sequence_length or spec.max_sequence_length
-    else:
-        from slimdit.pipelines.loading import load_pipeline, sampling_defaults
-
-        pipe = load_pipeline(model, "cpu")
-        teacher, sched = pipe.transformer, dict(pipe.scheduler.config)
-        defaults = sampling_defaults(model)
-        vae_scale = _vae_scale(pipe.vae)
-        res = resolution or defaults.get("height") or vae_scale * teacher.config.sample_size
-        seq = max_sequence_length or defaults["max_sequence_length"]
-        del pipe
-    teacher = teacher.eval()
-    student = copy.deepcopy(teacher).train()
-    adapter = adapter_for(student, sched)
-    record = apply_plan(adapter, student, plan)
-    if checkpointing:
-        student.enable_gradient_checkpointing()
-    opt = _optimizer(TrainConfig(optimizer=optimizer, lr=1e-5), [p for p in student.parameters()])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    autocast = (lambda: torch.autocast("cpu", dtype)) if dtype != torch.float32 else nullcontext
-    if is_arch(model):
-        vae_scale = arch_spec(model).vae_scale
-    g = torch.Generator().manual_seed(0)
-    loss = KDLoss(adapter, kd, tuple(zip(adapter.units(student), record.kept_units)))
+    step, _, teacher, student, opt = build_step(model, plan, batch_size, resolution, optimizer=optimizer,
+                                                mixed_precision=mixed_precision, checkpointing=checkpointing,
+                                                kd=kd, max_sequence_length=max_sequence_length, blocks=blocks)
     tracker = MemTracker()
     tracker.track_external(teacher, student, opt)
     with tracker:
         for _ in range(steps):
-            x0, cond = _fake_inputs(adapter, student, batch_size, res, seq, vae_scale)
-            loss(student, teacher, Batch(x0, cond, g, autocast))["total"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
             tracker.reset_mod_stats()  # the per-module stats; the peak is kept
     return int(next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"])
 
