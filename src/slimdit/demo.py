@@ -43,7 +43,7 @@ class FewStepSection(_Strict):
 
     steps: int | None = Field(None, ge=1)  # None: no step distillation
     start: int = Field(16, ge=2)
-    train: TrainSection = TrainSection(steps=150, batch_size=32, optimizer="adamw", lr=1e-4, warmup_steps=20,
+    train: TrainSection = TrainSection(steps=250, batch_size=32, optimizer="adamw", lr=1e-4, warmup_steps=20,
                                        grad_clip=1.0, weight_decay=0.0, val_every=0, checkpoint_every=50)
 
 
