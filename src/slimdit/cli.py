@@ -87,7 +87,8 @@ def cmd_distill(a: argparse.Namespace) -> None:
     if a.json:
         raise ValueError("--json goes with --dry-run")
     run = run_distill(cfg)
-    print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+    if _main_process():  # the others returned before the main process's evaluation wrote the summary
+        print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
 def _distill_dry_run(cfg, as_json: bool, processes: int | None) -> None:
@@ -233,6 +234,14 @@ def cmd_run(a: argparse.Namespace) -> None:
     print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
+def _main_process() -> bool:
+    """Whether this is the main process of a multi-process launch (or the only one)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
 def cmd_steps(a: argparse.Namespace) -> None:
     from slimdit.config import load_config, parse_sets
     from slimdit.distill.fewstep import StepsConfig, rounds, run_steps
@@ -245,7 +254,8 @@ def cmd_steps(a: argparse.Namespace) -> None:
         print(f"# rounds: {' -> '.join(str(n) for n in [cfg.start, *rounds(cfg)])} steps")
         return
     run = run_steps(cfg)
-    print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+    if _main_process():
+        print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
 def _parse_op(text: str) -> str | float:
