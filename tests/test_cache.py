@@ -25,12 +25,16 @@ def test_sharded_cache_reads_the_rows_it_is_asked_for_and_resumes_by_shard(tiny_
     assert sorted(f.name for f in entry.glob("shard_*")) == [f"shard_0000{i}.safetensors" for i in range(3)]
     assert isinstance(c.latents, Rows) and len(c) == 8 and c.latents.shape == whole.latents.shape
     assert calls == [3, 3, 2, 1]  # three shards, then the empty caption
+    loaded = in_memory(c)  # every shard read whole
     idx = torch.tensor([7, 0, 4, 4, 2])  # across shards, repeated, out of order
-    assert torch.equal(c.latents[idx], whole.latents[idx])
+    assert torch.equal(c.latents[idx], loaded.latents[idx])
     drop = torch.tensor([False, True, False, False, True])
     for k, v in c.take(idx, drop).items():
-        assert torch.equal(v, whole.take(idx, drop)[k]), k
-    assert torch.equal(c.cond["prompt_embeds"][2:5], whole.cond["prompt_embeds"][2:5])
+        assert torch.equal(v, loaded.take(idx, drop)[k]), k
+    assert torch.equal(c.cond["prompt_embeds"][2:5], loaded.cond["prompt_embeds"][2:5])
+    # encoded in batches of 3 instead of 8: the same values, up to convolutions' batch-dependent rounding
+    assert torch.allclose(loaded.latents, whole.latents, atol=1e-5)
+    assert torch.allclose(loaded.cond["prompt_embeds"], whole.cond["prompt_embeds"], atol=1e-5)
 
     # an interrupted caching (shard 1 and the final meta.json missing) redoes only what is missing
     (entry / "shard_00001.safetensors").unlink()
@@ -38,4 +42,4 @@ def test_sharded_cache_reads_the_rows_it_is_asked_for_and_resumes_by_shard(tiny_
     calls.clear()
     again = in_memory(cached_conditioning(pipe, tiny_teacher, data, tmp_path / "three", 16))
     assert calls == [3, 1]
-    assert torch.equal(again.latents, whole.latents)
+    assert torch.equal(again.latents, loaded.latents)
