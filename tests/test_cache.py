@@ -32,8 +32,9 @@ def test_sharded_cache_reads_the_rows_it_is_asked_for_and_resumes_by_shard(tiny_
     for k, v in c.take(idx, drop).items():
         assert torch.equal(v, loaded.take(idx, drop)[k]), k
     assert torch.equal(c.cond["prompt_embeds"][2:5], loaded.cond["prompt_embeds"][2:5])
-    # encoded in batches of 3 instead of 8: the same values, up to convolutions' batch-dependent rounding
-    assert torch.allclose(loaded.latents, whole.latents, atol=1e-5)
+    # encoded in batches of 3 instead of 8: the same values, up to convolutions' batch-dependent rounding (on two
+    # threads the latents differ by up to 2e-4, on one by nothing)
+    assert torch.allclose(loaded.latents, whole.latents, atol=1e-3)
     assert torch.allclose(loaded.cond["prompt_embeds"], whole.cond["prompt_embeds"], atol=1e-5)
 
     # an interrupted caching (shard 1 and the final meta.json missing) redoes only what is missing
