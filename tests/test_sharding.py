@@ -16,7 +16,7 @@ from slimdit.io import load_tensors
 from slimdit.models import adapter_for
 from tests.test_flux import FLOW, flux_data, tiny_flux
 from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
-from tests.test_trainer import SCHED, _data, _student
+from tests.test_trainer import SCHED, _data, _student, launch_two
 
 # adamw (CAME does not run on shards); batch 4 as 2 micro-batches of 2: two processes, or one with grad_accum 2
 FSDP_CFG = dict(steps=4, batch_size=4, warmup_steps=2, lr=1e-3, grad_clip=1.0, checkpoint_every=2, log_every=1,
@@ -74,13 +74,7 @@ def test_sharding_config_is_checked():
 
 
 def test_fsdp_over_two_processes_matches_one_process(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
-           str(root / "tests" / "fsdp_train.py"), str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch_two("fsdp_train.py", tmp_path, 29541, timeout=600)
     assert (tmp_path / "straight.sharded").read_text() == "DTensor"  # the parameters were sharded
     straight = load_tensors(tmp_path / "straight.safetensors")
 

@@ -89,7 +89,8 @@ def test_training_lowers_the_kd_loss(tmp_path):
     assert t._micro_step(0, 0)["total"].item() < first
 
 
-def test_accelerate_launch_two_processes_on_cpu(tmp_path):
+def launch_two(script: str, out, port: int, timeout: int = 300) -> None:
+    """Run ``tests/SCRIPT OUT`` as 2 processes under ``accelerate launch`` (over gloo on a CPU); assert it succeeds."""
     import os
     import subprocess
     import sys
@@ -99,10 +100,14 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     # --multi_gpu selects accelerate's torchrun launcher; without CUDA the trainer runs multi-CPU over gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           str(root / "tests" / "ddp_train.py"), str(tmp_path)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(root / "tests" / script), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_accelerate_launch_two_processes_on_cpu(tmp_path):
+    launch_two("ddp_train.py", tmp_path, 29533)
     digests = [(tmp_path / f"rank{i}_of2.txt").read_text() for i in range(2)]
     assert digests[0] == digests[1]  # DDP kept the replicas identical
     assert (tmp_path / "checkpoints" / "step_0000004").is_dir()
