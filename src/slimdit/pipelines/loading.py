@@ -223,12 +223,13 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     base = student_base(model)
     if base is not None:
         recorded = json.loads((Path(model) / BASE_FILE).read_text()).get("base_fingerprint")
-        if recorded is not None and recorded != model_fingerprint(base):
+        now = model_fingerprint(base) if recorded is not None else None  # hashes the base's files once
+        if recorded != now:
             import warnings
 
             warnings.warn(f"the base pipeline {base!r} of student {model} has changed since the student was saved "
-                          f"(fingerprint {recorded} -> {model_fingerprint(base)}): its text encoders or VAE may not "
-                          "be the ones the student was trained with", stacklevel=2)
+                          f"(fingerprint {recorded} -> {now}): its text encoders or VAE may not be the ones the "
+                          "student was trained with", stacklevel=2)
     if base is not None and (Path(model) / "scheduler").is_dir():  # a few-step student's sampler
         import diffusers
 
