@@ -147,3 +147,16 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
     with pytest.raises(ValueError, match="power of 2"):
         StepsConfig(out="x", steps=4, start=12)
     assert StepsConfig(out="x", steps=1, start=8).model_dump()["start"] == 8
+
+
+def test_a_partial_train_section_keeps_the_runs_own_defaults():
+    """A config naming one field of a section keeps the others as its run class sets them (a step run's train is
+    AdamW at 1e-4), in a file and through --set alike."""
+    from slimdit.config import load_config
+    from slimdit.demo import DemoConfig
+    from slimdit.distill.fewstep import StepsConfig
+
+    cfg = load_config({"out": "x", "train": {"steps": 7}}, StepsConfig)
+    assert (cfg.train.steps, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (7, "adamw", 1e-4, 32)
+    demo = load_config({"teacher": "shapes-pixart", "out": "x"}, DemoConfig, overrides={"fewstep.train.steps": 3})
+    assert (demo.fewstep.train.steps, demo.fewstep.train.optimizer, demo.fewstep.train.warmup_steps) == (3, "adamw", 20)

@@ -258,6 +258,23 @@ def cmd_steps(a: argparse.Namespace) -> None:
         print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
 
+def cmd_reward(a: argparse.Namespace) -> None:
+    from slimdit.config import load_config, parse_sets
+    from slimdit.distill.reward import RewardConfig, run_reward
+
+    cfg = load_config(a.config, RewardConfig, overrides=parse_sets(a.set))
+    if a.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        print(f"# {cfg.train.steps} updates x {cfg.train.batch_size} prompts x {cfg.group} images, "
+              f"{cfg.sample_steps} sampling steps each")
+        return
+    run = run_reward(cfg)
+    if _main_process():
+        print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
 def _parse_op(text: str) -> str | float:
     if text == "remove":
         return text
@@ -397,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and its rounds, and exit")
     p.set_defaults(func=cmd_steps)
+
+    p = sub.add_parser("reward", help="reward fine-tuning (GRPO against a registered reward, on training prompts); "
+                       "rerun to continue")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser("search", help="which k units to modify: greedy and Optuna TPE on calibration CMMD, or "
                        "TinyFusion's learnable masks")

@@ -175,9 +175,21 @@ def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfi
                 raise ValueError(f"--set {key}: {part} is not a section")
         node[leaf] = value
     try:
-        return model.model_validate(raw)
+        return model.model_validate(_section_defaults(model, raw))
     except ValidationError as e:
         raise ValueError(_format(e)) from None
+
+
+def _section_defaults(model: type[BaseModel], raw: dict) -> dict:
+    """``raw`` with each section it gives filled from that section's default in ``model``: a config class may set
+    its own section defaults (a step run's ``train`` is AdamW at 1e-4), and a file or ``--set`` naming one field
+    of the section keeps the others as that class sets them, not as the section's class does."""
+    out = dict(raw)
+    for name, field in model.model_fields.items():
+        default = field.default
+        if isinstance(default, BaseModel) and isinstance(raw.get(name), dict):
+            out[name] = _section_defaults(type(default), {**default.model_dump(exclude_unset=True), **raw[name]})
+    return out
 
 
 # config fields that name files to read: in a config file they are relative to the file's folder

@@ -1,5 +1,5 @@
-"""The core's registries, which worlds fill: built-in models, samplers, benchmarks, embedders, dataset specs and
-CLI commands.
+"""The core's registries, which worlds fill: built-in models, samplers, benchmarks, embedders, rewards, dataset
+specs and CLI commands.
 
 A world is a plugin: a zero-argument function published under the entry-point group ``slimdit.worlds`` that
 writes its names into these dicts. The core reads the dicts and never imports a world; the first read of any
@@ -70,6 +70,8 @@ MODELS = Registry()  # built-in name -> () -> pipeline directory (Path)
 SAMPLERS = Registry()  # name -> () -> Sampler, for models without a pipeline (a ground-truth renderer)
 BENCHMARKS = Registry()  # name -> slimdit.metrics.benchmarks.Benchmark
 EMBEDDERS = Registry()  # name -> () -> Embedder
+# name -> () -> reward, ``(captions, uint8 images (N, H, W, 3)) -> (N,) floats``, higher is better (reward tuning)
+REWARDS = Registry()
 DATASETS = Registry()  # spec prefix -> (full spec "prefix:...") -> slimdit.data.datasets.CaptionImages
 COMMANDS = Registry()  # name -> (argparse subparsers) -> None, adding the world's subcommands
 # diffusers component class -> the module defining it; imported only before a pipeline loads, since diffusers can

@@ -54,6 +54,23 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tenso
     return torch.cat(out)
 
 
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """uint8 images ``(N, H, W, 3)`` of clean latents: the inverse of :func:`encode_images`, rounded as samplers
+    round."""
+    vae = pipe.vae
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    for i in range(0, len(latents), batch_size):
+        z = latents[i:i + batch_size].to(vae.device, vae.dtype) / scale + shift
+        x = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+        # diffusers' postprocess ((x + 1) / 2 in [0, 1]), then the samplers' rounding to uint8
+        img = ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        out.append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
 def _key(model_id: str, data: CaptionImages, max_sequence_length: int, dtype: str) -> str:
     """The cache entry of ``data`` under ``model_id``'s current files (a model retrained under the same name gets a
     new entry), encoded in ``dtype`` (the frozen parts')."""

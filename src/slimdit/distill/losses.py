@@ -93,13 +93,14 @@ def kd_loss(preset: KDPreset | str, task_i: torch.Tensor, t_out: torch.Tensor, s
 @dataclass
 class Batch:
     """What a loss sees of one micro-batch: clean latents, their conditioning, the generator that draws its noise
-    and timesteps (seeded by step, so a resumed run draws the same), and the mixed-precision context the student's
-    forward runs in (the frozen teacher's targets are computed outside it)."""
+    and timesteps (seeded by step, so a resumed run draws the same), the mixed-precision context the student's
+    forward runs in (the frozen teacher's targets are computed outside it), and the data rows drawn."""
 
     x0: torch.Tensor
     cond: dict[str, torch.Tensor]
     generator: torch.Generator
     autocast: Callable[[], AbstractContextManager] = nullcontext
+    index: torch.Tensor | None = None  # the rows of the training data (a loss that needs their captions reads them)
 
 
 @dataclass

@@ -61,3 +61,19 @@ def deterministic_step(objective: DDPM | RectifiedFlow, x: torch.Tensor, pred: t
     a_t, s_t = objective.coefficients(t, x)
     a_s, s_s = objective.coefficients(s, x)
     return a_s * x0 + s_s * (x - a_t * x0) / s_t
+
+
+def stochastic_step(objective: DDPM | RectifiedFlow, x: torch.Tensor, pred: torch.Tensor, t: torch.Tensor,
+                    s: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of one DDIM step with ``eta`` from ``t`` to ``s``, for any interpolation
+    ``x_t = alpha_t x0 + sigma_t eps`` (diffusion and flow alike): the posterior ``q(x_s | x_t, x0_hat)`` scaled by
+    ``eta``, ``std^2 = eta^2 sigma_s^2 (1 - (alpha_t sigma_s / (alpha_s sigma_t))^2)``, and
+    ``mean = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps_hat``. For DDPM it is ``DDIMScheduler.step(eta=eta)``;
+    ``eta = 0`` is :func:`deterministic_step`; the last step (``sigma_s = 0``) is deterministic."""
+    x0 = objective.x0(x, pred, t)
+    a_t, s_t = objective.coefficients(t, x)
+    a_s, s_s = objective.coefficients(s, x)
+    eps = (x - a_t * x0) / s_t
+    ratio = (a_t * s_s / (a_s * s_t)).clamp(max=1.0)
+    std = eta * s_s * (1 - ratio ** 2).clamp_min(0).sqrt()
+    return a_s * x0 + (s_s ** 2 - std ** 2).clamp_min(0).sqrt() * eps, std

@@ -347,7 +347,7 @@ class Trainer:
         return next((r for r in reversed(rows) if "total" in r), {})
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict, torch.Generator]:
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict, torch.Generator, torch.Tensor]:
         cfg, d = self.cfg, self.data
         # draws are keyed by the micro-batch's index in the global batch, so one process with grad_accum = 2 draws
         # what two processes draw (the trailing 0 keeps one-process runs drawing what they always drew)
@@ -356,11 +356,11 @@ class Trainer:
         idx = torch.randint(0, len(d), (self.micro,), generator=g)
         drop = torch.rand(self.micro, generator=g) < cfg.caption_dropout
         dev = self.acc.device
-        return d.latents[idx].to(dev), {k: v.to(dev) for k, v in d.take(idx, drop).items()}, g
+        return d.latents[idx].to(dev), {k: v.to(dev) for k, v in d.take(idx, drop).items()}, g, idx
 
     def _micro_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        x0, cond, g = self._batch(step, micro)
-        return self.loss(self.student, self.teacher, Batch(x0, cond, g, self.acc.autocast))
+        x0, cond, g, idx = self._batch(step, micro)
+        return self.loss(self.student, self.teacher, Batch(x0, cond, g, self.acc.autocast, idx))
 
     def _optimizer_step(self) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; the averaged loss terms. A non-finite loss or

@@ -68,7 +68,7 @@ class RunFacts:
         f.stages = _stages(run)
         plan_teacher = (_json(run / "plan.json") or {}).get("teacher")
         f.teacher = teacher or (f.config or {}).get("teacher") or f.summary.get("teacher") or plan_teacher
-        for name in ("teacher", "untrained", "student"):
+        for name in ("teacher", "untrained", "student", "before", "after", "baseline"):  # the last three: reward
             if (m := _json(run / "metrics" / f"{name}.json")) is not None:
                 f.metrics[name] = m
         stage_dirs = sorted(run.glob("stages/[0-9]*"))
@@ -308,6 +308,25 @@ def _protocol(f: RunFacts) -> str:
     return text[0] + (": " + ", ".join(details) if details else "")
 
 
+def _reward(f: RunFacts) -> str:
+    c, t = f.config or {}, (f.config or {}).get("train", {})
+    curve = f.summary.get("reward_curve") or []
+    first = sum(r for _, r in curve[:10]) / max(len(curve[:10]), 1) if curve else None
+    last = sum(r for _, r in curve[-10:]) / max(len(curve[-10:]), 1) if curve else None
+    out = [f"`{f.teacher}`, fine-tuned with slimdit against the reward `{c.get('reward')}` by group-relative policy "
+           f"gradient (GRPO, on-policy): for each training prompt of `{(c.get('data') or {}).get('real', '?')}` it "
+           f"sampled {c.get('group')} images with a {c.get('sample_steps')}-step stochastic sampler (eta "
+           f"{c.get('eta')}); each image's reward, standardised within its group, weighed the log-likelihood of its "
+           f"sampling steps, with a KL to the model before tuning (weight {c.get('kl')}). It samples as before "
+           "(same scheduler and defaults); its transformer has the same architecture.", "", "## How it was trained",
+           "", f"- {t.get('steps', '?')} optimizer steps of {t.get('batch_size', '?')} prompts, "
+           f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}"]
+    if first is not None:
+        out.append(f"- mean training reward: {first:.3f} over the first 10 steps, {last:.3f} over the last 10")
+    out.append("- the reward saw training prompts only; the metrics below are on the benchmark's held-out prompts")
+    return "\n".join(out)
+
+
 def _metrics(f: RunFacts, merged: bool) -> str:
     out = ["## Metrics", ""]
     m = f.metrics
@@ -316,11 +335,11 @@ def _metrics(f: RunFacts, merged: bool) -> str:
                    "`metrics/student.json`, writing the card again (`slimdit.reports.card.write_card`) adds the "
                    "numbers here.")
         return "\n".join(out)
-    ref = m.get("student") or next(iter(m.values()))
+    ref = m.get("student") or m.get("after") or next(iter(m.values()))
     out.append(_protocol(f) + (" (measured on the low-rank student this was merged from)" if merged else "") + ".")
     if "teacher" not in m:
         out.append("The teacher was not evaluated in this run.")
-    cols = [c for c in ("teacher", "untrained", "student") if c in m]
+    cols = [c for c in ("teacher", "untrained", "student", "baseline", "before", "after") if c in m]
     keys = [k for k in MAIN_METRICS if any(k in m[c] for c in cols)]
     keys += [k for k in ref if k not in keys and k not in PROTOCOL_KEYS and isinstance(ref[k], float)]
     out += ["", "| metric | " + " | ".join(cols) + " |" + " student / teacher |" * ("teacher" in m and "student" in m),
@@ -418,7 +437,9 @@ def render_card(student: str | Path, run: str | Path | None = None, teacher: str
     title = facts.teacher or "A transformer"
     if not is_hub_id(title) and len(Path(title).parts) > 1:  # a local folder: its name, not this machine's path
         title = Path(title).name
-    if facts.rounds:  # a step distillation: fewer steps, the same transformer
+    if (facts.config or {}).get("reward"):  # reward tuning: the same transformer, tuned
+        body = [f"# {title}, reward-tuned with slimdit", "", _reward(facts)]
+    elif facts.rounds:  # a step distillation: fewer steps, the same transformer
         body = [f"# {title} in {facts.rounds[-1]['steps']} steps, distilled with slimdit", "", _fewstep(facts)]
     else:
         body = [f"# {title}, compressed with slimdit", "", _intro(facts, lowrank, merged_from, merged_block_params),

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def register() -> None:
-    """Publish the built-in model, sampler, benchmark, embedder, dataset spec and ``teacher`` commands."""
+    """Publish the built-in model, sampler, benchmark, embedder, reward, dataset spec and ``teacher`` commands."""
     from slimdit import registry
     from slimdit.worlds.shapes.benchmark import SHAPES_GENEVAL
     from slimdit.worlds.shapes.cli import add_teacher_commands
@@ -24,6 +24,7 @@ def register() -> None:
     registry.SAMPLERS["shapes-oracle"] = shapes_oracle
     registry.BENCHMARKS["shapes-geneval"] = SHAPES_GENEVAL
     registry.EMBEDDERS["shapes"] = shapes_embedder
+    registry.REWARDS["shapes-geneval"] = shapes_geneval_reward
     registry.DATASETS["shapes-train"] = shapes_train
     registry.COMMANDS["teacher"] = add_teacher_commands
     registry.COMPONENTS["PixelSpaceVAE"] = "slimdit.worlds.shapes.pixel_vae"
@@ -52,6 +53,12 @@ def shapes_embedder() -> Embedder:
     from slimdit.worlds.shapes.embedder import load_shapes_embedder
 
     return load_shapes_embedder()
+
+
+def shapes_geneval_reward():
+    from slimdit.worlds.shapes.benchmark import geneval_reward
+
+    return geneval_reward
 
 
 def shapes_train(spec: str) -> CaptionImages:

@@ -20,7 +20,7 @@ from slimdit.metrics.embedders import Embedder, get_embedder
 from slimdit.metrics.fid import fid
 from slimdit.pipelines.sampling import Sampler
 from slimdit.worlds.shapes.detector import detect, prompt_holds
-from slimdit.worlds.shapes.prompts import CATEGORIES, Prompt, eval_prompts, render_prompt
+from slimdit.worlds.shapes.prompts import CATEGORIES, Prompt, eval_prompts, parse_prompt, render_prompt
 
 REFERENCE_SEED = 424242
 REFERENCE_SIZE = 2000
@@ -82,6 +82,18 @@ def shapes_geneval(sampler: Sampler, limit: int | None = None, images_per_prompt
     metrics, correct = score_images(per_image, images, emb, reference_size)
     metrics.update(images_per_prompt=images_per_prompt, n_prompts=len(prompts), seed=seed)
     return EvalResult(metrics, per_image, images, correct)
+
+
+def geneval_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
+    """The benchmark's per-image verdict as a reward (1 when the detector finds exactly the prompt's objects and
+    relation, else 0), for training prompts only: an evaluation prompt is refused, so tuning never sees them."""
+    held_out = {p.text for p in eval_prompts()}
+    seen = sorted({c for c in captions if c in held_out})
+    if seen:
+        raise ValueError(f"reward asked about {len(seen)} evaluation prompt(s) ({seen[0]!r}, ...): reward tuning "
+                         "runs on training prompts only (shapes-train), never on shapes-geneval's")
+    return np.array([float(prompt_holds(parse_prompt(c), detect(img))) for c, img in zip(captions, images)],
+                    dtype=np.float32)
 
 
 SHAPES_GENEVAL = Benchmark(run=shapes_geneval, check=select_prompts)

@@ -1,0 +1,216 @@
+"""Reward fine-tuning: the stochastic sampler is DDIM with eta and keeps the marginals, the policy gradient is zero
+where a group agrees, it raises a reward, a resumed run ends where an uninterrupted one ends, and ``slimdit reward``
+tunes, evaluates and cards a model end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from slimdit.distill.grpo import GRPOLoss, group_advantages
+from slimdit.distill.losses import Batch
+from slimdit.distill.objectives import objective_for
+from slimdit.distill.steps import deterministic_step, stochastic_step, student_scheduler, transitions
+from slimdit.models import adapter_for
+from tests.test_compress import tiny
+from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
+from tests.test_steps import STATIC_FLOW, V
+from tests.test_trainer import SCHED, _data
+
+
+@pytest.mark.parametrize("config", [SCHED, V], ids=["eps", "v"])
+def test_the_stochastic_step_is_ddim_with_eta(config):
+    obj = objective_for(config)
+    t, s = transitions(config, 4)
+    sched = student_scheduler(config)
+    sched.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    for i in range(4):
+        pred, z = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+        tt, ss = t[i].expand(3), s[i].expand(3)
+        mean, std = stochastic_step(obj, x, pred, tt, ss, eta=1.0)
+        theirs = sched.step(pred, sched.timesteps[i], x, eta=1.0, variance_noise=z).prev_sample
+        assert torch.allclose(mean + std * z, theirs, atol=1e-5), i
+        m0, s0 = stochastic_step(obj, x, pred, tt, ss, eta=0.0)
+        assert float(s0.max()) == 0 and torch.allclose(m0, deterministic_step(obj, x, pred, tt, ss), atol=1e-6)
+        x = theirs
+    assert float(std.max()) == 0  # the last step lands on the clean end, deterministically
+
+
+@pytest.mark.parametrize("config", [V, STATIC_FLOW], ids=["v", "flow"])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_the_stochastic_step_keeps_the_marginals(config, eta):
+    """With the exact prediction for a known x0, ``x_s`` is distributed as the forward process puts it: mean
+    ``alpha_s x0`` and variance ``sigma_s^2``, whatever eta."""
+    obj = objective_for(config)
+    t, s = transitions(config, 4)
+    g = torch.Generator().manual_seed(0)
+    n, x0 = 20000, torch.full((1, 1, 1, 1), 0.7)
+    for i in range(3):
+        tt, ss = t[i].expand(n), s[i].expand(n)
+        xt, pred = obj.noise(x0.expand(n, 1, 1, 1), torch.randn(n, 1, 1, 1, generator=g), tt)
+        mean, std = stochastic_step(obj, xt, pred, tt, ss, eta)
+        xs = mean + std * torch.randn(n, 1, 1, 1, generator=g)
+        a_s, s_s = obj.coefficients(ss[:1], x0)
+        assert float(xs.mean()) == pytest.approx(float(a_s * x0), abs=0.02)
+        assert float(xs.var()) == pytest.approx(float(s_s ** 2), rel=0.05)
+
+
+def test_group_advantages_are_standardised_within_groups():
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    a = group_advantages(r, 4)
+    assert torch.equal(a[:4], torch.zeros(4))  # a group that agrees teaches nothing
+    assert torch.allclose(a[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-3)
+
+
+def _brightness(captions, images):
+    return images.astype(np.float32).mean((1, 2, 3)) / 255
+
+
+def _decode(z):  # latents as pixels: the first three channels, in [-1, 1]
+    return np.clip(np.rint((z[:, :3].permute(0, 2, 3, 1).float().numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _loss(adapter, data, reward=_brightness, **kw):
+    t, s = transitions(V, 4)
+    args = dict(null=data.null, guidance=2.0, group=4, train_steps=2)
+    return GRPOLoss(adapter, [f"prompt {i}" for i in range(len(data))], reward, _decode, t, s, **{**args, **kw})
+
+
+def _batch(data, seed=0, rows=(0, 1)):
+    idx = torch.tensor(rows)
+    return Batch(data.latents[idx], data.take(idx), torch.Generator().manual_seed(seed), index=idx)
+
+
+def test_no_gradient_where_every_group_agrees_and_the_student_is_its_reference():
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+    loss = _loss(adapter, data, reward=lambda c, im: np.ones(len(c), np.float32), kl=0.5)
+    out = loss(student, teacher, _batch(data))
+    assert float(out["total"].detach()) == 0 and float(out["kl"]) == 0 and float(out["reward"]) == 1
+    out["total"].backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in student.parameters())
+    # a reward that tells images apart gives a gradient; a student that left its reference pays the KL
+    student.zero_grad()
+    out = _loss(adapter, data)(student, teacher, _batch(data))
+    out["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert float(_loss(adapter, data, kl=1.0)(student, teacher, _batch(data))["kl"]) > 0
+
+
+def test_a_rollout_needs_the_batch_rows():
+    teacher = tiny()
+    data = _data()
+    b = Batch(data.latents[:2], data.take(torch.tensor([0, 1])), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch.index"):
+        _loss(adapter_for(teacher, V), data)(teacher, teacher, b)
+
+
+def _train(tmp_path, steps, max_steps=None):
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    adapter, data = adapter_for(student, V), _data()
+    cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
+                      weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
+    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=_loss(adapter, data, kl=0.01))
+    tr.train(max_steps=max_steps, progress=False)
+    return tr, data
+
+
+def test_grpo_raises_the_reward_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
+    tr, data = _train(tmp_path / "a", 24)
+    loss = _loss(tr.adapter, data, group=16)
+
+    def mean_reward(model):
+        with torch.no_grad():
+            r = loss.rollout(model, _batch(data, seed=123, rows=tuple(range(8))))
+        return float(r["rewards"].mean())
+
+    assert mean_reward(tr.student_model()) > mean_reward(tiny()) + 0.02  # brighter images after tuning
+    part, _ = _train(tmp_path / "b", 4, max_steps=2)  # stopped after its step-2 checkpoint
+    resumed, _ = _train(tmp_path / "b", 4)
+    whole, _ = _train(tmp_path / "c", 4)
+    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_shapes_reward_scores_training_prompts_and_refuses_evaluation_prompts():
+    from slimdit.registry import REWARDS
+    from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt, sample_training_prompt
+
+    reward = REWARDS["shapes-geneval"]()
+    rng = np.random.default_rng(0)
+    prompts = [sample_training_prompt(rng) for _ in range(4)]
+    truth = np.stack([render_prompt(p, rng) for p in prompts])
+    blank = np.zeros_like(truth)
+    assert reward([p.text for p in prompts], truth).tolist() == [1.0] * 4  # ground-truth renders hold
+    assert reward([p.text for p in prompts], blank).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="training prompts only"):
+        reward([eval_prompts()[0].text], truth[:1])
+
+
+def test_bad_reward_configs_are_refused_before_any_work():
+    from slimdit.distill.reward import RewardConfig
+
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        RewardConfig(out="x", reward="nope")
+    with pytest.raises(ValueError, match="caption_dropout must be 0"):
+        RewardConfig(out="x", train={"caption_dropout": 0.1})
+    with pytest.raises(ValueError, match="train_steps"):
+        RewardConfig(out="x", sample_steps=4, train_steps=4)
+
+
+def test_slimdit_reward_tunes_evaluates_and_cards_a_model(tiny_teacher, tmp_path):  # noqa: F811
+    import json
+
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.pipelines.loading import load_pipeline, sampling_defaults
+
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "group": 2, "sample_steps": 3, "train_steps": 1,
+           "baseline": tiny_teacher, "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1},
+           "eval": {"limit": 4, "images_per_prompt": 1, "steps": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["reward", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    s = json.loads((run / "summary.json").read_text())
+    assert [step for step, _ in s["reward_curve"]] == [1, 2] and s["images_per_step"] == 4
+    for name in ("before", "after", "baseline"):
+        assert {"overall", "fid", "cmmd", "single_object"} <= set(s[f"{name}_metrics"])
+    assert "fid_change" in s and s["before_metrics"] == s["baseline_metrics"]  # the same model, the same images
+    student = str(run / "student")
+    assert sampling_defaults(student) == sampling_defaults(tiny_teacher)  # it samples as before
+    load_pipeline(student, "cpu")
+    card = (run / "student" / "README.md").read_text()
+    assert "reward-tuned with slimdit" in card and "| before | after |" in card.replace("baseline | ", "")
+    before = (run / "summary.json").read_text()
+    assert main(["reward", "--config", str(tmp_path / "c.yaml")]) == 0  # a rerun continues: nothing left to do
+    assert json.loads((run / "summary.json").read_text())["reward_curve"] == json.loads(before)["reward_curve"]
+
+
+def test_the_core_registers_rewards_from_its_scorers():
+    from slimdit.metrics.rewards import scorer_reward
+    from slimdit.registry import REWARDS
+
+    assert {"clip", "imagereward", "hpsv2", "shapes-geneval"} <= set(REWARDS)
+    seen = []
+
+    def scorer(images, prompts):  # a benchmark scorer's shape: PIL images and their prompts
+        seen.append((images[0].size, images[0].mode, prompts))
+        return [float(np.asarray(im).mean()) for im in images]
+
+    images = np.stack([np.full((6, 4, 3), v, np.uint8) for v in (10, 200)])
+    r = scorer_reward(scorer)(["a", "b"], images)
+    assert r.dtype == np.float32 and r.tolist() == [10.0, 200.0] and seen == [((4, 6), "RGB", ["a", "b"])]
