@@ -3,6 +3,8 @@ distillation's target makes one step land where the teacher's two land."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -160,3 +162,79 @@ def test_a_partial_train_section_keeps_the_runs_own_defaults():
     assert (cfg.train.steps, cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (7, "adamw", 1e-4, 32)
     demo = load_config({"teacher": "shapes-pixart", "out": "x"}, DemoConfig, overrides={"fewstep.train.steps": 3})
     assert (demo.fewstep.train.steps, demo.fewstep.train.optimizer, demo.fewstep.train.warmup_steps) == (3, "adamw", 20)
+
+
+@pytest.mark.parametrize("config", [SCHED, V], ids=["eps", "v"])
+def test_the_consistency_function_is_what_lcm_scheduler_samples_with(config):
+    """Training's grid holds LCMScheduler's sampling timesteps, and its consistency function at each of them is
+    the scheduler's ``denoised``; at the clean end it is the identity."""
+    from slimdit.distill.consistency import ConsistencyLoss, lcm_scheduler
+
+    teacher = tiny()
+    adapter = adapter_for(teacher, config)
+    t, s = transitions(config, 50)
+    assert t[0] == 999 and t[-1] == 19 and (t - s == 20).all()
+    loss = ConsistencyLoss(adapter, t, s)
+    sched = lcm_scheduler(config, 50)
+    data = _data()
+    cond = {k: v[:2] for k, v in data.cond.items()}
+    for n in (1, 2, 4, 8):
+        sched.set_timesteps(n)
+        assert set(sched.timesteps.tolist()) <= set(t.tolist())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        for step in sched.timesteps:
+            tt = step.expand(2)
+            pred = adapter.prediction(teacher, adapter.predict(teacher, x, tt, cond))
+            out = sched.step(pred, step, x, generator=g)
+            assert torch.allclose(loss.consistency(teacher, x, tt, cond), out.denoised, atol=1e-5)
+            x = out.prev_sample
+        clean = torch.full((2,), -1)
+        assert torch.equal(loss.consistency(teacher, x, clean, cond), x)
+
+
+def test_consistency_distillation_trains_and_refuses_a_flow_teacher(tmp_path):
+    from slimdit.distill.consistency import ConsistencyLoss
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    adapter = adapter_for(student, V)
+    t, s = transitions(V, 50)
+    data = _data()
+    loss = ConsistencyLoss(adapter, t, s, null=data.null, guidance=3.0)
+    b = Batch(data.latents[:8], {k: v[:8] for k, v in data.cond.items()}, torch.Generator().manual_seed(9))
+    cfg = TrainConfig(steps=30, batch_size=8, warmup_steps=1, lr=1e-3, optimizer="adamw", checkpoint_every=100,
+                      log_every=1, val_every=0, caption_dropout=0.0)
+    before = loss(student, teacher, b)["total"].item()
+    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=loss)
+    tr.train(progress=False)
+    b.generator.manual_seed(9)
+    assert loss(tr.student, teacher, b)["total"].item() < 0.7 * before
+    with pytest.raises(ValueError, match="flow"):
+        ConsistencyLoss(adapter_for(tiny_flux(1, 1), FLOW), t, s)
+
+
+def test_slimdit_steps_consistency_saves_an_lcm_student_that_samples_in_any_count(tiny_teacher, tmp_path):  # noqa: F811
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.pipelines.loading import load_sampler, sampling_defaults
+
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "method": "consistency", "steps": 2,
+           "data": {"real": "shapes-train:8"}, "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1},
+           "eval": {"benchmark": None, "bench": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "rounds").iterdir()] == ["00_2steps"]
+    student = str(run / "student")
+    assert sampling_defaults(student)["num_inference_steps"] == 2 and sampling_defaults(student)["guidance_scale"] == 1
+    for n in (1, 4):
+        sampler = load_sampler(student, steps=n)
+        assert type(sampler.pipe.scheduler).__name__ == "LCMScheduler"
+        assert sampler.generate(["a red circle"], [0], progress=False).shape[0] == 1
+        assert sampler.pipe.scheduler.num_inference_steps == n
+    card = (run / "student" / "README.md").read_text()
+    assert "latent consistency distillation" in card and "consistency-distillation" in card

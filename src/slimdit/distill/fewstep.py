@@ -1,9 +1,12 @@
-"""``slimdit steps --config C``: make a model sample in fewer steps, one halving round at a time.
+"""``slimdit steps --config C``: make a model sample in fewer steps.
 
-Progressive distillation (:mod:`slimdit.distill.progressive`) from the teacher sampled at ``start`` deterministic
-steps down to ``steps``: round k trains a student for ``start / 2^k`` steps against the previous round's model at
-twice as many. The teacher may be any model, a compressed student included, so size and steps compose. With a CFG
-teacher the first round distils its guided sampling, and every later student samples without CFG.
+``method: progressive`` (:mod:`slimdit.distill.progressive`), one halving round at a time, from the teacher sampled
+at ``start`` deterministic steps down to ``steps``: round k trains a student for ``start / 2^k`` steps against the
+previous round's model at twice as many. ``method: consistency`` (:mod:`slimdit.distill.consistency`): one round
+of latent consistency distillation on the teacher's ``solver_steps`` grid; the student samples with
+``LCMScheduler`` in ``steps`` steps by default, and in any other count too. The teacher may be any model, a
+compressed student included, so size and steps compose. With a CFG teacher its guided sampling is distilled in
+(the first round's, for progressive), and the student samples without CFG.
 
 Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each; ``student/`` and ``done.json`` once
 finished), ``student/`` (the final one: transformer, scheduler, sampling defaults, card), ``metrics/*.json``,
@@ -28,9 +31,10 @@ from slimdit.io import read_json, write_json
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     out: str
-    method: Literal["progressive"] = "progressive"
+    method: Literal["progressive", "consistency"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
-    start: int = Field(16, ge=2)  # the teacher's deterministic steps the first round distils; steps x 2^k
+    start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
+    solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
     data: DataConfig = DataConfig()
@@ -40,6 +44,8 @@ class StepsConfig(_Strict):
 
     @model_validator(mode="after")
     def _halvings(self):
+        if self.method != "progressive":
+            return self
         k = math.log2(self.start / self.steps) if self.start > self.steps else 0
         if k < 1 or k != int(k):
             raise ValueError(f"start ({self.start}) must be steps ({self.steps}) times a power of 2, at least 2")
@@ -47,7 +53,9 @@ class StepsConfig(_Strict):
 
 
 def rounds(cfg: StepsConfig) -> list[int]:
-    """The student steps of each round: start/2, start/4, ..., steps."""
+    """The student steps of each round: start/2, start/4, ..., steps (consistency: one round, steps)."""
+    if cfg.method == "consistency":
+        return [cfg.steps]
     out, n = [], cfg.start
     while n > cfg.steps:
         n //= 2
@@ -60,6 +68,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from accelerate import PartialState
 
     from slimdit.data.datasets import load_dataset
+    from slimdit.distill.consistency import ConsistencyLoss, lcm_scheduler
     from slimdit.distill.progressive import ProgressiveLoss
     from slimdit.distill.run import Conditionings
     from slimdit.distill.steps import midpoints, student_scheduler, transitions
@@ -86,10 +95,17 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     defaults = sampling_defaults(cfg.teacher)
     w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
+    if cfg.method == "consistency":
+        from slimdit.distill.objectives import DDPM
+
+        if not isinstance(adapter.objective, DDPM):  # before caching anything
+            raise ValueError(f"method: consistency is built for DDPM-family teachers (LCMScheduler); {cfg.teacher} "
+                             "is a flow model: use method: progressive")
     data = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     tokens = adapter.image_tokens(teacher, data.latents[:1])
     student = student_copy(teacher, cfg.train.student_dtype)
-    scheduler = student_scheduler(sched_config)
+    consistency = cfg.method == "consistency"
+    scheduler = lcm_scheduler(sched_config, cfg.solver_steps) if consistency else student_scheduler(sched_config)
     with parked(pipe, frozen_components(pipe)):
         for i, n in enumerate(rounds(cfg)):
             rdir = run / "rounds" / f"{i:02d}_{n}steps"
@@ -98,10 +114,15 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                                                                                    DTYPES[cfg.train.student_dtype]))
                 teacher = copy.deepcopy(student).requires_grad_(False).eval()  # as after a trained round
                 continue
-            t, s = transitions(sched_config, n, tokens)
             # round 0 distils the CFG teacher's guided steps; later teachers are students that sample without CFG
             cfg_null = data.null if (i == 0 and not guided_input and w != 1) else None
-            loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w, mid=midpoints(sched_config, n, tokens))
+            if consistency:
+                t, s = transitions(sched_config, cfg.solver_steps, tokens)
+                loss = ConsistencyLoss(adapter, t, s, null=cfg_null, guidance=w)
+            else:
+                t, s = transitions(sched_config, n, tokens)
+                loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w,
+                                       mid=midpoints(sched_config, n, tokens))
             tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas),
                                   "eps": tuple(cfg.train.eps)})
             t0 = time.time()
@@ -111,7 +132,9 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
                              sampling=_sampling(n, w, guided_input))
-                write_json(rdir / "done.json", {"steps": n, "teacher_steps": 2 * n, "train_steps": tcfg.steps,
+                write_json(rdir / "done.json", {"steps": n, "method": cfg.method,
+                                                "teacher_steps": cfg.solver_steps if consistency else 2 * n,
+                                                "train_steps": tcfg.steps,
                                                 "seconds": round(time.time() - t0, 1), "last": last})
             state.wait_for_everyone()
             teacher = copy.deepcopy(student).requires_grad_(False).eval()

@@ -137,7 +137,10 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
     tags = ["slimdit", "text-to-image", "diffusion-transformer", "model-compression"]
     for tag, holds in (("block-pruning", "remove" in ops), ("low-rank", "svd" in ops),
                        ("knowledge-distillation", f.trained), ("merged", merged),
-                       ("progressive-distillation", bool(f.rounds)), ("few-step", bool(f.rounds))):
+                       ("progressive-distillation", any(r.get("method", "progressive") == "progressive"
+                                                         for r in f.rounds)),
+                       ("consistency-distillation", any(r.get("method") == "consistency" for r in f.rounds)),
+                       ("few-step", bool(f.rounds))):
         if holds:
             tags.append(tag)
     if f.stages:
@@ -184,12 +187,19 @@ def _fewstep(f: RunFacts) -> str:
     c = f.config or {}
     first, last = f.rounds[0], f.rounds[-1]
     t = c.get("train", {})
-    out = [f"A few-step student of `{f.teacher}`, made with slimdit by progressive distillation (Salimans & Ho "
-           f"2022): it samples in {last['steps']} deterministic steps with the scheduler saved beside it, where "
-           f"the first round's teacher took {first['teacher_steps']}. Each round halves the steps: one student step "
-           "learns to land where two steps of the round's teacher land. A CFG teacher's guided steps are distilled "
-           "in the first round, so the student samples without CFG, one transformer pass per step. "
-           "Its transformer has the teacher's architecture.", "", "## How it was trained", "",
+    if first.get("method") == "consistency":
+        how = (f"A few-step student of `{f.teacher}`, made with slimdit by latent consistency distillation (Luo et "
+               f"al. 2023): it samples in {last['steps']} steps by default with the LCMScheduler saved beside it, and "
+               "in any other count (1, 2, 4, 8) by setting num_inference_steps. It learnt to map every point of the "
+               f"teacher's {first['teacher_steps']}-point DDIM trajectories to the same clean sample. A CFG teacher's "
+               "guidance is distilled in, so the student samples without CFG, one transformer pass per step.")
+    else:
+        how = (f"A few-step student of `{f.teacher}`, made with slimdit by progressive distillation (Salimans & Ho "
+               f"2022): it samples in {last['steps']} deterministic steps with the scheduler saved beside it, where "
+               f"the first round's teacher took {first['teacher_steps']}. Each round halves the steps: one student "
+               "step learns to land where two steps of the round's teacher land. A CFG teacher's guided steps are "
+               "distilled in the first round, so the student samples without CFG, one transformer pass per step.")
+    out = [how + " Its transformer has the teacher's architecture.", "", "## How it was trained", "",
            f"- {t.get('steps', '?')} optimizer steps per round, batch {t.get('batch_size', '?')}, "
            f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}; data `{(c.get('data') or {}).get('real', '?')}`",
            "", "| round | student steps | teacher steps | optimizer steps | seconds | last loss |",
