@@ -4,7 +4,9 @@
 at ``start`` deterministic steps down to ``steps``: round k trains a student for ``start / 2^k`` steps against the
 previous round's model at twice as many. ``method: consistency`` (:mod:`slimdit.distill.consistency`): one round
 of latent consistency distillation on the teacher's ``solver_steps`` grid; the student samples with
-``LCMScheduler`` in ``steps`` steps by default, and in any other count too. The teacher may be any model, a
+``LCMScheduler`` in ``steps`` steps by default, and in any other count too. ``method: reflow`` (flow teachers,
+:mod:`slimdit.distill.reflow`): the teacher's ODE pairs (noise, sample), then velocity regression on the straight
+line between them; the student keeps the Euler scheduler, at ``steps``. The teacher may be any model, a
 compressed student included, so size and steps compose. With a CFG teacher its guided sampling is distilled in
 (the first round's, for progressive), and the student samples without CFG.
 
@@ -31,10 +33,11 @@ from slimdit.io import read_json, write_json
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     out: str
-    method: Literal["progressive", "consistency"] = "progressive"
+    method: Literal["progressive", "consistency", "reflow"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
     start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
     solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
+    pair_steps: int | None = Field(None, ge=1)  # reflow: the teacher's Euler steps per pair (default: its own)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
     data: DataConfig = DataConfig()
@@ -44,6 +47,8 @@ class StepsConfig(_Strict):
 
     @model_validator(mode="after")
     def _halvings(self):
+        if self.method == "reflow" and self.train.caption_dropout:
+            raise ValueError("method: reflow needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":
             return self
         k = math.log2(self.start / self.steps) if self.start > self.steps else 0
@@ -53,8 +58,8 @@ class StepsConfig(_Strict):
 
 
 def rounds(cfg: StepsConfig) -> list[int]:
-    """The student steps of each round: start/2, start/4, ..., steps (consistency: one round, steps)."""
-    if cfg.method == "consistency":
+    """The student steps of each round: start/2, start/4, ..., steps (consistency, reflow: one round, steps)."""
+    if cfg.method != "progressive":
         return [cfg.steps]
     out, n = [], cfg.start
     while n > cfg.steps:
@@ -70,9 +75,10 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.consistency import ConsistencyLoss, lcm_scheduler
     from slimdit.distill.progressive import ProgressiveLoss
+    from slimdit.distill.reflow import ReflowLoss, teacher_pairs
     from slimdit.distill.run import Conditionings
     from slimdit.distill.steps import midpoints, student_scheduler, transitions
-    from slimdit.distill.trainer import TrainConfig, Trainer
+    from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
     from slimdit.models import adapter_for
     from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
@@ -100,7 +106,13 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
 
         if not isinstance(adapter.objective, DDPM):  # before caching anything
             raise ValueError(f"method: consistency is built for DDPM-family teachers (LCMScheduler); {cfg.teacher} "
-                             "is a flow model: use method: progressive")
+                             "is a flow model: use method: progressive or reflow")
+    if cfg.method == "reflow":
+        from slimdit.distill.objectives import RectifiedFlow
+
+        if not isinstance(adapter.objective, RectifiedFlow):
+            raise ValueError(f"method: reflow is for flow teachers; {cfg.teacher} is a diffusion model: use method: "
+                             "progressive or consistency")
     data = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     tokens = adapter.image_tokens(teacher, data.latents[:1])
     student = student_copy(teacher, cfg.train.student_dtype)
@@ -116,9 +128,20 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                 continue
             # round 0 distils the CFG teacher's guided steps; later teachers are students that sample without CFG
             cfg_null = data.null if (i == 0 and not guided_input and w != 1) else None
+            train_data = data
             if consistency:
                 t, s = transitions(sched_config, cfg.solver_steps, tokens)
                 loss = ConsistencyLoss(adapter, t, s, null=cfg_null, guidance=w)
+            elif cfg.method == "reflow":
+                pair_steps = cfg.pair_steps or defaults["num_inference_steps"]
+                t, s = transitions(sched_config, pair_steps, tokens)
+                if state.is_main_process:  # one writer; the others read its shards
+                    teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed, progress=progress)
+                state.wait_for_everyone()
+                noise, x0 = teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed,
+                                          progress=False)
+                train_data = Conditioning(x0, data.cond, data.null)
+                loss = ReflowLoss(adapter, noise, guidance=w if guided_input else None)
             else:
                 t, s = transitions(sched_config, n, tokens)
                 loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w,
@@ -126,14 +149,16 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas),
                                   "eps": tuple(cfg.train.eps)})
             t0 = time.time()
-            trainer = Trainer(adapter, teacher, student, data, tcfg, rdir, loss=loss)
+            trainer = Trainer(adapter, teacher, student, train_data, tcfg, rdir, loss=loss)
             last = trainer.train(progress=progress)
             student = trainer.student_model(use_ema=tcfg.ema_decay is not None).to(device)
+            teacher_steps = {"consistency": cfg.solver_steps, "progressive": 2 * n}.get(
+                cfg.method, cfg.pair_steps or defaults["num_inference_steps"])
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
                              sampling=_sampling(n, w, guided_input))
                 write_json(rdir / "done.json", {"steps": n, "method": cfg.method,
-                                                "teacher_steps": cfg.solver_steps if consistency else 2 * n,
+                                                "teacher_steps": teacher_steps,
                                                 "train_steps": tcfg.steps,
                                                 "seconds": round(time.time() - t0, 1), "last": last})
             state.wait_for_everyone()

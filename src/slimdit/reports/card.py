@@ -140,6 +140,7 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
                        ("progressive-distillation", any(r.get("method", "progressive") == "progressive"
                                                          for r in f.rounds)),
                        ("consistency-distillation", any(r.get("method") == "consistency" for r in f.rounds)),
+                       ("reflow", any(r.get("method") == "reflow" for r in f.rounds)),
                        ("few-step", bool(f.rounds))):
         if holds:
             tags.append(tag)
@@ -193,6 +194,12 @@ def _fewstep(f: RunFacts) -> str:
                "in any other count (1, 2, 4, 8) by setting num_inference_steps. It learnt to map every point of the "
                f"teacher's {first['teacher_steps']}-point DDIM trajectories to the same clean sample. A CFG teacher's "
                "guidance is distilled in, so the student samples without CFG, one transformer pass per step.")
+    elif first.get("method") == "reflow":
+        how = (f"A few-step student of `{f.teacher}`, made with slimdit by rectified-flow reflow (Liu et al. 2023): "
+               f"the teacher's {first['teacher_steps']}-step ODE paired noise with the sample it flows to, and the "
+               "student learnt the straight line between them, so its Euler sampler (saved beside it) loses less at "
+               f"{last['steps']} steps. A guidance-embedded teacher's pairs were made at its default guidance, which "
+               "the student takes as its input; a CFG teacher's guidance is distilled in.")
     else:
         how = (f"A few-step student of `{f.teacher}`, made with slimdit by progressive distillation (Salimans & Ho "
                f"2022): it samples in {last['steps']} deterministic steps with the scheduler saved beside it, where "

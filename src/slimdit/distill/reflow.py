@@ -1,0 +1,108 @@
+"""Rectified-flow reflow (Liu et al. 2023, "Flow Straight and Fast"; InstaFlow's text-conditioned form): the
+teacher's ODE couples each noise ``z`` with the clean sample ``x0`` it flows to; training the student's velocity on
+the straight line between them, ``x_t = (1 - t) x0 + t z`` with target ``z - x0``, straightens its paths, so Euler
+steps lose less when there are few of them.
+
+Pairs are made once per run by the teacher's deterministic Euler sampling (its own flow grid, ``pair_steps`` steps,
+guided: a CFG teacher at ``w`` with the empty caption, a guidance-embedded one with ``w`` as its input) and kept on
+disk in safetensors shards (a resumed run reuses the finished ones). For flow teachers only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from slimdit.distill.losses import Batch, per_sample_mse
+from slimdit.distill.objectives import RectifiedFlow
+from slimdit.distill.steps import deterministic_step
+from slimdit.io import load_tensors, save_tensors
+
+SHARD = 1024
+
+
+def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tensor:
+    """The model's prediction at ``x``, with CFG at ``guidance`` when ``null`` (the empty caption's) is given."""
+    c = adapter.prediction(model, adapter.predict(model, x, t, cond))
+    if null is None:
+        return c
+    u = adapter.prediction(model, adapter.predict(model, x, t, null))
+    return u + guidance * (c - u)
+
+
+@torch.no_grad()
+def ode_sample(adapter, model, noise: torch.Tensor, cond: dict, null: dict | None, guidance: float,
+               t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Deterministic sampling from ``noise`` along the grid ``(t, s)`` (its last ``s`` is the clean end)."""
+    x, n = noise, noise.shape[0]
+    for ti, si in zip(t, s):
+        tt, ss = ti.expand(n).to(x.device), si.expand(n).to(x.device)
+        x = deterministic_step(adapter.objective, x, guided_prediction(adapter, model, x, tt, cond, null, guidance),
+                               tt, ss).to(noise.dtype)
+    return x
+
+
+def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: torch.Tensor, guidance: float,
+                  seed: int, batch_size: int = 64, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noise, x0)`` for every row of ``data`` (a :class:`~slimdit.distill.trainer.Conditioning`): row i's noise
+    is drawn from ``(seed, i)``, so a shard made again is the same. Shards on disk are reused."""
+    if not isinstance(adapter.objective, RectifiedFlow):
+        raise ValueError("reflow is for flow teachers (rectified-flow objective); for a diffusion teacher use "
+                         "method: progressive or consistency")
+    out = Path(out)
+    dev = next(teacher.parameters()).device
+    dtype = data.latents[:1].dtype  # (the cache's rows are read lazily)
+    guided_input = adapter.takes_guidance(teacher)
+    noises, x0s = [], []
+    starts = range(0, len(data), SHARD)
+    for a in tqdm(starts, desc="reflow pairs", unit="shard", disable=not progress or len(starts) <= 1):
+        f = out / f"pairs_{a // SHARD:05d}.safetensors"
+        if not f.exists():
+            rows = range(a, min(a + SHARD, len(data)))
+            z = torch.stack([torch.randn(tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(
+                hash((seed, i)) & (2**62 - 1))) for i in rows]).to(dtype)
+            x0 = []
+            for b in range(0, len(rows), batch_size):
+                idx = torch.tensor(list(rows[b:b + batch_size]))
+                cond = {k: v.to(dev) for k, v in data.take(idx).items()}
+                null = None
+                if guided_input:
+                    cond["guidance"] = torch.full((len(idx),), guidance, device=dev)
+                elif guidance != 1:
+                    null = {k: v.to(dev).expand(len(idx), *v.shape[1:]) for k, v in data.null.items()}
+                x0.append(ode_sample(adapter, teacher, z[b:b + batch_size].to(dev), cond, null, guidance, t, s).cpu())
+            save_tensors(f, {"noise": z, "x0": torch.cat(x0)})
+        pair = load_tensors(f)
+        noises.append(pair["noise"])
+        x0s.append(pair["x0"])
+    return torch.cat(noises), torch.cat(x0s)
+
+
+@dataclass
+class ReflowLoss:
+    """``|| v(x_t, t) - (z - x0) ||^2`` on the teacher's pairs, at the objective's timesteps; the trainer's data
+    rows hold the pairs' ``x0`` as latents, ``noise`` their ``z``. A guidance-embedded student gets the pairs'
+    guidance as its input."""
+
+    adapter: object
+    noise: torch.Tensor  # (N, ...) the pairs' noise, row for row with the data's latents (the pairs' x0)
+    guidance: float | None = None  # the guidance input the pairs were made at (guidance-embedded models)
+
+    def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        if batch.index is None:
+            raise ValueError("ReflowLoss needs the batch's data rows (batch.index) to find their noise")
+        a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
+        inner = getattr(student, "module", student)
+        z = self.noise[batch.index].to(x0.device, x0.dtype)
+        t = obj.sample_t(x0.shape[0], g, a.image_tokens(inner, x0)).to(x0.device)
+        xt, target = obj.noise(x0, z, t)
+        cond = batch.cond
+        if self.guidance is not None and a.takes_guidance(inner):
+            cond = {**cond, "guidance": torch.full((x0.shape[0],), self.guidance, device=x0.device)}
+        with batch.autocast():
+            pred = a.prediction(inner, a.predict(student, xt, t, cond))
+        loss = per_sample_mse(pred, target).mean()
+        return {"total": loss, "reflow": loss.detach()}
