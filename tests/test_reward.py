@@ -168,6 +168,8 @@ def test_bad_reward_configs_are_refused_before_any_work():
         RewardConfig(out="x", train={"caption_dropout": 0.1})
     with pytest.raises(ValueError, match="train_steps"):
         RewardConfig(out="x", sample_steps=4, train_steps=4)
+    with pytest.raises(ValueError, match="eta"):
+        RewardConfig(out="x", eta=1.5)
 
 
 def test_slimdit_reward_tunes_evaluates_and_cards_a_model(tiny_teacher, tmp_path):  # noqa: F811
@@ -194,7 +196,8 @@ def test_slimdit_reward_tunes_evaluates_and_cards_a_model(tiny_teacher, tmp_path
     assert sampling_defaults(student) == sampling_defaults(tiny_teacher)  # it samples as before
     load_pipeline(student, "cpu")
     card = (run / "student" / "README.md").read_text()
-    assert "reward-tuned with slimdit" in card and "| before | after |" in card.replace("baseline | ", "")
+    assert "reward-tuned with slimdit" in card and "- reward-tuning" in card
+    assert "| baseline | before | after |" in card
     before = (run / "summary.json").read_text()
     assert main(["reward", "--config", str(tmp_path / "c.yaml")]) == 0  # a rerun continues: nothing left to do
     assert json.loads((run / "summary.json").read_text())["reward_curve"] == json.loads(before)["reward_curve"]

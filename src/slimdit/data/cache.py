@@ -55,7 +55,7 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tenso
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """uint8 images ``(N, H, W, 3)`` of clean latents: the inverse of :func:`encode_images`, rounded as samplers
     round."""
     vae = pipe.vae

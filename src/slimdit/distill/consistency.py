@@ -82,7 +82,8 @@ class ConsistencyLoss:
             null = {k: v.to(dev).expand(b, *v.shape[1:]) for k, v in self.null.items()}
         with torch.no_grad():
             xs = deterministic_step(obj, xt, self._teacher(teacher, xt, t, cond, null), t, s).to(xt.dtype)
-            target = self.consistency(student, xs, s, cond)  # the student under stop-gradient
+            with batch.autocast():  # at the prediction's precision, as LCM computes it
+                target = self.consistency(student, xs, s, cond)  # the student under stop-gradient
         with batch.autocast():
             pred = a.prediction(getattr(student, "module", student), a.predict(student, xt, t, cond))
         loss = pseudo_huber(self.consistency(student, xt, t, cond, pred), target, self.huber_c).mean()

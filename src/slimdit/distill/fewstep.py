@@ -47,6 +47,9 @@ class StepsConfig(_Strict):
 
     @model_validator(mode="after")
     def _halvings(self):
+        if self.method == "consistency" and self.steps > self.solver_steps:
+            raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): LCMScheduler "
+                             "samples on the training grid")
         if self.method == "reflow" and self.train.caption_dropout:
             raise ValueError("method: reflow needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":
@@ -107,6 +110,10 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
         if not isinstance(adapter.objective, DDPM):  # before caching anything
             raise ValueError(f"method: consistency is built for DDPM-family teachers (LCMScheduler); {cfg.teacher} "
                              "is a flow model: use method: progressive or reflow")
+        n_train = len(adapter.objective.alphas_cumprod)
+        if n_train % cfg.solver_steps:  # else DDIM's grid and LCMScheduler's differ
+            raise ValueError(f"solver_steps ({cfg.solver_steps}) must divide the teacher's {n_train} training "
+                             "timesteps, so that the training grid is LCMScheduler's")
     if cfg.method == "reflow":
         from slimdit.distill.objectives import RectifiedFlow
 
@@ -135,8 +142,9 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             elif cfg.method == "reflow":
                 pair_steps = cfg.pair_steps or defaults["num_inference_steps"]
                 t, s = transitions(sched_config, pair_steps, tokens)
-                if state.is_main_process:  # one writer; the others read its shards
-                    teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed, progress=progress)
+                # each process makes its share of the shards, then every one reads them all
+                teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed, progress=progress,
+                              part=(state.process_index, state.num_processes))
                 state.wait_for_everyone()
                 noise, x0 = teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed,
                                           progress=False)

@@ -46,9 +46,13 @@ def ode_sample(adapter, model, noise: torch.Tensor, cond: dict, null: dict | Non
 
 
 def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: torch.Tensor, guidance: float,
-                  seed: int, batch_size: int = 64, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int, batch_size: int = 64, progress: bool = True,
+                  part: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(noise, x0)`` for every row of ``data`` (a :class:`~slimdit.distill.trainer.Conditioning`): row i's noise
-    is drawn from ``(seed, i)``, so a shard made again is the same. Shards on disk are reused."""
+    is drawn from ``(seed, i)``, so a shard made again is the same. Shards on disk are reused. With ``part = (k,
+    n)`` only shards ``k, k + n, ...`` are made and nothing is returned (process k of n makes its share).
+
+    The pairs are returned in host memory (two latents per row)."""
     if not isinstance(adapter.objective, RectifiedFlow):
         raise ValueError("reflow is for flow teachers (rectified-flow objective); for a diffusion teacher use "
                          "method: progressive or consistency")
@@ -58,7 +62,8 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
     guided_input = adapter.takes_guidance(teacher)
     noises, x0s = [], []
     starts = range(0, len(data), SHARD)
-    for a in tqdm(starts, desc="reflow pairs", unit="shard", disable=not progress or len(starts) <= 1):
+    mine = [a for a in starts if part is None or (a // SHARD) % part[1] == part[0]]
+    for a in tqdm(mine, desc="reflow pairs", unit="shard", disable=not progress or len(mine) <= 1):
         f = out / f"pairs_{a // SHARD:05d}.safetensors"
         if not f.exists():
             rows = range(a, min(a + SHARD, len(data)))
@@ -75,10 +80,12 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
                     null = {k: v.to(dev).expand(len(idx), *v.shape[1:]) for k, v in data.null.items()}
                 x0.append(ode_sample(adapter, teacher, z[b:b + batch_size].to(dev), cond, null, guidance, t, s).cpu())
             save_tensors(f, {"noise": z, "x0": torch.cat(x0)})
+        if part is not None:
+            continue
         pair = load_tensors(f)
         noises.append(pair["noise"])
         x0s.append(pair["x0"])
-    return torch.cat(noises), torch.cat(x0s)
+    return None if part is not None else (torch.cat(noises), torch.cat(x0s))
 
 
 @dataclass

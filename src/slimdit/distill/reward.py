@@ -32,7 +32,7 @@ class RewardConfig(_Strict):
     reward: str = "shapes-geneval"  # a registered reward (slimdit.registry.REWARDS)
     group: int = Field(8, ge=2)  # images sampled per prompt; advantages are relative within a group
     sample_steps: int = Field(10, ge=2)  # the stochastic sampler's steps while tuning (the last is deterministic)
-    eta: float = Field(1.0, gt=0)  # the sampler's stochasticity (DDIM's eta)
+    eta: float = Field(1.0, gt=0, le=1)  # the sampler's stochasticity (DDIM's eta; above 1 it is no posterior)
     train_steps: int | None = Field(4, ge=1)  # stochastic steps each update trains on; None: all
     kl: float = Field(0.04, ge=0)  # weight of the per-step KL to the model before tuning
     guidance: float | None = None  # CFG (or guidance input) scale while tuning; default: the model's sampling default
@@ -76,7 +76,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     from slimdit.identity import check_run_dir, input_fingerprints
     from slimdit.models import adapter_for
     from slimdit.models.precision import cast_io, frozen_dtype, student_copy
-    from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student
+    from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student, student_base
     from slimdit.pipelines.placement import frozen_components, parked
     from slimdit.registry import REWARDS
     from slimdit.reports.card import write_card
@@ -110,7 +110,9 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
         student = trainer.student_model(use_ema=tcfg.ema_decay is not None)
     if not state.is_main_process:
         return run
-    save_student(student, run / "student", base=cfg.teacher)
+    # a few-step student keeps the scheduler it samples with (load_pipeline gave the pipeline its own)
+    own = student_base(cfg.teacher) is not None and (Path(cfg.teacher) / "scheduler").is_dir()
+    save_student(student, run / "student", base=cfg.teacher, scheduler=pipe.scheduler if own else None)
     summary = {"teacher": cfg.teacher, "student": str(run / "student"), "method": cfg.method, "reward": cfg.reward,
                "train_steps": tcfg.steps, "images_per_step": tcfg.batch_size * cfg.group,
                "seconds": round(time.time() - t0, 1), "last": last, "reward_curve": _reward_curve(run / "train")}

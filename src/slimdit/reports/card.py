@@ -141,7 +141,7 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
                                                          for r in f.rounds)),
                        ("consistency-distillation", any(r.get("method") == "consistency" for r in f.rounds)),
                        ("reflow", any(r.get("method") == "reflow" for r in f.rounds)),
-                       ("few-step", bool(f.rounds))):
+                       ("few-step", bool(f.rounds)), ("reward-tuning", bool((f.config or {}).get("reward")))):
         if holds:
             tags.append(tag)
     if f.stages:
