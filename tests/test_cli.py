@@ -70,6 +70,7 @@ def test_demo_writes_summary_and_report(tmp_path):
     assert main(["report", str(run)]) == 0 and (run / "report.html").read_text() == html
 
 
+@pytest.mark.slow  # the whole demo again, then the step rounds (each covered on its own by faster tests)
 def test_demo_with_steps_makes_the_compressed_student_few_step(tmp_path):
     run = tmp_path / "demo"
     tiny_steps = ["fewstep.start=4", "fewstep.train.steps=2", "fewstep.train.batch_size=2",
