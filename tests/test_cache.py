@@ -8,10 +8,9 @@ import slimdit.data.cache as cache
 from slimdit.data.cache import Rows, cached_conditioning, in_memory
 from slimdit.data.datasets import load_dataset
 from slimdit.pipelines.loading import load_pipeline
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 
 
-def test_sharded_cache_reads_the_rows_it_is_asked_for_and_resumes_by_shard(tiny_teacher, tmp_path, monkeypatch):  # noqa: F811
+def test_sharded_cache_reads_the_rows_it_is_asked_for_and_resumes_by_shard(tiny_teacher, tmp_path, monkeypatch):
     pipe = load_pipeline(tiny_teacher, "cpu")
     data = load_dataset("shapes-train:8")
     whole = in_memory(cached_conditioning(pipe, tiny_teacher, data, tmp_path / "one", 16))  # one shard of 8

@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from slimdit.io import read_json, write_json
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 
 
 def header(card: str) -> dict:
@@ -16,7 +15,7 @@ def header(card: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lowrank_student(tiny_teacher, tmp_path_factory):  # noqa: F811
+def lowrank_student(tiny_teacher, tmp_path_factory):
     from slimdit.compress.student import compress_to_dir
 
     out = tmp_path_factory.mktemp("compress") / "student"
@@ -65,7 +64,7 @@ def test_a_hub_teacher_is_the_base_model(lowrank_student, tmp_path):
     assert meta["base_model"] == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
 
 
-def test_a_distilled_student_card_names_its_training_and_is_rewritten_when_metrics_arrive(tiny_teacher, tmp_path,  # noqa: F811
+def test_a_distilled_student_card_names_its_training_and_is_rewritten_when_metrics_arrive(tiny_teacher, tmp_path,
                                                                                           monkeypatch):
     import slimdit.compress.grasp
     from slimdit.distill.run import run_distill

@@ -6,24 +6,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 import yaml
 
 from slimdit.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_flux_pipeline(tmp_path_factory):
-    from slimdit.worlds.shapes.flux import SAMPLING, FluxShape, build_pipeline
-
-    torch.manual_seed(0)
-    shape = FluxShape(double=1, single=2, heads=2, head_dim=8, t5_dim=16, t5_layers=1, clip_dim=16, vae_width=8,
-                      guidance_embeds=True)
-    d = tmp_path_factory.mktemp("flux") / "tiny-flux"
-    build_pipeline(shape).save_pretrained(d)
-    (d / "slimdit.json").write_text(json.dumps({"sampling": {**SAMPLING, "num_inference_steps": 2}}))
-    return d
 
 
 def test_loads_samples_and_packs_64_tokens(tiny_flux_pipeline, tmp_path):

@@ -9,10 +9,10 @@ import torch
 
 from slimdit.compress.plan import Plan
 from tests.test_resume import Killed, kill_at
-from tests.test_schedules import _cfg, tiny_teacher  # noqa: F401  (the fixture)
+from tests.test_schedules import _cfg
 
 
-def test_a_plan_asks_for_grasp_and_the_student_keeps_the_values_grasp_chose(tiny_teacher, tmp_path):  # noqa: F811
+def test_a_plan_asks_for_grasp_and_the_student_keeps_the_values_grasp_chose(tiny_teacher, tmp_path):
     from slimdit.compress.grasp import grasp_from_data
     from slimdit.compress.plan import apply_plan
     from slimdit.compress.student import compress_to_dir, grasp_calibration
@@ -47,7 +47,7 @@ def test_a_bad_grasp_spelling_is_named(spec, message):
         Plan.from_dict(spec)
 
 
-def test_slimdit_compress_and_distill_are_callables(tiny_teacher, tmp_path):  # noqa: F811
+def test_slimdit_compress_and_distill_are_callables(tiny_teacher, tmp_path):
     import slimdit
     from slimdit.compress.student import compress_to_dir
 
@@ -78,7 +78,7 @@ def no_loading(monkeypatch):
     ({"block.1": {"svd": {"mlpp": 0.5}}}, r"plan units.block.1: unknown part\(s\) \['mlpp'\]; allowed: self_attn"),
     ({"blok.1": "remove"}, "bad unit name 'blok.1'"),
 ])
-def test_a_bad_plan_fails_before_the_teacher_loads(tiny_teacher, tmp_path, no_loading, units, message):  # noqa: F811
+def test_a_bad_plan_fails_before_the_teacher_loads(tiny_teacher, tmp_path, no_loading, units, message):
     from slimdit.compress.student import compress_to_dir
     from slimdit.distill.run import run_distill
 
@@ -90,7 +90,7 @@ def test_a_bad_plan_fails_before_the_teacher_loads(tiny_teacher, tmp_path, no_lo
     assert not (tmp_path / "student").exists() and not (tmp_path / "run").exists()  # nothing written either
 
 
-def test_an_interrupted_schedule_stage_resumes_from_its_saved_selection(tiny_teacher, tmp_path, monkeypatch):  # noqa: F811
+def test_an_interrupted_schedule_stage_resumes_from_its_saved_selection(tiny_teacher, tmp_path, monkeypatch):
     import slimdit.schedules.run as schedules
 
     cfg = _cfg(tiny_teacher, tmp_path / "run", kind="one_shot", op="remove", target=0.5)

@@ -34,6 +34,7 @@ def tiny_latent_pipeline(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # compress, synth, distill and eval in a row
 def test_compress_synth_distill_eval(tiny_latent_pipeline, tmp_path, capsys):
     model = str(tiny_latent_pipeline)
     plan = tmp_path / "plan.yaml"
@@ -109,6 +110,7 @@ def test_example_config_resolves_with_overrides(capsys):
     assert "train.kd" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a distill per sweep point
 def test_sweep_runs_every_point_and_tabulates(tiny_latent_pipeline, tmp_path, capsys):
     model = str(tiny_latent_pipeline)
     base = {"teacher": model, "plan": {"units": {"block.1": "remove"}}, "out": "ignored",

@@ -15,13 +15,12 @@ import torch
 import yaml
 
 from slimdit.cli import main
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def transformer_only(tiny_teacher, tmp_path_factory):  # noqa: F811
+def transformer_only(tiny_teacher, tmp_path_factory):
     """The tiny teacher's transformer, perturbed so it differs from the base's, alone in a hub-style directory
     (``transformer/config.json`` and weights, no ``model_index.json``)."""
     from diffusers import PixArtTransformer2DModel
@@ -35,7 +34,7 @@ def transformer_only(tiny_teacher, tmp_path_factory):  # noqa: F811
 
 
 def test_a_transformer_only_directory_over_a_base_pipeline_loads_generates_and_distils(
-        tiny_teacher, transformer_only, tmp_path):  # noqa: F811
+        tiny_teacher, transformer_only, tmp_path):
     from slimdit.pipelines.loading import join_model, load_pipeline, load_sampler, model_fingerprint
 
     d, tr = transformer_only
@@ -64,7 +63,7 @@ def test_a_transformer_only_directory_over_a_base_pipeline_loads_generates_and_d
     assert len(student.transformer_blocks) == len(tr.transformer_blocks) - 1
 
 
-def test_a_pipeline_directory_missing_a_component_is_named(tiny_teacher, tmp_path):  # noqa: F811
+def test_a_pipeline_directory_missing_a_component_is_named(tiny_teacher, tmp_path):
     from slimdit.pipelines.loading import load_pipeline
 
     broken = shutil.copytree(tiny_teacher, tmp_path / "broken")
@@ -86,7 +85,7 @@ def _hub_cache(cache: Path, repo: str, src: Path) -> None:
     (folder / "refs" / "main").write_text(commit)
 
 
-def test_hub_ids_load_from_a_local_cache_offline(tiny_teacher, transformer_only, tmp_path):  # noqa: F811
+def test_hub_ids_load_from_a_local_cache_offline(tiny_teacher, transformer_only, tmp_path):
     d, _ = transformer_only
     cache = tmp_path / "hub"
     _hub_cache(cache, "someone/tiny-pipeline", Path(tiny_teacher))
@@ -112,7 +111,7 @@ def test_hub_ids_load_from_a_local_cache_offline(tiny_teacher, transformer_only,
     assert "holds only a transformer" in lines[3] and "--transformer someone/tiny-transformer" in lines[3]
 
 
-def test_a_student_is_its_transformer_and_the_name_of_its_base(tiny_teacher, tmp_path):  # noqa: F811
+def test_a_student_is_its_transformer_and_the_name_of_its_base(tiny_teacher, tmp_path):
     import re
 
     from diffusers import DiffusionPipeline

@@ -12,11 +12,10 @@ import yaml
 from slimdit.cli import main
 from slimdit.compress.plan import Plan
 from slimdit.speed.memory import measure_step_peak, memory_plan, optimizer_bytes
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 
 
 @pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_the_plan_is_within_20_percent_of_the_measured_peak(tiny_teacher, checkpointing):  # noqa: F811
+def test_the_plan_is_within_20_percent_of_the_measured_peak(tiny_teacher, checkpointing):
     plan = Plan.from_dict({"units": {"block.1": "remove", "block.2": {"svd": 0.5}}})
     measured = measure_step_peak(tiny_teacher, plan, 16, checkpointing=checkpointing)
     mp = memory_plan(tiny_teacher, plan, 16, checkpointing=checkpointing, offload_text=True, both=False)
@@ -61,7 +60,8 @@ def test_gradient_checkpointing_changes_memory_not_the_training(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
-def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_teacher, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow  # three memory plans traced at PixArt-Sigma-XL's real size
+def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_teacher, tmp_path, capsys):
     cfg = {"teacher": "arch:pixart-sigma-xl", "plan": {"units": {"block.0": "remove"}}, "out": str(tmp_path / "x"),
            "train": {"batch_size": 1}, "data": {"image_size": 128, "max_sequence_length": 32}}  # small traces
     (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
@@ -97,7 +97,7 @@ def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_t
     assert not (tmp_path / "big" / "phases").exists() and not (tmp_path / "big" / "cache").exists()
 
 
-def test_a_measured_step_with_a_bf16_teacher_has_time_flops_and_the_planned_peak(tiny_teacher):  # noqa: F811
+def test_a_measured_step_with_a_bf16_teacher_has_time_flops_and_the_planned_peak(tiny_teacher):
     from slimdit.speed.step import measure_step
 
     plan = Plan.from_dict({"units": {"block.1": "remove", "block.2": {"svd": 0.5}}})

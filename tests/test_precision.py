@@ -10,7 +10,6 @@ from slimdit.models import adapter_for
 from slimdit.models.precision import cast_io, student_copy
 from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 from tests.test_trainer import SCHED, _data
 
 
@@ -58,7 +57,7 @@ def test_a_bf16_student_trains_with_fp32_ema_and_resumes_exactly(tmp_path):
         assert torch.equal(e, f)
 
 
-def test_distill_with_bf16_frozen_parts(tiny_teacher, tmp_path):  # noqa: F811
+def test_distill_with_bf16_frozen_parts(tiny_teacher, tmp_path):
     from slimdit.distill.run import run_distill
     from slimdit.io import read_json
     from slimdit.models.storage import load_model

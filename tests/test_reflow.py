@@ -15,7 +15,6 @@ from slimdit.distill.steps import transitions
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
-from tests.test_flux_pipeline import tiny_flux_pipeline  # noqa: F401  (the fixture)
 from tests.test_steps import V
 
 
@@ -77,7 +76,7 @@ def test_pairs_refuse_a_diffusion_teacher(tmp_path):
         teacher_pairs(adapter_for(teacher, V), teacher, _data(), tmp_path, t, s, 1.0, seed=0)
 
 
-def test_slimdit_steps_reflow_on_a_flux_pipeline(tiny_flux_pipeline, tmp_path):  # noqa: F811
+def test_slimdit_steps_reflow_on_a_flux_pipeline(tiny_flux_pipeline, tmp_path):
     import json
 
     import yaml

@@ -17,7 +17,7 @@ from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.errors import TrainingDiverged
 from slimdit.models import adapter_for
 from tests.test_resume import Killed, distill_cfg, kill_at
-from tests.test_schedules import _cfg, tiny_teacher  # noqa: F401  (the fixture)
+from tests.test_schedules import _cfg
 from tests.test_trainer import CFG, SCHED, _data, _student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_a_student_with_nonfinite_weights_is_never_saved(tmp_path):
     assert not (tmp_path / "student").exists()
 
 
-def test_diverged_distill_exits_nonzero_with_no_student(tiny_teacher, tmp_path, capsys):  # noqa: F811
+def test_diverged_distill_exits_nonzero_with_no_student(tiny_teacher, tmp_path, capsys):
     cfg = distill_cfg(tiny_teacher, tmp_path / "run")
     cfg["train"].update(optimizer="adamw", checkpoint_every=1)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -103,7 +103,7 @@ def _started_distill(teacher, run, plan_file) -> dict:
     return cfg
 
 
-def test_an_edited_plan_file_is_refused_by_name(tiny_teacher, tmp_path):  # noqa: F811
+def test_an_edited_plan_file_is_refused_by_name(tiny_teacher, tmp_path):
     from slimdit.distill.run import run_distill
 
     plan = tmp_path / "plan.yaml"
@@ -116,7 +116,7 @@ def test_an_edited_plan_file_is_refused_by_name(tiny_teacher, tmp_path):  # noqa
     assert (tmp_path / "run" / "plan.json").read_text() == before  # nothing rewritten
 
 
-def test_changed_teacher_files_or_data_are_refused_by_name(tiny_teacher, tmp_path):  # noqa: F811
+def test_changed_teacher_files_or_data_are_refused_by_name(tiny_teacher, tmp_path):
     from slimdit.config import DistillConfig
     from slimdit.identity import check_run_dir, input_fingerprints
 
@@ -143,7 +143,7 @@ def test_changed_teacher_files_or_data_are_refused_by_name(tiny_teacher, tmp_pat
         check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
 
 
-def test_infeasible_schedule_names_its_fields_and_the_fixed_config_takes_over(tiny_teacher, tmp_path):  # noqa: F811
+def test_infeasible_schedule_names_its_fields_and_the_fixed_config_takes_over(tiny_teacher, tmp_path):
     from slimdit.schedules.run import run_schedule
 
     bad = _cfg(tiny_teacher, tmp_path / "run", kind="linear_progressive", target=0.2, stages=1, units_per_stage=2,
@@ -192,7 +192,7 @@ def test_synth_refuses_to_append_a_set_made_otherwise(tmp_path, capsys):
     assert "did not record" in capsys.readouterr().err
 
 
-def test_synth_refuses_another_model(tiny_teacher, tmp_path, capsys):  # noqa: F811
+def test_synth_refuses_another_model(tiny_teacher, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     out = str(tmp_path / "synth")

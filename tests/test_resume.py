@@ -11,7 +11,7 @@ import torch
 
 from slimdit.distill.trainer import Trainer
 from slimdit.io import load_tensors
-from tests.test_schedules import _cfg, tiny_teacher  # noqa: F401  (the fixture)
+from tests.test_schedules import _cfg
 
 
 class Killed(BaseException):
@@ -111,7 +111,7 @@ def distill_cfg(teacher, out) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight_distill(tiny_teacher, tmp_path_factory):  # noqa: F811
+def straight_distill(tiny_teacher, tmp_path_factory):
     from slimdit.distill.run import run_distill
 
     return run_distill(distill_cfg(tiny_teacher, tmp_path_factory.mktemp("straight") / "run"), progress=False)
@@ -121,7 +121,7 @@ def straight_distill(tiny_teacher, tmp_path_factory):  # noqa: F811
 # phase's step 6 (or 5) leaves a logged row after its last checkpoint and a partial loss sum in it
 @pytest.mark.parametrize("kill", [1, 6, 12, 15, "save"],
                          ids=["phase0-step1-after-cache", "phase0-step6", "phase1-step5", "phase2-step1", "final-save"])
-def test_killed_distill_resumes_bit_identical(tiny_teacher, straight_distill, tmp_path, monkeypatch, kill):  # noqa: F811
+def test_killed_distill_resumes_bit_identical(tiny_teacher, straight_distill, tmp_path, monkeypatch, kill):
     import slimdit.distill.run as distill_run
 
     if kill == "save":  # training finished, then the final pipeline save dies
@@ -142,7 +142,7 @@ SCHEDULES = {"linear_progressive": dict(target=0.7, stages=2, units_per_stage=2,
 
 
 @pytest.mark.parametrize("kind", list(SCHEDULES))
-def test_killed_schedule_resumes_bit_identical(tiny_teacher, tmp_path, monkeypatch, kind):  # noqa: F811
+def test_killed_schedule_resumes_bit_identical(tiny_teacher, tmp_path, monkeypatch, kind):
     from slimdit.schedules.run import run_schedule
 
     def cfg(out):

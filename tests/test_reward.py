@@ -16,7 +16,6 @@ from slimdit.distill.objectives import objective_for
 from slimdit.distill.steps import deterministic_step, stochastic_step, student_scheduler, transitions
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 from tests.test_steps import STATIC_FLOW, V
 from tests.test_trainer import SCHED, _data
 
@@ -172,7 +171,7 @@ def test_bad_reward_configs_are_refused_before_any_work():
         RewardConfig(out="x", eta=1.5)
 
 
-def test_slimdit_reward_tunes_evaluates_and_cards_a_model(tiny_teacher, tmp_path):  # noqa: F811
+def test_slimdit_reward_tunes_evaluates_and_cards_a_model(tiny_teacher, tmp_path):
     import json
 
     import yaml

@@ -35,16 +35,6 @@ def test_infeasible_budget_states_the_range():
     assert at_edges[0].ratios[-1] == pytest.approx(0) and at_edges[1].slope == pytest.approx(0)
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    from slimdit.worlds.shapes.teacher import TeacherConfig, export_teacher, train_teacher
-    from tests.test_teacher import TINY
-
-    d = tmp_path_factory.mktemp("teacher")
-    run = train_teacher(d / "run", TeacherConfig(steps=2, **{**TINY, "num_layers": 4}))
-    return str(export_teacher(run, d / "pipe"))
-
-
 def _cfg(teacher, out, **schedule):
     return {"teacher": teacher, "out": str(out), "schedule": schedule,
             "calibration": {"prompts": "shapes-train:4:7", "steps": 2},

@@ -15,7 +15,6 @@ from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.io import load_tensors
 from slimdit.models import adapter_for
 from tests.test_flux import FLOW, flux_data, tiny_flux
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 from tests.test_trainer import SCHED, _data, _student, launch_two
 
 # adamw (CAME does not run on shards); batch 4 as 2 micro-batches of 2: two processes, or one with grad_accum 2
@@ -97,7 +96,7 @@ def test_fsdp_over_two_processes_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sharded_distill_runs_end_to_end_on_two_processes(tiny_teacher, tmp_path):  # noqa: F811
+def test_a_sharded_distill_runs_end_to_end_on_two_processes(tiny_teacher, tmp_path):
     import yaml
 
     from slimdit.models.storage import load_model

@@ -15,7 +15,6 @@ from slimdit.distill.steps import deterministic_step, midpoints, student_schedul
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
-from tests.test_schedules import tiny_teacher  # noqa: F401  (the fixture)
 from tests.test_trainer import SCHED, _data
 
 V = {**SCHED, "prediction_type": "v_prediction"}
@@ -105,7 +104,7 @@ def test_progressive_distillation_trains(tmp_path):
     assert measured()["total"].item() < 0.5 * before
 
 
-def test_slimdit_steps_halves_in_rounds_and_the_student_samples_with_its_own_scheduler(tiny_teacher, tmp_path):  # noqa: F811
+def test_slimdit_steps_halves_in_rounds_and_the_student_samples_with_its_own_scheduler(tiny_teacher, tmp_path):
     import json
 
     import yaml
@@ -218,7 +217,7 @@ def test_consistency_distillation_trains_and_refuses_a_flow_teacher(tmp_path):
         ConsistencyLoss(adapter_for(tiny_flux(1, 1), FLOW), t, s)
 
 
-def test_slimdit_steps_consistency_saves_an_lcm_student_that_samples_in_any_count(tiny_teacher, tmp_path):  # noqa: F811
+def test_slimdit_steps_consistency_saves_an_lcm_student_that_samples_in_any_count(tiny_teacher, tmp_path):
     import yaml
 
     from slimdit.cli import main
