@@ -22,7 +22,7 @@ import torch
 
 from slimdit.distill.losses import Batch
 from slimdit.distill.objectives import DDPM
-from slimdit.distill.steps import deterministic_step
+from slimdit.distill.steps import deterministic_step, guided_prediction
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default
@@ -54,12 +54,7 @@ class ConsistencyLoss:
                              "LCMScheduler; for a flow teacher use method: progressive")
 
     def _teacher(self, teacher, x, t, cond, null) -> torch.Tensor:
-        a = self.adapter
-        c = a.prediction(teacher, a.predict(teacher, x, t, cond))
-        if null is None:
-            return c
-        u = a.prediction(teacher, a.predict(teacher, x, t, null))
-        return u + self.guidance * (c - u)
+        return guided_prediction(self.adapter, teacher, x, t, cond, null, self.guidance)
 
     def consistency(self, model, x, t, cond, pred=None) -> torch.Tensor:
         """``f(x, t) = c_skip x + c_out x0_hat``."""

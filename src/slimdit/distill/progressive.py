@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from slimdit.distill.losses import Batch, per_sample_mse
-from slimdit.distill.steps import deterministic_step
+from slimdit.distill.steps import deterministic_step, guided_prediction
 
 
 @dataclass
@@ -32,12 +32,7 @@ class ProgressiveLoss:
     mid: torch.Tensor | None = None
 
     def _teacher(self, teacher, x, t, cond, null) -> torch.Tensor:
-        a = self.adapter
-        c = a.prediction(teacher, a.predict(teacher, x, t, cond))
-        if null is None:
-            return c
-        u = a.prediction(teacher, a.predict(teacher, x, t, null))
-        return u + self.guidance * (c - u)
+        return guided_prediction(self.adapter, teacher, x, t, cond, null, self.guidance)
 
     def target(self, teacher, xt, t, s, cond, null, mid=None) -> torch.Tensor:
         """The prediction at ``(xt, t)`` whose one step lands where the teacher's two steps land (through

@@ -18,19 +18,10 @@ from tqdm.auto import tqdm
 
 from slimdit.distill.losses import Batch, per_sample_mse
 from slimdit.distill.objectives import RectifiedFlow
-from slimdit.distill.steps import deterministic_step
+from slimdit.distill.steps import deterministic_step, guided_prediction
 from slimdit.io import load_tensors, save_tensors
 
 SHARD = 1024
-
-
-def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tensor:
-    """The model's prediction at ``x``, with CFG at ``guidance`` when ``null`` (the empty caption's) is given."""
-    c = adapter.prediction(model, adapter.predict(model, x, t, cond))
-    if null is None:
-        return c
-    u = adapter.prediction(model, adapter.predict(model, x, t, null))
-    return u + guidance * (c - u)
 
 
 @torch.no_grad()

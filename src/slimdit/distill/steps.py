@@ -77,3 +77,12 @@ def stochastic_step(objective: DDPM | RectifiedFlow, x: torch.Tensor, pred: torc
     ratio = (a_t * s_s / (a_s * s_t)).clamp(max=1.0)
     std = eta * s_s * (1 - ratio ** 2).clamp_min(0).sqrt()
     return a_s * x0 + (s_s ** 2 - std ** 2).clamp_min(0).sqrt() * eps, std
+
+
+def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tensor:
+    """The model's prediction at ``x``, with CFG at ``guidance`` when ``null`` (the empty caption's) is given."""
+    c = adapter.prediction(model, adapter.predict(model, x, t, cond))
+    if null is None:
+        return c
+    u = adapter.prediction(model, adapter.predict(model, x, t, null))
+    return u + guidance * (c - u)
