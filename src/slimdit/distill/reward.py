@@ -68,9 +68,10 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     """Run (or continue) a reward fine-tuning; return the run directory."""
     from accelerate import PartialState
 
-    from slimdit.data.cache import cached_conditioning, decode_latents
+    from slimdit.data.cache import decode_latents
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.grpo import GRPOLoss
+    from slimdit.distill.run import Conditionings
     from slimdit.distill.steps import transitions
     from slimdit.distill.trainer import TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
@@ -94,8 +95,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     adapter = adapter_for(reference, sched_config)
     defaults = sampling_defaults(cfg.teacher)
     w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
-    max_len = cfg.data.max_sequence_length or defaults["max_sequence_length"]
-    data = cached_conditioning(pipe, cfg.teacher, prompts, run / "cache", max_len)
+    data = Conditionings(cfg.data, prompts, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     t, s = transitions(sched_config, cfg.sample_steps, adapter.image_tokens(reference, data.latents[:1]))
     null = data.null if not adapter.takes_guidance(reference) and w != 1 else None
     loss = GRPOLoss(adapter, prompts.captions, reward, lambda z: decode_latents(pipe, z), t, s, null=null,
