@@ -115,3 +115,22 @@ def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends_and_an_a
     assert (cfg.anneal_start, cfg.steps, cfg.lr) == (3, 5, 4e-4)
     with pytest.raises(ValueError, match="steps"):  # an anneal ends at its steps: it cannot be lengthened
         flux_config(tmp_path / "c", {"steps": 9})
+
+
+def test_a_base_can_start_from_a_trained_t5_and_keep_it_frozen(base, tmp_path):
+    from slimdit.io import load_tensors
+    from slimdit.worlds.shapes.flux_teacher import pretrained_t5
+
+    _, out = base  # a FluxPipeline whose T5 is text_encoder_2
+    source = load_tensors(out / "text_encoder_2" / "model.safetensors")
+    cfg = FluxTeacherConfig(steps=2, t5_from=str(out), freeze_t5=True, **TINY)
+    _, w = _weights(train_flux_base(tmp_path / "r", cfg))
+    t5 = {k.removeprefix("text_encoder_2."): v for k, v in w.items() if k.startswith("text_encoder_2.")}
+    shared = [k for k in source if k in t5]
+    assert len(shared) == len(source) and all(torch.equal(t5[k], source[k]) for k in shared)
+    with pytest.raises(ValueError, match="freeze_t5 needs t5_from"):
+        train_flux_base(tmp_path / "x", FluxTeacherConfig(steps=2, freeze_t5=True, **TINY))
+    with pytest.raises(ValueError, match="width 16 and 1 layers"):
+        pretrained_t5(FluxTeacherConfig(t5_from=str(out), **{**TINY, "t5_dim": 32}))
+    with pytest.raises((FileNotFoundError, ValueError), match="not a pipeline"):
+        pretrained_t5(FluxTeacherConfig(t5_from=str(out / "vae"), **TINY))

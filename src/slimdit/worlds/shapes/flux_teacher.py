@@ -44,6 +44,10 @@ class FluxTeacherConfig:
     t5_layers: int = 2
     clip_dim: int = 32
     clip_layers: int = 1
+    # Flux-dev's T5 was trained before the transformer and frozen while it learned: a pipeline (a built-in name or
+    # a directory) whose T5 ``text_encoder`` starts ours, and whether it then stays frozen
+    t5_from: str = ""
+    freeze_t5: bool = False
     # base training
     steps: int = 30000
     batch_size: int = 64
@@ -95,6 +99,8 @@ def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherC
 
 
 def _checked(cfg: FluxTeacherConfig) -> FluxTeacherConfig:
+    if cfg.freeze_t5 and not cfg.t5_from:
+        raise ValueError("freeze_t5 needs t5_from: a T5 trained from scratch cannot stay frozen")
     if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
         raise ValueError(f"anneal_start must lie between 0 and steps ({cfg.steps}), got {cfg.anneal_start}")
     return cfg
@@ -109,6 +115,28 @@ def branch_flux_run(source: str | Path, run_dir: str | Path, recipe: dict,
 
     return branch_run(source, run_dir, recipe, step, config=flux_config, branchable=BRANCHABLE,
                       resumable=RESUMABLE)
+
+
+def pretrained_t5(cfg: FluxTeacherConfig):
+    """The T5 of pipeline ``cfg.t5_from`` (None when not set), checked against the recipe's T5 shape."""
+    if not cfg.t5_from:
+        return None
+    from transformers import T5EncoderModel
+
+    from slimdit.pipelines.loading import resolve_model_dir
+
+    root = Path(resolve_model_dir(cfg.t5_from))
+    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    names = [k for k, v in index.items() if isinstance(v, list) and v[-1] == "T5EncoderModel"]
+    if not names:
+        raise FileNotFoundError(f"t5_from={cfg.t5_from!r}: {root} is not a pipeline with a T5EncoderModel component")
+    folder = root / names[0]
+    t5 = T5EncoderModel.from_pretrained(folder)
+    got = (t5.config.d_model, t5.config.num_layers)
+    if got != (cfg.t5_dim, cfg.t5_layers):
+        raise ValueError(f"t5_from={cfg.t5_from!r} holds a T5 of width {got[0]} and {got[1]} layers; the recipe asks "
+                         f"for t5_dim={cfg.t5_dim}, t5_layers={cfg.t5_layers}")
+    return t5
 
 
 def _vae(cfg: FluxTeacherConfig):
@@ -145,14 +173,16 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
     vae = train_vae(run, cfg, device, deadline, build=_vae(cfg))
     if vae is None:
         return run
+    t5 = pretrained_t5(cfg)  # before the seed, so the other weights do not depend on whether it is given
     torch.manual_seed(cfg.seed)
-    pipe = build_pipeline(cfg.shape(), vae=vae).to(device)
+    pipe = build_pipeline(cfg.shape(), vae=vae, text_encoder_2=t5).to(device)
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
                "text_encoder_2": pipe.text_encoder_2}
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
+    texts = ("text_encoder",) if cfg.freeze_t5 else ("text_encoder", "text_encoder_2")
+    pipe.text_encoder_2.requires_grad_(not cfg.freeze_t5)
     groups = [{"params": list(pipe.transformer.parameters()), "lr_scale": 1.0},
-              {"params": [p for k in ("text_encoder", "text_encoder_2") for p in modules[k].parameters()],
-               "lr_scale": cfg.text_lr_scale}]
+              {"params": [p for k in texts for p in modules[k].parameters()], "lr_scale": cfg.text_lr_scale}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     objective, adapter = _objective(pipe, cfg.weighting), FluxAdapter()
     params = [p for grp in groups for p in grp["params"]]
