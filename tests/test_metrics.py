@@ -61,13 +61,13 @@ def test_clip_score_is_100_cosine_clamped():
     assert clip_score(v, t) == pytest.approx(100 / 3)
 
 
-def test_clip_embedder_from_a_local_directory(tmp_path):
+def tiny_clip_dir(tmp_path):
+    """A tiny random CLIP (model, shapes tokenizer, image processor) saved in ``tmp_path``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from slimdit.metrics.embedders import get_embedder
-    from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt
     from slimdit.worlds.shapes.text import build_tokenizer
 
+    torch.manual_seed(0)
     tok = build_tokenizer()
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -80,6 +80,14 @@ def test_clip_embedder_from_a_local_directory(tmp_path):
     CLIPModel(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_clip_embedder_from_a_local_directory(tmp_path):
+    from slimdit.metrics.embedders import get_embedder
+    from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt
+
+    tiny_clip_dir(tmp_path)
     emb = get_embedder(f"clip:{tmp_path}")
     prompts = eval_prompts()[:8]
     imgs = np.stack([render_prompt(p, np.random.default_rng(i)) for i, p in enumerate(prompts)])

@@ -216,3 +216,145 @@ def test_the_core_registers_rewards_from_its_scorers():
     images = np.stack([np.full((6, 4, 3), v, np.uint8) for v in (10, 200)])
     r = scorer_reward(scorer)(["a", "b"], images)
     assert r.dtype == np.float32 and r.tolist() == [10.0, 200.0] and seen == [((4, 6), "RGB", ["a", "b"])]
+
+
+# --- direct reward fine-tuning (DRaFT) ---------------------------------------------------------------------------
+
+def _bright(captions, images):  # differentiable brightness of (N, 3, H, W) images in [-1, 1]
+    return images.float().mean((1, 2, 3))
+
+
+def _draft(adapter, data, reward=_bright, **kw):
+    from slimdit.distill.draft import DraftLoss
+
+    t, s = transitions(V, 4)
+    args = dict(null=data.null, guidance=2.0, group=2, grad_steps=2)
+    return DraftLoss(adapter, [f"prompt {i}" for i in range(len(data))], reward, lambda z: z[:, :3].clamp(-1, 1),
+                     t, s, **{**args, **kw})
+
+
+def test_draft_samples_with_the_deterministic_sampler_and_its_gradient_flows_through_the_last_steps():
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+    loss = _draft(adapter, data, kl=0.5)
+    batch = _batch(data)
+    out = loss(student, teacher, batch)
+    assert float(out["kl"]) == 0  # the student is its reference
+    out["total"].backward()
+    full = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    assert full and sum(float(g.abs().sum()) for g in full.values()) > 0
+    # the final latents are the plain sampler's: deterministic steps from the same noise, guided as CFG guides
+    with torch.no_grad():
+        x, captions, _ = loss.sample(student, _batch(data))
+        b = _batch(data)
+        y = torch.randn((4, *b.x0.shape[1:]), generator=b.generator)
+        cond = {k: v.repeat_interleave(2, 0) for k, v in b.cond.items()}
+        null = {k: v.expand(4, *v.shape[1:]) for k, v in data.null.items()}
+        for t, s in zip(loss.t, loss.s):
+            tt, ss = t.expand(4), s.expand(4)
+            c = adapter.prediction(student, adapter.predict(student, y, tt, cond))
+            u = adapter.prediction(student, adapter.predict(student, y, tt, null))
+            y = deterministic_step(adapter.objective, y, u + 2.0 * (c - u), tt, ss)
+    assert torch.allclose(x, y, atol=1e-5) and captions == ["prompt 0"] * 2 + ["prompt 1"] * 2
+    # one step with a graph gives another gradient than two
+    student.zero_grad()
+    _draft(adapter, data, grad_steps=1)(student, teacher, _batch(data))["total"].backward()
+    assert any(not torch.equal(p.grad, full[n]) for n, p in student.named_parameters() if n in full)
+    with pytest.raises(ValueError, match="grad_steps must lie in 1..4"):
+        _draft(adapter, data, grad_steps=5)
+
+
+def _train_draft(tmp_path, steps, max_steps=None):
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    adapter, data = adapter_for(student, V), _data()
+    cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
+                      weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
+    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=_draft(adapter, data, kl=0.01))
+    tr.train(max_steps=max_steps, progress=False)
+    return tr, data
+
+
+def test_draft_raises_the_reward_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
+    tr, data = _train_draft(tmp_path / "a", 12)
+    loss = _draft(tr.adapter, data, group=4)
+
+    def mean_reward(model):
+        with torch.no_grad():
+            x, captions, _ = loss.sample(model, _batch(data, seed=123, rows=tuple(range(8))))
+        return float(_bright(captions, x[:, :3].clamp(-1, 1)).mean())
+
+    assert mean_reward(tr.student_model()) > mean_reward(tiny()) + 0.05
+    _train_draft(tmp_path / "b", 4, max_steps=2)
+    resumed, _ = _train_draft(tmp_path / "b", 4)
+    whole, _ = _train_draft(tmp_path / "c", 4)
+    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_shapes_embedder_reward_prefers_the_caption_s_picture_and_passes_gradients():
+    from slimdit.registry import DIFFERENTIABLE_REWARDS
+    from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt, sample_training_prompt
+
+    reward = DIFFERENTIABLE_REWARDS["shapes-embedder"]()
+    rng = np.random.default_rng(0)
+    prompts = [sample_training_prompt(rng) for _ in range(16)]
+    truth = torch.from_numpy(np.stack([render_prompt(p, rng) for p in prompts])).permute(0, 3, 1, 2) / 127.5 - 1
+    truth.requires_grad_(True)
+    right = reward([p.text for p in prompts], truth)
+    wrong = reward([p.text for p in prompts[1:] + prompts[:1]], truth)  # each picture under another's caption
+    assert right.shape == (16,) and float(right.detach().mean()) > float(wrong.detach().mean()) + 0.1
+    right.sum().backward()
+    assert truth.grad is not None and float(truth.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="training prompts only"):
+        reward([eval_prompts()[0].text], truth[:1])
+
+
+def test_clip_as_a_differentiable_reward_agrees_with_the_clip_reward(tmp_path):
+    from slimdit.registry import DIFFERENTIABLE_REWARDS, REWARDS
+    from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt
+    from tests.test_metrics import tiny_clip_dir
+
+    d = str(tiny_clip_dir(tmp_path))
+    prompts = eval_prompts()[:6]
+    imgs = np.stack([render_prompt(p, np.random.default_rng(i)) for i, p in enumerate(prompts)])
+    x = (torch.from_numpy(imgs).permute(0, 3, 1, 2) / 127.5 - 1).requires_grad_(True)
+    diff = DIFFERENTIABLE_REWARDS["clip"](d)([p.text for p in prompts], x)
+    plain = REWARDS["clip"](d)([p.text for p in prompts], imgs)
+    assert np.abs(diff.detach().numpy() - plain).max() < 0.05  # torch's bicubic against PIL's
+    diff.sum().backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
+
+
+def test_draft_configs_name_a_differentiable_reward():
+    from slimdit.distill.reward import RewardConfig
+
+    with pytest.raises(ValueError, match="unknown differentiable reward 'shapes-geneval' for method draft"):
+        RewardConfig(out="x", method="draft")
+    with pytest.raises(ValueError, match="grad_steps"):
+        RewardConfig(out="x", method="draft", reward="shapes-embedder", sample_steps=4, grad_steps=5)
+    assert RewardConfig(out="x", method="draft", reward="shapes-embedder").grad_steps == 1
+
+
+def test_slimdit_reward_runs_draft_end_to_end(tiny_teacher, tmp_path):
+    import json
+
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.pipelines.loading import load_pipeline
+
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "method": "draft", "reward": "shapes-embedder",
+           "group": 2, "sample_steps": 3, "grad_steps": 2, "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "lr": 1e-3}, "eval": {"benchmark": None}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["reward", "--config", str(tmp_path / "c.yaml")]) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["method"] == "draft" and [step for step, _ in s["reward_curve"]] == [1, 2]
+    assert all(-1 <= r <= 1 for _, r in s["reward_curve"])  # a cosine similarity
+    before = load_pipeline(tiny_teacher, "cpu").transformer.state_dict()
+    after = load_pipeline(str(tmp_path / "run" / "student"), "cpu").transformer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the reward moved the student

@@ -72,6 +72,9 @@ BENCHMARKS = Registry()  # name -> slimdit.metrics.benchmarks.Benchmark
 EMBEDDERS = Registry()  # name -> () -> Embedder
 # name -> () -> reward, ``(captions, uint8 images (N, H, W, 3)) -> (N,) floats``, higher is better (reward tuning)
 REWARDS = Registry()
+# name -> () -> differentiable reward, ``(captions, images (N, 3, H, W) in [-1, 1]) -> (N,) tensor`` (direct reward
+# fine-tuning backpropagates through it)
+DIFFERENTIABLE_REWARDS = Registry()
 DATASETS = Registry()  # spec prefix -> (full spec "prefix:...") -> slimdit.data.datasets.CaptionImages
 COMMANDS = Registry()  # name -> (argparse subparsers) -> None, adding the world's subcommands
 # diffusers component class -> the module defining it; imported only before a pipeline loads, since diffusers can

@@ -54,17 +54,21 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 64) -> torch.Tenso
     return torch.cat(out)
 
 
+def decode_images(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in [-1, 1] of clean latents, differentiable (the VAE's decode, clamped)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+    return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """uint8 images ``(N, H, W, 3)`` of clean latents: the inverse of :func:`encode_images`, rounded as samplers
     round."""
-    vae = pipe.vae
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     out = []
     for i in range(0, len(latents), batch_size):
-        z = latents[i:i + batch_size].to(vae.device, vae.dtype) / scale + shift
-        x = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+        x = decode_images(pipe, latents[i:i + batch_size])
         # diffusers' postprocess ((x + 1) / 2 in [0, 1]), then the samplers' rounding to uint8
         img = ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         out.append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from slimdit.distill.losses import Batch
-from slimdit.distill.steps import stochastic_step
+from slimdit.distill.steps import batched_guided_prediction, group_conditions, stochastic_step
 
 
 def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
@@ -51,24 +51,7 @@ class GRPOLoss:
     kl: float = 0.0  # weight of the KL to the reference (the frozen model the trainer holds as its teacher)
 
     def _pred(self, model, x, t, cond, null) -> torch.Tensor:
-        """The (guided) prediction at ``x``: CFG runs the conditional and the empty caption in one batch."""
-        a = self.adapter
-        inner = getattr(model, "module", model)
-        if null is None:
-            return a.prediction(inner, a.predict(model, x, t, cond))
-        both = {k: torch.cat([cond[k], null[k]]) for k in cond}
-        c, u = a.prediction(inner, a.predict(model, torch.cat([x, x]), torch.cat([t, t]), both)).chunk(2)
-        return u + self.guidance * (c - u)
-
-    def _conditions(self, batch: Batch, teacher) -> tuple[dict, dict | None]:
-        g, b = self.group, batch.x0.shape[0] * self.group
-        dev = batch.x0.device
-        cond = {k: v.repeat_interleave(g, 0) for k, v in batch.cond.items()}
-        if self.adapter.takes_guidance(teacher):
-            return {**cond, "guidance": torch.full((b,), self.guidance, device=dev)}, None
-        if self.null is None or self.guidance == 1:
-            return cond, None
-        return cond, {k: v.to(dev).expand(b, *v.shape[1:]) for k, v in self.null.items()}
+        return batched_guided_prediction(self.adapter, model, x, t, cond, null, self.guidance)
 
     @torch.no_grad()
     def rollout(self, model, batch: Batch) -> dict:
@@ -76,7 +59,8 @@ class GRPOLoss:
         if batch.index is None:
             raise ValueError("GRPOLoss needs the batch's data rows (batch.index) to read their captions")
         obj, g = self.adapter.objective, batch.generator
-        cond, null = self._conditions(batch, getattr(model, "module", model))
+        cond, null = group_conditions(self.adapter, getattr(model, "module", model), batch.cond, self.null,
+                                      self.guidance, self.group, batch.x0.device)
         shape = (batch.x0.shape[0] * self.group, *batch.x0.shape[1:])
         dev, dtype = batch.x0.device, batch.x0.dtype
         x = torch.randn(shape, generator=g).to(dev, dtype)

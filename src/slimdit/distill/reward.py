@@ -1,9 +1,13 @@
 """``slimdit reward --config C``: fine-tune a model (a compressed student, typically) against a reward.
 
 The model samples groups of images for training prompts (the captions of ``data.real``; its images are not used),
-a registered reward scores them (:data:`slimdit.registry.REWARDS`; the shapes world's is its benchmark's detector
-verdict, refused on evaluation prompts), and group-relative policy gradient (:mod:`slimdit.distill.grpo`) raises
-the likelihood of what scored above its group, with a KL to the model before tuning. Evaluation then runs on the
+a registered reward scores them, and one of two methods tunes the model:
+- ``grpo`` (:mod:`slimdit.distill.grpo`): group-relative policy gradient raises the likelihood of what scored above
+  its group, with a KL to the model before tuning; any reward of :data:`slimdit.registry.REWARDS` (the shapes
+  world's is its benchmark's detector verdict, refused on evaluation prompts);
+- ``draft`` (:mod:`slimdit.distill.draft`): the reward's gradient through the VAE and the sampler's last steps; a
+  differentiable reward of :data:`slimdit.registry.DIFFERENTIABLE_REWARDS` (the shapes world's is its embedder's
+  caption-image similarity; the core's is CLIP's). Evaluation then runs on the
 benchmark's held-out prompts: before and after, and a ``baseline`` beside them (the student's own teacher), with
 FID and CMMD next to the score so that reward hacking shows.
 
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, load_config
 from slimdit.io import read_json, write_json
@@ -28,13 +32,14 @@ from slimdit.io import read_json, write_json
 class RewardConfig(_Strict):
     teacher: str = "shapes-pixart"  # the model tuned (a model or a student directory); frozen, the KL reference
     out: str
-    method: Literal["grpo"] = "grpo"
-    reward: str = "shapes-geneval"  # a registered reward (slimdit.registry.REWARDS)
+    method: Literal["grpo", "draft"] = "grpo"
+    reward: str = "shapes-geneval"  # a registered reward (REWARDS for grpo, DIFFERENTIABLE_REWARDS for draft)
     group: int = Field(8, ge=2)  # images sampled per prompt; advantages are relative within a group
     sample_steps: int = Field(10, ge=2)  # the stochastic sampler's steps while tuning (the last is deterministic)
     eta: float = Field(1.0, gt=0, le=1)  # the sampler's stochasticity (DDIM's eta; above 1 it is no posterior)
     train_steps: int | None = Field(4, ge=1)  # stochastic steps each update trains on; None: all
-    kl: float = Field(0.04, ge=0)  # weight of the per-step KL to the model before tuning
+    grad_steps: int = Field(1, ge=1)  # draft: the sampler's last steps the reward's gradient flows through
+    kl: float = Field(0.04, ge=0)  # weight of the per-step KL (draft: prediction distance) to the model before tuning
     guidance: float | None = None  # CFG (or guidance input) scale while tuning; default: the model's sampling default
     baseline: str | None = None  # evaluated beside before and after (the compressed student's teacher)
     device: str | None = None
@@ -44,33 +49,54 @@ class RewardConfig(_Strict):
                                        checkpoint_every=10, log_every=1)
     eval: EvalSection = EvalSection(images_per_prompt=2)
 
-    @field_validator("reward")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from slimdit.registry import REWARDS
-
-        if v not in REWARDS:
-            raise ValueError(f"unknown reward {v!r}; registered: {', '.join(REWARDS) or 'none'}")
-        return v
-
     @model_validator(mode="after")
     def _consistent(self):
+        rewards = _rewards(self.method)
+        if self.reward not in rewards:
+            kind = "differentiable reward" if self.method == "draft" else "reward"
+            raise ValueError(f"unknown {kind} {self.reward!r} for method {self.method}; registered: "
+                             f"{', '.join(rewards) or 'none'}")
+        if self.method == "draft" and self.grad_steps > self.sample_steps:
+            raise ValueError(f"grad_steps ({self.grad_steps}) exceeds the sampler's {self.sample_steps} steps")
         if self.train.caption_dropout:
             raise ValueError("train.caption_dropout must be 0 for reward tuning: the reward judges the caption the "
                              "images were sampled for")
-        if self.train_steps is not None and self.train_steps > self.sample_steps - 1:
+        if self.method == "grpo" and self.train_steps is not None and self.train_steps > self.sample_steps - 1:
             raise ValueError(f"train_steps ({self.train_steps}) exceeds the sampler's {self.sample_steps - 1} "
                              "stochastic steps (the last of sample_steps is deterministic)")
         return self
+
+
+def _rewards(method: str):
+    from slimdit.registry import DIFFERENTIABLE_REWARDS, REWARDS
+
+    return DIFFERENTIABLE_REWARDS if method == "draft" else REWARDS
+
+
+def _grpo(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
+    from slimdit.data.cache import decode_latents
+    from slimdit.distill.grpo import GRPOLoss
+
+    return GRPOLoss(adapter, captions, reward, lambda z: decode_latents(pipe, z), t, s, null=null, guidance=w,
+                    group=cfg.group, eta=cfg.eta, train_steps=cfg.train_steps, kl=cfg.kl)
+
+
+def _draft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
+    from slimdit.data.cache import decode_images
+    from slimdit.distill.draft import DraftLoss
+
+    return DraftLoss(adapter, captions, reward, lambda z: decode_images(pipe, z), t, s, null=null, guidance=w,
+                     group=cfg.group, grad_steps=cfg.grad_steps, kl=cfg.kl)
+
+
+LOSSES = {"grpo": _grpo, "draft": _draft}  # method -> its loss callable, built from the config and the models
 
 
 def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) -> Path:
     """Run (or continue) a reward fine-tuning; return the run directory."""
     from accelerate import PartialState
 
-    from slimdit.data.cache import decode_latents
     from slimdit.data.datasets import load_dataset
-    from slimdit.distill.grpo import GRPOLoss
     from slimdit.distill.run import Conditionings
     from slimdit.distill.steps import transitions
     from slimdit.distill.trainer import TrainConfig, Trainer
@@ -79,7 +105,6 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     from slimdit.models.precision import cast_io, frozen_dtype, student_copy
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student, student_base
     from slimdit.pipelines.placement import frozen_components, parked
-    from slimdit.registry import REWARDS
     from slimdit.reports.card import write_card
 
     cfg = config if isinstance(config, RewardConfig) else load_config(config, RewardConfig)
@@ -87,9 +112,10 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     run = Path(cfg.out)
     check_run_dir(run, cfg, input_fingerprints(cfg))
     prompts = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
-    reward = REWARDS[cfg.reward]()
+    reward = _rewards(cfg.method)[cfg.reward]()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    pipe.vae.requires_grad_(False)  # frozen; draft's gradient passes through it to the student
     reference = cast_io(pipe.transformer.eval())
     sched_config = dict(pipe.scheduler.config)
     adapter = adapter_for(reference, sched_config)
@@ -98,8 +124,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     data = Conditionings(cfg.data, prompts, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     t, s = transitions(sched_config, cfg.sample_steps, adapter.image_tokens(reference, data.latents[:1]))
     null = data.null if not adapter.takes_guidance(reference) and w != 1 else None
-    loss = GRPOLoss(adapter, prompts.captions, reward, lambda z: decode_latents(pipe, z), t, s, null=null,
-                    guidance=w, group=cfg.group, eta=cfg.eta, train_steps=cfg.train_steps, kl=cfg.kl)
+    loss = LOSSES[cfg.method](cfg, reward, adapter, prompts.captions, pipe, t, s, null, w)
     student = student_copy(reference, cfg.train.student_dtype)
     tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas), "eps": tuple(cfg.train.eps)})
     t0 = time.time()

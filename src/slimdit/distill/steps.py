@@ -86,3 +86,27 @@ def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tenso
         return c
     u = adapter.prediction(model, adapter.predict(model, x, t, null))
     return u + guidance * (c - u)
+
+
+def group_conditions(adapter, model, cond: dict, null: dict | None, guidance: float, group: int,
+                     device) -> tuple[dict, dict | None]:
+    """Each prompt's conditioning repeated for its ``group`` images, and how they are guided: a guidance input for
+    a guidance-distilled ``model``, else the empty caption's conditioning ``null`` (CFG) when ``guidance != 1``."""
+    cond = {k: v.repeat_interleave(group, 0) for k, v in cond.items()}
+    b = next(iter(cond.values())).shape[0]
+    if adapter.takes_guidance(model):
+        return {**cond, "guidance": torch.full((b,), guidance, device=device)}, None
+    if null is None or guidance == 1:
+        return cond, None
+    return cond, {k: v.to(device).expand(b, *v.shape[1:]) for k, v in null.items()}
+
+
+def batched_guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tensor:
+    """:func:`guided_prediction` with the conditional and the empty caption in one batch (``null`` expanded to
+    ``x``'s batch, as :func:`group_conditions` gives it); ``model`` may be wrapped (DDP, FSDP)."""
+    inner = getattr(model, "module", model)
+    if null is None:
+        return adapter.prediction(inner, adapter.predict(model, x, t, cond))
+    both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+    c, u = adapter.prediction(inner, adapter.predict(model, torch.cat([x, x]), torch.cat([t, t]), both)).chunk(2)
+    return u + guidance * (c - u)

@@ -25,6 +25,7 @@ def register() -> None:
     registry.BENCHMARKS["shapes-geneval"] = SHAPES_GENEVAL
     registry.EMBEDDERS["shapes"] = shapes_embedder
     registry.REWARDS["shapes-geneval"] = shapes_geneval_reward
+    registry.DIFFERENTIABLE_REWARDS["shapes-embedder"] = shapes_embedder_reward
     registry.DATASETS["shapes-train"] = shapes_train
     registry.COMMANDS["teacher"] = add_teacher_commands
     registry.COMPONENTS["PixelSpaceVAE"] = "slimdit.worlds.shapes.pixel_vae"
@@ -59,6 +60,12 @@ def shapes_geneval_reward():
     from slimdit.worlds.shapes.benchmark import geneval_reward
 
     return geneval_reward
+
+
+def shapes_embedder_reward():
+    from slimdit.worlds.shapes.benchmark import embedder_reward
+
+    return embedder_reward()
 
 
 def shapes_train(spec: str) -> CaptionImages:

@@ -84,14 +84,36 @@ def shapes_geneval(sampler: Sampler, limit: int | None = None, images_per_prompt
     return EvalResult(metrics, per_image, images, correct)
 
 
-def geneval_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
-    """The benchmark's per-image verdict as a reward (1 when the detector finds exactly the prompt's objects and
-    relation, else 0), for training prompts only: an evaluation prompt is refused, so tuning never sees them."""
+def _training_prompts_only(captions: list[str]) -> None:
     held_out = {p.text for p in eval_prompts()}
     seen = sorted({c for c in captions if c in held_out})
     if seen:
         raise ValueError(f"reward asked about {len(seen)} evaluation prompt(s) ({seen[0]!r}, ...): reward tuning "
                          "runs on training prompts only (shapes-train), never on shapes-geneval's")
+
+
+def embedder_reward():
+    """The shapes embedder's caption-image cosine similarity as a differentiable reward ``(captions, images
+    (N, 3, 32, 32) in [-1, 1]) -> (N,)``, for training prompts only (evaluation prompts are refused)."""
+    import torch
+
+    from slimdit.worlds.shapes.embedder import load_shapes_embedder
+
+    emb = load_shapes_embedder().requires_grad_(False)
+
+    def reward(captions: list[str], images: torch.Tensor) -> torch.Tensor:
+        _training_prompts_only(captions)
+        emb.to(images.device)
+        text = torch.nn.functional.normalize(emb.embed_texts(list(captions)).to(images.device), dim=-1)
+        return (torch.nn.functional.normalize(emb.image(images.float()), dim=-1) * text).sum(-1)
+
+    return reward
+
+
+def geneval_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
+    """The benchmark's per-image verdict as a reward (1 when the detector finds exactly the prompt's objects and
+    relation, else 0), for training prompts only: an evaluation prompt is refused, so tuning never sees them."""
+    _training_prompts_only(captions)
     return np.array([float(prompt_holds(parse_prompt(c), detect(img))) for c, img in zip(captions, images)],
                     dtype=np.float32)
 
