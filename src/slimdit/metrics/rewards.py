@@ -1,6 +1,6 @@
 """Rewards for ``slimdit reward`` from the core's scorers: CLIP text-image similarity (the CMMD CLIP), ImageReward
-and HPS v2.1 (the benchmark adapters' scoring models, with their weights as those adapters find them), and CLIP's similarity
-again as a differentiable reward (direct reward fine-tuning). A reward is
+and HPS v2.1 (the benchmark adapters' scoring models, with their weights as those adapters find them), and CLIP's
+similarity again as a differentiable reward (direct reward fine-tuning). A reward is
 ``(captions, uint8 images (N, H, W, 3)) -> (N,) float32``, higher is better; a world registers its own (the shapes
 world: its detector's verdict)."""
 
