@@ -67,7 +67,7 @@ def test_sharding_config_is_checked():
     with pytest.raises(ValueError, match="adamw"):
         TrainConfig(sharding="fsdp").validate()  # the default optimizer is CAME
     with pytest.raises(ValueError, match="sharding"):
-        TrainConfig(sharding="zero3", optimizer="adamw").validate()
+        TrainConfig(sharding="zero1", optimizer="adamw").validate()
     with pytest.raises(ValueError, match="fp16"):
         TrainConfig(sharding="fsdp", optimizer="adamw", mixed_precision="fp16").validate()
 

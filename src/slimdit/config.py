@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,31 @@ class DataConfig(_Strict):
     max_sequence_length: int | None = None  # default: the model's
 
 
+def sharding_problem(sharding: str, optimizer: str, mixed_precision: str, ema_decay: float | None,
+                     max_skipped_steps: int, offload_optimizer: bool) -> str | None:
+    """What is wrong with a training section's sharding settings, or None."""
+    if sharding not in ("none", "fsdp", "zero2", "zero3"):
+        return f"train.sharding: {sharding!r} is not one of none, fsdp, zero2, zero3"
+    if offload_optimizer and sharding not in ("zero2", "zero3"):
+        return "train.offload_optimizer needs train.sharding: zero2 or zero3 (DeepSpeed offloads the optimizer)"
+    if sharding == "none":
+        return None
+    if optimizer != "adamw":
+        return (f"train.sharding: {sharding} needs train.optimizer: adamw (CAME's factored second moments do not "
+                "run on sharded or flattened parameters)")
+    if mixed_precision == "fp16":
+        return f"train.sharding: {sharding} runs with train.mixed_precision bf16 or no, not fp16"
+    if sharding.startswith("zero") and max_skipped_steps:
+        return (f"train.sharding: {sharding} cannot skip a non-finite step (DeepSpeed steps inside the backward): "
+                "set train.max_skipped_steps: 0")
+    if sharding.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        return f"train.sharding: {sharding} needs DeepSpeed, which is not installed: pip install 'slimdit[deepspeed]'"
+    if sharding == "zero3" and ema_decay is not None:
+        return ("train.sharding: zero3 partitions the weights, which an EMA would have to gather every step: "
+                "use zero2 or fsdp with train.ema_decay, or drop the EMA")
+    return None
+
+
 class TrainSection(_Strict):
     steps: int = Field(1000, ge=1)
     optimizer: Literal["came", "adamw"] = "came"
@@ -45,8 +71,11 @@ class TrainSection(_Strict):
     # that saves); the gradients are the same
     gradient_checkpointing: bool = False
     # none: every process holds whole models (DDP); fsdp: teacher, student, gradients and optimizer states sharded
-    # over the processes, one shard group per block (torch FSDP2; needs optimizer: adamw)
-    sharding: Literal["none", "fsdp"] = "none"
+    # over the processes, one shard group per block (torch FSDP2; needs optimizer: adamw); zero2 / zero3: DeepSpeed
+    # ZeRO partitions the student's gradients and optimizer states (zero3: and weights) (pip install
+    # 'slimdit[deepspeed]'; needs optimizer: adamw)
+    sharding: Literal["none", "fsdp", "zero2", "zero3"] = "none"
+    offload_optimizer: bool = False  # zero2 / zero3: optimizer states and step in host memory
     # the frozen teacher, text encoders and VAE (auto: bf16 on a GPU that has it, else fp32); the trained student:
     # fp32 (master weights, with mixed_precision's autocast) or bf16 (weights, gradients and optimizer states)
     frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -69,11 +98,9 @@ class TrainSection(_Strict):
 
     @model_validator(mode="after")
     def _sharding_needs(self):
-        if self.sharding == "fsdp" and self.optimizer != "adamw":
-            raise ValueError("sharding: fsdp needs optimizer: adamw (CAME's factored second moments do not run on "
-                             "sharded parameters)")
-        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
-            raise ValueError("sharding: fsdp runs with mixed_precision bf16 or no, not fp16")
+        if problem := sharding_problem(self.sharding, self.optimizer, self.mixed_precision, self.ema_decay,
+                                       self.max_skipped_steps, self.offload_optimizer):
+            raise ValueError(problem)
         if self.student_dtype == "bf16" and self.mixed_precision == "fp16":
             raise ValueError("student_dtype: bf16 goes with mixed_precision bf16, no or auto, not fp16")
         return self

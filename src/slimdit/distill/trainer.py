@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from slimdit.distill import sharding
+from slimdit.config import sharding_problem
+from slimdit.distill import sharding, zero
 from slimdit.distill.feature_map import feature_map
 from slimdit.distill.losses import PRESETS, Batch, KDLoss
 from slimdit.distill.lr import warmup_cosine
@@ -57,8 +58,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute block activations in the backward
     # none: each process holds whole models (DDP); fsdp: teacher, student, gradients and optimizer states sharded
-    # over the processes, one shard group per unit (slimdit.distill.sharding)
+    # over the processes, one shard group per unit (slimdit.distill.sharding); zero2 / zero3: DeepSpeed ZeRO for
+    # the student (slimdit.distill.zero)
     sharding: str = "none"
+    offload_optimizer: bool = False  # zero2 / zero3: the optimizer's states and step in host memory
     # read by the runs that load the models (slimdit.models.precision); the trainer trains what it is given
     frozen_dtype: str = "auto"
     student_dtype: str = "fp32"
@@ -89,13 +92,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every < 0:
             raise ValueError(f"train.val_every must be 0 (off) or more, got {self.val_every}")
-        if self.sharding not in ("none", "fsdp"):
-            raise ValueError(f"train.sharding: {self.sharding!r} is not one of none, fsdp")
-        if self.sharding == "fsdp" and self.optimizer != "adamw":
-            raise ValueError("train.sharding: fsdp needs train.optimizer: adamw (CAME's factored second moments "
-                             "do not run on sharded parameters)")
-        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
-            raise ValueError("train.sharding: fsdp runs with train.mixed_precision bf16 or no, not fp16")
+        if problem := sharding_problem(self.sharding, self.optimizer, self.mixed_precision, self.ema_decay,
+                                       self.max_skipped_steps, self.offload_optimizer):
+            raise ValueError(problem)
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps must be 0 or more, got {self.max_skipped_steps}")
         if not 0 <= self.caption_dropout < 1:
@@ -182,20 +181,27 @@ class Trainer:
         cfg.validate()
         self.cfg, self.adapter, self.data = cfg, adapter, data
         self.run = Path(run_dir)
-        # cpu=True on CPU-only machines: with it, a torchrun-launched run becomes multi-process (gloo)
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.mixed_precision),
-                               gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
-                               project_dir=str(self.run))
+        # ZeRO over several processes (over one it would change nothing)
+        self.zero = zero.STAGES.get(cfg.sharding, 0) if zero.world_size() > 1 else 0
+        if self.zero:
+            self.acc = zero.accelerator(cfg, _mixed_precision(cfg.mixed_precision), self.run)
+        else:  # cpu=True on CPU-only machines: with it, a torchrun-launched run becomes multi-process (gloo)
+            self.acc = Accelerator(cpu=not torch.cuda.is_available(),
+                                   mixed_precision=_mixed_precision(cfg.mixed_precision),
+                                   gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard",
+                                   project_dir=str(self.run))
         n = self.acc.num_processes * cfg.grad_accum
         if cfg.batch_size % n:
             raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by processes x grad_accum = {n}")
         self.micro = cfg.batch_size // n
         from accelerate.utils import DistributedType
 
-        if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise ValueError("slimdit shards models itself, one shard group per unit: launch with a plain "
-                             "multi-process accelerate config (accelerate launch --multi_gpu --num_processes N) and "
-                             "set train.sharding: fsdp; accelerate's FSDP and DeepSpeed plugins are not supported")
+        if self.acc.distributed_type == DistributedType.FSDP or (
+                self.acc.distributed_type == DistributedType.DEEPSPEED and not self.zero):
+            raise ValueError("slimdit sets up sharding itself: launch with a plain multi-process accelerate config "
+                             "(accelerate launch --multi_gpu --num_processes N) and set train.sharding: fsdp (one "
+                             "shard group per unit), zero2 or zero3 (DeepSpeed ZeRO); accelerate's own FSDP and "
+                             "DeepSpeed configs are not read")
         # sharding over one process would change nothing
         self.sharded = cfg.sharding == "fsdp" and self.acc.num_processes > 1
         adapter.objective  # noqa: B018  (fails now, naming the fix, when the adapter has no scheduler config)
@@ -214,6 +220,8 @@ class Trainer:
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
+        if self.zero == 3:  # the weights are partitioned: a whole copy on the host for student_model()
+            self._template = copy.deepcopy(student).cpu()
         if self.sharded:  # the optimizer is built over the shards, after sharding
             # copies made on the host (the shards then move to the device): an unsharded student, which
             # student_model() fills with the gathered weights, and the teacher to shard, so that the caller's stays
@@ -259,6 +267,8 @@ class Trainer:
         return out
 
     def save(self) -> Path:
+        if self.zero:
+            return self._zero_save()
         opt_t, opt_meta = optimizer_to_tensors(getattr(self.opt, "optimizer", self.opt))
         local = {"parameter": dict(zip(self.names, self.params)), "EMA weight": dict(zip(self.names, self.ema or [])),
                  "optimizer state": opt_t}
@@ -271,27 +281,64 @@ class Trainer:
         opt_t = self._gather(opt_t)
         weights = self._gather(dict(zip(self.names, self.params)))
         ema = self._gather(dict(zip(self.names, self.ema))) if self.ema is not None else None
+        if (sums := self._log_sums()) is None:
+            return self.run
+        ck, tmp = self._fresh_checkpoint()
+        save_tensors(tmp / "optimizer.safetensors", opt_t)
+        return self._finish_checkpoint(ck, tmp, weights, ema, sums, opt_meta)
+
+    def _log_sums(self) -> dict[str, torch.Tensor] | None:
+        """The loss sums since the last log (the same on every process), on the main process; None elsewhere."""
         sums = {k: v.reshape(1) for k, v in self._sums.items()}
         if self.acc.num_processes > 1:  # the same on every process after a resume (exact in one process)
             sums = {k: self.acc.reduce(v, reduction="mean") for k, v in sums.items()}
-        if not self.acc.is_main_process:
-            return self.run
+        return sums if self.acc.is_main_process else None
+
+    def _fresh_checkpoint(self) -> tuple[Path, Path]:
         ck = self.run / "checkpoints" / f"step_{self.step:07d}"
         tmp = ck.with_name(ck.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        return ck, tmp
+
+    def _finish_checkpoint(self, ck: Path, tmp: Path, weights: dict, ema: dict | None, sums: dict,
+                           opt_meta: dict | None) -> Path:
         save_tensors(tmp / "trainable.safetensors", weights)
         if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema)
-        save_tensors(tmp / "optimizer.safetensors", opt_t)
         # the loss sums of the steps since the last log, so the first log after a resume is the same mean
         save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in sums.items()})
         write_json(tmp / "state.json", {"step": self.step, "skipped_steps": self.skipped, "summed_steps": self._n_sums,
-                                        "optimizer": opt_meta, "config": asdict(self.cfg)})
+                                        "optimizer": opt_meta, "sharding": self.cfg.sharding,
+                                        "config": asdict(self.cfg)})
         shutil.rmtree(ck, ignore_errors=True)
         tmp.rename(ck)
         for old in _checkpoints(self.run)[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
         return ck
+
+    def _zero_save(self) -> Path:
+        """A checkpoint of a ZeRO run: whole weights and EMA as slimdit's, the optimizer partitions as DeepSpeed's
+        (every process writes its own into the same temporary folder, then the main one completes it)."""
+        ck, tmp = self._fresh_checkpoint()
+        self.acc.wait_for_everyone()  # the main process cleared tmp before anyone writes into it
+        with zero.gathered(self.params, self.zero):
+            local = {"parameter": dict(zip(self.names, self.params)),
+                     "EMA weight": dict(zip(self.names, self.ema or []))}
+            bad = self._first_nonfinite(local)
+            weights = {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
+        if self._bad(torch.tensor(bad is not None)):
+            raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: "
+                                   f"{bad or 'a tensor on another process'} is not finite; {self._last_good()}; "
+                                   f"{_ADVICE}")
+        zero.save(self.acc, tmp)
+        self.acc.wait_for_everyone()
+        ema = {n: e.cpu() for n, e in zip(self.names, self.ema)} if self.ema is not None else None
+        if (sums := self._log_sums()) is None:
+            self.acc.wait_for_everyone()
+            return self.run
+        out = self._finish_checkpoint(ck, tmp, weights, ema, sums, None)
+        self.acc.wait_for_everyone()
+        return out
 
     def _last_good(self) -> str:
         cks = _checkpoints(self.run)
@@ -309,19 +356,27 @@ class Trainer:
         saved = load_tensors(ck / "trainable.safetensors")
         if set(saved) != set(self.names):  # safetensors stores keys sorted
             raise ValueError(f"checkpoint {ck} trains other parameters than this run; use a new run directory")
-        for p, n in zip(self.params, self.names):
-            sharding.assign_(p, saved[n])
+        was_zero = state.get("sharding", "none").startswith("zero")
+        if was_zero != bool(self.zero):
+            raise ValueError(f"checkpoint {ck} was written with train.sharding: {state.get('sharding', 'none')}; a "
+                             f"{'ZeRO' if was_zero else 'non-ZeRO'} run resumes only as one (the optimizer states are "
+                             "kept in another form)")
         if self.ema is not None:
             ema = load_tensors(ck / "ema.safetensors")
             for e, n in zip(self.ema, self.names):
                 sharding.assign_(e, ema[n])
-        inner = getattr(self.opt, "optimizer", self.opt)
-        opt_t = load_tensors(ck / "optimizer.safetensors")
-        for k, v in opt_t.items():  # a state shaped as its parameter is sharded as it is
-            ref = self.params[int(k.split(".", 1)[0])]
-            if v.shape == ref.shape:
-                opt_t[k] = sharding.like(v, ref)
-        optimizer_from_tensors(inner, opt_t, state["optimizer"])
+        if self.zero:
+            zero.load(self.acc, ck)  # weights and optimizer partitions, as DeepSpeed wrote them
+        else:
+            for p, n in zip(self.params, self.names):
+                sharding.assign_(p, saved[n])
+            inner = getattr(self.opt, "optimizer", self.opt)
+            opt_t = load_tensors(ck / "optimizer.safetensors")
+            for k, v in opt_t.items():  # a state shaped as its parameter is sharded as it is
+                ref = self.params[int(k.split(".", 1)[0])]
+                if v.shape == ref.shape:
+                    opt_t[k] = sharding.like(v, ref)
+            optimizer_from_tensors(inner, opt_t, state["optimizer"])
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         if (ck / "log_sums.safetensors").exists():
@@ -366,6 +421,8 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; the averaged loss terms. A non-finite loss or
         gradient is never applied: the step is skipped (within ``max_skipped_steps``) or the run stops."""
         cfg = self.cfg
+        if self.zero:
+            return self._zero_step()
         terms_sum: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             with self.acc.accumulate(self.student):
@@ -391,6 +448,29 @@ class Trainer:
                     self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
+        return terms_sum
+
+    def _zero_step(self) -> dict[str, torch.Tensor]:
+        """:meth:`_optimizer_step` under ZeRO, where DeepSpeed clips and steps inside the backward: a non-finite loss
+        stops the run before its backward; a non-finite gradient norm (seen once the step is taken) stops it too, and
+        the last checkpoint, written before, stays the last good one."""
+        cfg = self.cfg
+        terms_sum: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            with self.acc.accumulate(self.student):
+                terms = self._micro_step(self.step, micro)
+                if self._bad(~torch.isfinite(terms["total"].detach())):
+                    self._nonfinite(terms["total"].detach(), None)
+                self.acc.backward(terms["total"])  # the step, at the last micro-batch
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0) + v.detach() / cfg.grad_accum
+        norm = zero.grad_norm(self.acc)
+        if self._bad(~torch.isfinite(norm)):
+            self._nonfinite(terms_sum["total"], norm)
+        if self.ema is not None:  # zero2 only: its weights are whole on every process
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
                     e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
@@ -456,7 +536,8 @@ class Trainer:
                     self.acc.log({f"train/{k}": v for k, v in last.items() if k != "step"}, step=self.step)
                     bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.1f}")
                     self._write(last)
-                if (self.validate is not None and cfg.val_every and (self.sharded or self.acc.is_main_process)
+                gathers = self.sharded or self.zero == 3  # then every process takes part in student_model()
+                if (self.validate is not None and cfg.val_every and (gathers or self.acc.is_main_process)
                         and (self.step % cfg.val_every == 0 or self.step == stop)):
                     model = self.student_model(cfg.ema_decay is not None)  # gathered by all, when sharded
                     if self.acc.is_main_process:
@@ -480,11 +561,11 @@ class Trainer:
     def student_model(self, use_ema: bool = False) -> nn.Module:
         """The trained student (unwrapped), optionally with EMA weights copied in. When sharded, a whole copy on
         the host, gathered from the shards one tensor at a time (a collective: every process must call it)."""
-        if self.sharded:
+        if self.sharded or self.zero == 3:
             model = copy.deepcopy(self._template)
             params = dict(model.named_parameters())
             values = self.ema if use_ema and self.ema is not None else self.params
-            with torch.no_grad():
+            with torch.no_grad(), zero.gathered(self.params, self.zero):
                 for n, v in zip(self.names, values):
                     params[n].copy_(sharding.full(v).cpu())
             return model

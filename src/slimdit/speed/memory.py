@@ -28,6 +28,7 @@ from slimdit.compress.plan import Plan, svd_layers, validate
 from slimdit.models import adapter_for
 
 GIB = 2**30
+_SHARDING_NAMES = {"fsdp": ", sharded (FSDP)", "zero2": ", DeepSpeed ZeRO-2", "zero3": ", DeepSpeed ZeRO-3"}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -37,7 +38,7 @@ class MemoryPlan:
 
     model: str
     processes: int
-    shard: bool
+    sharding: str  # none | fsdp | zero2 | zero3
     batch_size: int
     resolution: int
     checkpointing: bool
@@ -65,7 +66,7 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [f"memory plan for {self.model}: batch {self.batch_size} at {self.resolution} px, {self.processes} "
-                f"process(es){', sharded (FSDP)' if self.shard else ''}, gradient checkpointing "
+                f"process(es){_SHARDING_NAMES.get(self.sharding, '')}, gradient checkpointing "
                 f"{'on' if self.checkpointing else 'off'}"]
         rows += [f"  {k:<22} {v / GIB:9.2f} GiB" for k, v in self.items.items()]
         rows.append(f"  {'per device':<22} {self.per_device / GIB:9.2f} GiB"
@@ -253,7 +254,8 @@ def activation_bytes(cls, config, adapter, student_counts: dict[str, int], model
 def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None = None, *,
                 frozen_dtype: str = "fp32", student_dtype: str = "fp32", mixed_precision: str = "no",
                 optimizer: str = "came",
-                checkpointing: bool = False, processes: int = 1, shard: bool = False,
+                checkpointing: bool = False, processes: int = 1, sharding: str = "none",
+                offload_optimizer: bool = False,
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
                 both: bool = True) -> MemoryPlan:
@@ -295,7 +297,12 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     counts = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".") and u not in removed)
               for g in adapter.groups}
     fb, sb = DTYPE_BYTES[frozen_dtype], DTYPE_BYTES[student_dtype]
-    div = processes if shard else 1
+    n = max(processes, 1)
+    # what each kind of sharding divides by the processes: FSDP everything; ZeRO-2 the student's gradients and
+    # optimizer states; ZeRO-3 the student's weights too (the teacher stays whole: it is not DeepSpeed's)
+    div_teacher = n if sharding == "fsdp" else 1
+    div_weights = n if sharding in ("fsdp", "zero3") else 1
+    div_states = n if sharding != "none" else 1
     params = {k: _count(m) for k, m in built.items()}
     shapes = _student_shapes(adapter, teacher, plan)
     n_student = sum(_numel(sh) for sh in shapes)
@@ -307,28 +314,37 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
                                 vae_scale)
 
     acts = {checkpointing: traced(checkpointing)}
-    grads = sb * n_student // div
-    items = {"teacher": params["transformer"] * fb // div,
-             "student weights": sb * n_student // div,
-             # states in the weights' dtype (torch's AdamW and CAME keep them so)
-             "optimizer states": optimizer_bytes(shapes, optimizer) * sb // 4 // div,
+    grads = sb * n_student // div_states
+    states = optimizer_bytes(shapes, optimizer) * sb // 4 // div_states  # in the weights' dtype, as torch keeps them
+    items = {"teacher": params["transformer"] * fb // div_teacher,
+             "student weights": sb * n_student // div_weights,
+             "optimizer states": 0 if offload_optimizer else states,
              # the backward's peak of activations and the gradients made by then, or all gradients at its end
              "activations, gradients": max(acts[checkpointing], grads)}
-    if shard and processes > 1:  # FSDP gathers a whole unit to run it, the next one prefetched: two at a time
+    host = {}
+    if sharding.startswith("zero"):  # ZeRO keeps an fp32 copy of its partition of the weights beside the states
+        if offload_optimizer:
+            host["optimizer states and fp32 weights (ZeRO offload)"] = states + 4 * n_student // n
+        else:
+            items["fp32 weight partition (ZeRO)"] = 4 * n_student // n
+    if sharding in ("fsdp", "zero3") and n > 1:  # a whole unit gathered to run it, the next one prefetched
         unit = max(adapter.unit_params(teacher, u) for u in adapter.units(teacher))
-        items["gathered units (FSDP)"] = 2 * unit * (fb + 2 * sb)  # teacher's, student's and its gradient's
+        per = fb + 2 * sb if sharding == "fsdp" else 2 * sb  # (the teacher's,) the student's and its gradient's
+        items[f"gathered units ({'FSDP' if sharding == 'fsdp' else 'ZeRO-3'})"] = 2 * unit * per
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
     cond_dim = teacher.config.get("caption_channels") or teacher.config.get("joint_attention_dim") or 0
-    host = {"conditioning cache": captions * seq * cond_dim * 4 * 2} if captions else {}  # caption + null, fp32
-    mp = MemoryPlan(model, processes, shard, batch_size, res, checkpointing, items, {
+    if captions:
+        host["conditioning cache"] = captions * seq * cond_dim * 4 * 2  # caption + null, fp32
+    mp = MemoryPlan(model, processes, sharding, batch_size, res, checkpointing, items, {
         ("checkpointed" if k else "plain"): v for k, v in acts.items()}, host, {**params, "student": n_student},
         device_gib)
     if mp.fits is False or both:  # the other setting too: what checkpointing would change
         mp.activations[("plain" if checkpointing else "checkpointed")] = traced(not checkpointing)
     if mp.fits is False:
-        mp.fixes = _fixes(mp, frozen_dtype, mixed_precision, processes, shard, offload_text, student_dtype)
+        mp.fixes = _fixes(mp, frozen_dtype, mixed_precision, sharding, offload_optimizer, offload_text,
+                          student_dtype)
     return mp
 
 
@@ -355,7 +371,7 @@ def _student_shapes(adapter, teacher: nn.Module, plan: Plan) -> list[tuple[int, 
     return shapes
 
 
-def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, processes: int, shard: bool,
+def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, sharding: str, offload_optimizer: bool,
            offload_text: bool, student_dtype: str = "fp32") -> list[str]:
     """What would bring the plan down, most effective first; those the trainer cannot do yet say so."""
     out = []
@@ -367,9 +383,12 @@ def _fixes(mp: MemoryPlan, frozen_dtype: str, mixed_precision: str, processes: i
         out.append("a smaller train.batch_size with train.grad_accum to keep the effective batch")
     if mixed_precision in ("no", "auto"):
         out.append("train.mixed_precision: bf16 on a GPU (activations in bf16)")
-    if not shard:
+    if sharding == "none":
         out.append("train.sharding: fsdp with optimizer: adamw, over N processes (accelerate launch --multi_gpu "
-                   "--num_processes N): teacher, student, gradients and optimizer states divided by N")
+                   "--num_processes N): teacher, student, gradients and optimizer states divided by N (or zero2 / "
+                   "zero3: DeepSpeed ZeRO for the student)")
+    if sharding.startswith("zero") and not offload_optimizer:
+        out.append("train.offload_optimizer: true (ZeRO keeps the optimizer states and step in host memory)")
     if frozen_dtype == "fp32":
         out.append("train.frozen_dtype: bf16 (teacher, text encoders and VAE at 2 bytes a weight)")
     if student_dtype == "fp32":
@@ -433,6 +452,7 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
     frozen = {v: k for k, v in DTYPES.items()}[frozen_dtype(t.frozen_dtype, device)]
     return memory_plan(cfg.teacher, plan, micro, cfg.data.image_size, frozen_dtype=frozen,
                        student_dtype=t.student_dtype, mixed_precision=mp, optimizer=t.optimizer,
-                       checkpointing=t.gradient_checkpointing, processes=processes, shard=t.sharding == "fsdp",
+                       checkpointing=t.gradient_checkpointing, processes=processes, sharding=t.sharding,
+                       offload_optimizer=t.offload_optimizer,
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both)
