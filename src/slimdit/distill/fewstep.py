@@ -6,8 +6,10 @@ previous round's model at twice as many. ``method: consistency`` (:mod:`slimdit.
 of latent consistency distillation on the teacher's ``solver_steps`` grid; the student samples with
 ``LCMScheduler`` in ``steps`` steps by default, and in any other count too. ``method: reflow`` (flow teachers,
 :mod:`slimdit.distill.reflow`): the teacher's ODE pairs (noise, sample), then velocity regression on the straight
-line between them; the student keeps the Euler scheduler, at ``steps``. The teacher may be any model, a
-compressed student included, so size and steps compose. With a CFG teacher its guided sampling is distilled in
+line between them; the student keeps the Euler scheduler, at ``steps``. ``method: dmd2``
+(:mod:`slimdit.distill.dmd`): distribution matching against the teacher's score with a fake score trained beside
+the student, on the student's own ``steps``-step grid. Each method is a loss built by :data:`LOSSES`. The teacher
+may be any model, a compressed student included, so size and steps compose. With a CFG teacher its guided sampling is distilled in
 (the first round's, for progressive), and the student samples without CFG.
 
 Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each; ``student/`` and ``done.json`` once
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,11 +36,13 @@ from slimdit.io import read_json, write_json
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     out: str
-    method: Literal["progressive", "consistency", "reflow"] = "progressive"
+    method: Literal["progressive", "consistency", "reflow", "dmd2"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
     start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
     solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
     pair_steps: int | None = Field(None, ge=1)  # reflow: the teacher's Euler steps per pair (default: its own)
+    fake_updates: int = Field(5, ge=1)  # dmd2: fake score steps per student step (the two time-scale rule)
+    fake_lr: float | None = Field(None, gt=0)  # dmd2: the fake score's learning rate (default: train.lr)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
     data: DataConfig = DataConfig()
@@ -76,12 +81,10 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from accelerate import PartialState
 
     from slimdit.data.datasets import load_dataset
-    from slimdit.distill.consistency import ConsistencyLoss, lcm_scheduler
-    from slimdit.distill.progressive import ProgressiveLoss
-    from slimdit.distill.reflow import ReflowLoss, teacher_pairs
+    from slimdit.distill.consistency import lcm_scheduler
     from slimdit.distill.run import Conditionings
-    from slimdit.distill.steps import midpoints, student_scheduler, transitions
-    from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer
+    from slimdit.distill.steps import student_scheduler
+    from slimdit.distill.trainer import TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
     from slimdit.models import adapter_for
     from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
@@ -134,33 +137,17 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                 teacher = copy.deepcopy(student).requires_grad_(False).eval()  # as after a trained round
                 continue
             # round 0 distils the CFG teacher's guided steps; later teachers are students that sample without CFG
-            cfg_null = data.null if (i == 0 and not guided_input and w != 1) else None
-            train_data = data
-            if consistency:
-                t, s = transitions(sched_config, cfg.solver_steps, tokens)
-                loss = ConsistencyLoss(adapter, t, s, null=cfg_null, guidance=w)
-            elif cfg.method == "reflow":
-                pair_steps = cfg.pair_steps or defaults["num_inference_steps"]
-                t, s = transitions(sched_config, pair_steps, tokens)
-                # each process makes its share of the shards, then every one reads them all
-                teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed, progress=progress,
-                              part=(state.process_index, state.num_processes))
-                state.wait_for_everyone()
-                noise, x0 = teacher_pairs(adapter, teacher, data, run / "pairs", t, s, w, cfg.train.seed,
-                                          progress=False)
-                train_data = Conditioning(x0, data.cond, data.null)
-                loss = ReflowLoss(adapter, noise, guidance=w if guided_input else None)
-            else:
-                t, s = transitions(sched_config, n, tokens)
-                loss = ProgressiveLoss(adapter, t, s, null=cfg_null, guidance=w,
-                                       mid=midpoints(sched_config, n, tokens))
+            ctx = _Round(cfg, adapter, teacher, data, sched_config, tokens, w, guided_input, n,
+                         data.null if (i == 0 and not guided_input and w != 1) else None, run, state, defaults,
+                         progress)
+            loss, train_data = LOSSES[cfg.method](ctx)
             tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas),
                                   "eps": tuple(cfg.train.eps)})
             t0 = time.time()
             trainer = Trainer(adapter, teacher, student, train_data, tcfg, rdir, loss=loss)
             last = trainer.train(progress=progress)
             student = trainer.student_model(use_ema=tcfg.ema_decay is not None).to(device)
-            teacher_steps = {"consistency": cfg.solver_steps, "progressive": 2 * n}.get(
+            teacher_steps = {"consistency": cfg.solver_steps, "progressive": 2 * n, "dmd2": None}.get(
                 cfg.method, cfg.pair_steps or defaults["num_inference_steps"])
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
@@ -190,6 +177,71 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     write_json(run / "summary.json", summary)
     write_card(run / "student", run)  # after the evaluation: the card carries its numbers
     return run
+
+
+@dataclass
+class _Round:
+    """What a method's loss is built from, for one round."""
+
+    cfg: StepsConfig
+    adapter: object
+    teacher: torch.nn.Module
+    data: object  # slimdit.distill.trainer.Conditioning
+    sched_config: dict
+    tokens: int | None
+    w: float  # the teacher's CFG scale or guidance input
+    guided_input: bool  # the teacher takes w as an input (guidance-distilled)
+    steps: int  # the round's student steps
+    cfg_null: dict | None  # the empty caption's conditioning when the round distils CFG
+    run: Path
+    state: object  # accelerate's PartialState
+    defaults: dict  # the teacher's sampling defaults
+    progress: bool
+
+
+def _progressive(r: _Round):
+    from slimdit.distill.progressive import ProgressiveLoss
+    from slimdit.distill.steps import midpoints, transitions
+
+    t, s = transitions(r.sched_config, r.steps, r.tokens)
+    return ProgressiveLoss(r.adapter, t, s, null=r.cfg_null, guidance=r.w,
+                           mid=midpoints(r.sched_config, r.steps, r.tokens)), r.data
+
+
+def _consistency(r: _Round):
+    from slimdit.distill.consistency import ConsistencyLoss
+    from slimdit.distill.steps import transitions
+
+    t, s = transitions(r.sched_config, r.cfg.solver_steps, r.tokens)
+    return ConsistencyLoss(r.adapter, t, s, null=r.cfg_null, guidance=r.w), r.data
+
+
+def _reflow(r: _Round):
+    from slimdit.distill.reflow import ReflowLoss, teacher_pairs
+    from slimdit.distill.steps import transitions
+    from slimdit.distill.trainer import Conditioning
+
+    t, s = transitions(r.sched_config, r.cfg.pair_steps or r.defaults["num_inference_steps"], r.tokens)
+    seed, folder = r.cfg.train.seed, r.run / "pairs"
+    # each process makes its share of the shards, then every one reads them all
+    teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=r.progress,
+                  part=(r.state.process_index, r.state.num_processes))
+    r.state.wait_for_everyone()
+    noise, x0 = teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=False)
+    return (ReflowLoss(r.adapter, noise, guidance=r.w if r.guided_input else None),
+            Conditioning(x0, r.data.cond, r.data.null))
+
+
+def _dmd2(r: _Round):
+    from slimdit.distill.dmd import DMDLoss
+    from slimdit.distill.steps import transitions
+
+    t, s = transitions(r.sched_config, r.steps, r.tokens)
+    return DMDLoss(r.adapter, r.teacher, t, s, null=r.cfg_null, guidance=r.w, fake_updates=r.cfg.fake_updates,
+                   fake_lr=r.cfg.fake_lr or r.cfg.train.lr, tokens=r.tokens), r.data
+
+
+LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "dmd2": _dmd2}
 
 
 def _sampling(steps: int, w: float, guided_input: bool) -> dict:

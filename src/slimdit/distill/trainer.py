@@ -305,10 +305,14 @@ class Trainer:
         save_tensors(tmp / "trainable.safetensors", weights)
         if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema)
+        loss_meta = None
+        if hasattr(self.loss, "state"):  # a loss that trains a network of its own (DMD's fake score)
+            loss_t, loss_meta = self.loss.state()
+            save_tensors(tmp / "loss.safetensors", {k: v.detach().cpu() for k, v in loss_t.items()})
         # the loss sums of the steps since the last log, so the first log after a resume is the same mean
         save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in sums.items()})
         write_json(tmp / "state.json", {"step": self.step, "skipped_steps": self.skipped, "summed_steps": self._n_sums,
-                                        "optimizer": opt_meta, "sharding": self.cfg.sharding,
+                                        "optimizer": opt_meta, "sharding": self.cfg.sharding, "loss": loss_meta,
                                         "config": asdict(self.cfg)})
         shutil.rmtree(ck, ignore_errors=True)
         tmp.rename(ck)
@@ -377,6 +381,11 @@ class Trainer:
                 if v.shape == ref.shape:
                     opt_t[k] = sharding.like(v, ref)
             optimizer_from_tensors(inner, opt_t, state["optimizer"])
+        if hasattr(self.loss, "load_state"):
+            if not (ck / "loss.safetensors").exists():
+                raise ValueError(f"checkpoint {ck} holds no state of this run's loss ({type(self.loss).__name__}); "
+                                 "use a new run directory")
+            self.loss.load_state(load_tensors(ck / "loss.safetensors"), state["loss"])
         self.step = state["step"]
         self.skipped = state.get("skipped_steps", 0)
         if (ck / "log_sums.safetensors").exists():

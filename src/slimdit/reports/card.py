@@ -141,6 +141,7 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
                                                          for r in f.rounds)),
                        ("consistency-distillation", any(r.get("method") == "consistency" for r in f.rounds)),
                        ("reflow", any(r.get("method") == "reflow" for r in f.rounds)),
+                       ("distribution-matching-distillation", any(r.get("method") == "dmd2" for r in f.rounds)),
                        ("few-step", bool(f.rounds)), ("reward-tuning", bool((f.config or {}).get("reward")))):
         if holds:
             tags.append(tag)
@@ -200,6 +201,13 @@ def _fewstep(f: RunFacts) -> str:
                "student learnt the straight line between them, so its Euler sampler (saved beside it) loses less at "
                f"{last['steps']} steps. A guidance-embedded teacher's pairs were made at its default guidance, which "
                "the student takes as its input; a CFG teacher's guidance is distilled in.")
+    elif first.get("method") == "dmd2":
+        how = (f"A few-step student of `{f.teacher}`, made with slimdit by distribution matching distillation in "
+               f"DMD2's form (Yin et al. 2024): it samples in {last['steps']} deterministic steps with the scheduler "
+               "saved beside it. Its samples (from every step of its grid, reached by running itself) were pulled "
+               "onto the teacher's distribution by the difference of the teacher's score and a fake score trained "
+               f"on the student's own samples ({c.get('fake_updates', 5)} fake updates per student update). A CFG "
+               "teacher's guidance is distilled in, so the student samples without CFG, one pass per step.")
     else:
         how = (f"A few-step student of `{f.teacher}`, made with slimdit by progressive distillation (Salimans & Ho "
                f"2022): it samples in {last['steps']} deterministic steps with the scheduler saved beside it, where "
@@ -211,7 +219,7 @@ def _fewstep(f: RunFacts) -> str:
            f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}; data `{(c.get('data') or {}).get('real', '?')}`",
            "", "| round | student steps | teacher steps | optimizer steps | seconds | last loss |",
            "|---|---|---|---|---|---|"]
-    out += [f"| {i} | {r['steps']} | {r['teacher_steps']} | {r['train_steps']} | {r.get('seconds', '')} | "
+    out += [f"| {i} | {r['steps']} | {r['teacher_steps'] or '–'} | {r['train_steps']} | {r.get('seconds', '')} | "
             f"{_fmt((r.get('last') or {}).get('total'))} |" for i, r in enumerate(f.rounds)]
     return "\n".join(out)
 

@@ -1,0 +1,129 @@
+"""Distribution matching distillation, DMD2's form (Yin et al. 2024): a few-step student whose samples' distribution
+is pulled onto the teacher's.
+
+- **The generator** is the student on its ``K``-step grid (:func:`slimdit.distill.steps.transitions`). Each update
+  draws one of its steps ``k``; *backward simulation* runs the student itself from noise through the steps before
+  ``k`` (no graph), so it trains on the inputs it will meet when sampling; its prediction at ``t_k`` gives the
+  clean sample ``x0``.
+- **The distribution matching gradient.** ``x0`` is noised again at a time ``t`` the objective draws; the frozen
+  teacher (the real score, with CFG) and a trainable *fake score* (a copy of the teacher that learns the student's
+  own distribution) each predict the clean sample. Their difference, divided by the mean distance of ``x0`` to the
+  teacher's prediction (DMD's per-sample weighting), is the gradient of the KL between the two distributions; the
+  loss ``0.5 ||x0 - sg(x0 - grad)||^2`` applies it.
+- **Two time-scale update rule.** After each student update the fake score takes ``fake_updates`` denoising steps
+  (the objective's own loss, conditioned, without CFG) on the student's samples (the same ``x0``, fresh noise and
+  times), so it tracks the student as it moves. No regression loss is needed (DMD2's point).
+- Not built: DMD2's GAN head on the fake score's features.
+
+The fake score and its optimizer are the loss's state: the trainer saves them in each checkpoint
+(:meth:`DMDLoss.state`) and restores them on resume, so a resumed run ends where an uninterrupted one ends. Over
+several processes the fake score's gradients are averaged, so its replicas stay equal.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from slimdit.distill.losses import Batch
+from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+
+
+@dataclass
+class DMDLoss:
+    adapter: object  # slimdit.models.Adapter, with its objective
+    teacher: torch.nn.Module  # the real score's model, whose copy starts the fake score
+    t: torch.Tensor  # (K,) where each of the student's steps starts
+    s: torch.Tensor  # (K,) where it lands
+    null: dict[str, torch.Tensor] | None = None  # the empty caption's conditioning: the teacher's CFG
+    guidance: float = 1.0  # the teacher's CFG scale (or its guidance input, also the student's)
+    fake_updates: int = 5  # fake score steps per student update (DMD2's two time-scale rule)
+    fake_lr: float = 1e-4
+    tokens: int | None = None  # image tokens (a dynamically shifted flow schedule draws t by them)
+    fake: torch.nn.Module = field(init=False)
+
+    def __post_init__(self):
+        self.fake = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
+        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=self.fake_lr, weight_decay=0.0)
+
+    # ---- state, saved and restored by the trainer ------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        from slimdit.io import optimizer_to_tensors
+
+        opt_t, meta = optimizer_to_tensors(self.fake_opt)
+        return ({**{f"fake.{k}": v.detach() for k, v in self.fake.state_dict().items()},
+                 **{f"fake_opt.{k}": v for k, v in opt_t.items()}}, meta)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from slimdit.io import optimizer_from_tensors
+
+        dev = next(self.fake.parameters()).device
+        self.fake.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("fake.")})
+        optimizer_from_tensors(self.fake_opt, {k[9:]: v.to(dev) for k, v in tensors.items()
+                                               if k.startswith("fake_opt.")}, meta)
+
+    # ---- one update ------------------------------------------------------------------------------------------
+    def _conditions(self, batch: Batch, model) -> tuple[dict, dict | None]:
+        return group_conditions(self.adapter, model, batch.cond, self.null, self.guidance, 1, batch.x0.device)
+
+    def generate(self, student, batch: Batch) -> torch.Tensor:
+        """The student's clean sample at a drawn step of its grid, after backward simulation to that step."""
+        a, obj, g = self.adapter, self.adapter.objective, batch.generator
+        cond, _ = self._conditions(batch, getattr(student, "module", student))
+        n, dev = batch.x0.shape[0], batch.x0.device
+        k = int(torch.randint(len(self.t), (1,), generator=g))
+        x = torch.randn(batch.x0.shape, generator=g).to(dev, batch.x0.dtype)
+        for j in range(k + 1):
+            tt = self.t[j].expand(n).to(dev)
+            with torch.set_grad_enabled(j == k and torch.is_grad_enabled()), batch.autocast():
+                pred = batched_guided_prediction(a, student, x, tt, cond, None, self.guidance).float()
+            if j == k:
+                return obj.x0(x.float(), pred, tt)
+            x = deterministic_step(obj, x.float(), pred, tt, self.s[j].expand(n).to(dev)).to(batch.x0.dtype)
+        raise AssertionError("unreachable")
+
+    def _noised(self, x0: torch.Tensor, g: torch.Generator):
+        obj = self.adapter.objective
+        t = obj.sample_t(x0.shape[0], g, self.tokens).to(x0.device)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        xt, target = obj.noise(x0, eps, t)
+        return xt, target, t
+
+    def _fake_step(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One denoising step of the fake score on the student's samples ``x0`` (detached)."""
+        import torch.distributed as dist
+
+        a = self.adapter
+        cond, _ = self._conditions(batch, self.fake)
+        xt, target, t = self._noised(x0, batch.generator)
+        with batch.autocast():
+            pred = a.prediction(self.fake, a.predict(self.fake, xt, t, cond)).float()
+        loss = F.mse_loss(pred, target.float())
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.fake.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        self.fake_opt.step()
+        return loss.detach()
+
+    def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        a, obj = self.adapter, self.adapter.objective
+        x0 = self.generate(student, batch)
+        xt, _, t = self._noised(x0.detach(), batch.generator)
+        cond, null = self._conditions(batch, teacher)
+        fcond, _ = self._conditions(batch, self.fake)
+        with torch.no_grad():
+            real = obj.x0(xt.float(), batched_guided_prediction(a, teacher, xt, t, cond, null, self.guidance).float(),
+                          t)
+            with batch.autocast():
+                fake = obj.x0(xt.float(), a.prediction(self.fake, a.predict(self.fake, xt, t, fcond)).float(), t)
+            scale = (x0.detach() - real).abs().flatten(1).mean(1).clamp_min(1e-5).view(-1, *[1] * (x0.dim() - 1))
+            grad = (fake - real) / scale
+        dm = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+        fake_loss = torch.stack([self._fake_step(x0.detach(), batch) for _ in range(self.fake_updates)]).mean()
+        return {"total": dm, "dm": dm.detach(), "fake": fake_loss}

@@ -1,0 +1,131 @@
+"""Distribution matching distillation (DMD2): the gradient vanishes where the fake score is the real one, the fake
+score learns the student's samples, the student's samples come from its own grid, a resumed run (fake score and its
+optimizer included) ends where an uninterrupted one ends, and ``slimdit steps`` runs it on PixArt and on Flux."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimdit.distill.dmd import DMDLoss
+from slimdit.distill.losses import Batch
+from slimdit.distill.steps import deterministic_step, transitions
+from slimdit.models import adapter_for
+from tests.test_compress import tiny
+from tests.test_steps import V
+from tests.test_trainer import _data
+
+
+def _batch(data, seed=0, n=4):
+    return Batch(data.latents[:n], {k: v[:n] for k, v in data.cond.items()}, torch.Generator().manual_seed(seed))
+
+
+def test_no_gradient_while_the_fake_score_is_the_real_one():
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+    t, s = transitions(V, 4)
+    loss = DMDLoss(adapter, teacher, t, s, fake_updates=1)  # no CFG: the fake copy scores as the teacher does
+    out = loss(student, teacher, _batch(data))
+    assert float(out["dm"]) == 0
+    out["total"].backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in student.parameters())
+    # the fake score took its step on the student's samples: now it differs, and the student gets a gradient
+    student.zero_grad()
+    out = loss(student, teacher, _batch(data, seed=1))
+    out["total"].backward()
+    assert float(out["dm"]) > 0 and sum(float(p.grad.abs().sum()) for p in student.parameters()) > 0
+
+
+def test_the_generator_samples_on_its_own_grid():
+    teacher = tiny()
+    adapter, data = adapter_for(teacher, V), _data()
+    t, s = transitions(V, 3)
+    loss = DMDLoss(adapter, teacher, t, s, fake_updates=1)
+    b = _batch(data, seed=5)
+    with torch.no_grad():
+        x0 = loss.generate(teacher, b)
+    # redo it by hand: the same draws (the step, then the noise), deterministic steps to it, x0 there
+    g = torch.Generator().manual_seed(5)
+    k = int(torch.randint(3, (1,), generator=g))
+    x = torch.randn(b.x0.shape, generator=g)
+    with torch.no_grad():
+        for j in range(k + 1):
+            tt = t[j].expand(4)
+            pred = adapter.prediction(teacher, adapter.predict(teacher, x, tt, b.cond))
+            if j == k:
+                want = adapter.objective.x0(x, pred, tt)
+            else:
+                x = deterministic_step(adapter.objective, x, pred, tt, s[j].expand(4))
+    assert torch.allclose(x0, want, atol=1e-6)
+
+
+def test_the_fake_score_learns_the_students_samples():
+    teacher = tiny()
+    adapter, data = adapter_for(teacher, V), _data()
+    t, s = transitions(V, 2)
+    loss = DMDLoss(adapter, teacher, t, s, fake_updates=1, fake_lr=3e-3)
+    b = _batch(data, seed=3)
+    with torch.no_grad():
+        x0 = loss.generate(teacher, b)
+    first = [float(loss._fake_step(x0, _batch(data, seed=100 + i))) for i in range(3)]
+    for i in range(40):
+        loss._fake_step(x0, _batch(data, seed=i))
+    last = [float(loss._fake_step(x0, _batch(data, seed=100 + i))) for i in range(3)]
+    assert sum(last) < 0.8 * sum(first)
+
+
+def _train(tmp_path, steps, max_steps=None):
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    adapter, data = adapter_for(student, V), _data()
+    t, s = transitions(V, 2)
+    loss = DMDLoss(adapter, teacher, t, s, null=data.null, guidance=2.0, fake_updates=2, fake_lr=1e-3)
+    cfg = TrainConfig(steps=steps, batch_size=4, warmup_steps=1, lr=1e-3, optimizer="adamw", grad_clip=1.0,
+                      weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
+    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=loss)
+    tr.train(max_steps=max_steps, progress=False)
+    return tr, loss
+
+
+def test_a_resumed_dmd_run_ends_where_an_uninterrupted_one_ends(tmp_path):
+    _train(tmp_path / "a", 4, max_steps=2)
+    resumed, rl = _train(tmp_path / "a", 4)
+    whole, wl = _train(tmp_path / "b", 4)
+    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(rl.fake.parameters(), wl.fake.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(next(wl.fake.parameters()), next(tiny().parameters()))  # the fake score trained
+    assert (tmp_path / "a" / "checkpoints" / "step_0000004" / "loss.safetensors").exists()
+
+
+@pytest.mark.parametrize("which", ["pixart", "flux"])
+def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipeline, tmp_path):
+    import json
+
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.pipelines.loading import load_sampler, sampling_defaults
+
+    teacher = tiny_teacher if which == "pixart" else str(tiny_flux_pipeline)
+    cfg = {"teacher": teacher, "out": str(tmp_path / "run"), "method": "dmd2", "steps": 2, "fake_updates": 2,
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.0,
+                     "log_every": 1},
+           "eval": {"benchmark": None, "bench": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    rows = [json.loads(r) for r in (run / "rounds" / "00_2steps" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("fake" in r and "dm" in r for r in rows)
+    student = str(run / "student")
+    assert sampling_defaults(student)["num_inference_steps"] == 2
+    assert load_sampler(student).generate(["a red circle"], [0], progress=False).shape[0] == 1
+    card = (run / "student" / "README.md").read_text()
+    assert "distribution matching distillation" in card and "- distribution-matching-distillation" in card
