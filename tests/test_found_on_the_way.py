@@ -130,3 +130,15 @@ def test_shapes_checkpoints_skip_a_half_written_tmp_folder(tmp_path):
     m2, opt2 = model_and_optimizer()
     assert resume(tmp_path, {"m": m2}, {}, opt2, torch.device("cpu")) == (2, 1.5)
     assert torch.equal(m2.weight, m.weight)
+
+
+@pytest.mark.parametrize("command", [["analyze", "--out", "x"], ["search", "--method", "masks", "--out", "x"],
+                                     ["compress", "--plan", "p.yaml", "--out", "x"]])
+def test_a_renderer_is_refused_where_a_transformer_is_needed(command, tmp_path, monkeypatch, capsys):
+    from slimdit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("units: {block.0: remove}\n")
+    assert main([command[0], "--model", "shapes-oracle", *command[1:]]) == 2
+    assert "'shapes-oracle' is a renderer without a transformer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ from slimdit.importance.metric import Calibration, metric_importance, unit_op
 from slimdit.io import ensure_writable, write_json
 from slimdit.metrics.embedders import get_embedder
 from slimdit.models import adapter_for
-from slimdit.pipelines.loading import load_sampler
+from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, resolve_model_dir
 from slimdit.reports.grids import make_grid
 from slimdit.reports.plots import plot_all
 
@@ -27,9 +27,10 @@ def analyze(model: str, criteria: list[str], out: str | Path, prompts: list[str]
     bad = [c for c in criteria if c not in CRITERIA]
     if bad or not criteria:
         raise ValueError(f"unknown criteria {bad}; allowed: {', '.join(CRITERIA)}")
+    resolve_model_dir(model)  # a wrong model is named before anything is written
     ensure_writable(out, "analyze --out")
     emb = get_embedder(embedder) if "metric" in criteria else None
-    sampler = load_sampler(model, steps=steps)
+    sampler = pipeline_sampler(load_pipeline(model), model, steps=steps)  # a transformer's
     net = sampler.pipe.transformer
     adapter = adapter_for(net, sampler.pipe.scheduler.config)
     units = adapter.units(net)

@@ -73,6 +73,10 @@ def resolve_model_dir(model: str) -> Path | str:
         resolve_transformer(transformer)
     if model in MODELS:
         return MODELS[model]()
+    if model in SAMPLERS:
+        raise ValueError(f"{model!r} is a renderer without a transformer: it can be evaluated (slimdit eval) and "
+                         f"used as a reference, not analyzed, searched, compressed or trained; give a pipeline "
+                         f"({', '.join(MODELS)}, a directory or a hub id)")
     if model.startswith("arch:"):
         raise ValueError(f"{model!r} is a random-weight model at real dimensions, for 'slimdit bench' and memory "
                          "plans (--dry-run) only; give a built-in name, a pipeline directory or a hub id")
@@ -98,7 +102,7 @@ def resolve_model_dir(model: str) -> Path | str:
             raise FileNotFoundError(f"hub repo {model} holds only a transformer, not a pipeline: give a base "
                                     f"pipeline as the model and this repo as its transformer (--transformer {model})")
         return model  # a hub id; diffusers resolves it from the cache or the hub
-    raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join([*MODELS, *SAMPLERS])}), "
+    raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join(MODELS)}), "
                             "not an existing directory, not a hub id (owner/name)")
 
 

@@ -46,7 +46,7 @@ def run_search(model: str, out: str | Path, k: int | None, method: str = "both",
     from slimdit.importance.metric import Calibration, plan_metrics, unit_op
     from slimdit.metrics.embedders import get_embedder
     from slimdit.models import adapter_for
-    from slimdit.pipelines.loading import load_sampler
+    from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, resolve_model_dir
     from slimdit.search.greedy import greedy
     from slimdit.search.optuna_search import optuna_search
 
@@ -62,10 +62,11 @@ def run_search(model: str, out: str | Path, k: int | None, method: str = "both",
             raise ValueError(f"--mask-steps must be at least 1, got {mask_steps}")
     elif k is None:
         raise ValueError(f"--method {method} needs --units K")
+    resolve_model_dir(model)  # a wrong model is named before anything is written
     ensure_writable(out, "search --out")
     texts = read_prompts(prompts)
     emb = get_embedder(embedder)
-    sampler = load_sampler(model, steps=steps)
+    sampler = pipeline_sampler(load_pipeline(model), model, steps=steps)  # a transformer's
     net = sampler.pipe.transformer
     adapter = adapter_for(net, sampler.pipe.scheduler.config)
     units = adapter.units(net)
