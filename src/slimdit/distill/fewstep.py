@@ -9,8 +9,8 @@ of latent consistency distillation on the teacher's ``solver_steps`` grid; the s
 line between them; the student keeps the Euler scheduler, at ``steps``. ``method: dmd2``
 (:mod:`slimdit.distill.dmd`): distribution matching against the teacher's score with a fake score trained beside
 the student, on the student's own ``steps``-step grid. Each method is a loss built by :data:`LOSSES`. The teacher
-may be any model, a compressed student included, so size and steps compose. With a CFG teacher its guided sampling is distilled in
-(the first round's, for progressive), and the student samples without CFG.
+may be any model, a compressed student included, so size and steps compose. With a CFG teacher its guided
+sampling is distilled in (the first round's, for progressive), and the student samples without CFG.
 
 Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each; ``student/`` and ``done.json`` once
 finished), ``student/`` (the final one: transformer, scheduler, sampling defaults, card), ``metrics/*.json``,
