@@ -113,7 +113,8 @@ def test_a_rollout_needs_the_batch_rows():
         _loss(adapter_for(teacher, V), data)(teacher, teacher, b)
 
 
-def _train(tmp_path, steps, max_steps=None):
+def _train(tmp_path, steps, max_steps=None, make_loss=None):
+    """Tune a tiny model with ``make_loss(adapter, data, kl=...)`` (default: GRPO's) on the real trainer."""
     from slimdit.distill.trainer import TrainConfig, Trainer
 
     teacher = tiny()
@@ -121,7 +122,7 @@ def _train(tmp_path, steps, max_steps=None):
     adapter, data = adapter_for(student, V), _data()
     cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
                       weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
-    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=_loss(adapter, data, kl=0.01))
+    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=(make_loss or _loss)(adapter, data, kl=0.01))
     tr.train(max_steps=max_steps, progress=False)
     return tr, data
 
@@ -266,16 +267,7 @@ def test_draft_samples_with_the_deterministic_sampler_and_its_gradient_flows_thr
 
 
 def _train_draft(tmp_path, steps, max_steps=None):
-    from slimdit.distill.trainer import TrainConfig, Trainer
-
-    teacher = tiny()
-    student = copy.deepcopy(teacher)
-    adapter, data = adapter_for(student, V), _data()
-    cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
-                      weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
-    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=_draft(adapter, data, kl=0.01))
-    tr.train(max_steps=max_steps, progress=False)
-    return tr, data
+    return _train(tmp_path, steps, max_steps, make_loss=_draft)
 
 
 def test_draft_raises_the_reward_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
