@@ -86,3 +86,30 @@ def test_one_shot_removal_and_progressive(tiny_teacher, tmp_path):
     s = json.loads((paced / "summary.json").read_text())
     assert [len(st["units"]) for st in s["stages"]] == [2, 1]
     assert s["student_block_params"] <= 0.25 * s["teacher_block_params"]
+
+
+def test_a_schedule_trains_with_the_text_encoders_and_vae_parked(tiny_teacher, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from slimdit.schedules import run as schedule_run
+
+    seen, parked_now = [], []
+
+    @contextmanager
+    def recording(pipe, names, where="cpu"):
+        parked_now.append(sorted(names))
+        yield names
+        parked_now.pop()
+
+    real_train = schedule_run.train_protocol
+
+    def training(*a, **k):
+        seen.append(list(parked_now[-1]) if parked_now else None)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(schedule_run, "parked", recording)
+    monkeypatch.setattr(schedule_run, "train_protocol", training)
+    cfg = _cfg(tiny_teacher, tmp_path / "run", kind="one_shot", target=0.8, op="remove")
+    cfg["eval"] = {"benchmark": None}
+    schedule_run.run_schedule(cfg, progress=False)
+    assert seen == [["text_encoder", "vae"]]  # the one stage trained while they waited off the device

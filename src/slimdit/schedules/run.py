@@ -33,6 +33,7 @@ from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_student
+from slimdit.pipelines.placement import frozen_components, parked
 from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, feasible_range, linear_ratios
 
 
@@ -243,8 +244,12 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         stage_modified = [_to_teacher(kept, o.unit) for o in plan.ops]
         kept = [_to_teacher(kept, u) for u in record.kept_units]
         modified |= set(stage_modified)
-        student = train_protocol(adapter, teacher, student, kept, stage_modified, phases, cfg.train.model_dump(),
-                                 sdir, conditioning, device, progress, validator)
+        for kind in dict.fromkeys(ph.dataset for ph in phases):
+            conditioning(kind)  # every cache (and synthetic set) the phases need, while the pipeline is whole
+        # training needs none of the text encoders and VAE (selection and evaluation, between stages, do)
+        with parked(pipe, frozen_components(pipe)):
+            student = train_protocol(adapter, teacher, student, kept, stage_modified, phases,
+                                     cfg.train.model_dump(), sdir, conditioning, device, progress, validator)
         save_model(student, sdir / "student")
         row = {"stage": s, "units": [o.unit for o in plan.ops], "block_params": adapter.block_params(student),
                "block_param_ratio": adapter.block_params(student) / teacher_params}
