@@ -7,10 +7,12 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from slimdit.errors import OutputError
@@ -55,6 +57,14 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def each_tensor(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a safetensors file, read one at a time (a process that keeps only its shard of each
+    holds one whole tensor at most, not the file)."""
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            yield k, f.get_tensor(k)
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

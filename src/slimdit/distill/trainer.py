@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from slimdit.config import sharding_problem
@@ -30,6 +31,7 @@ from slimdit.distill.lr import warmup_cosine
 from slimdit.errors import TrainingDiverged
 from slimdit.io import (
     atomic_write_text,
+    each_tensor,
     load_tensors,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -357,30 +359,29 @@ class Trainer:
             return False
         ck = cks[-1]
         state = read_json(ck / "state.json")
-        saved = load_tensors(ck / "trainable.safetensors")
-        if set(saved) != set(self.names):  # safetensors stores keys sorted
-            raise ValueError(f"checkpoint {ck} trains other parameters than this run; use a new run directory")
+        with safe_open(str(ck / "trainable.safetensors"), framework="pt") as f:
+            if set(f.keys()) != set(self.names):
+                raise ValueError(f"checkpoint {ck} trains other parameters than this run; use a new run directory")
         was_zero = state.get("sharding", "none").startswith("zero")
         if was_zero != bool(self.zero):
             raise ValueError(f"checkpoint {ck} was written with train.sharding: {state.get('sharding', 'none')}; a "
                              f"{'ZeRO' if was_zero else 'non-ZeRO'} run resumes only as one (the optimizer states are "
                              "kept in another form)")
+        # one whole tensor at a time: a sharded process keeps its shard of each
+        index = {n: i for i, n in enumerate(self.names)}
         if self.ema is not None:
-            ema = load_tensors(ck / "ema.safetensors")
-            for e, n in zip(self.ema, self.names):
-                sharding.assign_(e, ema[n])
+            for n, v in each_tensor(ck / "ema.safetensors"):
+                sharding.assign_(self.ema[index[n]], v)
         if self.zero:
             zero.load(self.acc, ck)  # weights and optimizer partitions, as DeepSpeed wrote them
         else:
-            for p, n in zip(self.params, self.names):
-                sharding.assign_(p, saved[n])
-            inner = getattr(self.opt, "optimizer", self.opt)
-            opt_t = load_tensors(ck / "optimizer.safetensors")
-            for k, v in opt_t.items():  # a state shaped as its parameter is sharded as it is
+            for n, v in each_tensor(ck / "trainable.safetensors"):
+                sharding.assign_(self.params[index[n]], v)
+            opt_t = {}
+            for k, v in each_tensor(ck / "optimizer.safetensors"):  # a state shaped as its parameter is sharded so
                 ref = self.params[int(k.split(".", 1)[0])]
-                if v.shape == ref.shape:
-                    opt_t[k] = sharding.like(v, ref)
-            optimizer_from_tensors(inner, opt_t, state["optimizer"])
+                opt_t[k] = sharding.like(v, ref) if v.shape == ref.shape else v
+            optimizer_from_tensors(getattr(self.opt, "optimizer", self.opt), opt_t, state["optimizer"])
         if hasattr(self.loss, "load_state"):
             if not (ck / "loss.safetensors").exists():
                 raise ValueError(f"checkpoint {ck} holds no state of this run's loss ({type(self.loss).__name__}); "
