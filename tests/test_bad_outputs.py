@@ -93,7 +93,8 @@ def _argv(command: str, out: str, tmp_path) -> list[str]:
 
 LOADERS = ["slimdit.metrics.evaluate.load_sampler", "slimdit.metrics.evaluate.get_embedder",
            "slimdit.pipelines.generate.load_sampler", "slimdit.compress.student.load_pipeline",
-           "slimdit.pipelines.loading.load_sampler", "slimdit.importance.analyze.load_sampler"]
+           "slimdit.pipelines.loading.load_sampler", "slimdit.pipelines.loading.load_pipeline",
+           "slimdit.importance.analyze.load_pipeline"]
 WHAT = {"eval": "eval --out", "eval-images": "eval --save-images", "generate": "generate --out",
         "compress": "compress --out", "export": "export --out", "synth": "synth --out", "analyze": "analyze --out",
         "search": "search --out"}
