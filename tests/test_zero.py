@@ -77,3 +77,20 @@ def test_the_memory_plan_divides_what_each_zero_stage_partitions(tiny_teacher, m
     assert off.host["optimizer states and fp32 weights (ZeRO offload)"] == (
         z3["optimizer states"] + z3["fp32 weight partition (ZeRO)"])
     assert "DeepSpeed ZeRO-2" in z2.table()
+
+
+def test_zero_over_one_process_is_a_plain_run_that_resumes(tmp_path):
+    """Over one process ZeRO partitions nothing: the trainer runs plain and its checkpoints resume as plain."""
+    pytest.importorskip("deepspeed")
+    from slimdit.distill.trainer import Trainer
+    from slimdit.models import adapter_for
+
+    def run(max_steps=None):
+        teacher, student, kept, data, sched = pixart_case()
+        t = Trainer(adapter_for(student, sched), teacher, student, data,
+                    TrainConfig(**{**FSDP_CFG, "sharding": "zero2"}), tmp_path, kept)
+        t.train(max_steps=max_steps, progress=False)
+        return t
+
+    run(max_steps=2)
+    assert run().step == FSDP_CFG["steps"]

@@ -104,10 +104,11 @@ class DMDLoss:
         loss = F.mse_loss(pred, target.float())
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.is_available() and dist.is_initialized() and (n := dist.get_world_size()) > 1:
             for p in self.fake.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                if p.grad is not None:  # SUM then divide: gloo has no AVG
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                    p.grad.div_(n)
         self.fake_opt.step()
         return loss.detach()
 

@@ -55,6 +55,10 @@ class StepsConfig(_Strict):
         if self.method == "consistency" and self.steps > self.solver_steps:
             raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): LCMScheduler "
                              "samples on the training grid")
+        if self.method == "dmd2" and self.train.sharding in ("fsdp", "zero3"):
+            raise ValueError(f"method: dmd2 runs a drawn number of student passes per update (backward simulation), "
+                             f"which sharded weights (train.sharding: {self.train.sharding}) would have to gather in "
+                             "step on every process: use train.sharding none or zero2")
         if self.method == "reflow" and self.train.caption_dropout:
             raise ValueError("method: reflow needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":

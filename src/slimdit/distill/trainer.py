@@ -222,8 +222,8 @@ class Trainer:
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        if self.zero == 3:  # the weights are partitioned: a whole copy on the host for student_model()
-            self._template = copy.deepcopy(student).cpu()
+        if self.zero:  # a host copy for student_model(): ZeRO-3 partitions the weights, ZeRO-2's are DeepSpeed's
+            self._template = _host_copy(student)
         if self.sharded:  # the optimizer is built over the shards, after sharding
             # copies made on the host (the shards then move to the device): an unsharded student, which
             # student_model() fills with the gathered weights, and the teacher to shard, so that the caller's stays
@@ -314,7 +314,8 @@ class Trainer:
         # the loss sums of the steps since the last log, so the first log after a resume is the same mean
         save_tensors(tmp / "log_sums.safetensors", {k: v.reshape(()) for k, v in sums.items()})
         write_json(tmp / "state.json", {"step": self.step, "skipped_steps": self.skipped, "summed_steps": self._n_sums,
-                                        "optimizer": opt_meta, "sharding": self.cfg.sharding, "loss": loss_meta,
+                                        "optimizer": opt_meta, "sharding": self.cfg.sharding if self.zero else "none",
+                                        "loss": loss_meta,
                                         "config": asdict(self.cfg)})
         shutil.rmtree(ck, ignore_errors=True)
         tmp.rename(ck)
@@ -327,11 +328,14 @@ class Trainer:
         (every process writes its own into the same temporary folder, then the main one completes it)."""
         ck, tmp = self._fresh_checkpoint()
         self.acc.wait_for_everyone()  # the main process cleared tmp before anyone writes into it
-        with zero.gathered(self.params, self.zero):
-            local = {"parameter": dict(zip(self.names, self.params)),
-                     "EMA weight": dict(zip(self.names, self.ema or []))}
-            bad = self._first_nonfinite(local)
-            weights = {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
+        bad = self._first_nonfinite({"EMA weight": dict(zip(self.names, self.ema or []))})
+        weights = {}
+        for n, p in zip(self.names, self.params):
+            with zero.gathered([p], self.zero):  # one whole tensor at a time; the main process keeps it
+                if bad is None and not torch.isfinite(p).all():
+                    bad = f"parameter {n}"
+                if self.acc.is_main_process:
+                    weights[n] = p.detach().cpu().clone()
         if self._bad(torch.tensor(bad is not None)):
             raise TrainingDiverged(f"training diverged by step {self.step} of {self.run}: "
                                    f"{bad or 'a tensor on another process'} is not finite; {self._last_good()}; "
@@ -571,13 +575,14 @@ class Trainer:
     def student_model(self, use_ema: bool = False) -> nn.Module:
         """The trained student (unwrapped), optionally with EMA weights copied in. When sharded, a whole copy on
         the host, gathered from the shards one tensor at a time (a collective: every process must call it)."""
-        if self.sharded or self.zero == 3:
+        if self.sharded or self.zero:
             model = copy.deepcopy(self._template)
             params = dict(model.named_parameters())
             values = self.ema if use_ema and self.ema is not None else self.params
-            with torch.no_grad(), zero.gathered(self.params, self.zero):
-                for n, v in zip(self.names, values):
-                    params[n].copy_(sharding.full(v).cpu())
+            with torch.no_grad():
+                for n, v, p in zip(self.names, values, self.params):
+                    with zero.gathered([p], self.zero):  # one whole tensor at a time
+                        params[n].copy_(sharding.full(v).cpu())
             return model
         model = self.acc.unwrap_model(self.student)
         if use_ema and self.ema is not None:

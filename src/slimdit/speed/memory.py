@@ -298,6 +298,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
               for g in adapter.groups}
     fb, sb = DTYPE_BYTES[frozen_dtype], DTYPE_BYTES[student_dtype]
     n = max(processes, 1)
+    if n == 1:  # over one process the trainer shards nothing (and offloads nothing)
+        sharding, offload_optimizer = "none", False
     # what each kind of sharding divides by the processes: FSDP everything; ZeRO-2 the student's gradients and
     # optimizer states; ZeRO-3 the student's weights too (the teacher stays whole: it is not DeepSpeed's)
     div_teacher = n if sharding == "fsdp" else 1

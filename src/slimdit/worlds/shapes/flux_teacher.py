@@ -132,6 +132,11 @@ def pretrained_t5(cfg: FluxTeacherConfig):
         raise FileNotFoundError(f"t5_from={cfg.t5_from!r}: {root} is not a pipeline with a T5EncoderModel component")
     folder = root / names[0]
     t5 = T5EncoderModel.from_pretrained(folder)
+    from slimdit.worlds.shapes.text import build_tokenizer
+
+    if t5.config.vocab_size != len(build_tokenizer()):
+        raise ValueError(f"t5_from={cfg.t5_from!r} holds a T5 over {t5.config.vocab_size} tokens; the shapes "
+                         f"tokenizer has {len(build_tokenizer())}")
     got = (t5.config.d_model, t5.config.num_layers)
     if got != (cfg.t5_dim, cfg.t5_layers):
         raise ValueError(f"t5_from={cfg.t5_from!r} holds a T5 of width {got[0]} and {got[1]} layers; the recipe asks "
@@ -173,7 +178,7 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
     vae = train_vae(run, cfg, device, deadline, build=_vae(cfg))
     if vae is None:
         return run
-    t5 = pretrained_t5(cfg)  # before the seed, so the other weights do not depend on whether it is given
+    t5 = pretrained_t5(cfg)  # loaded, not drawn: the seeded draws below then start at the CLIP and transformer
     torch.manual_seed(cfg.seed)
     pipe = build_pipeline(cfg.shape(), vae=vae, text_encoder_2=t5).to(device)
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
