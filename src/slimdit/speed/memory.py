@@ -10,7 +10,10 @@ per-unit cost is scaled to the student's units. Nothing is allocated and no weig
 Training holds the frozen teacher, the student's weights, gradients and optimizer states, and the activations of
 a micro-batch; the text encoders and the VAE run before it (filling the conditioning and latent caches), then
 wait in host memory (``slimdit distill`` parks them), so a distill plan leaves them out. With ``train.sharding:
-fsdp`` the teacher, the student's weights, gradients and optimizer states are divided among the processes.
+fsdp`` the teacher, the student's weights, gradients and optimizer states are divided among the processes; with
+``zero2`` the student's gradients and optimizer states (plus ZeRO's fp32 weight partition), with ``zero3`` its
+weights too; ``train.offload_optimizer`` moves the optimizer states and that partition to host memory. Over one
+process nothing is divided, as the trainer then shards nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class MemoryPlan:
     checkpointing: bool
     items: dict[str, int]  # per device, during training
     activations: dict[str, int]  # per device: {"plain": ..., "checkpointed": ...}
-    host: dict[str, int]  # host RAM: the conditioning cache
+    host: dict[str, int]  # host RAM: the conditioning cache, ZeRO's offloaded optimizer
     params: dict[str, int]  # parameter counts: components, student, trainable
     device_gib: float | None = None
     fixes: list[str] = field(default_factory=list)
