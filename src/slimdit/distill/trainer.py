@@ -461,10 +461,7 @@ class Trainer:
                         self.acc.clip_grad_norm_(self.params, cfg.grad_clip)
                     self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
+        self._update_ema()
         return terms_sum
 
     def _zero_step(self) -> dict[str, torch.Tensor]:
@@ -484,11 +481,14 @@ class Trainer:
         norm = zero.grad_norm(self.acc)
         if self._bad(~torch.isfinite(norm)):
             self._nonfinite(terms_sum["total"], norm)
-        if self.ema is not None:  # zero2 only: its weights are whole on every process
+        self._update_ema()  # zero2 only (zero3 refuses an EMA): its weights are whole on every process
+        return terms_sum
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
-        return terms_sum
+                    e.lerp_(p.detach().float(), 1 - self.cfg.ema_decay)
 
     def _bad(self, flag: torch.Tensor) -> bool:
         """``flag`` on any process (one host sync, as loss scaling has: a NaN applied once poisons every later
