@@ -91,6 +91,23 @@ def test_a_resumed_run_keeps_its_recipe(base):
         flux_config(run, {"lrr": 1e-3})
 
 
+def test_a_run_saved_before_a_recipe_field_existed_resumes_with_its_default(tmp_path):
+    """A run directory whose config.json predates a field (v3's has no t5_from) resumes; training re-checks the
+    whole recipe, so a missing field must read as its default, not as a change."""
+    from dataclasses import asdict
+
+    from slimdit.io import read_json, write_json
+    from slimdit.worlds.shapes.flux_teacher import FluxTeacherConfig, flux_config
+
+    old = {k: v for k, v in asdict(FluxTeacherConfig(steps=9)).items() if k not in ("t5_from", "freeze_t5")}
+    write_json(tmp_path / "config.json", old)
+    cfg = flux_config(tmp_path, asdict(FluxTeacherConfig(steps=9, threads=1)))
+    assert not cfg.t5_from and not cfg.freeze_t5 and cfg.threads == 1
+    with pytest.raises(ValueError, match="another recipe \\(freeze_t5 differ"):
+        flux_config(tmp_path, {"freeze_t5": True})
+    assert "t5_from" not in read_json(tmp_path / "config.json")  # reading changed nothing on disk
+
+
 def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends_and_an_anneal_branch_is_checked(base,
                                                                                                         tmp_path):
     from slimdit.io import read_json

@@ -89,7 +89,8 @@ def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherC
     saved = Path(run_dir) / "config.json"
     if not saved.exists():
         return _checked(FluxTeacherConfig(**(fields or {})))
-    base = read_json(saved)
+    # a run saved before a field existed has that field's default
+    base = {**asdict(FluxTeacherConfig()), **read_json(saved)}
     free = RESUMABLE - ({"steps"} if base.get("anneal_start") else set())  # the anneal ends at ``steps``
     changed = sorted(k for k, v in (fields or {}).items() if k not in free and base.get(k) != v)
     if changed:
