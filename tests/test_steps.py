@@ -239,3 +239,39 @@ def test_slimdit_steps_consistency_saves_an_lcm_student_that_samples_in_any_coun
         assert sampler.pipe.scheduler.num_inference_steps == n
     card = (run / "student" / "README.md").read_text()
     assert "latent consistency distillation" in card and "consistency-distillation" in card
+
+
+def test_a_compressed_student_learns_the_original_teachers_steps(tiny_teacher, tiny_flux_pipeline, tmp_path):
+    """``student:`` starts the few-step student from another model (here a compressed one) while the teacher's
+    guided steps stay the target; at a vanishing learning rate it ends as the compressed model, and a student from
+    another base
+    pipeline is refused before anything is cached."""
+    import json
+
+    import torch
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.models.storage import load_model
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"units": {"block.1": "remove", "block.2": {"svd": {"mlp": 0.5}}}}))
+    small = tmp_path / "small"
+    assert main(["compress", "--model", tiny_teacher, "--plan", str(plan), "--out", str(small)]) == 0
+    cfg = {"teacher": tiny_teacher, "student": str(small), "out": str(tmp_path / "run"), "steps": 2, "start": 4,
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "lr": 1e-12},
+           "eval": {"benchmark": None}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    got = load_model(run / "student" / "transformer").state_dict()
+    want = load_model(small / "transformer").state_dict()
+    assert got.keys() == want.keys()  # the compressed architecture (a removed block, low-rank factors)
+    assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-9) for k in want)
+    assert json.loads((run / "summary.json").read_text())["started_from"] == str(small)
+
+    other = {**cfg, "student": str(tiny_flux_pipeline), "out": str(tmp_path / "other")}
+    (tmp_path / "o.yaml").write_text(yaml.safe_dump(other))
+    assert main(["steps", "--config", str(tmp_path / "o.yaml")]) == 2
+    assert not (tmp_path / "other" / "cache").exists()

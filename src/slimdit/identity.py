@@ -44,6 +44,9 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     from slimdit.pipelines.loading import model_fingerprint
 
     out: dict[str, Any] = {"teacher": model_fingerprint(cfg.teacher)}
+    student = getattr(cfg, "student", None)  # a few-step run's starting model, when not the teacher
+    if isinstance(student, str):
+        out["student"] = model_fingerprint(student)
     plan = getattr(cfg, "plan", None)
     if plan is not None:
         out["plan"] = (Plan.load(plan) if isinstance(plan, str) else Plan.from_dict(plan)).to_dict()

@@ -35,6 +35,9 @@ from slimdit.io import read_json, write_json
 
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
+    # the model the student starts from (default: the teacher), e.g. a compressed student that learns the original
+    # teacher's steps; it must run in the teacher's base pipeline (the same text encoders and VAE)
+    student: str | None = None
     out: str
     method: Literal["progressive", "consistency", "reflow", "dmd2"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
@@ -127,9 +130,11 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
         if not isinstance(adapter.objective, RectifiedFlow):
             raise ValueError(f"method: reflow is for flow teachers; {cfg.teacher} is a diffusion model: use method: "
                              "progressive or consistency")
+    start = _start(cfg, teacher)  # before any caching: a student of another family or base is refused here
     data = Conditionings(cfg.data, real, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     tokens = adapter.image_tokens(teacher, data.latents[:1])
-    student = student_copy(teacher, cfg.train.student_dtype)
+    student = student_copy(start.to(device), cfg.train.student_dtype)
+    del start
     consistency = cfg.method == "consistency"
     scheduler = lcm_scheduler(sched_config, cfg.solver_steps) if consistency else student_scheduler(sched_config)
     with parked(pipe, frozen_components(pipe)):
@@ -166,7 +171,8 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
         return run
     save_student(student, run / "student", base=cfg.teacher, scheduler=scheduler,
                  sampling=_sampling(cfg.steps, w, guided_input))
-    summary = {"teacher": cfg.teacher, "student": str(run / "student"), "method": cfg.method, "steps": cfg.steps,
+    summary = {"teacher": cfg.teacher, "student": str(run / "student"), "started_from": cfg.student or cfg.teacher,
+               "method": cfg.method, "steps": cfg.steps,
                "teacher_steps": defaults["num_inference_steps"],
                "rounds": [read_json(d) for d in sorted((run / "rounds").glob("*/done.json"))]}
     if cfg.eval.benchmark:
@@ -181,6 +187,23 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     write_json(run / "summary.json", summary)
     write_card(run / "student", run)  # after the evaluation: the card carries its numbers
     return run
+
+
+def _start(cfg: StepsConfig, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The model the student starts from: the teacher, or ``cfg.student`` checked against it."""
+    from slimdit.pipelines.loading import load_transformer, same_base
+
+    if not cfg.student:
+        return teacher
+    if not same_base(cfg.student, cfg.teacher):
+        raise ValueError(f"student {cfg.student} does not run in teacher {cfg.teacher}'s base pipeline: the student "
+                         "learns from the teacher's text conditioning and latents, so both need the same text "
+                         "encoders and VAE")
+    model = load_transformer(cfg.student, dtype=next(teacher.parameters()).dtype)
+    if type(model) is not type(teacher):
+        raise ValueError(f"student {cfg.student} is a {type(model).__name__}, teacher {cfg.teacher} a "
+                         f"{type(teacher).__name__}: a student must be of the teacher's family")
+    return model.eval()
 
 
 @dataclass

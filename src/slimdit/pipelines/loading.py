@@ -165,6 +165,22 @@ def _load_transformer(transformer: str, dtype: torch.dtype | None):
     return getattr(diffusers, cls).from_pretrained(src, subfolder=sub, **kwargs)
 
 
+def load_transformer(model: str, dtype: torch.dtype | None = None):
+    """The transformer of MODEL (a built-in name, pipeline directory, student directory or ``BASE::TRANSFORMER``
+    string), loaded without the rest of its pipeline."""
+    pipeline, transformer = split_model(model)
+    return _load_transformer(transformer or str(resolve_model_dir(pipeline)), dtype)
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether MODELs ``a`` and ``b`` run in the same base pipeline (text encoders, VAE): a student in its base's."""
+    def base(m):
+        src = resolve_model_dir(split_model(m)[0])
+        return src.resolve() if isinstance(src, Path) else src
+
+    return base(a) == base(b)
+
+
 def _cached_hub_model(model: str) -> bool:
     """Whether ``model`` is a hub id whose pipeline is in the local Hugging Face cache."""
     if model.count("/") != 1 or model.startswith((".", "/")):
