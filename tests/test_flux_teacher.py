@@ -132,6 +132,13 @@ def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends_and_an_a
     assert (cfg.anneal_start, cfg.steps, cfg.lr) == (3, 5, 4e-4)
     with pytest.raises(ValueError, match="steps"):  # an anneal ends at its steps: it cannot be lengthened
         flux_config(tmp_path / "c", {"steps": 9})
+    # a branch may go on learning the posterior means instead of draws; only that changes, and it changes the run
+    cfg = branch_flux_run(tmp_path / "src", tmp_path / "m", {"steps": 4, "latents": "mean"})
+    train_flux_base(tmp_path / "m", cfg)
+    _, m = _weights(tmp_path / "m")
+    assert not all(torch.equal(a[k], m[k]) for k in a)
+    with pytest.raises(ValueError, match="latents must be 'sample' or 'mean'"):
+        flux_config(tmp_path / "new", {"latents": "mode"})
 
 
 def test_a_base_can_start_from_a_trained_t5_and_keep_it_frozen(base, tmp_path):
