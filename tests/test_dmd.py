@@ -77,6 +77,25 @@ def test_the_fake_score_learns_the_students_samples():
     assert sum(last) < 0.8 * sum(first)
 
 
+def test_a_non_finite_fake_score_step_stops_before_it_is_applied():
+    from slimdit.errors import TrainingDiverged
+
+    teacher = tiny()
+    adapter, data = adapter_for(teacher, V), _data()
+    t, s = transitions(V, 2)
+    loss = DMDLoss(adapter, teacher, t, s, fake_updates=1)
+    b = _batch(data, seed=3)
+    with torch.no_grad():
+        x0 = loss.generate(teacher, b)
+    loss._fake_step(x0, _batch(data, seed=4))  # one good step: the optimizer has state to protect
+    before = {k: v.clone() for k, v in loss.state()[0].items()}
+    x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="fake score diverged: its loss"):
+        loss._fake_step(x0, _batch(data, seed=5))
+    after = loss.state()[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and optimizer state untouched
+
+
 def _train(tmp_path, steps, max_steps=None):
     from slimdit.distill.trainer import TrainConfig, Trainer
 

@@ -14,6 +14,8 @@ is pulled onto the teacher's.
   (the objective's own loss, conditioned, without CFG) on the student's samples (the same ``x0``, fresh noise and
   times), so it tracks the student as it moves. No regression loss is needed (DMD2's point).
 - Not built: DMD2's GAN head on the fake score's features.
+- A fake-score step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`)
+  before it is applied, so no checkpoint ever holds a non-finite fake score.
 
 The fake score and its optimizer are the loss's state: the trainer saves them in each checkpoint
 (:meth:`DMDLoss.state`) and restores them on resume, so a resumed run ends where an uninterrupted one ends. Over
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from slimdit.distill.losses import Batch
+from slimdit.errors import TrainingDiverged
 from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
 
 
@@ -92,6 +95,13 @@ class DMDLoss:
         xt, target = obj.noise(x0, eps, t)
         return xt, target, t
 
+    def _nonfinite(self, loss: torch.Tensor) -> str | None:
+        """What of the fake score's step is not finite: its loss, or the first gradient that is not (None: all are)."""
+        if not torch.isfinite(loss).all():
+            return f"its loss ({float(loss):g})"
+        return next((f"the gradient of {name}" for name, p in self.fake.named_parameters()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+
     def _fake_step(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
         """One denoising step of the fake score on the student's samples ``x0`` (detached)."""
         import torch.distributed as dist
@@ -109,6 +119,10 @@ class DMDLoss:
                 if p.grad is not None:  # SUM then divide: gloo has no AVG
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                     p.grad.div_(n)
+        bad = self._nonfinite(loss)
+        if bad:  # before the step: the fake score (saved in every checkpoint) never takes a non-finite update
+            raise TrainingDiverged(f"the DMD fake score diverged: {bad} is not finite; its last update was not "
+                                   "applied and the last checkpoint is kept (try a lower fake_lr)")
         self.fake_opt.step()
         return loss.detach()
 
