@@ -148,3 +148,28 @@ def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipel
     assert load_sampler(student).generate(["a red circle"], [0], progress=False).shape[0] == 1
     card = (run / "student" / "README.md").read_text()
     assert "distribution matching distillation" in card and "- distribution-matching-distillation" in card
+
+
+def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_cannot_fit(tiny_teacher, tmp_path,
+                                                                                          capsys):
+    import json
+
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.speed.memory import _component_configs, _count, _build
+
+    n_teacher = _count(_build(*_component_configs(tiny_teacher)["transformer"]))
+    items = {}
+    for method in ("dmd2", "progressive"):
+        cfg = {"teacher": tiny_teacher, "out": str(tmp_path / method), "method": method, "steps": 2, "start": 4,
+               "memory_plan": "on", "data": {"real": "shapes-train:8"},
+               "train": {"steps": 1, "batch_size": 2**22}}  # four million images a step: cannot fit
+        (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["steps", "--config", str(tmp_path / f"{method}.yaml")]) == 2
+        assert "GiB per device" in capsys.readouterr().err
+        assert not (tmp_path / method / "cache").exists() and not (tmp_path / method / "rounds").exists()
+        items[method] = json.loads((tmp_path / method / "memory_plan.json").read_text())["items"]
+    assert items["dmd2"]["DMD fake score"] == 16 * n_teacher  # fp32 weights, gradients and AdamW's two states
+    assert "DMD fake score" not in items["progressive"]
+    assert {k: v for k, v in items["dmd2"].items() if k != "DMD fake score"} == items["progressive"]

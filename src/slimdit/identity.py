@@ -21,8 +21,9 @@ from slimdit.config import INPUT_PATHS, dump_config
 from slimdit.io import ensure_writable, files_fingerprint, read_json, write_json
 from slimdit.registry import is_spec
 
-# fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on
-FREE_FIELDS = ("train.max_skipped_steps",)
+# fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on,
+# whether the memory plan is checked
+FREE_FIELDS = ("train.max_skipped_steps", "memory_plan")
 # what a run's work leaves; a directory with none of it (only records, caches, a plan or a selection that the next
 # attempt writes again) has done no work
 WORK = ("**/checkpoints/step_*", "**/done.json", "student", "untrained", "summary.json", "metrics", "bench.json")

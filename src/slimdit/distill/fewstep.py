@@ -48,6 +48,9 @@ class StepsConfig(_Strict):
     fake_lr: float | None = Field(None, gt=0)  # dmd2: the fake score's learning rate (default: train.lr)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
+    # the memory plan before any model loads (student: the teacher's size; dmd2: its fake score too): auto on a
+    # GPU, on also on a CPU, off never; a run that cannot fit is refused, naming the fixes
+    memory_plan: Literal["auto", "on", "off"] = "auto"
     data: DataConfig = DataConfig()
     train: TrainSection = TrainSection(steps=500, optimizer="adamw", lr=1e-4, warmup_steps=50, grad_clip=1.0,
                                        weight_decay=0.0, val_every=0, checkpoint_every=100, batch_size=32)
@@ -89,7 +92,8 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
 
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.consistency import lcm_scheduler
-    from slimdit.distill.run import Conditionings
+    from slimdit.compress.plan import Plan
+    from slimdit.distill.run import Conditionings, check_memory
     from slimdit.distill.steps import student_scheduler
     from slimdit.distill.trainer import TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
@@ -107,6 +111,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     check_run_dir(run, cfg, inputs)
     real = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_memory(cfg, Plan(ops=[]), device, run, len(real.captions))
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
     teacher = cast_io(pipe.transformer.eval())
     sched_config = dict(pipe.scheduler.config)

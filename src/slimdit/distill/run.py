@@ -42,7 +42,7 @@ from slimdit.pipelines.placement import frozen_components, parked
 from slimdit.reports.card import write_card
 
 
-def _check_memory(cfg: DistillConfig, plan: Plan, device: str, run: Path, captions: int) -> None:
+def check_memory(cfg, plan: Plan, device: str, run: Path, captions: int) -> None:
     """Print the memory plan (``cfg.memory_plan``: auto on a GPU, or on) and refuse a run that cannot fit, naming
     the fixes, before any model loads."""
     from accelerate import PartialState
@@ -78,7 +78,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         raise ValueError(f"plan grasp.images = {plan.grasp.images}, but data.real ({cfg.data.real}) holds only "
                          f"{len(real.captions)} images; lower grasp.images or name a larger set in grasp.data")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check_memory(cfg, plan, device, run, len(real.captions))
+    check_memory(cfg, plan, device, run, len(real.captions))
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
     teacher = cast_io(pipe.transformer.eval())
     adapter = adapter_for(teacher, pipe.scheduler.config)

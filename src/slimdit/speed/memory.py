@@ -261,10 +261,11 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
                 offload_optimizer: bool = False,
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
-                both: bool = True) -> MemoryPlan:
+                both: bool = True, fake_score: bool = False) -> MemoryPlan:
     """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
     ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
-    gradient checkpointing (else only the configured setting, unless the plan does not fit)."""
+    gradient checkpointing (else only the configured setting, unless the plan does not fit). ``fake_score``: DMD2's
+    trainable copy of the teacher, whole on every process in fp32 with its gradients and AdamW's two states."""
     from slimdit.models.arch import arch_spec, is_arch, scheduler_config
 
     if frozen_dtype not in DTYPE_BYTES:
@@ -336,6 +337,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         unit = max(adapter.unit_params(teacher, u) for u in adapter.units(teacher))
         per = fb + 2 * sb if sharding == "fsdp" else 2 * sb  # (the teacher's,) the student's and its gradient's
         items[f"gathered units ({'FSDP' if sharding == 'fsdp' else 'ZeRO-3'})"] = 2 * unit * per
+    if fake_score:
+        items["DMD fake score"] = 16 * params["transformer"]  # fp32 weights and gradients, AdamW's two states
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
@@ -446,8 +449,10 @@ def device_gib(device: str) -> float | None:
 
 def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processes: int = 1,
                        both: bool = False) -> MemoryPlan:
-    """The memory plan of distillation config ``cfg`` (a :class:`slimdit.config.DistillConfig`) on ``device``:
-    its teacher, plan, micro-batch, precision, checkpointing and processes, before any model loads."""
+    """The memory plan of distillation config ``cfg`` (a :class:`slimdit.config.DistillConfig`, or a few-step
+    :class:`slimdit.distill.fewstep.StepsConfig`, whose student has the teacher's size and whose ``dmd2`` adds the
+    fake score) on ``device``: its teacher, plan, micro-batch, precision, checkpointing and processes, before any
+    model loads."""
     from slimdit.distill.trainer import _mixed_precision
     from slimdit.models.precision import DTYPES, frozen_dtype
 
@@ -460,4 +465,5 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        checkpointing=t.gradient_checkpointing, processes=processes, sharding=t.sharding,
                        offload_optimizer=t.offload_optimizer,
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
-                       offload_text=True, device_gib=device_gib(device), both=both)
+                       offload_text=True, device_gib=device_gib(device), both=both,
+                       fake_score=getattr(cfg, "method", None) == "dmd2")
