@@ -95,7 +95,8 @@ def learn_masks(adapter: Adapter, teacher: torch.nn.Module, data: Conditioning, 
             if step % 10 == 0 or step == cfg.steps - 1:
                 history.append({"step": step, "tau": tau, "loss": float(loss.detach()),
                                 "probs": F.softmax(logits.detach(), -1).tolist()})
-    choice = logits.detach().argmax(-1)
+    logits = logits.detach()
+    choice = logits.argmax(-1)
     removed = [u for g, group in enumerate(groups) for j, u in enumerate(group) if j not in pats[choice[g]]]
     info = {"groups": groups, "patterns": [list(p) for p in pats], "chosen": [list(pats[c]) for c in choice],
             "entropy": float(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).mean()),
