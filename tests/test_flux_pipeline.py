@@ -101,19 +101,27 @@ def test_analyze_search_and_a_schedule_on_flux(tiny_flux_pipeline, tmp_path):
     assert s["stages"][0]["block_param_ratio"] <= 0.8 and "overall" in s["stages"][0]
 
 
-def test_the_demo_and_generate_run_on_flux(tiny_flux_pipeline, tmp_path):
+def test_the_demo_and_generate_run_on_flux(tiny_flux_pipeline, tmp_path, capsys):
     from tests.test_cli import TINY_DEMO
 
     model = str(tiny_flux_pipeline)
     assert main(["generate", "--model", model, "--prompt", "a red circle", "--num-images", "2", "--steps", "2",
                  "--out", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g" / "grid.png").exists()
-    sets = [x for item in [*TINY_DEMO, "schedule.kind=one_shot", "schedule.target=0.8"] for x in ("--set", item)]
-    assert main(["demo", "--model", model, "--out", str(tmp_path / "demo"), *sets]) == 0
+    # the demo's linear progressive schedule; a Flux's units differ in size, so the number per stage is auto
+    sets = [x for item in [*TINY_DEMO, "schedule.units_per_stage=auto", "schedule.target=0.8"]
+            for x in ("--set", item)]
+    # at the packaged base ratio 0.6 the least important unit alone removes more than a stage's share: refused,
+    # naming the way out
+    assert main(["demo", "--model", model, "--out", str(tmp_path / "demo"), *sets]) == 2
+    assert "lower schedule.base_ratio" in capsys.readouterr().err
+    assert main(["demo", "--model", model, "--out", str(tmp_path / "demo"), *sets,
+                 "--set", "schedule.stages=1", "--set", "schedule.target=0.6"]) == 0
     s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert s["schedule"] == "linear_progressive" and len(s["stages"]) == 1
     assert {"shapes_geneval_overall", "fid", "cmmd", "block_params", "latency_ratio", "retained_overall"} <= \
         set(s["student"])
-    assert s["student"]["block_param_ratio"] <= 0.8 and (tmp_path / "demo" / "report.html").exists()
+    assert s["student"]["block_param_ratio"] <= 0.6 and (tmp_path / "demo" / "report.html").exists()
 
 
 def test_a_flux_pipeline_without_slimdit_json_samples_at_flux_dev_defaults(tiny_flux_pipeline, tmp_path):

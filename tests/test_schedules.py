@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, feasible_range, linear_ratios
+from slimdit.schedules.linear_progressive import (auto_units, cmmd_per_removed_parameter, feasible_range,
+                                                  linear_ratios)
 
 
 def test_scores_are_cmmd_per_removed_parameter():
@@ -33,6 +34,26 @@ def test_infeasible_budget_states_the_range():
         linear_ratios({"a": 1, "b": 2, "c": 3}, params, n_remove=50, k=3, base=0.5)
     at_edges = [linear_ratios({"a": 1, "b": 2, "c": 3}, params, n, 3, 0.5) for n in (lo, hi)]
     assert at_edges[0].ratios[-1] == pytest.approx(0) and at_edges[1].slope == pytest.approx(0)
+
+
+def test_auto_units_puts_the_share_mid_range_where_a_fixed_k_cannot_fit():
+    scores = {f"u{i}": float(i) for i in range(6)}
+    equal = {u: 100 for u in scores}
+    # k units of one size P take S P k / 2 .. S P k (eq. 4.21); N = 0.75 S P k is mid-range for k = 3, where the
+    # ratios fall from S to S / 2
+    k = auto_units(scores, equal, 0.75 * 0.6 * 100 * 3, 0.6)
+    assert k == 3
+    assert linear_ratios(scores, equal, 0.75 * 0.6 * 300, k, 0.6).ratios[-1] == pytest.approx(0.3)
+    # two large least-important units (a Flux's double blocks before its single blocks): six units at S = 0.6
+    # remove at least 504, more than the stage's share of 400, so k = 6 is infeasible. k = 2 allows 240..480 and
+    # k = 3 360..540; 400 sits at 0.67 and 0.22 of those ranges, so auto takes k = 2 (nearer the middle)
+    sizes = {"u0": 400, "u1": 400, "u2": 100, "u3": 100, "u4": 100, "u5": 100}
+    n = 400
+    assert feasible_range([sizes[u] for u in sorted(scores, key=scores.get)], 0.6)[0] == pytest.approx(504)
+    k = auto_units(scores, sizes, n, 0.6)
+    r = linear_ratios(scores, sizes, n, k, 0.6)
+    assert k == 2 and r.removed == pytest.approx(n) and all(c >= 0 for c in r.ratios)
+    assert auto_units(scores, sizes, 0.61 * sum(sizes.values()), 0.6) is None  # more than all units can give
 
 
 def _cfg(teacher, out, **schedule):

@@ -6,7 +6,7 @@ import copy
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -289,7 +289,9 @@ class ScheduleSection(_Strict):
     op: Literal["svd", "remove"] = "svd"
     target: float = Field(0.6, gt=0, lt=1)  # block parameters kept at the end, as a fraction of the teacher's
     stages: int = Field(2, ge=1)
-    units_per_stage: int = Field(4, ge=1)  # k of eq. 4.16-4.21
+    # k of eq. 4.16-4.21, or auto: per stage, the k that puts the stage's share nearest the middle of eq. 4.21's
+    # feasible range (for units of different sizes, such as a Flux's double and single blocks)
+    units_per_stage: Annotated[int, Field(ge=1)] | Literal["auto"] = 4
     base_ratio: float = Field(0.6, gt=0, lt=1)  # S: the ratio of the least important unit
     c_fixed: float = Field(0.3, gt=0, lt=1)  # the ratio every unit is scored at (eq. 4.15)
     svd_ratio: float = Field(0.5, gt=0, lt=1)  # per-unit ratio of one-shot and progressive SVD

@@ -275,6 +275,10 @@ def _compression(f: RunFacts) -> str:
     return "\n".join(out)
 
 
+def _units_per_stage(k) -> str:
+    return "per stage, the number of units eq. 4.21 fits best (auto)" if k == "auto" else f"{k} units per stage"
+
+
 def _training(f: RunFacts) -> str:
     out = ["## How it was trained", ""]
     c = f.config
@@ -286,7 +290,7 @@ def _training(f: RunFacts) -> str:
     if sched:
         out.append(f"- schedule: `{sched['kind']}` ({sched['op']}) to {sched['target']:.0%} of the teacher's block "
                    f"parameters over at most {sched['stages'] if sched['kind'] != 'one_shot' else 1} stage(s)"
-                   + (f"; {sched['units_per_stage']} units per stage, base ratio {sched['base_ratio']}, scored at "
+                   + (f"; {_units_per_stage(sched['units_per_stage'])}, base ratio {sched['base_ratio']}, scored at "
                       f"c = {sched['c_fixed']} (eq. 4.15-4.21)" if sched["kind"] == "linear_progressive" else "")
                    + (f"; CMMD threshold {sched['cmmd_threshold']}" if sched["kind"] == "progressive" else ""))
     protocol = c.get("protocol")

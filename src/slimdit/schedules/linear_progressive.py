@@ -32,6 +32,22 @@ def feasible_range(params: list[int], base: float) -> tuple[float, float]:
     return total - base * weighted / (k - 1), total
 
 
+def auto_units(scores: dict[str, float], params: dict[str, int], n_remove: float, base: float) -> int | None:
+    """``units_per_stage: auto``: the k for which eq. 4.21 holds and ``n_remove`` lies nearest the middle of its
+    feasible range, where the ratios fall linearly from S to about S/2 (None: no k is feasible). A fixed k suits
+    units of one size; where sizes differ (a Flux's double and single blocks) a fixed k may be infeasible."""
+    order = sorted(scores, key=scores.get)
+    best, best_gap = None, None
+    for k in range(1, len(order) + 1):
+        lo, hi = feasible_range([params[u] for u in order[:k]], base)
+        if not lo - 1e-9 * hi <= n_remove <= hi * (1 + 1e-12) or hi == lo:
+            continue
+        gap = abs((n_remove - lo) / (hi - lo) - 0.5)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = k, gap
+    return best
+
+
 def linear_ratios(scores: dict[str, float], params: dict[str, int], n_remove: float, k: int, base: float
                   ) -> StageRatios:
     """Compression ratios of one stage: the ``k`` lowest-score units, ``c_i = S - (i-1) x`` (eq. 4.16) with

@@ -34,7 +34,7 @@ from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
 from slimdit.models.storage import load_model, save_model
 from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, save_student
 from slimdit.pipelines.placement import frozen_components, parked
-from slimdit.schedules.linear_progressive import cmmd_per_removed_parameter, feasible_range, linear_ratios
+from slimdit.schedules.linear_progressive import auto_units, cmmd_per_removed_parameter, feasible_range, linear_ratios
 
 
 class _Stage:
@@ -136,14 +136,21 @@ def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
     cmmds = {u: st.metrics(Plan([unit_op(u, s.c_fixed)]))["cmmd"] for u in units}
     params = {u: a.unit_params(m, u) for u in units}
     scores = cmmd_per_removed_parameter(cmmds, params, s.c_fixed)
-    k = min(s.units_per_stage, len(units))
+    auto = s.units_per_stage == "auto"
+    k = len(units) if auto else min(s.units_per_stage, len(units))
     # eq. 4.17 counts P_i c_i, but norms, biases and modulation tables are not factorised and ranks are integers:
     # raise the N given to eq. 4.19 until the parameters actually removed reach the stage's share
     asked = n_remove
     for _ in range(8):
         try:
+            if auto:
+                k = auto_units(scores, params, asked, s.base_ratio)
+                if k is None:
+                    raise ValueError
             r = linear_ratios(scores, params, asked, k, s.base_ratio)
         except ValueError:
+            if auto:
+                raise _infeasible_auto(s, scores, params, n_remove, asked) from None
             raise _infeasible(s, scores, params, k, n_remove, adjusted=asked != n_remove) from None
         removed = sum(params[u] - _params_after(a, m, u, c) for u, c in zip(r.units, r.ratios) if c > 0)
         if removed >= n_remove:
@@ -152,6 +159,25 @@ def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
     ops = [UnitOp(u, "svd", {"*": round(c, 6)}) for u, c in zip(r.units, r.ratios) if c > 0]
     return Plan(ops), {"cmmd": cmmds, "score": scores, "ratios": dict(zip(r.units, r.ratios)), "slope": r.slope,
                        "n_remove": n_remove, "n_remove_eq_4_19": asked, "removed": removed}
+
+
+def _infeasible_auto(s, scores: dict[str, float], params: dict[str, int], n_remove: float,
+                     asked: float) -> ValueError:
+    """``units_per_stage: auto`` found no number of units for which eq. 4.21 holds: say which way to go."""
+    order = sorted(scores, key=scores.get)
+    ranges = [feasible_range([params[u] for u in order[:k]], s.base_ratio) for k in range(1, len(order) + 1)]
+    least, most = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+    share = (f"{n_remove:,.0f} block parameters" + (f" ({asked:,.0f} once integer ranks and the parameters SVD does "
+             "not factorise are counted)" if asked != n_remove else "")
+             + f" (its share of the way to schedule.target = {s.target})")
+    if asked < least:
+        return ValueError(f"schedule: this stage must remove {share}, but at schedule.base_ratio = {s.base_ratio} "
+                          f"any number of units removes at least {least:,.0f} (eq. 4.21: the least important unit, "
+                          f"{order[0]}, takes the base ratio); lower schedule.base_ratio, use fewer schedule.stages, "
+                          "or lower schedule.target")
+    return ValueError(f"schedule: this stage must remove {share}, but at schedule.base_ratio = {s.base_ratio} all "
+                      f"units together remove at most {most:,.0f} by P_i c_i (eq. 4.21); raise schedule.base_ratio, "
+                      "use more schedule.stages, or raise schedule.target")
 
 
 def _infeasible(s, scores: dict[str, float], params: dict[str, int], k: int, n_remove: float,
