@@ -62,14 +62,18 @@ def test_the_generator_samples_on_its_own_grid():
     assert torch.allclose(x0, want, atol=1e-6)
 
 
-def test_the_fake_score_learns_the_students_samples():
+def _two_step_samples(**kw):
+    """A DMD loss on a tiny teacher's 2-step grid, its data, and the teacher's own samples as the student's."""
     teacher = tiny()
     adapter, data = adapter_for(teacher, V), _data()
-    t, s = transitions(V, 2)
-    loss = DMDLoss(adapter, teacher, t, s, fake_updates=1, fake_lr=3e-3)
-    b = _batch(data, seed=3)
+    loss = DMDLoss(adapter, teacher, *transitions(V, 2), fake_updates=1, **kw)
     with torch.no_grad():
-        x0 = loss.generate(teacher, b)
+        x0 = loss.generate(teacher, _batch(data, seed=3))
+    return loss, data, x0
+
+
+def test_the_fake_score_learns_the_students_samples():
+    loss, data, x0 = _two_step_samples(fake_lr=3e-3)
     first = [float(loss._fake_step(x0, _batch(data, seed=100 + i))) for i in range(3)]
     for i in range(40):
         loss._fake_step(x0, _batch(data, seed=i))
@@ -80,13 +84,7 @@ def test_the_fake_score_learns_the_students_samples():
 def test_a_non_finite_fake_score_step_stops_before_it_is_applied():
     from slimdit.errors import TrainingDiverged
 
-    teacher = tiny()
-    adapter, data = adapter_for(teacher, V), _data()
-    t, s = transitions(V, 2)
-    loss = DMDLoss(adapter, teacher, t, s, fake_updates=1)
-    b = _batch(data, seed=3)
-    with torch.no_grad():
-        x0 = loss.generate(teacher, b)
+    loss, data, x0 = _two_step_samples()
     loss._fake_step(x0, _batch(data, seed=4))  # one good step: the optimizer has state to protect
     before = {k: v.clone() for k, v in loss.state()[0].items()}
     x0[0, 0, 0, 0] = float("nan")
