@@ -155,7 +155,7 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     import yaml
 
     from slimdit.cli import main
-    from slimdit.speed.memory import _component_configs, _count, _build
+    from slimdit.speed.memory import _build, _component_configs, _count
 
     n_teacher = _count(_build(*_component_configs(tiny_teacher)["transformer"]))
     items = {}

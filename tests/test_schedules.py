@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimdit.schedules.linear_progressive import (auto_units, cmmd_per_removed_parameter, feasible_range,
-                                                  linear_ratios)
+from slimdit.schedules.linear_progressive import auto_units, cmmd_per_removed_parameter, feasible_range, linear_ratios
 
 
 def test_scores_are_cmmd_per_removed_parameter():

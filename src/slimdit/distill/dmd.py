@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from slimdit.distill.losses import Batch
-from slimdit.errors import TrainingDiverged
 from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+from slimdit.errors import TrainingDiverged
 
 
 @dataclass

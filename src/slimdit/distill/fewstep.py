@@ -90,9 +90,9 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     """Run (or continue) a step distillation; return the run directory."""
     from accelerate import PartialState
 
+    from slimdit.compress.plan import Plan
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.consistency import lcm_scheduler
-    from slimdit.compress.plan import Plan
     from slimdit.distill.run import Conditionings, check_memory
     from slimdit.distill.steps import student_scheduler
     from slimdit.distill.trainer import TrainConfig, Trainer

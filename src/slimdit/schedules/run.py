@@ -195,8 +195,8 @@ def _infeasible(s, scores: dict[str, float], params: dict[str, int], k: int, n_r
            if adjusted else "")
     return ValueError(f"schedule: this stage must remove {n_remove:,.0f} block parameters (its share of the way to "
                       f"schedule.target = {s.target}), but {fields} cannot remove that many{why} (eq. 4.21 allows "
-                      f"at most {hi:,.0f} by P_i c_i); raise schedule.base_ratio or schedule.units_per_stage (auto picks "
-                      "a number that fits), use more schedule.stages, or raise schedule.target")
+                      f"at most {hi:,.0f} by P_i c_i); raise schedule.base_ratio or schedule.units_per_stage "
+                      "(auto picks a number that fits), use more schedule.stages, or raise schedule.target")
 
 
 def _group(unit: str) -> str:
