@@ -125,7 +125,8 @@ def export_student(model: str, out: str | Path, merge: bool = False, full: bool 
     """Export a student: ``merge`` multiplies its low-rank layers back into dense ones; ``full`` writes a standalone
     pipeline (the base pipeline's text encoders, VAE and scheduler copied beside the transformer). Both together
     give what plain diffusers loads. The copy carries a model card made from the student's run records."""
-    from slimdit.reports.card import run_of, write_card
+    from slimdit.reports.card import write_card
+    from slimdit.reports.run_facts import run_of
 
     if not (merge or full):
         raise ValueError("export needs --merge (dense layers), --full (a standalone pipeline) or both")

@@ -12,9 +12,7 @@ then says what the run now knows.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,113 +20,13 @@ import yaml
 
 from slimdit.io import atomic_write_text
 from slimdit.models.storage import LOWRANK_INDEX
+from slimdit.reports.run_facts import RunFacts, is_hub_id, json_or_none, run_of
 
 # the keys of a metrics JSON that describe how it was measured, not what
 PROTOCOL_KEYS = ("benchmark", "model", "embedder", "n_images", "images_per_prompt", "n_prompts", "seed", "steps",
                  "guidance", "true_cfg_scale")
 LOWER_IS_BETTER = ("fid", "cmmd")
 MAIN_METRICS = ("overall", "fid", "cmmd", "clip_score")
-
-
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-@dataclass
-class Stage:
-    """One compression step: its plan and record, and the teacher's name of each unit the plan names."""
-
-    label: str | None  # "stage 0", ... for a schedule; None for a single plan
-    plan: dict
-    record: dict
-    teacher_names: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class RunFacts:
-    """What a run directory records about one student."""
-
-    teacher: str | None = None
-    config: dict | None = None
-    summary: dict = field(default_factory=dict)
-    stages: list[Stage] = field(default_factory=list)
-    metrics: dict[str, dict] = field(default_factory=dict)  # teacher / untrained / student -> metrics JSON
-    phases: list[tuple[str | None, dict]] = field(default_factory=list)  # (stage label, done.json)
-    rounds: list[dict] = field(default_factory=list)  # a step distillation's rounds (done.json each)
-
-    @classmethod
-    def read(cls, run: Path | None, teacher: str | None = None) -> RunFacts:
-        f = cls()
-        if run is None or not Path(run).is_dir():
-            f.teacher = teacher
-            return f
-        run = Path(run)
-        f.config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
-        f.summary = _json(run / "summary.json") or {}
-        f.stages = _stages(run)
-        plan_teacher = (_json(run / "plan.json") or {}).get("teacher")
-        f.teacher = teacher or (f.config or {}).get("teacher") or f.summary.get("teacher") or plan_teacher
-        for name in ("teacher", "untrained", "student", "before", "after", "baseline"):  # the last three: reward
-            if (m := _json(run / "metrics" / f"{name}.json")) is not None:
-                f.metrics[name] = m
-        stage_dirs = sorted(run.glob("stages/[0-9]*"))
-        if "student" not in f.metrics and stage_dirs and (m := _json(stage_dirs[-1] / "eval.json")) is not None:
-            f.metrics["student"] = m
-        for d in stage_dirs or [run]:
-            label = f"stage {int(d.name)}" if stage_dirs else None
-            f.phases += [(label, _json(p)) for p in sorted(d.glob("phases/*/done.json"))]
-        f.rounds = [_json(p) for p in sorted(run.glob("rounds/*/done.json"))]
-        return f
-
-    @property
-    def block_params(self) -> tuple[int, int] | None:
-        """(teacher, student) parameters in all units."""
-        if not self.stages:
-            return None
-        return self.stages[0].record["block_params_before"], self.stages[-1].record["block_params_after"]
-
-    @property
-    def trained(self) -> bool:
-        return any(d.get("steps", 0) > 0 for _, d in self.phases)
-
-
-def _stages(run: Path) -> list[Stage]:
-    if (run / "plan.json").exists():
-        p = _json(run / "plan.json")
-        return [Stage(None, p["plan"], p["record"])]
-    out = []
-    kept: list[str] | None = None  # the teacher's names of the units the stage's student has
-    for d in sorted(run.glob("stages/[0-9]*")):
-        if not (d / "plan.json").exists():
-            continue
-        p = _json(d / "plan.json")
-        names = {u: _teacher_name(kept, u) for u in p["plan"]["units"]} if kept is not None else {}
-        out.append(Stage(f"stage {int(d.name)}", p["plan"], p["record"], names))
-        done = _json(d / "done.json")
-        kept = done["kept"] if done else None
-    return out
-
-
-def _teacher_name(kept: list[str], unit: str) -> str:
-    """A schedule's plans name the units of that stage's student: the j-th kept unit of its group."""
-    group, _, j = unit.partition(".")
-    return [u for u in kept if u.partition(".")[0] == group][int(j)]
-
-
-def run_of(student: str | Path) -> Path | None:
-    """The run directory that made the student pipeline in ``student``: the folder itself (``slimdit compress``
-    writes ``plan.json`` beside the pipeline) or, for a run's ``student/``, its parent."""
-    d = Path(student)
-    if (d / "plan.json").exists():
-        return d
-    if any((d.parent / f).exists() for f in ("plan.json", "stages", "summary.json")):
-        return d.parent
-    return None
-
-
-def is_hub_id(name: str | None) -> bool:
-    return (name is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and not Path(name).exists())
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------
@@ -400,7 +298,7 @@ def _call_kwargs(student: Path, index: dict) -> dict:
     keyword arguments its architecture's pipeline is always called with (the adapter's ``call_defaults``)."""
     from slimdit.models import ADAPTERS
 
-    kwargs = dict((_json(student / "slimdit.json") or {}).get("sampling", {}))
+    kwargs = dict((json_or_none(student / "slimdit.json") or {}).get("sampling", {}))
     for adapter in ADAPTERS.values():
         if index.get("_class_name") in adapter.pipelines:
             kwargs.update(adapter.call_defaults)
@@ -413,7 +311,7 @@ def _loading(student: Path, lowrank: bool) -> str:
 
     base = student_base(str(student))  # None: a standalone pipeline
     src = resolve_model_dir(base) if base is not None else student
-    index = (_json(src / "model_index.json") if isinstance(src, Path) else None) or {}
+    index = (json_or_none(src / "model_index.json") if isinstance(src, Path) else None) or {}
     custom = sorted({COMPONENTS[v[1]] for k, v in index.items()
                      if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1] in COMPONENTS})
     call = ", ".join(f"{k}={v!r}" for k, v in _call_kwargs(student, index).items())
@@ -441,7 +339,7 @@ def _loading(student: Path, lowrank: bool) -> str:
                 f'pipe = DiffusionPipeline.from_pretrained("{name}")', sample, "```"]
         return "\n".join(out)
     cls = json.loads((student / "transformer" / "config.json").read_text())["_class_name"]
-    sched = _json(student / "scheduler" / "scheduler_config.json")  # a few-step student samples with its own
+    sched = json_or_none(student / "scheduler" / "scheduler_config.json")  # a few-step student samples with its own
     classes = ", ".join(["DiffusionPipeline", cls, *([sched["_class_name"]] if sched else [])])
     out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
             "loads it over the base pipeline" + (", with the scheduler saved beside it" if sched else "") + ":", "",

@@ -137,16 +137,14 @@ def _select_linear(st: _Stage, n_remove: float) -> tuple[Plan, dict]:
     params = {u: a.unit_params(m, u) for u in units}
     scores = cmmd_per_removed_parameter(cmmds, params, s.c_fixed)
     auto = s.units_per_stage == "auto"
-    k = len(units) if auto else min(s.units_per_stage, len(units))
     # eq. 4.17 counts P_i c_i, but norms, biases and modulation tables are not factorised and ranks are integers:
     # raise the N given to eq. 4.19 until the parameters actually removed reach the stage's share
     asked = n_remove
     for _ in range(8):
+        k = auto_units(scores, params, asked, s.base_ratio) if auto else min(s.units_per_stage, len(units))
+        if k is None:
+            raise _infeasible_auto(s, scores, params, n_remove, asked)
         try:
-            if auto:
-                k = auto_units(scores, params, asked, s.base_ratio)
-                if k is None:
-                    raise ValueError
             r = linear_ratios(scores, params, asked, k, s.base_ratio)
         except ValueError:
             if auto:
