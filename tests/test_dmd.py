@@ -155,9 +155,9 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     import yaml
 
     from slimdit.cli import main
-    from slimdit.speed.memory import _build, _component_configs, _count
+    from slimdit.speed.shapes import build_component, component_configs, param_count
 
-    n_teacher = _count(_build(*_component_configs(tiny_teacher)["transformer"]))
+    n_teacher = param_count(build_component(*component_configs(tiny_teacher)["transformer"]))
     items = {}
     for method in ("dmd2", "progressive"):
         cfg = {"teacher": tiny_teacher, "out": str(tmp_path / method), "method": method, "steps": 2, "start": 4,

@@ -1,11 +1,11 @@
 """A memory plan before heavy work: per-device bytes of a distillation run, from the models' configs alone.
 
 Weights, gradients and optimizer states are counted exactly from the parameter shapes (every component built on
-the meta device from its ``config.json``; a plan's student counted from the teacher's shapes and the plan's
-ranks). Activations are traced: the real KD loss (:class:`slimdit.distill.losses.KDLoss`) runs forward and
-backward under ``FakeTensorMode`` and torch's ``MemTracker`` on small cuts of the model (one and two units of each
-group) at the real batch, resolution and caption length, with and without gradient checkpointing, and the
-per-unit cost is scaled to the student's units. Nothing is allocated and no weight is read.
+the meta device from its ``config.json``, :mod:`slimdit.speed.shapes`; a plan's student counted from the
+teacher's shapes and the plan's ranks). Activations are traced (:mod:`slimdit.speed.activations`): the real KD
+loss runs forward and backward under ``FakeTensorMode`` on small cuts of the model at the real batch, resolution
+and caption length, with and without gradient checkpointing, and the per-unit cost is scaled to the student's
+units. Nothing is allocated and no weight is read.
 
 Training holds the frozen teacher, the student's weights, gradients and optimizer states, and the activations of
 a micro-batch; the text encoders and the VAE run before it (filling the conditioning and latent caches), then
@@ -18,9 +18,7 @@ process nothing is divided, as the trainer then shards nothing.
 
 from __future__ import annotations
 
-import copy
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,15 @@ import torch.nn as nn
 
 from slimdit.compress.plan import Plan, svd_layers, validate
 from slimdit.models import adapter_for
+from slimdit.speed.activations import activation_bytes, vae_scale_of
+from slimdit.speed.shapes import (
+    build_component,
+    component_configs,
+    numel,
+    optimizer_bytes,
+    param_count,
+    read_model_file,
+)
 
 GIB = 2**30
 _SHARDING_NAMES = {"fsdp": ", sharded (FSDP)", "zero2": ", DeepSpeed ZeRO-2", "zero3": ", DeepSpeed ZeRO-3"}
@@ -84,175 +91,6 @@ class MemoryPlan:
         return "\n".join(rows)
 
 
-# ---- the models' shapes, from their configs ---------------------------------------------------------------
-def _component_configs(model: str) -> dict[str, tuple[type, dict | object]]:
-    """``component -> (class, config)`` of every model component of ``model`` (a directory, hub id or
-    ``arch:NAME``), read from ``config.json`` files only."""
-    from slimdit.models.arch import arch_spec, is_arch
-    from slimdit.pipelines.loading import resolve_model_dir, resolve_transformer, split_model
-
-    if is_arch(model):
-        import importlib
-
-        spec = arch_spec(model)
-        out = {}
-        for name, c in spec.components.items():
-            if name == "scheduler":
-                continue
-            lib = importlib.import_module(c.module)
-            out[name] = (getattr(lib, c.cls), getattr(lib, c.config_cls)(**c.config) if c.config_cls else c.config)
-        return out
-    pipeline, transformer = split_model(model)
-    src = resolve_model_dir(pipeline)
-    index = json.loads(_read(src, "model_index.json"))
-    out = {}
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
-            continue
-        if name == "transformer" and transformer is not None:
-            t = resolve_transformer(transformer)
-            text = (t / "config.json").read_text() if isinstance(t, Path) else _read(t, "config.json", "transformer")
-        else:
-            try:
-                text = _read(src, f"{name}/config.json")
-            except FileNotFoundError:
-                continue  # a component without a config (a tokenizer, a scheduler)
-        out[name] = _class_and_config(entry[0], entry[1], json.loads(text))
-    return out
-
-
-def _read(src: Path | str, file: str, fallback_sub: str | None = None) -> str:
-    if isinstance(src, Path):
-        p = src / file
-        if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist")
-        return p.read_text()
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(src, file)).read_text()
-    except Exception as e:
-        if fallback_sub is not None:
-            return Path(hf_hub_download(src, file, subfolder=fallback_sub)).read_text()
-        raise FileNotFoundError(f"{src}: no {file} locally or on the hub ({e})") from e
-
-
-def _class_and_config(library: str, cls_name: str, config: dict):
-    import importlib
-
-    lib = importlib.import_module(library)
-    cls = getattr(lib, cls_name, None)
-    if cls is None:
-        raise ValueError(f"unknown {library} class {cls_name!r} in the model's model_index.json")
-    if library == "transformers":
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.for_model(**config)
-        return cls, cfg
-    return cls, {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def _build(cls, config, overrides: dict | None = None) -> nn.Module:
-    """The component from its config, on the current device (meta, or fake tensors inside ``FakeTensorMode``)."""
-    if isinstance(config, dict):
-        return cls.from_config({**config, **(overrides or {})})
-    return cls(config)
-
-
-def _count(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def optimizer_bytes(model_shapes: list[tuple[int, ...]], optimizer: str) -> int:
-    """fp32 optimizer state bytes: AdamW keeps two moments per parameter; CAME keeps the first moment and
-    factored (row and column) second moments and residuals for matrices, two moments for vectors."""
-    total = 0
-    for s in model_shapes:
-        n = _numel(s)
-        if optimizer == "adamw" or len(s) < 2:
-            total += 8 * n
-        else:  # CAME: exp_avg, and row/column factors of exp_avg_sq and exp_avg_res
-            total += 4 * (n + 2 * s[0] + 2 * (n // s[0]))
-    return total
-
-
-# ---- activations, traced ------------------------------------------------------------------------------------
-def _trace_kd_step(cls, config, groups: dict[str, tuple[str, str]], counts: dict[str, int], model: str,
-                   scheduler_config: dict, batch: int, resolution: int, seq_len: int, preset: str,
-                   dtype: torch.dtype, checkpointing: bool, vae_scale: int = 8) -> int:
-    """Peak activation bytes (activations + temporaries) of one KD training step (teacher forward without grad,
-    student forward and backward under autocast to ``dtype``, features of every unit paired) on a cut of
-    ``counts`` units per group, in float32 weights as the trainer holds them."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from slimdit.distill.losses import Batch, KDLoss
-
-    overrides = {groups[g][1]: n for g, n in counts.items()}
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        # requires_grad stays on (MemTracker hooks every parameter); the loss runs the teacher without grad
-        teacher = _build(cls, config, overrides).eval()
-        student = copy.deepcopy(teacher).requires_grad_(True).train()
-        if checkpointing:
-            student.enable_gradient_checkpointing()
-        adapter = adapter_for(student, scheduler_config)
-        units = adapter.units(student)
-        x0, cond = _fake_inputs(adapter, student, batch, resolution, seq_len, vae_scale)
-        tracker = MemTracker()
-        tracker.track_external(teacher, student)
-        loss = KDLoss(adapter, preset, tuple((u, u) for u in units))
-        with tracker:
-            autocast = (lambda: torch.autocast("cpu", dtype)) if dtype != torch.float32 else nullcontext
-            terms = loss(student, teacher, Batch(x0, cond, torch.Generator().manual_seed(0), autocast))
-            terms["total"].backward()
-        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    from torch.distributed._tools.mem_tracker import _MemRefType
-
-    # what the step adds to the resident weights at its peak: activations, temporaries and the gradients
-    # accumulated by then (gradients grow while activations are freed, so the two overlap only partly)
-    return int(snap[_MemRefType.ACT] + snap[_MemRefType.TEMP] + snap[_MemRefType.GRAD])
-
-
-def _vae_scale(vae: nn.Module | None) -> int:
-    """Pixels per latent pixel of a VAE (2 per down block after the first), 8 without one."""
-    channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
-    return 2 ** (len(channels) - 1) if channels else 8
-
-
-def _fake_inputs(adapter, model, batch: int, resolution: int, seq_len: int, vae_scale: int = 8):
-    h = resolution // vae_scale
-    return torch.randn(batch, adapter.latent_channels(model), h, h), adapter.dummy_conditioning(model, batch, seq_len)
-
-
-def activation_bytes(cls, config, adapter, student_counts: dict[str, int], model: str, scheduler_config: dict,
-                     batch: int, resolution: int, seq_len: int, preset: str, dtype: torch.dtype,
-                     checkpointing: bool, vae_scale: int = 8) -> int:
-    """Activation bytes of a KD step of a student with ``student_counts`` units per group: traced on cuts of one
-    unit of each group and of two of one group, scaled linearly in the units (each unit's cost is the same at a
-    given batch, resolution and caption length)."""
-    groups = adapter.groups
-    present = [g for g in groups if student_counts.get(g, 0) > 0] or list(groups)
-    base_counts = {g: 1 for g in groups}
-    args = (model, scheduler_config, batch, resolution, seq_len, preset, dtype, checkpointing, vae_scale)
-    base = _trace_kd_step(cls, config, groups, base_counts, *args)
-    total = base
-    for g in present:
-        two = _trace_kd_step(cls, config, groups, {**base_counts, g: 2}, *args)
-        total += (two - base) * (student_counts.get(g, 0) - 1)
-    for g in groups:
-        if student_counts.get(g, 0) == 0:  # a group the student has no unit of: take its one unit back out
-            two = _trace_kd_step(cls, config, groups, {**base_counts, g: 2}, *args)
-            total -= two - base
-    return max(total, 0)
-
-
 # ---- the plan -------------------------------------------------------------------------------------------------
 def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None = None, *,
                 frozen_dtype: str = "fp32", student_dtype: str = "fp32", mixed_precision: str = "no",
@@ -270,7 +108,7 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
 
     if frozen_dtype not in DTYPE_BYTES:
         raise ValueError(f"frozen dtype {frozen_dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
-    comps = _component_configs(model)
+    comps = component_configs(model)
     if "transformer" not in comps:
         raise ValueError(f"{model} has no transformer component to plan for")
     if blocks is not None:
@@ -281,9 +119,9 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         cls, config = comps["transformer"]
         comps["transformer"] = (cls, {**config, **block_overrides(arch_spec(model), blocks)})
     with torch.device("meta"):
-        built = {k: _build(*v) for k, v in comps.items()}
+        built = {k: build_component(*v) for k, v in comps.items()}
     teacher = built["transformer"]
-    vae_scale = _vae_scale(built.get("vae"))
+    vae_scale = vae_scale_of(built.get("vae"))
     if is_arch(model):
         sched = scheduler_config(model)
         spec = arch_spec(model)
@@ -291,7 +129,7 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     else:
         from slimdit.pipelines.loading import resolve_model_dir, sampling_defaults
 
-        sched = json.loads(_read(resolve_model_dir(model), "scheduler/scheduler_config.json"))
+        sched = json.loads(read_model_file(resolve_model_dir(model), "scheduler/scheduler_config.json"))
         defaults = sampling_defaults(model)
         res = resolution or defaults.get("height") or vae_scale * teacher.config.get("sample_size", 64)
         seq = max_sequence_length or defaults["max_sequence_length"]
@@ -309,9 +147,9 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     div_teacher = n if sharding == "fsdp" else 1
     div_weights = n if sharding in ("fsdp", "zero3") else 1
     div_states = n if sharding != "none" else 1
-    params = {k: _count(m) for k, m in built.items()}
+    params = {k: param_count(m) for k, m in built.items()}
     shapes = _student_shapes(adapter, teacher, plan)
-    n_student = sum(_numel(sh) for sh in shapes)
+    n_student = sum(numel(sh) for sh in shapes)
     act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         "bf16" if student_dtype == "bf16" else mixed_precision, torch.float32)
     cls, config = comps["transformer"]

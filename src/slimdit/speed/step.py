@@ -58,7 +58,7 @@ def build_step(model: str, plan: Plan, batch_size: int, resolution: int | None, 
     from slimdit.distill.trainer import TrainConfig, _optimizer
     from slimdit.models.arch import arch_spec, build_transformer, is_arch, scheduler_config
     from slimdit.models.precision import cast_io
-    from slimdit.speed.memory import _fake_inputs, _vae_scale
+    from slimdit.speed.activations import fake_inputs, vae_scale_of
 
     if is_arch(model):
         spec = arch_spec(model)
@@ -71,7 +71,7 @@ def build_step(model: str, plan: Plan, batch_size: int, resolution: int | None, 
         pipe = load_pipeline(model, "cpu")
         teacher, sched = pipe.transformer, dict(pipe.scheduler.config)
         defaults = sampling_defaults(model)
-        vae_scale = _vae_scale(pipe.vae)
+        vae_scale = vae_scale_of(pipe.vae)
         res = resolution or defaults.get("height") or vae_scale * teacher.config.sample_size
         seq = max_sequence_length or defaults["max_sequence_length"]
         del pipe
@@ -91,7 +91,7 @@ def build_step(model: str, plan: Plan, batch_size: int, resolution: int | None, 
     loss = KDLoss(adapter, kd, tuple(zip(adapter.units(student), record.kept_units)))
 
     def step() -> None:
-        x0, cond = _fake_inputs(adapter, student, batch_size, res, seq, vae_scale)
+        x0, cond = fake_inputs(adapter, student, batch_size, res, seq, vae_scale)
         x0, cond = x0.to(device), {k: v.to(device) for k, v in cond.items()}
         loss(student, teacher, Batch(x0, cond, g, autocast))["total"].backward()
         opt.step()
