@@ -159,6 +159,37 @@ def test_the_shapes_reward_scores_training_prompts_and_refuses_evaluation_prompt
         reward([eval_prompts()[0].text], truth[:1])
 
 
+def test_the_partial_credit_is_one_exactly_when_the_verdict_holds_and_counts_what_is_right():
+    from dataclasses import replace
+
+    from slimdit.registry import REWARDS
+    from slimdit.worlds.shapes.detector import detect, prompt_credit, prompt_holds
+    from slimdit.worlds.shapes.prompts import eval_prompts, parse_prompt, render_prompt, sample_training_prompt
+
+    reward = REWARDS["shapes-geneval-credit"]()
+    rng = np.random.default_rng(1)
+    prompts = [sample_training_prompt(rng) for _ in range(24)]
+    truth = np.stack([render_prompt(p, rng) for p in prompts])
+    assert reward([p.text for p in prompts], truth).tolist() == [1.0] * 24
+    assert reward([p.text for p in prompts], np.zeros_like(truth)).tolist() == [0.0] * 24
+    with pytest.raises(ValueError, match="training prompts only"):
+        reward([eval_prompts()[0].text], truth[:1])
+    two = next(p for p in eval_prompts() if p.category == "color_attr")
+    dets = detect(render_prompt(two, rng))
+    assert prompt_holds(two, dets) and prompt_credit(two, dets) == 1.0
+    # a wrong colour on one object: 1 of its 2 asked attributes, so half a share of two objects' shares
+    wrong = [replace(dets[0], color="none")] + dets[1:]
+    assert not prompt_holds(two, wrong) and prompt_credit(two, wrong) == pytest.approx(0.75)
+    assert prompt_credit(two, dets[:1]) == pytest.approx(0.5)  # one object missing
+    assert prompt_credit(two, dets + [dets[0]]) == pytest.approx(2 / 3)  # one object too many
+    rel = next(p for p in eval_prompts() if p.relation is not None)
+    rdets = detect(render_prompt(rel, rng))
+    assert prompt_credit(rel, rdets) == 1.0
+    swapped = [replace(rdets[0], cx=rdets[1].cx, cy=rdets[1].cy), replace(rdets[1], cx=rdets[0].cx, cy=rdets[0].cy)]
+    assert not prompt_holds(rel, swapped) and prompt_credit(rel, swapped) == pytest.approx(2 / 3)
+    assert parse_prompt(rel.text) == rel
+
+
 def test_bad_reward_configs_are_refused_before_any_work():
     from slimdit.distill.reward import RewardConfig
 

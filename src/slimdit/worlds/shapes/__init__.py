@@ -25,6 +25,7 @@ def register() -> None:
     registry.BENCHMARKS["shapes-geneval"] = SHAPES_GENEVAL
     registry.EMBEDDERS["shapes"] = shapes_embedder
     registry.REWARDS["shapes-geneval"] = shapes_geneval_reward
+    registry.REWARDS["shapes-geneval-credit"] = shapes_geneval_credit_reward
     registry.DIFFERENTIABLE_REWARDS["shapes-embedder"] = shapes_embedder_reward
     registry.DATASETS["shapes-train"] = shapes_train
     registry.COMMANDS["teacher"] = add_teacher_commands
@@ -60,6 +61,12 @@ def shapes_geneval_reward():
     from slimdit.worlds.shapes.benchmark import geneval_reward
 
     return geneval_reward
+
+
+def shapes_geneval_credit_reward():
+    from slimdit.worlds.shapes.benchmark import geneval_credit_reward
+
+    return geneval_credit_reward
 
 
 def shapes_embedder_reward():

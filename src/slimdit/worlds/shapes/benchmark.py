@@ -19,7 +19,7 @@ from slimdit.metrics.cmmd import cmmd
 from slimdit.metrics.embedders import Embedder, get_embedder
 from slimdit.metrics.fid import fid
 from slimdit.pipelines.sampling import Sampler
-from slimdit.worlds.shapes.detector import detect, prompt_holds
+from slimdit.worlds.shapes.detector import detect, prompt_credit, prompt_holds
 from slimdit.worlds.shapes.prompts import CATEGORIES, Prompt, eval_prompts, parse_prompt, render_prompt
 
 REFERENCE_SEED = 424242
@@ -115,6 +115,15 @@ def geneval_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
     relation, else 0), for training prompts only: an evaluation prompt is refused, so tuning never sees them."""
     _training_prompts_only(captions)
     return np.array([float(prompt_holds(parse_prompt(c), detect(img))) for c, img in zip(captions, images)],
+                    dtype=np.float32)
+
+
+def geneval_credit_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
+    """The detector's partial credit (:func:`~slimdit.worlds.shapes.detector.prompt_credit`): 1 exactly when the
+    benchmark's verdict is, and a share of the prompt's objects, attributes and relation otherwise; training
+    prompts only."""
+    _training_prompts_only(captions)
+    return np.array([prompt_credit(parse_prompt(c), detect(img)) for c, img in zip(captions, images)],
                     dtype=np.float32)
 
 

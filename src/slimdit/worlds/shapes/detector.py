@@ -123,3 +123,31 @@ def prompt_holds(prompt: Prompt, dets: list[Detection]) -> bool:
                                                          (perm[1].cx, perm[1].cy)):
                 return True
     return False
+
+
+MAX_CREDITED_DETECTIONS = 8  # the largest blobs a partial credit pairs with the prompt's objects
+
+
+def prompt_credit(prompt: Prompt, dets: list[Detection]) -> float:
+    """Partial credit in [0, 1], exactly 1 when :func:`prompt_holds`: each object the prompt asks for earns the
+    share of its asked attributes (shape, and colour and size where asked) that its partner detection has, under
+    the best one-to-one pairing; a relation earns one more share when it holds between the first two partners;
+    the sum over the shares is scaled down by the detections beyond the prompt's count. A denser signal than the
+    verdict for a policy gradient: an image with one of two objects right, or the right objects in the wrong
+    relation, earns something."""
+    specs = prompt.objects
+    dets = sorted(dets, key=lambda d: -d.area)[:MAX_CREDITED_DETECTIONS]
+    shares = len(specs) + (prompt.relation is not None)
+
+    def attrs(d: Detection, s) -> float:
+        asked = [(d.shape, s.shape)] + [(v, w) for v, w in ((d.color, s.color), (d.size, s.size)) if w is not None]
+        return sum(v == w for v, w in asked) / len(asked)
+
+    best = 0.0
+    k = min(len(specs), len(dets))
+    for perm in itertools.permutations(dets, k):
+        got = sum(attrs(d, s) for d, s in zip(perm, specs))
+        if prompt.relation is not None and k == 2:
+            got += relation_holds(prompt.relation, (perm[0].cx, perm[0].cy), (perm[1].cx, perm[1].cy))
+        best = max(best, got)
+    return best / shares * len(specs) / max(len(specs), len(dets))
