@@ -143,6 +143,22 @@ def test_changed_teacher_files_or_data_are_refused_by_name(tiny_teacher, tmp_pat
         check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
 
 
+def test_a_run_saved_before_a_field_existed_continues_and_a_real_change_is_still_refused(tiny_teacher, tmp_path):
+    from slimdit.config import DistillConfig
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    cfg = DistillConfig.model_validate({"teacher": tiny_teacher, "plan": {"units": {}}, "out": str(tmp_path / "run")})
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+    (tmp_path / "run" / "phases" / "00_local" / "checkpoints" / "step_0000001").mkdir(parents=True)  # work
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["train"]["grad_clip"]  # as a config written before the field existed
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))  # the absent field is its default: the run continues
+    with pytest.raises(ValueError, match=r"config train\.grad_clip: 0\.001 -> 0\.5"):
+        check_run_dir(cfg.out, cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": 0.5})}),
+                      input_fingerprints(cfg))
+
+
 def test_infeasible_schedule_names_its_fields_and_the_fixed_config_takes_over(tiny_teacher, tmp_path):
     from slimdit.schedules.run import run_schedule
 

@@ -68,6 +68,15 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
+def _as_now(cfg: BaseModel, saved: dict) -> dict:
+    """A saved config read by today's schema, so that a field added since it was saved counts as its default, not
+    as a change; the saved dict itself where today's schema refuses it (its differences then name themselves)."""
+    try:
+        return type(cfg).model_validate(saved).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - any refusal: compare the raw dicts
+        return saved
+
+
 def _without(config: dict, fields: tuple[str, ...]) -> dict:
     """``config`` less the dotted ``fields`` (input paths are compared by contents in ``inputs.json``)."""
     out = yaml.safe_load(yaml.safe_dump(config))
@@ -94,7 +103,7 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
     config = _without(cfg.model_dump(mode="json"), ignored)
     changes = []
     if (run / "config.yaml").exists():
-        old = _without(yaml.safe_load((run / "config.yaml").read_text()), ignored)
+        old = _without(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text())), ignored)
         changes += [f"config {line}" for line in _diff(old, config)]
     if (run / "inputs.json").exists():
         changes += [f"input {line}" for line in _diff(read_json(run / "inputs.json"), inputs)]
