@@ -74,10 +74,10 @@ def _two_step_samples(**kw):
 
 def test_the_fake_score_learns_the_students_samples():
     loss, data, x0 = _two_step_samples(fake_lr=3e-3)
-    first = [float(loss._fake_step(x0, _batch(data, seed=100 + i))) for i in range(3)]
+    first = [float(loss._fake_step(x0, _batch(data, seed=100 + i))[0]) for i in range(3)]
     for i in range(40):
         loss._fake_step(x0, _batch(data, seed=i))
-    last = [float(loss._fake_step(x0, _batch(data, seed=100 + i))) for i in range(3)]
+    last = [float(loss._fake_step(x0, _batch(data, seed=100 + i))[0]) for i in range(3)]
     assert sum(last) < 0.8 * sum(first)
 
 
@@ -94,14 +94,40 @@ def test_a_non_finite_fake_score_step_stops_before_it_is_applied():
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and optimizer state untouched
 
 
-def _train(tmp_path, steps, max_steps=None):
+def test_the_gan_head_alone_moves_the_student_while_the_matching_gradient_is_zero():
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+    loss = DMDLoss(adapter, teacher, *transitions(V, 4), fake_updates=1, gan_weight=0.5)
+    assert loss.gan_unit == adapter.units(teacher)[len(adapter.units(teacher)) // 2]
+    out = loss(student, teacher, _batch(data))
+    assert float(out["dm"]) == 0 and float(out["gan"]) > 0 and float(out["disc"]) > 0
+    out["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+    # the generator's pass left no gradient in the fake score or the head (their own steps clear theirs anyway)
+    assert all(p.grad is None or p.requires_grad for p in [*loss.fake.parameters(), *loss.head.parameters()])
+    with pytest.raises(ValueError, match="gan_unit 'block.99' is not a unit"):
+        DMDLoss(adapter, teacher, *transitions(V, 4), gan_weight=0.5, gan_unit="block.99")
+
+
+def test_the_gan_head_learns_real_data_from_the_students_samples():
+    loss, data, x0 = _two_step_samples(fake_lr=3e-3, gan_weight=0.1, gan_d_weight=1.0)
+    x0 = x0 + 0.5  # samples visibly off the data
+    first = [float(loss._fake_step(x0, _batch(data, seed=100 + i))[1]) for i in range(3)]
+    for i in range(60):
+        loss._fake_step(x0, _batch(data, seed=i))
+    last = [float(loss._fake_step(x0, _batch(data, seed=100 + i))[1]) for i in range(3)]
+    assert sum(last) < 0.6 * sum(first)  # from log 4 (no idea) towards 0
+
+
+def _train(tmp_path, steps, max_steps=None, **gan):
     from slimdit.distill.trainer import TrainConfig, Trainer
 
     teacher = tiny()
     student = copy.deepcopy(teacher)
     adapter, data = adapter_for(student, V), _data()
     t, s = transitions(V, 2)
-    loss = DMDLoss(adapter, teacher, t, s, null=data.null, guidance=2.0, fake_updates=2, fake_lr=1e-3)
+    loss = DMDLoss(adapter, teacher, t, s, null=data.null, guidance=2.0, fake_updates=2, fake_lr=1e-3, **gan)
     cfg = TrainConfig(steps=steps, batch_size=4, warmup_steps=1, lr=1e-3, optimizer="adamw", grad_clip=1.0,
                       weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
     tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=loss)
@@ -109,14 +135,17 @@ def _train(tmp_path, steps, max_steps=None):
     return tr, loss
 
 
-def test_a_resumed_dmd_run_ends_where_an_uninterrupted_one_ends(tmp_path):
-    _train(tmp_path / "a", 4, max_steps=2)
-    resumed, rl = _train(tmp_path / "a", 4)
-    whole, wl = _train(tmp_path / "b", 4)
+@pytest.mark.parametrize("gan", [{}, {"gan_weight": 0.1}], ids=["plain", "gan-head"])
+def test_a_resumed_dmd_run_ends_where_an_uninterrupted_one_ends(tmp_path, gan):
+    _train(tmp_path / "a", 4, max_steps=2, **gan)
+    resumed, rl = _train(tmp_path / "a", 4, **gan)
+    whole, wl = _train(tmp_path / "b", 4, **gan)
     for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
         assert torch.equal(p, q)
     for p, q in zip(rl.fake.parameters(), wl.fake.parameters()):
         assert torch.equal(p, q)
+    if gan:
+        assert all(torch.equal(p, q) for p, q in zip(rl.head.parameters(), wl.head.parameters()))
     assert not torch.equal(next(wl.fake.parameters()), next(tiny().parameters()))  # the fake score trained
     assert (tmp_path / "a" / "checkpoints" / "step_0000004" / "loss.safetensors").exists()
 
@@ -132,6 +161,7 @@ def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipel
 
     teacher = tiny_teacher if which == "pixart" else str(tiny_flux_pipeline)
     cfg = {"teacher": teacher, "out": str(tmp_path / "run"), "method": "dmd2", "steps": 2, "fake_updates": 2,
+           "gan_weight": 0.01 if which == "flux" else 0.0,  # Flux: the GAN head on a double block's image stream
            "data": {"real": "shapes-train:8"},
            "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.0,
                      "log_every": 1},
@@ -141,6 +171,7 @@ def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipel
     run = tmp_path / "run"
     rows = [json.loads(r) for r in (run / "rounds" / "00_2steps" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("fake" in r and "dm" in r for r in rows)
+    assert all(("gan" in r and "disc" in r) == (which == "flux") for r in rows)
     student = str(run / "student")
     assert sampling_defaults(student)["num_inference_steps"] == 2
     assert load_sampler(student).generate(["a red circle"], [0], progress=False).shape[0] == 1

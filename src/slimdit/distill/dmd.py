@@ -13,7 +13,13 @@ is pulled onto the teacher's.
 - **Two time-scale update rule.** After each student update the fake score takes ``fake_updates`` denoising steps
   (the objective's own loss, conditioned, without CFG) on the student's samples (the same ``x0``, fresh noise and
   times), so it tracks the student as it moves. No regression loss is needed (DMD2's point).
-- Not built: DMD2's GAN head on the fake score's features.
+- **The GAN head (optional, ``gan_weight > 0``).** DMD2's classification branch: a small head on the fake score's
+  features at one unit (its image stream, averaged over tokens; default the middle unit, as DMD2 reads the UNet's
+  bottleneck) tells noised real latents (``batch.x0``, the data) from noised student samples. It learns with the
+  fake score, in the same steps: their loss adds ``gan_d_weight`` times the head's logistic loss (real against
+  the student's samples, which the denoising pass already ran). The student adds ``gan_weight`` times the
+  non-saturating generator loss, through the fake score's frozen weights to its samples. Real data, which the
+  distribution matching term never sees, so enters: DMD2's remedy for a fake score that loses the student's modes.
 - A fake-score step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`)
   before it is applied, so no checkpoint ever holds a non-finite fake score.
 
@@ -28,11 +34,24 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdit.distill.losses import Batch
 from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
 from slimdit.errors import TrainingDiverged
+
+
+class GANHead(nn.Module):
+    """DMD2's classification branch: one logit of "real" per sample from a unit's image stream ``(N, tokens, D)``,
+    averaged over its tokens."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats.float().mean(1)).squeeze(-1)
 
 
 @dataclass
@@ -46,18 +65,29 @@ class DMDLoss:
     fake_updates: int = 5  # fake score steps per student update (DMD2's two time-scale rule)
     fake_lr: float = 1e-4
     tokens: int | None = None  # image tokens (a dynamically shifted flow schedule draws t by them)
+    gan_weight: float = 0.0  # the student's GAN loss weight; 0: no GAN head
+    gan_d_weight: float = 1e-2  # the head's loss weight in the fake score's steps
+    gan_unit: str | None = None  # the unit whose features the head reads (default: the middle one)
     fake: torch.nn.Module = field(init=False)
+    head: GANHead | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.fake = copy.deepcopy(self.teacher).float().requires_grad_(True).train()
         self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=self.fake_lr, weight_decay=0.0)
+        if self.gan_weight > 0:
+            units = self.adapter.units(self.fake)
+            if self.gan_unit is None:
+                self.gan_unit = units[len(units) // 2]
+            elif self.gan_unit not in units:
+                raise ValueError(f"gan_unit {self.gan_unit!r} is not a unit of the teacher ({', '.join(units)})")
 
     # ---- state, saved and restored by the trainer ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         from slimdit.io import optimizer_to_tensors
 
         opt_t, meta = optimizer_to_tensors(self.fake_opt)
-        return ({**{f"fake.{k}": v.detach() for k, v in self.fake.state_dict().items()},
+        head = {} if self.head is None else {f"head.{k}": v.detach() for k, v in self.head.state_dict().items()}
+        return ({**{f"fake.{k}": v.detach() for k, v in self.fake.state_dict().items()}, **head,
                  **{f"fake_opt.{k}": v for k, v in opt_t.items()}}, meta)
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -65,6 +95,9 @@ class DMDLoss:
 
         dev = next(self.fake.parameters()).device
         self.fake.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("fake.")})
+        if "head.net.1.weight" in tensors:  # the head is built at its first use: build it, then load it
+            self._head(tensors["head.net.1.weight"].shape[1], dev)
+            self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         optimizer_from_tensors(self.fake_opt, {k[9:]: v.to(dev) for k, v in tensors.items()
                                                if k.startswith("fake_opt.")}, meta)
 
@@ -95,36 +128,85 @@ class DMDLoss:
         xt, target = obj.noise(x0, eps, t)
         return xt, target, t
 
+    def _head(self, width: int, device) -> GANHead:
+        """The GAN head, built (seeded, so a resumed run builds the same) and given to the fake score's optimizer
+        at its first use, when the width of the features it reads is known."""
+        if self.head is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.head = GANHead(width).to(device)
+            self.fake_opt.add_param_group({"params": list(self.head.parameters())})
+        return self.head
+
+    def _logits(self, xt: torch.Tensor, t: torch.Tensor, cond: dict, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fake score's prediction at ``xt`` and the GAN head's logits on its features there."""
+        a = self.adapter
+        with batch.autocast(), a.capture(self.fake, [self.gan_unit]) as feats:
+            pred = a.prediction(self.fake, a.predict(self.fake, xt, t, cond)).float()
+        image = feats[self.gan_unit]["image"]
+        return pred, self._head(image.shape[-1], image.device)(image)
+
+    def _trained(self):
+        return [*self.fake.parameters(), *(self.head.parameters() if self.head is not None else [])]
+
     def _nonfinite(self, loss: torch.Tensor) -> str | None:
         """What of the fake score's step is not finite: its loss, or the first gradient that is not (None: all are)."""
         if not torch.isfinite(loss).all():
-            return f"its loss ({float(loss):g})"
-        return next((f"the gradient of {name}" for name, p in self.fake.named_parameters()
+            return f"its loss ({float(loss.detach()):g})"
+        named = [*self.fake.named_parameters(), *(self.head.named_parameters(prefix="gan_head")
+                                                  if self.head is not None else [])]
+        return next((f"the gradient of {name}" for name, p in named
                      if p.grad is not None and not torch.isfinite(p.grad).all()), None)
 
-    def _fake_step(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """One denoising step of the fake score on the student's samples ``x0`` (detached)."""
+    def _fake_step(self, x0: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One denoising step of the fake score on the student's samples ``x0`` (detached), with the GAN head's
+        loss (real data against those samples) when there is one: (denoising loss, head loss or None)."""
         import torch.distributed as dist
 
         a = self.adapter
         cond, _ = self._conditions(batch, self.fake)
         xt, target, t = self._noised(x0, batch.generator)
-        with batch.autocast():
-            pred = a.prediction(self.fake, a.predict(self.fake, xt, t, cond)).float()
+        disc = None
+        if self.gan_weight == 0:
+            with batch.autocast():
+                pred = a.prediction(self.fake, a.predict(self.fake, xt, t, cond)).float()
+        else:
+            pred, fake_logits = self._logits(xt, t, cond, batch)
+            real_xt, _ = a.objective.noise(batch.x0.float(), torch.randn(x0.shape, generator=batch.generator).to(
+                x0.device), t)
+            _, real_logits = self._logits(real_xt, t, cond, batch)
+            disc = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         loss = F.mse_loss(pred, target.float())
+        total = loss if disc is None else loss + self.gan_d_weight * disc
         self.fake_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if dist.is_available() and dist.is_initialized() and (n := dist.get_world_size()) > 1:
-            for p in self.fake.parameters():
+            for p in self._trained():
                 if p.grad is not None:  # SUM then divide: gloo has no AVG
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                     p.grad.div_(n)
-        bad = self._nonfinite(loss)
+        bad = self._nonfinite(total)
         if bad:  # before the step: the fake score (saved in every checkpoint) never takes a non-finite update
             raise TrainingDiverged(f"the DMD fake score diverged: {bad} is not finite; its last update was not "
                                    "applied and the last checkpoint is kept (try a lower fake_lr)")
         self.fake_opt.step()
-        return loss.detach()
+        return loss.detach(), None if disc is None else disc.detach()
+
+    def _generator_gan(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The student's non-saturating GAN loss: the head's verdict on its noised samples, through the fake score's
+        weights, held fixed (no gradient reaches them or the head; they took this update's steps already)."""
+        cond, _ = self._conditions(batch, self.fake)
+        xt, _, t = self._noised(x0, batch.generator)
+        trained = self._trained()
+        flags = [p.requires_grad for p in trained]
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            _, logits = self._logits(xt, t, cond, batch)
+        finally:
+            for p, f in zip(trained, flags):
+                p.requires_grad_(f)
+        return F.softplus(-logits).mean()
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         a, obj = self.adapter, self.adapter.objective
@@ -140,5 +222,11 @@ class DMDLoss:
             scale = (x0.detach() - real).abs().flatten(1).mean(1).clamp_min(1e-5).view(-1, *[1] * (x0.dim() - 1))
             grad = (fake - real) / scale
         dm = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
-        fake_loss = torch.stack([self._fake_step(x0.detach(), batch) for _ in range(self.fake_updates)]).mean()
-        return {"total": dm, "dm": dm.detach(), "fake": fake_loss}
+        out = {"total": dm, "dm": dm.detach()}
+        steps = [self._fake_step(x0.detach(), batch) for _ in range(self.fake_updates)]
+        out["fake"] = torch.stack([f for f, _ in steps]).mean()
+        if self.gan_weight > 0:  # after the fake score's steps: its weights must not change under this graph
+            gan = self._generator_gan(x0, batch)
+            out.update(total=dm + self.gan_weight * gan, gan=gan.detach(),
+                       disc=torch.stack([d for _, d in steps]).mean())
+        return out

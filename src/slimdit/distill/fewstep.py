@@ -46,6 +46,9 @@ class StepsConfig(_Strict):
     pair_steps: int | None = Field(None, ge=1)  # reflow: the teacher's Euler steps per pair (default: its own)
     fake_updates: int = Field(5, ge=1)  # dmd2: fake score steps per student step (the two time-scale rule)
     fake_lr: float | None = Field(None, gt=0)  # dmd2: the fake score's learning rate (default: train.lr)
+    gan_weight: float = Field(0.0, ge=0)  # dmd2: the student's GAN loss weight (0: no GAN head)
+    gan_d_weight: float = Field(1e-2, gt=0)  # dmd2: the GAN head's loss weight in the fake score's steps
+    gan_unit: str | None = None  # dmd2: the unit whose features the GAN head reads (default: the middle one)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
     # the memory plan before any model loads (student: the teacher's size; dmd2: its fake score too): auto on a
@@ -65,6 +68,8 @@ class StepsConfig(_Strict):
             raise ValueError(f"method: dmd2 runs a drawn number of student passes per update (backward simulation), "
                              f"which sharded weights (train.sharding: {self.train.sharding}) would have to gather in "
                              "step on every process: use train.sharding none or zero2")
+        if self.method != "dmd2" and (self.gan_weight or self.gan_unit):
+            raise ValueError(f"gan_weight and gan_unit belong to method: dmd2 (its GAN head), not {self.method}")
         if self.method == "reflow" and self.train.caption_dropout:
             raise ValueError("method: reflow needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":
@@ -270,7 +275,8 @@ def _dmd2(r: _Round):
 
     t, s = transitions(r.sched_config, r.steps, r.tokens)
     return DMDLoss(r.adapter, r.teacher, t, s, null=r.cfg_null, guidance=r.w, fake_updates=r.cfg.fake_updates,
-                   fake_lr=r.cfg.fake_lr or r.cfg.train.lr, tokens=r.tokens), r.data
+                   fake_lr=r.cfg.fake_lr or r.cfg.train.lr, tokens=r.tokens, gan_weight=r.cfg.gan_weight,
+                   gan_d_weight=r.cfg.gan_d_weight, gan_unit=r.cfg.gan_unit), r.data
 
 
 LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "dmd2": _dmd2}
