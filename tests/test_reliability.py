@@ -157,6 +157,16 @@ def test_a_run_saved_before_a_field_existed_continues_and_a_real_change_is_still
     with pytest.raises(ValueError, match=r"config train\.grad_clip: 0\.001 -> 0\.5"):
         check_run_dir(cfg.out, cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": 0.5})}),
                       input_fingerprints(cfg))
+    # a class that sets its own section defaults (a step run's train: grad_clip 1.0, not the section's 0.001)
+    from slimdit.distill.fewstep import StepsConfig
+
+    steps = StepsConfig.model_validate({"teacher": tiny_teacher, "out": str(tmp_path / "steps")})
+    check_run_dir(steps.out, steps, input_fingerprints(steps))
+    (tmp_path / "steps" / "rounds" / "00" / "checkpoints" / "step_0000001").mkdir(parents=True)  # work
+    saved = yaml.safe_load((tmp_path / "steps" / "config.yaml").read_text())
+    del saved["train"]["grad_clip"], saved["gan_weight"]
+    (tmp_path / "steps" / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_run_dir(steps.out, steps, input_fingerprints(steps))
 
 
 def test_infeasible_schedule_names_its_fields_and_the_fixed_config_takes_over(tiny_teacher, tmp_path):

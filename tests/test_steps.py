@@ -150,8 +150,10 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
     assert StepsConfig(out="x", steps=1, start=8).model_dump()["start"] == 8
     with pytest.raises(ValueError, match="solver_steps"):
         StepsConfig(out="x", method="consistency", steps=8, solver_steps=4)
-    with pytest.raises(ValueError, match="gan_weight and gan_unit belong to method: dmd2"):
+    with pytest.raises(ValueError, match="gan_weight: the GAN head belongs to method: dmd2"):
         StepsConfig(out="x", method="progressive", gan_weight=0.01)
+    with pytest.raises(ValueError, match="gan_unit set without gan_weight > 0"):
+        StepsConfig(out="x", method="dmd2", gan_unit="block.1")
 
 
 def test_a_partial_train_section_keeps_the_runs_own_defaults():

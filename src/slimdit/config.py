@@ -202,12 +202,12 @@ def load_config(source: str | Path | dict, model: type[BaseModel] = DistillConfi
                 raise ValueError(f"--set {key}: {part} is not a section")
         node[leaf] = value
     try:
-        return model.model_validate(_section_defaults(model, raw))
+        return model.model_validate(with_section_defaults(model, raw))
     except ValidationError as e:
         raise ValueError(_format(e)) from None
 
 
-def _section_defaults(model: type[BaseModel], raw: dict) -> dict:
+def with_section_defaults(model: type[BaseModel], raw: dict) -> dict:
     """``raw`` with each section it gives filled from that section's default in ``model``: a config class may set
     its own section defaults (a step run's ``train`` is AdamW at 1e-4), and a file or ``--set`` naming one field
     of the section keeps the others as that class sets them, not as the section's class does."""
@@ -215,7 +215,7 @@ def _section_defaults(model: type[BaseModel], raw: dict) -> dict:
     for name, field in model.model_fields.items():
         default = field.default
         if isinstance(default, BaseModel) and isinstance(raw.get(name), dict):
-            out[name] = _section_defaults(type(default), {**default.model_dump(exclude_unset=True), **raw[name]})
+            out[name] = with_section_defaults(type(default), {**default.model_dump(exclude_unset=True), **raw[name]})
     return out
 
 

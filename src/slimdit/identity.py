@@ -68,12 +68,26 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def _as_now(cfg: BaseModel, saved: dict) -> dict:
-    """A saved config read by today's schema, so that a field added since it was saved counts as its default, not
-    as a change; the saved dict itself where today's schema refuses it (its differences then name themselves)."""
+def _as_now(cfg: BaseModel, saved: dict, ignored: tuple[str, ...]) -> dict:
+    """A saved config read by today's schema, as a config file is (its class's section defaults included), so that
+    a field added since it was saved counts as its default, not as a change. The ``ignored`` fields (compared
+    elsewhere, or free) are today's, so that a moved input cannot stop the reading; where today's schema refuses
+    the saved config, it is compared as saved (its differences then name themselves)."""
+    from slimdit.config import with_section_defaults
+
+    merged = yaml.safe_load(yaml.safe_dump(saved))
+    now = cfg.model_dump(mode="json")
+    for key in ignored:
+        *path, leaf = key.split(".")
+        src, dst = now, merged
+        for part in path:  # a section today's config has: create it where the saved one lacks it
+            src = src.get(part) if isinstance(src, dict) else None
+            dst = dst.setdefault(part, {}) if isinstance(dst, dict) and isinstance(src, dict) else None
+        if isinstance(src, dict) and isinstance(dst, dict) and leaf in src:
+            dst[leaf] = src[leaf]
     try:
-        return type(cfg).model_validate(saved).model_dump(mode="json")
-    except Exception:  # noqa: BLE001 - any refusal: compare the raw dicts
+        return type(cfg).model_validate(with_section_defaults(type(cfg), merged)).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - any refusal: compare the saved dict as it is
         return saved
 
 
@@ -103,7 +117,7 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
     config = _without(cfg.model_dump(mode="json"), ignored)
     changes = []
     if (run / "config.yaml").exists():
-        old = _without(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text())), ignored)
+        old = _without(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
         changes += [f"config {line}" for line in _diff(old, config)]
     if (run / "inputs.json").exists():
         changes += [f"input {line}" for line in _diff(read_json(run / "inputs.json"), inputs)]

@@ -68,8 +68,12 @@ class StepsConfig(_Strict):
             raise ValueError(f"method: dmd2 runs a drawn number of student passes per update (backward simulation), "
                              f"which sharded weights (train.sharding: {self.train.sharding}) would have to gather in "
                              "step on every process: use train.sharding none or zero2")
-        if self.method != "dmd2" and (self.gan_weight or self.gan_unit):
-            raise ValueError(f"gan_weight and gan_unit belong to method: dmd2 (its GAN head), not {self.method}")
+        gan = {"gan_weight", "gan_d_weight", "gan_unit"} & self.model_fields_set
+        if self.method != "dmd2" and gan:
+            raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2, not {self.method}")
+        if self.method == "dmd2" and not self.gan_weight and gan - {"gan_weight"}:
+            raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
+                             "off, so it would be ignored")
         if self.method == "reflow" and self.train.caption_dropout:
             raise ValueError("method: reflow needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":
@@ -124,6 +128,9 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     defaults = sampling_defaults(cfg.teacher)
     w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
+    if cfg.gan_unit is not None and cfg.gan_unit not in adapter.units(teacher):  # before caching anything
+        raise ValueError(f"gan_unit {cfg.gan_unit!r} is not a unit of {cfg.teacher} "
+                         f"({', '.join(adapter.units(teacher))})")
     if cfg.method == "consistency":
         from slimdit.distill.objectives import DDPM
 

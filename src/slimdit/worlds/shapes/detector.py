@@ -136,6 +136,7 @@ def prompt_credit(prompt: Prompt, dets: list[Detection]) -> float:
     verdict for a policy gradient: an image with one of two objects right, or the right objects in the wrong
     relation, earns something."""
     specs = prompt.objects
+    found = len(dets)
     dets = sorted(dets, key=lambda d: -d.area)[:MAX_CREDITED_DETECTIONS]
     shares = len(specs) + (prompt.relation is not None)
 
@@ -150,4 +151,4 @@ def prompt_credit(prompt: Prompt, dets: list[Detection]) -> float:
         if prompt.relation is not None and k == 2:
             got += relation_holds(prompt.relation, (perm[0].cx, perm[0].cy), (perm[1].cx, perm[1].cy))
         best = max(best, got)
-    return best / shares * len(specs) / max(len(specs), len(dets))
+    return best / shares * len(specs) / max(len(specs), found)
