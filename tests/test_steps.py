@@ -154,6 +154,9 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
         StepsConfig(out="x", method="progressive", gan_weight=0.01)
     with pytest.raises(ValueError, match="gan_unit set without gan_weight > 0"):
         StepsConfig(out="x", method="dmd2", gan_unit="block.1")
+    for method in ("dmd2", "progressive"):  # a saved config names every field: it reads back as it was
+        saved = StepsConfig(out="x", method=method).model_dump(mode="json")
+        assert StepsConfig.model_validate(saved).model_dump(mode="json") == saved
 
 
 def test_a_partial_train_section_keeps_the_runs_own_defaults():

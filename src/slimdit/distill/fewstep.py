@@ -68,7 +68,9 @@ class StepsConfig(_Strict):
             raise ValueError(f"method: dmd2 runs a drawn number of student passes per update (backward simulation), "
                              f"which sharded weights (train.sharding: {self.train.sharding}) would have to gather in "
                              "step on every process: use train.sharding none or zero2")
-        gan = {"gan_weight", "gan_d_weight", "gan_unit"} & self.model_fields_set
+        # by value, not by the fields a file names: a saved config.yaml names every field at its default
+        gan = {k for k in ("gan_weight", "gan_d_weight", "gan_unit")
+               if getattr(self, k) != type(self).model_fields[k].default}
         if self.method != "dmd2" and gan:
             raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2, not {self.method}")
         if self.method == "dmd2" and not self.gan_weight and gan - {"gan_weight"}:
