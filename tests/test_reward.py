@@ -168,10 +168,10 @@ def test_the_partial_credit_is_one_exactly_when_the_verdict_holds_and_counts_wha
 
     reward = REWARDS["shapes-geneval-credit"]()
     rng = np.random.default_rng(1)
-    prompts = [sample_training_prompt(rng) for _ in range(24)]
+    prompts = [sample_training_prompt(rng) for _ in range(12)]
     truth = np.stack([render_prompt(p, rng) for p in prompts])
-    assert reward([p.text for p in prompts], truth).tolist() == [1.0] * 24
-    assert reward([p.text for p in prompts], np.zeros_like(truth)).tolist() == [0.0] * 24
+    assert reward([p.text for p in prompts], truth).tolist() == [1.0] * 12
+    assert reward([p.text for p in prompts], np.zeros_like(truth)).tolist() == [0.0] * 12
     with pytest.raises(ValueError, match="training prompts only"):
         reward([eval_prompts()[0].text], truth[:1])
     two = next(p for p in eval_prompts() if p.category == "color_attr")
