@@ -54,6 +54,13 @@ class GANHead(nn.Module):
         return self.net(feats.float().mean(1)).squeeze(-1)
 
 
+def check_gan_unit(adapter, model: torch.nn.Module, unit: str | None) -> str | None:
+    """``unit`` when it is one of ``model``'s units (or None); else an error naming the units there are."""
+    if unit is not None and unit not in adapter.units(model):
+        raise ValueError(f"gan_unit {unit!r} is not a unit of the teacher ({', '.join(adapter.units(model))})")
+    return unit
+
+
 @dataclass
 class DMDLoss:
     adapter: object  # slimdit.models.Adapter, with its objective
@@ -76,10 +83,7 @@ class DMDLoss:
         self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=self.fake_lr, weight_decay=0.0)
         if self.gan_weight > 0:
             units = self.adapter.units(self.fake)
-            if self.gan_unit is None:
-                self.gan_unit = units[len(units) // 2]
-            elif self.gan_unit not in units:
-                raise ValueError(f"gan_unit {self.gan_unit!r} is not a unit of the teacher ({', '.join(units)})")
+            self.gan_unit = check_gan_unit(self.adapter, self.fake, self.gan_unit) or units[len(units) // 2]
 
     # ---- state, saved and restored by the trainer ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -138,11 +142,16 @@ class DMDLoss:
             self.fake_opt.add_param_group({"params": list(self.head.parameters())})
         return self.head
 
-    def _logits(self, xt: torch.Tensor, t: torch.Tensor, cond: dict, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fake score's prediction at ``xt`` and the GAN head's logits on its features there."""
+    def _predict(self, xt: torch.Tensor, t: torch.Tensor, cond: dict, batch: Batch
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fake score's prediction at ``xt``, and the GAN head's logits on its features there (None without
+        a head)."""
         a = self.adapter
-        with batch.autocast(), a.capture(self.fake, [self.gan_unit]) as feats:
+        units = [self.gan_unit] if self.gan_weight > 0 else []
+        with batch.autocast(), a.capture(self.fake, units) as feats:
             pred = a.prediction(self.fake, a.predict(self.fake, xt, t, cond)).float()
+        if not units:
+            return pred, None
         image = feats[self.gan_unit]["image"]
         return pred, self._head(image.shape[-1], image.device)(image)
 
@@ -166,15 +175,12 @@ class DMDLoss:
         a = self.adapter
         cond, _ = self._conditions(batch, self.fake)
         xt, target, t = self._noised(x0, batch.generator)
+        pred, fake_logits = self._predict(xt, t, cond, batch)
         disc = None
-        if self.gan_weight == 0:
-            with batch.autocast():
-                pred = a.prediction(self.fake, a.predict(self.fake, xt, t, cond)).float()
-        else:
-            pred, fake_logits = self._logits(xt, t, cond, batch)
+        if fake_logits is not None:
             real_xt, _ = a.objective.noise(batch.x0.float(), torch.randn(x0.shape, generator=batch.generator).to(
                 x0.device), t)
-            _, real_logits = self._logits(real_xt, t, cond, batch)
+            _, real_logits = self._predict(real_xt, t, cond, batch)
             disc = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         loss = F.mse_loss(pred, target.float())
         total = loss if disc is None else loss + self.gan_d_weight * disc
@@ -202,7 +208,7 @@ class DMDLoss:
         for p in trained:
             p.requires_grad_(False)
         try:
-            _, logits = self._logits(xt, t, cond, batch)
+            _, logits = self._predict(xt, t, cond, batch)
         finally:
             for p, f in zip(trained, flags):
                 p.requires_grad_(f)

@@ -104,6 +104,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.compress.plan import Plan
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.consistency import lcm_scheduler
+    from slimdit.distill.dmd import check_gan_unit
     from slimdit.distill.run import Conditionings, check_memory
     from slimdit.distill.steps import student_scheduler
     from slimdit.distill.trainer import TrainConfig, Trainer
@@ -130,9 +131,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     defaults = sampling_defaults(cfg.teacher)
     w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
-    if cfg.gan_unit is not None and cfg.gan_unit not in adapter.units(teacher):  # before caching anything
-        raise ValueError(f"gan_unit {cfg.gan_unit!r} is not a unit of {cfg.teacher} "
-                         f"({', '.join(adapter.units(teacher))})")
+    check_gan_unit(adapter, teacher, cfg.gan_unit)  # before caching anything
     if cfg.method == "consistency":
         from slimdit.distill.objectives import DDPM
 
