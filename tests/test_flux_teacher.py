@@ -158,3 +158,30 @@ def test_a_base_can_start_from_a_trained_t5_and_keep_it_frozen(base, tmp_path):
         pretrained_t5(FluxTeacherConfig(t5_from=str(out), **{**TINY, "t5_dim": 32}))
     with pytest.raises((FileNotFoundError, ValueError), match="not a pipeline"):
         pretrained_t5(FluxTeacherConfig(t5_from=str(out / "vae"), **TINY))
+
+
+def test_pooled_dropout_empties_clip_captions_only_and_leaves_a_zero_recipe_as_it_was(tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    from slimdit.worlds.shapes.flux_teacher import flux_config
+
+    seen = []
+    encode = FluxPipeline.encode_prompt
+
+    def spy(self, prompt, prompt_2=None, **kw):
+        seen.append((list(prompt), list(prompt_2 if prompt_2 is not None else prompt)))
+        return encode(self, prompt, prompt_2=prompt_2, **kw)
+
+    monkeypatch.setattr(FluxPipeline, "encode_prompt", spy)
+    tiny = {**TINY, "batch_size": 32, "caption_dropout": 0.0}
+    train_flux_base(tmp_path / "zero", FluxTeacherConfig(steps=1, **tiny))
+    clip, t5 = seen[-1]
+    assert clip == t5 and all(t5)  # at 0 CLIP and T5 read the same captions
+    train_flux_base(tmp_path / "half", FluxTeacherConfig(steps=1, pooled_dropout=0.5, **tiny))
+    clip, t5 = seen[-1]
+    assert all(t5)  # T5 keeps every caption ...
+    dropped = [c == "" for c in clip]
+    assert 0 < sum(dropped) < len(clip)  # ... while CLIP reads the empty caption for some of them
+    assert all(c == t for c, t, d in zip(clip, t5, dropped) if not d)
+    with pytest.raises(ValueError, match="pooled_dropout must lie in"):
+        flux_config(tmp_path / "new", {"pooled_dropout": 1.0})
