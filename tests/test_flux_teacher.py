@@ -185,3 +185,19 @@ def test_pooled_dropout_empties_clip_captions_only_and_leaves_a_zero_recipe_as_i
     assert all(c == t for c, t, d in zip(clip, t5, dropped) if not d)
     with pytest.raises(ValueError, match="pooled_dropout must lie in"):
         flux_config(tmp_path / "new", {"pooled_dropout": 1.0})
+
+
+def test_the_empty_pooled_ablation_gives_every_prompt_the_empty_captions_pooled_vector(base, tmp_path):
+    from slimdit.pipelines.loading import load_pipeline
+
+    run, out = base
+    ablated = export_flux_base(run, tmp_path / "ablated", empty_pooled=True)
+    plain, abl = load_pipeline(str(out), "cpu"), load_pipeline(str(ablated), "cpu")
+    prompts = ["a red circle", "two squares", ""]
+    with torch.no_grad():
+        t5_p, pooled_p, _ = plain.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+        t5_a, pooled_a, _ = abl.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+    assert not torch.allclose(pooled_p[0], pooled_p[2])  # the trained CLIP tells the prompts apart ...
+    assert torch.allclose(pooled_a, pooled_p[2].expand_as(pooled_a), atol=1e-6)  # ... the ablation does not
+    assert torch.equal(t5_a, t5_p)  # and T5 is untouched
+    assert "ablation" in json.loads((ablated / "slimdit.json").read_text())

@@ -61,7 +61,7 @@ def cmd_flux_train(a: argparse.Namespace) -> None:
 def cmd_flux_export(a: argparse.Namespace) -> None:
     from slimdit.worlds.shapes.flux_teacher import export_flux_base
 
-    print(f"wrote {export_flux_base(a.run, a.out, use_ema=a.ema)}")
+    print(f"wrote {export_flux_base(a.run, a.out, use_ema=a.ema, empty_pooled=a.empty_pooled)}")
 
 
 def cmd_guidance_distill(a: argparse.Namespace) -> None:
@@ -89,6 +89,9 @@ def _add_flux(t: argparse._SubParsersAction) -> None:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ema", action="store_true", help="the EMA weights instead of the raw ones")
+    p.add_argument("--empty-pooled", action="store_true",
+                   help="an ablation: every prompt gets the empty caption's pooled CLIP vector, so an eval shows what "
+                        "reaches the image through T5 and the joint attention alone")
     p.set_defaults(func=cmd_flux_export)
     p = t.add_parser("guidance-distill", help="distil a CFG Flux base into a guidance-embedded one-pass model "
                      "(resumable)")

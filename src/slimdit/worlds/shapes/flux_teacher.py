@@ -241,8 +241,11 @@ def _drop_pooled(caps: list[str], cfg: FluxTeacherConfig, step: int) -> list[str
     return ["" if d else c for c, d in zip(caps, drop)]
 
 
-def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = False) -> Path:
-    """Write the base of a run as a ``FluxPipeline`` directory that samples with true CFG."""
+def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = False,
+                     empty_pooled: bool = False) -> Path:
+    """Write the base of a run as a ``FluxPipeline`` directory that samples with true CFG. ``empty_pooled`` writes
+    an ablation instead: its CLIP gives every prompt the empty caption's pooled vector, so whatever the model still
+    draws right reached it through T5 and the joint attention."""
     from diffusers import AutoencoderKL
 
     run = Path(run_dir)
@@ -254,13 +257,28 @@ def export_flux_base(run_dir: str | Path, out_dir: str | Path, use_ema: bool = F
     load_into({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
                "text_encoder_2": pipe.text_encoder_2},
               load_tensors(cks[-1] / ("ema.safetensors" if use_ema else "model.safetensors")))
+    if empty_pooled:
+        _pool_as_empty(pipe)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     state = read_json(cks[-1] / "state.json")
     sampling = {**SAMPLING, "guidance_scale": 1.0, "true_cfg_scale": cfg.cfg_scale, "negative_prompt": ""}
-    write_json(out / "slimdit.json", {"world": "shapes", "sampling": sampling,
-                                      "trained": {"steps": state["step"], "ema": use_ema, "config": asdict(cfg)}})
+    trained = {"steps": state["step"], "ema": use_ema, "config": asdict(cfg)}
+    write_json(out / "slimdit.json", {"world": "shapes", "sampling": sampling, "trained": trained,
+                                      **({"ablation": "every prompt's pooled vector is the empty caption's"}
+                                         if empty_pooled else {})})
     return out
+
+
+@torch.no_grad()
+def _pool_as_empty(pipe) -> None:
+    """Make ``pipe``'s CLIP return the empty caption's pooled vector for every prompt: the pooled output is read
+    from the final layer norm, whose scale goes to 0 and whose shift becomes that vector."""
+    _, empty, _ = pipe.encode_prompt([""], prompt_2=None, device=pipe.transformer.device,
+                                     max_sequence_length=SAMPLING["max_sequence_length"])
+    norm = pipe.text_encoder.final_layer_norm
+    norm.weight.zero_()
+    norm.bias.copy_(empty[0])
 
 
 def guided_student(base_transformer, seed: int = 0):
