@@ -44,3 +44,23 @@ f = Trainer(adapter_for(student, FLOW), teacher, student, data4, TrainConfig(**{
 f.train(progress=False)
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in f.student_model().parameters())).hexdigest()
 (out / f"flux_rank{f.acc.process_index}.txt").write_text(digest)
+
+# the conditioning cache under two processes: the main one encodes, the other reads what it wrote
+if len(sys.argv) > 2:
+    from types import SimpleNamespace
+
+    import slimdit.data.cache as cache
+    from slimdit.data.datasets import load_dataset
+    from slimdit.distill.run import Conditionings
+    from slimdit.pipelines.loading import load_pipeline
+
+    encoded = []
+    encode = cache.encode_captions
+    cache.encode_captions = lambda p, c, n: encoded.append(len(c)) or encode(p, c, n)
+    tiny = sys.argv[2]
+    spec = SimpleNamespace(max_sequence_length=16, synth=None, synth_images=0, image_size=None)
+    cond = Conditionings(spec, load_dataset("shapes-train:8"), load_pipeline(tiny, "cpu"), tiny, out / "distill",
+                         "cpu", 0)("real")
+    rows = cond.latents.load()
+    (out / f"cache_rank{f.acc.process_index}.txt").write_text(
+        f"{sum(encoded)} {hashlib.sha256(rows.numpy().tobytes()).hexdigest()}")

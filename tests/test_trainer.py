@@ -89,8 +89,9 @@ def test_training_lowers_the_kd_loss(tmp_path):
     assert t._micro_step(0, 0)["total"].item() < first
 
 
-def launch_two(script: str, out, port: int, timeout: int = 300) -> None:
-    """Run ``tests/SCRIPT OUT`` as 2 processes under ``accelerate launch`` (over gloo on a CPU); assert it succeeds."""
+def launch_two(script: str, out, port: int, *args: str, timeout: int = 300) -> None:
+    """Run ``tests/SCRIPT OUT [ARGS]`` as 2 processes under ``accelerate launch`` (over gloo on a CPU); assert it
+    succeeds."""
     import os
     import subprocess
     import sys
@@ -101,13 +102,13 @@ def launch_two(script: str, out, port: int, timeout: int = 300) -> None:
     # --multi_gpu selects accelerate's torchrun launcher; without CUDA the trainer runs multi-CPU over gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(root / "tests" / script), str(out)]
+           str(root / "tests" / script), str(out), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_accelerate_launch_two_processes_on_cpu(tmp_path):
-    launch_two("ddp_train.py", tmp_path, 29533)
+def test_accelerate_launch_two_processes_on_cpu(tmp_path, tiny_teacher):
+    launch_two("ddp_train.py", tmp_path, 29533, tiny_teacher)
     digests = [(tmp_path / f"rank{i}_of2.txt").read_text() for i in range(2)]
     assert digests[0] == digests[1]  # DDP kept the replicas identical
     assert (tmp_path / "checkpoints" / "step_0000004").is_dir()
@@ -116,6 +117,9 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     assert stops == ["training diverged at step 1"] * 2
     flux = [(tmp_path / f"flux_rank{i}.txt").read_text() for i in range(2)]
     assert flux[0] == flux[1]  # a Flux student under DDP
+    # the main process encoded the 8 captions and the null caption once; the other read the same rows from disk
+    (n0, rows0), (n1, rows1) = ((tmp_path / f"cache_rank{i}.txt").read_text().split() for i in range(2))
+    assert (n0, n1) == ("9", "0") and rows0 == rows1
 
 
 def test_cosine_schedule_warms_up_then_falls_to_zero_and_constant_stays_flat():

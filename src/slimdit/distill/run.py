@@ -212,13 +212,20 @@ class Conditionings:
 
     def __call__(self, kind: str):
         if kind not in self.cache:
-            if kind == "real":
-                data = self.real
-            else:
-                folder = self._synth(Path(self.cfg.synth) if self.cfg.synth else self.run / "synth")
-                data = load_dataset(str(folder), self.cfg.image_size)
-            self.cache[kind] = cached_conditioning(self.pipe, self.teacher, data, self.run / "cache", self.max_len)
+            from accelerate import PartialState
+
+            # under several processes the main one builds a missing cache (or synthetic set); the others then read it
+            with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+                self.cache[kind] = self._load(kind)
         return self.cache[kind]
+
+    def _load(self, kind: str):
+        if kind == "real":
+            data = self.real
+        else:
+            folder = self._synth(Path(self.cfg.synth) if self.cfg.synth else self.run / "synth")
+            data = load_dataset(str(folder), self.cfg.image_size)
+        return cached_conditioning(self.pipe, self.teacher, data, self.run / "cache", self.max_len)
 
     def _synth(self, out: Path) -> Path:
         """Generate (or finish generating) the synthetic set into ``out``; a finished folder is used as is, so runs
