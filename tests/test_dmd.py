@@ -192,15 +192,21 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
 
     n_teacher = param_count(build_component(*component_configs(tiny_teacher)["transformer"]))
     items = {}
-    for method in ("dmd2", "progressive"):
-        cfg = {"teacher": tiny_teacher, "out": str(tmp_path / method), "method": method, "steps": 2, "start": 4,
-               "memory_plan": "on", "data": {"real": "shapes-train:8"},
+    plans = {}
+    for name, method, extra in (("dmd2", "dmd2", {}), ("gan", "dmd2", {"gan_weight": 0.01}),
+                                ("progressive", "progressive", {})):
+        cfg = {"teacher": tiny_teacher, "out": str(tmp_path / name), "method": method, "steps": 2, "start": 4,
+               "memory_plan": "on", "data": {"real": "shapes-train:8"}, **extra,
                "train": {"steps": 1, "batch_size": 2**22}}  # four million images a step: cannot fit
-        (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(cfg))
-        assert main(["steps", "--config", str(tmp_path / f"{method}.yaml")]) == 2
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["steps", "--config", str(tmp_path / f"{name}.yaml")]) == 2
         assert "GiB per device" in capsys.readouterr().err
-        assert not (tmp_path / method / "cache").exists() and not (tmp_path / method / "rounds").exists()
-        items[method] = json.loads((tmp_path / method / "memory_plan.json").read_text())["items"]
+        assert not (tmp_path / name / "cache").exists() and not (tmp_path / name / "rounds").exists()
+        plans[name] = json.loads((tmp_path / name / "memory_plan.json").read_text())
+        items[name] = plans[name]["items"]
     assert items["dmd2"]["DMD fake score"] == 16 * n_teacher  # fp32 weights, gradients and AdamW's two states
     assert "DMD fake score" not in items["progressive"]
     assert {k: v for k, v in items["dmd2"].items() if k != "DMD fake score"} == items["progressive"]
+    # the GAN head's generator loss backpropagates through a pass of the fake score: one more set of activations
+    gan = items["gan"].pop("GAN pass through the fake score")
+    assert gan == plans["gan"]["activations"]["plain"] > 0 and items["gan"] == items["dmd2"]

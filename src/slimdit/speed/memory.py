@@ -99,11 +99,14 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
                 offload_optimizer: bool = False,
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
-                both: bool = True, fake_score: bool = False) -> MemoryPlan:
+                both: bool = True, fake_score: bool = False, gan: bool = False) -> MemoryPlan:
     """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
     ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
     gradient checkpointing (else only the configured setting, unless the plan does not fit). ``fake_score``: DMD2's
-    trainable copy of the teacher, whole on every process in fp32 with its gradients and AdamW's two states."""
+    trainable copy of the teacher, whole on every process in fp32 with its gradients and AdamW's two states.
+    ``gan``: DMD2's GAN head, whose generator loss reaches the student through the fake score, so the student's
+    backward also holds a pass of the fake score's activations (taken as the student's own: a few-step student
+    has the teacher's architecture)."""
     from slimdit.models.arch import arch_spec, is_arch, scheduler_config
 
     if frozen_dtype not in DTYPE_BYTES:
@@ -177,6 +180,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         items[f"gathered units ({'FSDP' if sharding == 'fsdp' else 'ZeRO-3'})"] = 2 * unit * per
     if fake_score:
         items["DMD fake score"] = 16 * params["transformer"]  # fp32 weights and gradients, AdamW's two states
+    if gan:
+        items["GAN pass through the fake score"] = acts[checkpointing]
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
@@ -304,4 +309,4 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        offload_optimizer=t.offload_optimizer,
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both,
-                       fake_score=getattr(cfg, "method", None) == "dmd2")
+                       fake_score=getattr(cfg, "method", None) == "dmd2", gan=bool(getattr(cfg, "gan_weight", 0)))
