@@ -28,6 +28,7 @@ def test_a_shipped_config_reads_with_its_commands_schema(path):
         try:
             assert load_sweep(path)[1]
         except ValueError as e:  # a sweep over another command's output, which its header says to run first
+            # (load_sweep stops at the first point it refuses, so such a sweep's later points go unchecked)
             missing = re.search(r"plan file (runs/\S+)/[^/\s]+ does not exist", str(e))
             assert missing and f"--out {missing.group(1)}" in path.read_text(), str(e)
     elif kind in SCHEMAS:

@@ -160,7 +160,7 @@ def test_a_base_can_start_from_a_trained_t5_and_keep_it_frozen(base, tmp_path):
         pretrained_t5(FluxTeacherConfig(t5_from=str(out / "vae"), **TINY))
 
 
-def test_pooled_dropout_empties_clip_captions_only_and_leaves_a_zero_recipe_as_it_was(tmp_path, monkeypatch):
+def test_pooled_dropout_empties_only_clips_captions(tmp_path, monkeypatch):
     from diffusers import FluxPipeline
 
     from slimdit.worlds.shapes.flux_teacher import flux_config

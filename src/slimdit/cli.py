@@ -102,9 +102,9 @@ def _distill_dry_run(cfg, as_json: bool, processes: int | None) -> None:
     plan = Plan.load(cfg.plan) if isinstance(cfg.plan, str) else Plan.from_dict(cfg.plan)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if processes is None:  # as launched (accelerate launch --num_processes N), else 1
-        from accelerate import PartialState
+        from slimdit.processes import process_state
 
-        processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+        processes = process_state().num_processes
     mp = config_memory_plan(cfg, plan, device, processes=processes, both=True)
     if as_json:
         print(json.dumps({"config": cfg.model_dump(mode="json"), **mp.to_json()}, indent=2, default=str))
@@ -236,10 +236,9 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 def _main_process() -> bool:
     """Whether this is the main process of a multi-process launch (or the only one)."""
-    import torch
-    from accelerate import PartialState
+    from slimdit.processes import process_state
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return process_state().is_main_process
 
 
 def cmd_steps(a: argparse.Namespace) -> None:

@@ -99,8 +99,6 @@ def rounds(cfg: StepsConfig) -> list[int]:
 
 def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) -> Path:
     """Run (or continue) a step distillation; return the run directory."""
-    from accelerate import PartialState
-
     from slimdit.compress.plan import Plan
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.consistency import lcm_scheduler
@@ -114,10 +112,11 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.models.storage import load_model
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student
     from slimdit.pipelines.placement import frozen_components, parked
+    from slimdit.processes import process_state
     from slimdit.reports.card import write_card
 
     cfg = config if isinstance(config, StepsConfig) else load_config(config, StepsConfig)
-    state = PartialState(cpu=not torch.cuda.is_available())  # what the trainer's Accelerator uses
+    state = process_state()  # what the trainer's Accelerator uses
     run = Path(cfg.out)
     inputs = input_fingerprints(cfg)
     check_run_dir(run, cfg, inputs)

@@ -94,8 +94,6 @@ LOSSES = {"grpo": _grpo, "draft": _draft}  # method -> its loss callable, built 
 
 def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) -> Path:
     """Run (or continue) a reward fine-tuning; return the run directory."""
-    from accelerate import PartialState
-
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.run import Conditionings
     from slimdit.distill.steps import transitions
@@ -105,10 +103,11 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     from slimdit.models.precision import cast_io, frozen_dtype, student_copy
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student, student_base
     from slimdit.pipelines.placement import frozen_components, parked
+    from slimdit.processes import process_state
     from slimdit.reports.card import write_card
 
     cfg = config if isinstance(config, RewardConfig) else load_config(config, RewardConfig)
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     run = Path(cfg.out)
     check_run_dir(run, cfg, input_fingerprints(cfg))
     prompts = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model

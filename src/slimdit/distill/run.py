@@ -45,13 +45,12 @@ from slimdit.reports.card import write_card
 def check_memory(cfg, plan: Plan, device: str, run: Path, captions: int) -> None:
     """Print the memory plan (``cfg.memory_plan``: auto on a GPU, or on) and refuse a run that cannot fit, naming
     the fixes, before any model loads."""
-    from accelerate import PartialState
-
+    from slimdit.processes import process_state
     from slimdit.speed.memory import GIB, config_memory_plan
 
     if cfg.memory_plan == "off" or (cfg.memory_plan == "auto" and not device.startswith("cuda")):
         return
-    state = PartialState()
+    state = process_state()
     mp = config_memory_plan(cfg, plan, device, captions, state.num_processes)
     if state.is_main_process:
         print(mp.table(), flush=True)
@@ -93,9 +92,9 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         keep = _grasp(adapter, student, plan, conditioning, run, made_by)
     record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
-    from accelerate import PartialState
+    from slimdit.processes import process_state
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # what the trainer's Accelerator uses
+    state = process_state()  # what the trainer's Accelerator uses
     if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / BASE_FILE).exists():
         if state.is_main_process:
             save_student(student, run / "untrained", base=cfg.teacher)
@@ -145,8 +144,11 @@ def _grasp(adapter, model, plan: Plan, conditioning, run: Path, made_by: dict) -
     if spec.data is None:
         data = conditioning("real")
     else:
-        data = cached_conditioning(conditioning.pipe, conditioning.teacher, load_dataset(spec.data),
-                                   run / "cache", conditioning.max_len)
+        from slimdit.processes import process_state
+
+        with process_state().main_process_first():  # the main process caches, the others read
+            data = cached_conditioning(conditioning.pipe, conditioning.teacher, load_dataset(spec.data),
+                                       run / "cache", conditioning.max_len)
     keep = grasp_from_data(adapter, model, plan, data, made_by["seed"])
     write_json(path, {"made_by": made_by, "keep": {k: v.tolist() for k, v in keep.items()}})
     return keep
@@ -159,9 +161,9 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
     ``conditioning(kind)`` returns the cached data of a phase's dataset (``real`` or ``synth``); ``validate``, if
     given, is the trainer's validation (``slimdit.distill.fidelity.teacher_validator``).
     """
-    from accelerate import PartialState
+    from slimdit.processes import process_state
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # what the trainer's Accelerator uses
+    state = process_state()  # what the trainer's Accelerator uses
     teacher_units = adapter.units(teacher)
     steps = phase_steps(phases, train_fields["steps"])
     for i, (ph, n) in enumerate(zip(phases, steps)):
@@ -212,10 +214,10 @@ class Conditionings:
 
     def __call__(self, kind: str):
         if kind not in self.cache:
-            from accelerate import PartialState
+            from slimdit.processes import process_state
 
             # under several processes the main one builds a missing cache (or synthetic set); the others then read it
-            with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+            with process_state().main_process_first():
                 self.cache[kind] = self._load(kind)
         return self.cache[kind]
 

@@ -103,10 +103,10 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
     ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
     gradient checkpointing (else only the configured setting, unless the plan does not fit). ``fake_score``: DMD2's
-    trainable copy of the teacher, whole on every process in fp32 with its gradients and AdamW's two states.
-    ``gan``: DMD2's GAN head, whose generator loss reaches the student through the fake score, so the student's
-    backward also holds a pass of the fake score's activations (taken as the student's own: a few-step student
-    has the teacher's architecture)."""
+    trainable copy of the teacher, whole on every process in fp32 with its gradients and AdamW's two states, and
+    the activations of its denoising step, which runs while the student's graph is held (fp32, never
+    checkpointed). ``gan``: DMD2's GAN head, whose step adds a pass on real latents (the student's backward
+    through the fake score then holds one pass, fewer than that step's two)."""
     from slimdit.models.arch import arch_spec, is_arch, scheduler_config
 
     if frozen_dtype not in DTYPE_BYTES:
@@ -180,8 +180,10 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         items[f"gathered units ({'FSDP' if sharding == 'fsdp' else 'ZeRO-3'})"] = 2 * unit * per
     if fake_score:
         items["DMD fake score"] = 16 * params["transformer"]  # fp32 weights and gradients, AdamW's two states
-    if gan:
-        items["GAN pass through the fake score"] = acts[checkpointing]
+        whole = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".")) for g in adapter.groups}
+        one = activation_bytes(cls, config, adapter, whole, model, sched, batch_size, res, seq, "standard",
+                               torch.float32, False, vae_scale)
+        items["DMD fake score's step"] = one * (2 if gan else 1)
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb

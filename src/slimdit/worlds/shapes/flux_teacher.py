@@ -234,7 +234,8 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
 
 def _drop_pooled(caps: list[str], cfg: FluxTeacherConfig, step: int) -> list[str]:
     """The captions CLIP reads at ``step`` (FluxPipeline's ``prompt``; T5 reads ``caps`` as ``prompt_2``): a share
-    ``cfg.pooled_dropout`` of them emptied, drawn from their own stream so that a recipe at 0 draws as before."""
+    ``cfg.pooled_dropout`` of them emptied, drawn apart from the batch's stream (tag 1), so that a recipe at 0
+    draws exactly as before. (Tag 2 is also the autoencoder's noise, a phase that trains another model.)"""
     if not cfg.pooled_dropout:
         return caps
     drop = np.random.default_rng((cfg.seed, 2, step)).random(len(caps)) < cfg.pooled_dropout
