@@ -36,6 +36,18 @@ def cmd_teacher_probe(a: argparse.Namespace) -> None:
     print(json.dumps(r, indent=2))
 
 
+def cmd_probe_binding(a: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from slimdit.io import write_json
+    from slimdit.worlds.shapes.binding import probe_binding
+
+    r = probe_binding(a.model, seeds=a.seeds, steps=a.steps)
+    print(r.table())
+    if a.json:
+        write_json(a.json, asdict(r))
+
+
 def cmd_teacher_embedder(a: argparse.Namespace) -> None:
     from slimdit.worlds.shapes.embedder import EmbedderConfig, train_embedder
 
@@ -120,6 +132,13 @@ def add_teacher_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=32, help="training scenes")
     p.add_argument("--png", type=Path, default=None, help="write the grid here")
     p.set_defaults(func=cmd_teacher_probe)
+    p = t.add_parser("probe-binding", help="a Flux pipeline's attention of image tokens to their own object's "
+                     "colour word against the other's, per block, on two-object colour prompts")
+    p.add_argument("--model", required=True)
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures, per image too, here")
+    p.set_defaults(func=cmd_probe_binding)
     p = t.add_parser("train-embedder", help="train the shapes embedder used by FID/CMMD/CLIP score")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=800)
