@@ -26,3 +26,10 @@ def test_a_distill_runs_phases_are_its_own(tmp_path):
     _phase(tmp_path / "phases" / "00_local", [{"step": 3, "total": 1.0}])
     _phase(tmp_path / "phases" / "01_global", [{"step": 3, "total": 0.5}])
     assert [n for n, _ in training_curves(tmp_path)] == ["00_local", "01_global"]
+
+
+def test_unit_tick_labels_keep_the_group_only_when_units_span_groups():
+    from slimdit.reports.plots import tick_labels
+
+    assert tick_labels(["block.0", "block.11"]) == ["0", "11"]
+    assert tick_labels(["double.0", "double.3", "single.0", "single.7"]) == ["d0", "d3", "s0", "s7"]

@@ -13,10 +13,19 @@ import numpy as np  # noqa: E402
 from slimdit.io import read_json  # noqa: E402
 
 
+def tick_labels(units: list[str]) -> list[str]:
+    """Short axis labels: a unit's number, after its group's initial when the units span groups (Flux's double
+    and single blocks: d0 … d3, s0 … s7)."""
+    parts = [u.rpartition(".") for u in units]
+    if len({g for g, _, _ in parts}) < 2:
+        return [n for _, _, n in parts]
+    return [(g[:1] or "") + n for g, _, n in parts]
+
+
 def _bars(ax, units, values, title, ylabel):
     ax.bar(range(len(units)), values, color="#4c72b0")
     ax.set_xticks(range(len(units)))
-    ax.set_xticklabels([u.split(".")[-1] for u in units], fontsize=7)
+    ax.set_xticklabels(tick_labels(units), fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=8)
 
