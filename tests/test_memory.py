@@ -97,6 +97,7 @@ def test_dry_run_json_and_a_run_that_cannot_fit_is_refused_before_loading(tiny_t
     assert not (tmp_path / "big" / "phases").exists() and not (tmp_path / "big" / "cache").exists()
 
 
+@pytest.mark.slow  # the fp32 plan is checked against a measured peak in the default suite
 def test_a_measured_step_with_a_bf16_teacher_has_time_flops_and_the_planned_peak(tiny_teacher):
     from slimdit.speed.step import measure_step
 

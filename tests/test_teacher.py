@@ -96,6 +96,7 @@ def test_sampler_images_depend_on_seed_not_on_batching(tiny_pipeline_dir):
     assert not np.array_equal(a[0], a[4])  # same prompt, different seed
 
 
+@pytest.mark.slow  # data workers are for GPU runs; --runslow checks they change nothing
 def test_data_workers_do_not_change_the_run(tmp_path):
     a = train_teacher(tmp_path / "a", TeacherConfig(steps=2, **TINY))
     b = train_teacher(tmp_path / "b", TeacherConfig(steps=2, data_workers=2, **TINY))
