@@ -39,13 +39,13 @@ from slimdit.pipelines.loading import (
     save_student,
 )
 from slimdit.pipelines.placement import frozen_components, parked
+from slimdit.processes import process_state
 from slimdit.reports.card import write_card
 
 
 def check_memory(cfg, plan: Plan, device: str, run: Path, captions: int) -> None:
     """Print the memory plan (``cfg.memory_plan``: auto on a GPU, or on) and refuse a run that cannot fit, naming
     the fixes, before any model loads."""
-    from slimdit.processes import process_state
     from slimdit.speed.memory import GIB, config_memory_plan
 
     if cfg.memory_plan == "off" or (cfg.memory_plan == "auto" and not device.startswith("cuda")):
@@ -92,8 +92,6 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
         keep = _grasp(adapter, student, plan, conditioning, run, made_by)
     record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
-    from slimdit.processes import process_state
-
     state = process_state()  # what the trainer's Accelerator uses
     if cfg.eval.benchmark and cfg.eval.untrained and not (run / "untrained" / BASE_FILE).exists():
         if state.is_main_process:
@@ -144,8 +142,6 @@ def _grasp(adapter, model, plan: Plan, conditioning, run: Path, made_by: dict) -
     if spec.data is None:
         data = conditioning("real")
     else:
-        from slimdit.processes import process_state
-
         with process_state().main_process_first():  # the main process caches, the others read
             data = cached_conditioning(conditioning.pipe, conditioning.teacher, load_dataset(spec.data),
                                        run / "cache", conditioning.max_len)
@@ -161,8 +157,6 @@ def train_protocol(adapter, teacher, student, kept_units: list[str], modified: l
     ``conditioning(kind)`` returns the cached data of a phase's dataset (``real`` or ``synth``); ``validate``, if
     given, is the trainer's validation (``slimdit.distill.fidelity.teacher_validator``).
     """
-    from slimdit.processes import process_state
-
     state = process_state()  # what the trainer's Accelerator uses
     teacher_units = adapter.units(teacher)
     steps = phase_steps(phases, train_fields["steps"])
@@ -214,8 +208,6 @@ class Conditionings:
 
     def __call__(self, kind: str):
         if kind not in self.cache:
-            from slimdit.processes import process_state
-
             # under several processes the main one builds a missing cache (or synthetic set); the others then read it
             with process_state().main_process_first():
                 self.cache[kind] = self._load(kind)
