@@ -201,3 +201,23 @@ def test_the_empty_pooled_ablation_gives_every_prompt_the_empty_captions_pooled_
     assert torch.allclose(pooled_a, pooled_p[2].expand_as(pooled_a), atol=1e-6)  # ... the ablation does not
     assert torch.equal(t5_a, t5_p)  # and T5 is untouched
     assert "ablation" in json.loads((ablated / "slimdit.json").read_text())
+
+
+def test_qk_norm_init_starts_every_query_and_key_norm_there_and_nothing_else(tmp_path):
+    from slimdit.worlds.shapes.flux import build_transformer
+    from slimdit.worlds.shapes.flux_teacher import flux_config, scale_qk_norms
+
+    cfg = FluxTeacherConfig(**TINY)
+    a, b = build_transformer(cfg.shape()), build_transformer(cfg.shape())
+    b.load_state_dict(a.state_dict())
+    assert scale_qk_norms(b, 1.5) == 4 + 2  # the double block's four (both streams), the single block's two
+    sa, sb = a.state_dict(), b.state_dict()
+    changed = sorted(k for k in sa if not torch.equal(sa[k], sb[k]))
+    assert changed and all(k.split(".")[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k") for k in changed)
+    assert all(torch.all(sb[k] == 1.5) for k in changed)
+    # in a run: after two steps (AdamW moves a weight by about lr = 8e-4 a step) the norms sit at the recipe's value
+    _, w = _weights(train_flux_base(tmp_path / "qk", FluxTeacherConfig(steps=2, qk_norm_init=1.5, **TINY)))
+    qk = [v for k, v in w.items() if k.startswith("transformer.") and k.split(".")[-2] in ("norm_q", "norm_k")]
+    assert len(qk) == 4 and all(torch.allclose(v, torch.full_like(v, 1.5), atol=0.01) for v in qk)
+    with pytest.raises(ValueError, match="qk_norm_init must be positive"):
+        flux_config(tmp_path / "new", {"qk_norm_init": 0.0})

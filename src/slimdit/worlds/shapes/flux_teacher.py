@@ -48,6 +48,12 @@ class FluxTeacherConfig:
     # a directory) whose T5 ``text_encoder`` starts ours, and whether it then stays frozen
     t5_from: str = ""
     freeze_t5: bool = False
+    # what every query and key RMSNorm weight starts at. Flux normalises queries and keys, so an attention logit is
+    # at most sqrt(head_dim) times the product of the two norms' weights: about 4.9 at this head_dim (24) with the
+    # weights at 1, against 11.3 at Flux-dev's 128. Trained bases kept these weights near 1 (mean 0.8-1.5), so
+    # their attention could never single out one word as sharply as Flux-dev's can; shapes-pixart (same heads, no
+    # query/key norm) binds attributes. 1.5 starts the bound near Flux-dev's. Read only when a run starts.
+    qk_norm_init: float = 1.0
     # base training
     steps: int = 30000
     batch_size: int = 64
@@ -115,6 +121,8 @@ def _checked(cfg: FluxTeacherConfig) -> FluxTeacherConfig:
         raise ValueError(f"latents must be 'sample' or 'mean', got {cfg.latents!r}")
     if not 0.0 <= cfg.pooled_dropout < 1.0:
         raise ValueError(f"pooled_dropout must lie in [0, 1), got {cfg.pooled_dropout}")
+    if cfg.qk_norm_init <= 0:
+        raise ValueError(f"qk_norm_init must be positive, got {cfg.qk_norm_init}")
     if cfg.freeze_t5 and not cfg.t5_from:
         raise ValueError("freeze_t5 needs t5_from: a T5 trained from scratch cannot stay frozen")
     if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
@@ -197,6 +205,7 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
     t5 = pretrained_t5(cfg)  # loaded, not drawn: the seeded draws below then start at the CLIP and transformer
     torch.manual_seed(cfg.seed)
     pipe = build_pipeline(cfg.shape(), vae=vae, text_encoder_2=t5).to(device)
+    scale_qk_norms(pipe.transformer, cfg.qk_norm_init)  # a resumed run's checkpoint then overwrites them
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
                "text_encoder_2": pipe.text_encoder_2}
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
@@ -230,6 +239,17 @@ def train_flux_base(run_dir: str | Path, cfg: FluxTeacherConfig | None = None,
             break
     loop.close()
     return run
+
+
+def scale_qk_norms(transformer: torch.nn.Module, value: float) -> int:
+    """Set every query/key RMSNorm weight of a ``FluxTransformer2DModel`` (both streams) to ``value``; returns how
+    many norms it set. The model stays a plain diffusers one: only the starting weights change."""
+    names = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+    norms = [m for n, m in transformer.named_modules() if n.rpartition(".")[2] in names and m.weight is not None]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.fill_(value)
+    return len(norms)
 
 
 def _drop_pooled(caps: list[str], cfg: FluxTeacherConfig, step: int) -> list[str]:
