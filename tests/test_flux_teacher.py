@@ -216,8 +216,13 @@ def test_qk_norm_init_starts_every_query_and_key_norm_there_and_nothing_else(tmp
     assert changed and all(k.split(".")[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k") for k in changed)
     assert all(torch.all(sb[k] == 1.5) for k in changed)
     # in a run: after two steps (AdamW moves a weight by about lr = 8e-4 a step) the norms sit at the recipe's value
-    _, w = _weights(train_flux_base(tmp_path / "qk", FluxTeacherConfig(steps=2, qk_norm_init=1.5, **TINY)))
-    qk = [v for k, v in w.items() if k.startswith("transformer.") and k.split(".")[-2] in ("norm_q", "norm_k")]
-    assert len(qk) == 4 and all(torch.allclose(v, torch.full_like(v, 1.5), atol=0.01) for v in qk)
+    from slimdit.io import load_tensors
+
+    run = train_flux_base(tmp_path / "qk", FluxTeacherConfig(steps=2, qk_norm_init=1.5, **TINY))
+    ck = sorted((run / "checkpoints").glob("step_*"))[-1]
+    for name in ("model", "ema"):  # the EMA copy starts from the scaled weights too
+        w = load_tensors(ck / f"{name}.safetensors")
+        qk = [v for k, v in w.items() if k.startswith("transformer.") and k.split(".")[-2] in ("norm_q", "norm_k")]
+        assert len(qk) == 4 and all(torch.allclose(v, torch.full_like(v, 1.5), atol=0.01) for v in qk), name
     with pytest.raises(ValueError, match="qk_norm_init must be positive"):
         flux_config(tmp_path / "new", {"qk_norm_init": 0.0})

@@ -76,7 +76,7 @@ def joint_attention_recorded(transformer):
     tokens)."""
     import diffusers.models.transformers.transformer_flux as flux
 
-    records: list[list[torch.Tensor]] = []
+    records: list[list[Recorded]] = []
     text_len = {}
 
     def pre(_module, _args, kwargs):
@@ -144,4 +144,4 @@ def probe_binding(model: str, seeds: int = 4, steps: int | None = None, early: f
                               "wrong": w.round(4).tolist()})
     mean = sums / max(count, 1)
     return BindingProbe(blocks, mean[0].round(4).tolist(), mean[1].round(4).tolist(), len(PAIRS) * seeds, both,
-                        per_image, torch.stack(peaks).mean(0).round(decimals=3).tolist())
+                        per_image, [round(float(x), 3) for x in torch.stack(peaks).mean(0)] if peaks else [])

@@ -50,9 +50,9 @@ class FluxTeacherConfig:
     freeze_t5: bool = False
     # what every query and key RMSNorm weight starts at. Flux normalises queries and keys, so an attention logit is
     # at most sqrt(head_dim) times the product of the two norms' weights: about 4.9 at this head_dim (24) with the
-    # weights at 1, against 11.3 at Flux-dev's 128. Trained bases kept these weights near 1 (mean 0.8-1.5), so
-    # their attention could never single out one word as sharply as Flux-dev's can; shapes-pixart (same heads, no
-    # query/key norm) binds attributes. 1.5 starts the bound near Flux-dev's. Read only when a run starts.
+    # weights at 1, against 11.3 at Flux-dev's 128. Trained bases kept these weights near 1 (means 0.8-1.5 per
+    # block), while shapes-pixart (the same heads, no query/key norm) binds attributes; whether the bound is what
+    # holds binding back is what a run at 1.5 (a bound near Flux-dev's) tests. Read only when a run starts.
     qk_norm_init: float = 1.0
     # base training
     steps: int = 30000
@@ -121,7 +121,7 @@ def _checked(cfg: FluxTeacherConfig) -> FluxTeacherConfig:
         raise ValueError(f"latents must be 'sample' or 'mean', got {cfg.latents!r}")
     if not 0.0 <= cfg.pooled_dropout < 1.0:
         raise ValueError(f"pooled_dropout must lie in [0, 1), got {cfg.pooled_dropout}")
-    if cfg.qk_norm_init <= 0:
+    if not cfg.qk_norm_init > 0:  # NaN too
         raise ValueError(f"qk_norm_init must be positive, got {cfg.qk_norm_init}")
     if cfg.freeze_t5 and not cfg.t5_from:
         raise ValueError("freeze_t5 needs t5_from: a T5 trained from scratch cannot stay frozen")
