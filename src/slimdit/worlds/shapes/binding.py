@@ -133,8 +133,8 @@ def probe_binding(model: str, seeds: int = 4, steps: int | None = None, early: f
                 per_image.append({"prompt": prompt, "seed": seed, "both_colours": False})
                 continue
             both += 1
-            att = torch.stack([torch.stack([b.attention for b in p]) for p in first])[:, :, 0]  # steps, blocks, image
-            # tokens, text
+            # steps, blocks, image tokens, text tokens
+            att = torch.stack([torch.stack([b.attention for b in p]) for p in first])[:, :, 0]
             right = (att[:, :, lab == 0, i1].mean(-1) + att[:, :, lab == 1, i2].mean(-1)) / 2
             wrong = (att[:, :, lab == 0, i2].mean(-1) + att[:, :, lab == 1, i1].mean(-1)) / 2
             r, w = right.mean(0).numpy(), wrong.mean(0).numpy()
