@@ -181,6 +181,62 @@ def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipel
     assert "distribution matching distillation" in card and "- distribution-matching-distillation" in card
 
 
+def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_teacher(tiny_teacher, tmp_path,
+                                                                                        monkeypatch):
+    """``refine:`` adds one DMD2 round on the final steps after progressive distillation's rounds. It starts from the
+    last halving's student, and its real score is the run's own teacher with CFG, not the previous round's student."""
+    import json
+
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.distill import fewstep
+    from slimdit.models.storage import load_model
+
+    seen = {}
+
+    def spy(method):
+        build = fewstep.LOSSES[method]
+
+        def wrapped(r):
+            seen[r.steps, method] = (r.teacher, r.cfg_null is not None)
+            return build(r)
+        return wrapped
+
+    for method in ("progressive", "dmd2"):
+        monkeypatch.setitem(fewstep.LOSSES, method, spy(method))
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "steps": 2, "start": 4, "fake_updates": 2,
+           "refine": {"steps": 3, "lr": 1e-3},
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.0,
+                     "log_every": 1},
+           "eval": {"benchmark": None, "bench": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == ["00_2steps", "01_2steps_dmd2"]
+    done = json.loads((run / "rounds" / "01_2steps_dmd2" / "done.json").read_text())
+    assert (done["method"], done["steps"], done["train_steps"]) == ("dmd2", 2, 3)
+    rows = [json.loads(r) for r in (run / "rounds" / "01_2steps_dmd2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("fake" in r and r["lr"] <= 1e-3 for r in rows)
+    # both rounds are taught by the guided original (the halving's first round, and the refining round again)
+    (pd_teacher, pd_cfg), (dmd_teacher, dmd_cfg) = seen[2, "progressive"], seen[2, "dmd2"]
+    assert dmd_teacher is pd_teacher and pd_cfg and dmd_cfg
+    # the refining round trained the halving's student further, and that is the final student
+    halved = load_model(run / "rounds" / "00_2steps" / "student" / "transformer")
+    final = load_model(run / "student" / "transformer")
+    refined = load_model(run / "rounds" / "01_2steps_dmd2" / "student" / "transformer")
+    assert all(torch.equal(p, q) for p, q in zip(final.parameters(), refined.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(final.parameters(), halved.parameters()))
+    card = (run / "student" / "README.md").read_text()
+    assert "A last round of distribution matching (DMD2" in card and "| 1 | dmd2 | 2 | – | 3 |" in card
+    assert "(the refining round: 3 at lr 0.001)" in card
+    # a rerun finds both rounds done and trains nothing
+    before = (run / "rounds" / "01_2steps_dmd2" / "done.json").read_text()
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert (run / "rounds" / "01_2steps_dmd2" / "done.json").read_text() == before
+
+
 def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_cannot_fit(tiny_teacher, tmp_path,
                                                                                           capsys):
     import json
@@ -194,7 +250,8 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     items = {}
     plans = {}
     for name, method, extra in (("dmd2", "dmd2", {}), ("gan", "dmd2", {"gan_weight": 0.01}),
-                                ("progressive", "progressive", {})):
+                                ("progressive", "progressive", {}),
+                                ("refine", "progressive", {"refine": {"steps": 1}})):
         cfg = {"teacher": tiny_teacher, "out": str(tmp_path / name), "method": method, "steps": 2, "start": 4,
                "memory_plan": "on", "data": {"real": "shapes-train:8"}, **extra,
                "train": {"steps": 1, "batch_size": 2**22}}  # four million images a step: cannot fit
@@ -213,3 +270,4 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     step, gan_step = items["dmd2"]["DMD fake score's step"], items["gan"]["DMD fake score's step"]
     assert step > 0 and gan_step == 2 * step
     assert {k: v for k, v in items["gan"].items() if k not in fake} == items["progressive"]
+    assert items["refine"] == items["dmd2"]  # a refining DMD2 round after the halvings plans the same fake score

@@ -128,7 +128,8 @@ def test_slimdit_steps_halves_in_rounds_and_the_student_samples_with_its_own_sch
     pipe = load_pipeline(student, "cpu")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
     card = (run / "student" / "README.md").read_text()
-    assert "few-step" in card and "| 1 | 2 | 4 | 2 |" in card and "samples in 2 deterministic steps" in card
+    assert "few-step" in card and "| 1 | progressive | 2 | 4 | 2 |" in card
+    assert "samples in 2 deterministic steps" in card
     import re
 
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("path/to/student", student)
@@ -154,6 +155,9 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
         StepsConfig(out="x", method="progressive", gan_weight=0.01)
     with pytest.raises(ValueError, match="gan_unit set without gan_weight > 0"):
         StepsConfig(out="x", method="dmd2", gan_unit="block.1")
+    with pytest.raises(ValueError, match="method consistency has no halvings to refine"):
+        StepsConfig(out="x", method="consistency", refine={"steps": 10})
+    assert StepsConfig(out="x", refine={"steps": 10}, gan_weight=0.01).refine.lr == 1e-5  # the head may refine
     for method in ("dmd2", "progressive"):  # a saved config names every field: it reads back as it was
         saved = StepsConfig(out="x", method=method).model_dump(mode="json")
         assert StepsConfig.model_validate(saved).model_dump(mode="json") == saved

@@ -10,11 +10,14 @@ line between them; the student keeps the Euler scheduler, at ``steps``. ``method
 (:mod:`slimdit.distill.dmd`): distribution matching against the teacher's score with a fake score trained beside
 the student, on the student's own ``steps``-step grid. Each method is a loss built by :data:`LOSSES`. The teacher
 may be any model, a compressed student included, so size and steps compose. With a CFG teacher its guided
-sampling is distilled in (the first round's, for progressive), and the student samples without CFG.
+sampling is distilled in (the first round's, for progressive), and the student samples without CFG. With
+``refine:``, progressive distillation's rounds are followed by one distribution-matching (DMD2) round on the final
+steps, from the last round's student against the run's teacher.
 
-Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each; ``student/`` and ``done.json`` once
-finished), ``student/`` (the final one: transformer, scheduler, sampling defaults, card), ``metrics/*.json``,
-``summary.json``. Rerunning the same config continues where it stopped.
+Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each, ``NN_Msteps_dmd2`` for the
+refining round; ``student/`` and ``done.json`` once finished), ``student/`` (the final one: transformer, scheduler,
+sampling defaults, card), ``metrics/*.json``, ``summary.json``. Rerunning the same config continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, load_
 from slimdit.io import read_json, write_json
 
 
+class RefineSection(_Strict):
+    """A last round after progressive distillation's halvings: distribution matching (DMD2, with the run's
+    ``fake_updates``, ``fake_lr`` and GAN settings) on the final steps, from the last round's student against the
+    run's teacher (its CFG distilled in again). Halving trains each student step on its own trajectory segment;
+    matching the teacher's distribution corrects what the halvings lost on the samples the student really makes."""
+
+    method: Literal["dmd2"] = "dmd2"
+    steps: int = Field(200, ge=1)  # optimizer steps; the rest of the train section is the run's
+    lr: float = Field(1e-5, gt=0)  # a tenth of a halving round's: the student only needs nudging
+
+
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     # the model the student starts from (default: the teacher), e.g. a compressed student that learns the original
@@ -49,6 +63,7 @@ class StepsConfig(_Strict):
     gan_weight: float = Field(0.0, ge=0)  # dmd2: the student's GAN loss weight (0: no GAN head)
     gan_d_weight: float = Field(1e-2, gt=0)  # dmd2: the GAN head's loss weight in the fake score's steps
     gan_unit: str | None = None  # dmd2: the unit whose features the GAN head reads (default: the middle one)
+    refine: RefineSection | None = None  # progressive: a DMD2 round after the halvings (None: none)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
     # the memory plan before any model loads (student: the teacher's size; dmd2: its fake score too): auto on a
@@ -71,9 +86,14 @@ class StepsConfig(_Strict):
         # by value, not by the fields a file names: a saved config.yaml names every field at its default
         gan = {k for k in ("gan_weight", "gan_d_weight", "gan_unit")
                if getattr(self, k) != type(self).model_fields[k].default}
-        if self.method != "dmd2" and gan:
-            raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2, not {self.method}")
-        if self.method == "dmd2" and not self.gan_weight and gan - {"gan_weight"}:
+        if self.refine is not None and self.method != "progressive":
+            raise ValueError(f"refine: a DMD2 round after progressive distillation's halvings; method {self.method} "
+                             "has no halvings to refine (use method: dmd2 for distribution matching alone)")
+        dmd = self.method == "dmd2" or self.refine is not None
+        if not dmd and gan:
+            raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2 (or refine), not "
+                             f"{self.method}")
+        if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
         if self.method == "reflow" and self.train.caption_dropout:
@@ -87,13 +107,21 @@ class StepsConfig(_Strict):
 
 
 def rounds(cfg: StepsConfig) -> list[int]:
-    """The student steps of each round: start/2, start/4, ..., steps (consistency, reflow: one round, steps)."""
+    """The student steps of each round: start/2, start/4, ..., steps (consistency, reflow: one round, steps), then
+    steps again for a refining round."""
+    return [n for n, _ in _rounds(cfg)]
+
+
+def _rounds(cfg: StepsConfig) -> list[tuple[int, str]]:
+    """Each round's student steps and method."""
     if cfg.method != "progressive":
-        return [cfg.steps]
+        return [(cfg.steps, cfg.method)]
     out, n = [], cfg.start
     while n > cfg.steps:
         n //= 2
-        out.append(n)
+        out.append((n, "progressive"))
+    if cfg.refine is not None:
+        out.append((cfg.steps, cfg.refine.method))
     return out
 
 
@@ -154,31 +182,38 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     del start
     consistency = cfg.method == "consistency"
     scheduler = lcm_scheduler(sched_config, cfg.solver_steps) if consistency else student_scheduler(sched_config)
+    original = teacher  # a refining round's teacher; the halvings' are the previous rounds' students
     with parked(pipe, frozen_components(pipe)):
-        for i, n in enumerate(rounds(cfg)):
-            rdir = run / "rounds" / f"{i:02d}_{n}steps"
+        for i, (n, method) in enumerate(_rounds(cfg)):
+            refining = method != cfg.method
+            rdir = run / "rounds" / (f"{i:02d}_{n}steps" + (f"_{method}" if refining else ""))
             if (rdir / "done.json").exists():
                 student = cast_io(load_model(rdir / "student" / "transformer").to(device,
                                                                                    DTYPES[cfg.train.student_dtype]))
                 teacher = copy.deepcopy(student).requires_grad_(False).eval()  # as after a trained round
                 continue
             # round 0 distils the CFG teacher's guided steps; later teachers are students that sample without CFG
+            # a refining round goes back to the run's teacher, and so to its CFG
+            teacher = original if refining else teacher
             ctx = _Round(cfg, adapter, teacher, data, sched_config, tokens, w, guided_input, n,
-                         data.null if (i == 0 and not guided_input and w != 1) else None, run, state, defaults,
-                         progress)
-            loss, train_data = LOSSES[cfg.method](ctx)
-            tcfg = TrainConfig(**{**cfg.train.model_dump(), "betas": tuple(cfg.train.betas),
-                                  "eps": tuple(cfg.train.eps)})
+                         data.null if ((i == 0 or refining) and not guided_input and w != 1) else None, run, state,
+                         defaults, progress)
+            loss, train_data = LOSSES[method](ctx)
+            train = {**cfg.train.model_dump(), "betas": tuple(cfg.train.betas), "eps": tuple(cfg.train.eps)}
+            if refining:
+                train.update(steps=cfg.refine.steps, lr=cfg.refine.lr,
+                             warmup_steps=max(1, min(cfg.train.warmup_steps, cfg.refine.steps // 10)))
+            tcfg = TrainConfig(**train)
             t0 = time.time()
             trainer = Trainer(adapter, teacher, student, train_data, tcfg, rdir, loss=loss)
             last = trainer.train(progress=progress)
             student = trainer.student_model(use_ema=tcfg.ema_decay is not None).to(device)
             teacher_steps = {"consistency": cfg.solver_steps, "progressive": 2 * n, "dmd2": None}.get(
-                cfg.method, cfg.pair_steps or defaults["num_inference_steps"])
+                method, cfg.pair_steps or defaults["num_inference_steps"])
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
                              sampling=_sampling(n, w, guided_input))
-                write_json(rdir / "done.json", {"steps": n, "method": cfg.method,
+                write_json(rdir / "done.json", {"steps": n, "method": method,
                                                 "teacher_steps": teacher_steps,
                                                 "train_steps": tcfg.steps,
                                                 "seconds": round(time.time() - t0, 1), "last": last})

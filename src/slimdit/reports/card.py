@@ -112,12 +112,20 @@ def _fewstep(f: RunFacts) -> str:
                f"the first round's teacher took {first['teacher_steps']}. Each round halves the steps: one student "
                "step learns to land where two steps of the round's teacher land. A CFG teacher's guided steps are "
                "distilled in the first round, so the student samples without CFG, one transformer pass per step.")
+        if last.get("method") == "dmd2":
+            how += (f" A last round of distribution matching (DMD2, Yin et al. 2024) at {last['steps']} steps then "
+                    "pulled the student's own samples onto the teacher's guided distribution, with a fake score "
+                    f"trained beside it ({c.get('fake_updates', 5)} fake updates per student update).")
     out = [how + " Its transformer has the teacher's architecture.", "", "## How it was trained", "",
            f"- {t.get('steps', '?')} optimizer steps per round, batch {t.get('batch_size', '?')}, "
-           f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}; data `{(c.get('data') or {}).get('real', '?')}`",
-           "", "| round | student steps | teacher steps | optimizer steps | seconds | last loss |",
-           "|---|---|---|---|---|---|"]
-    out += [f"| {i} | {r['steps']} | {r['teacher_steps'] or '–'} | {r['train_steps']} | {r.get('seconds', '')} | "
+           f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}"
+           + (f" (the refining round: {c['refine'].get('steps')} at lr {c['refine'].get('lr')})"
+              if c.get("refine") else "")
+           + f"; data `{(c.get('data') or {}).get('real', '?')}`",
+           "", "| round | method | student steps | teacher steps | optimizer steps | seconds | last loss |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {i} | {r.get('method', '')} | {r['steps']} | {r['teacher_steps'] or '–'} | {r['train_steps']} | "
+            f"{r.get('seconds', '')} | "
             f"{_fmt((r.get('last') or {}).get('total'))} |" for i, r in enumerate(f.rounds)]
     return "\n".join(out)
 

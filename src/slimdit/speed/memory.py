@@ -295,9 +295,9 @@ def device_gib(device: str) -> float | None:
 def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processes: int = 1,
                        both: bool = False) -> MemoryPlan:
     """The memory plan of distillation config ``cfg`` (a :class:`slimdit.config.DistillConfig`, or a few-step
-    :class:`slimdit.distill.fewstep.StepsConfig`, whose student has the teacher's size and whose ``dmd2`` adds the
-    fake score) on ``device``: its teacher, plan, micro-batch, precision, checkpointing and processes, before any
-    model loads."""
+    :class:`slimdit.distill.fewstep.StepsConfig`, whose student has the teacher's size and whose ``dmd2`` or
+    ``refine`` adds the fake score) on ``device``: its teacher, plan, micro-batch, precision, checkpointing and
+    processes, before any model loads."""
     from slimdit.distill.trainer import _mixed_precision
     from slimdit.models.precision import DTYPES, frozen_dtype
 
@@ -311,4 +311,5 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        offload_optimizer=t.offload_optimizer,
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both,
-                       fake_score=getattr(cfg, "method", None) == "dmd2", gan=bool(getattr(cfg, "gan_weight", 0)))
+                       fake_score=getattr(cfg, "method", None) == "dmd2" or getattr(cfg, "refine", None) is not None,
+                       gan=bool(getattr(cfg, "gan_weight", 0)))
