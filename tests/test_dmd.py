@@ -190,7 +190,7 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
     import yaml
 
     from slimdit.cli import main
-    from slimdit.distill import fewstep
+    from slimdit.distill import fewstep, trainer
     from slimdit.models.storage import load_model
 
     seen = {}
@@ -205,10 +205,18 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
 
     for method in ("progressive", "dmd2"):
         monkeypatch.setitem(fewstep.LOSSES, method, spy(method))
+    dropout = []
+
+    class Trainer(trainer.Trainer):
+        def __init__(self, *args, **kwargs):
+            dropout.append(args[4].caption_dropout)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "Trainer", Trainer)
     cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "steps": 2, "start": 4, "fake_updates": 2,
            "refine": {"steps": 3, "lr": 1e-3},
            "data": {"real": "shapes-train:8"},
-           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.0,
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.1,
                      "log_every": 1},
            "eval": {"benchmark": None, "bench": False}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -222,6 +230,7 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
     # both rounds are taught by the guided original (the halving's first round, and the refining round again)
     (pd_teacher, pd_cfg), (dmd_teacher, dmd_cfg) = seen[2, "progressive"], seen[2, "dmd2"]
     assert dmd_teacher is pd_teacher and pd_cfg and dmd_cfg
+    assert dropout == [0.1, 0.0]  # the refining round matches each caption's guided distribution: no dropout
     # the refining round trained the halving's student further, and that is the final student
     halved = load_model(run / "rounds" / "00_2steps" / "student" / "transformer")
     final = load_model(run / "student" / "transformer")

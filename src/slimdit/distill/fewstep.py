@@ -43,7 +43,9 @@ class RefineSection(_Strict):
     matching the teacher's distribution corrects what the halvings lost on the samples the student really makes."""
 
     method: Literal["dmd2"] = "dmd2"
-    steps: int = Field(200, ge=1)  # optimizer steps; the rest of the train section is the run's
+    # optimizer steps; the rest of the train section is the run's, with no caption dropout (it matches the guided
+    # distribution of each caption)
+    steps: int = Field(200, ge=1)
     lr: float = Field(1e-5, gt=0)  # a tenth of a halving round's: the student only needs nudging
 
 
@@ -201,7 +203,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             loss, train_data = LOSSES[method](ctx)
             train = {**cfg.train.model_dump(), "betas": tuple(cfg.train.betas), "eps": tuple(cfg.train.eps)}
             if refining:
-                train.update(steps=cfg.refine.steps, lr=cfg.refine.lr,
+                train.update(steps=cfg.refine.steps, lr=cfg.refine.lr, caption_dropout=0.0,
                              warmup_steps=max(1, min(cfg.train.warmup_steps, cfg.refine.steps // 10)))
             tcfg = TrainConfig(**train)
             t0 = time.time()
