@@ -157,7 +157,7 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
         StepsConfig(out="x", method="dmd2", gan_unit="block.1")
     with pytest.raises(ValueError, match="method consistency has no halvings to refine"):
         StepsConfig(out="x", method="consistency", refine={"steps": 10})
-    assert StepsConfig(out="x", refine={"steps": 10}, gan_weight=0.01).refine.lr == 1e-5  # the head may refine
+    assert StepsConfig(out="x", refine={"steps": 10}, gan_weight=0.01).refine.lr == 3e-5  # the head may refine
     for method in ("dmd2", "progressive"):  # a saved config names every field: it reads back as it was
         saved = StepsConfig(out="x", method=method).model_dump(mode="json")
         assert StepsConfig.model_validate(saved).model_dump(mode="json") == saved

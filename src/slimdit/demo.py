@@ -47,7 +47,7 @@ class FewStepSection(_Strict):
     start: int = Field(16, ge=2)
     train: TrainSection = TrainSection(steps=250, batch_size=32, optimizer="adamw", lr=1e-4, warmup_steps=20,
                                        grad_clip=1.0, weight_decay=0.0, val_every=0, checkpoint_every=50)
-    refine: RefineSection | None = RefineSection(steps=200, lr=1e-5)
+    refine: RefineSection | None = RefineSection(steps=200, lr=3e-5)
     fake_updates: int = Field(5, ge=1)  # refine: the fake score's steps per student step
     fake_lr: float = Field(1e-4, gt=0)  # refine: the fake score's learning rate
 

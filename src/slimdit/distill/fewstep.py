@@ -46,7 +46,7 @@ class RefineSection(_Strict):
     # optimizer steps; the rest of the train section is the run's, with no caption dropout (it matches the guided
     # distribution of each caption)
     steps: int = Field(200, ge=1)
-    lr: float = Field(1e-5, gt=0)  # a tenth of a halving round's: the student only needs nudging
+    lr: float = Field(3e-5, gt=0)  # below a halving round's 1e-4: the student only needs nudging
 
 
 class StepsConfig(_Strict):
