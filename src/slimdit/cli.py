@@ -243,14 +243,14 @@ def _main_process() -> bool:
 
 def cmd_steps(a: argparse.Namespace) -> None:
     from slimdit.config import load_config, parse_sets
-    from slimdit.distill.fewstep import StepsConfig, rounds, run_steps
+    from slimdit.distill.fewstep import StepsConfig, describe_rounds, run_steps
 
     cfg = load_config(a.config, StepsConfig, overrides=parse_sets(a.set))
     if a.dry_run:
         import yaml
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        print(f"# rounds: {' -> '.join(str(n) for n in [cfg.start, *rounds(cfg)])} steps")
+        print(f"# rounds: {describe_rounds(cfg)}")
         return
     run = run_steps(cfg)
     if _main_process():

@@ -81,10 +81,10 @@ class StepsConfig(_Strict):
         if self.method == "consistency" and self.steps > self.solver_steps:
             raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): LCMScheduler "
                              "samples on the training grid")
-        if self.method == "dmd2" and self.train.sharding in ("fsdp", "zero3"):
-            raise ValueError(f"method: dmd2 runs a drawn number of student passes per update (backward simulation), "
-                             f"which sharded weights (train.sharding: {self.train.sharding}) would have to gather in "
-                             "step on every process: use train.sharding none or zero2")
+        if (self.method == "dmd2" or self.refine is not None) and self.train.sharding in ("fsdp", "zero3"):
+            raise ValueError(f"method: dmd2 (and refine) runs a drawn number of student passes per update (backward "
+                             f"simulation), which sharded weights (train.sharding: {self.train.sharding}) would have "
+                             "to gather in step on every process: use train.sharding none or zero2")
         # by value, not by the fields a file names: a saved config.yaml names every field at its default
         gan = {k for k in ("gan_weight", "gan_d_weight", "gan_unit")
                if getattr(self, k) != type(self).model_fields[k].default}
@@ -108,14 +108,16 @@ class StepsConfig(_Strict):
         return self
 
 
-def rounds(cfg: StepsConfig) -> list[int]:
-    """The student steps of each round: start/2, start/4, ..., steps (consistency, reflow: one round, steps), then
-    steps again for a refining round."""
-    return [n for n, _ in _rounds(cfg)]
+def describe_rounds(cfg: StepsConfig) -> str:
+    """The rounds in one line, e.g. ``16 -> 8 -> 4 -> 4 (dmd2) steps``."""
+    parts = [str(cfg.start)] if cfg.method == "progressive" else []
+    parts += [f"{n} ({m})" if m != cfg.method else str(n) for n, m in _rounds(cfg)]
+    return " -> ".join(parts) + " steps"
 
 
 def _rounds(cfg: StepsConfig) -> list[tuple[int, str]]:
-    """Each round's student steps and method."""
+    """Each round's student steps and method: start/2, start/4, ..., steps by halving (consistency, reflow, dmd2:
+    one round, steps), then steps again for a refining round."""
     if cfg.method != "progressive":
         return [(cfg.steps, cfg.method)]
     out, n = [], cfg.start
@@ -220,6 +222,9 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                                                 "train_steps": tcfg.steps,
                                                 "seconds": round(time.time() - t0, 1), "last": last})
             state.wait_for_everyone()
+            del trainer, loss  # the round's optimizer states (and a fake score) go before the next round builds its own
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             teacher = copy.deepcopy(student).requires_grad_(False).eval()
     if not state.is_main_process:  # saving, evaluating and benchmarking are the main process's
         return run
@@ -227,6 +232,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                  sampling=_sampling(cfg.steps, w, guided_input))
     summary = {"teacher": cfg.teacher, "student": str(run / "student"), "started_from": cfg.student or cfg.teacher,
                "method": cfg.method, "steps": cfg.steps,
+               "refine": cfg.refine.model_dump() if cfg.refine is not None else None,
                "teacher_steps": defaults["num_inference_steps"],
                "rounds": [read_json(d) for d in sorted((run / "rounds").glob("*/done.json"))]}
     if cfg.eval.benchmark:
