@@ -152,25 +152,31 @@ def test_a_resumed_dmd_run_ends_where_an_uninterrupted_one_ends(tmp_path, gan):
     assert (tmp_path / "a" / "checkpoints" / "step_0000004" / "loss.safetensors").exists()
 
 
+def _tiny_steps_run(tmp_path, teacher, caption_dropout: float, **fields):
+    """``slimdit steps`` on a tiny config (2 steps, 2 fake updates, 2 training steps of batch 2); the run directory."""
+    import yaml
+
+    from slimdit.cli import main
+
+    cfg = {"teacher": teacher, "out": str(tmp_path / "run"), "steps": 2, "fake_updates": 2, **fields,
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1,
+                     "caption_dropout": caption_dropout, "log_every": 1},
+           "eval": {"benchmark": None, "bench": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    return tmp_path / "run"
+
+
 @pytest.mark.parametrize("which", ["pixart", "flux"])
 def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipeline, tmp_path):
     import json
 
-    import yaml
-
-    from slimdit.cli import main
     from slimdit.pipelines.loading import load_sampler, sampling_defaults
 
     teacher = tiny_teacher if which == "pixart" else str(tiny_flux_pipeline)
-    cfg = {"teacher": teacher, "out": str(tmp_path / "run"), "method": "dmd2", "steps": 2, "fake_updates": 2,
-           "gan_weight": 0.01 if which == "flux" else 0.0,  # Flux: the GAN head on a double block's image stream
-           "data": {"real": "shapes-train:8"},
-           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.0,
-                     "log_every": 1},
-           "eval": {"benchmark": None, "bench": False}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
-    run = tmp_path / "run"
+    # Flux: the GAN head on a double block's image stream
+    run = _tiny_steps_run(tmp_path, teacher, 0.0, method="dmd2", gan_weight=0.01 if which == "flux" else 0.0)
     rows = [json.loads(r) for r in (run / "rounds" / "00_2steps" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("fake" in r and "dm" in r for r in rows)
     assert all(("gan" in r and "disc" in r) == (which == "flux") for r in rows)
@@ -186,8 +192,6 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
     """``refine:`` adds one DMD2 round on the final steps after progressive distillation's rounds. It starts from the
     last halving's student, and its real score is the run's own teacher with CFG, not the previous round's student."""
     import json
-
-    import yaml
 
     from slimdit.cli import main
     from slimdit.distill import fewstep, trainer
@@ -213,15 +217,7 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "Trainer", Trainer)
-    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "steps": 2, "start": 4, "fake_updates": 2,
-           "refine": {"steps": 3, "lr": 1e-3},
-           "data": {"real": "shapes-train:8"},
-           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "caption_dropout": 0.1,
-                     "log_every": 1},
-           "eval": {"benchmark": None, "bench": False}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
-    run = tmp_path / "run"
+    run = _tiny_steps_run(tmp_path, tiny_teacher, 0.1, start=4, refine={"steps": 3, "lr": 1e-3})
     assert sorted(p.name for p in (run / "rounds").iterdir()) == ["00_2steps", "01_2steps_dmd2"]
     done = json.loads((run / "rounds" / "01_2steps_dmd2" / "done.json").read_text())
     assert (done["method"], done["steps"], done["train_steps"]) == ("dmd2", 2, 3)
