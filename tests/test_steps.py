@@ -158,12 +158,21 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
     with pytest.raises(ValueError, match="method consistency has no halvings to refine"):
         StepsConfig(out="x", method="consistency", refine={"steps": 10})
     assert StepsConfig(out="x", refine={"steps": 10}, gan_weight=0.01).refine.lr == 3e-5  # the head may refine
-    with pytest.raises(ValueError, match=r"dmd2 \(and refine\) runs a drawn number"):
+    with pytest.raises(ValueError, match=r"refine \(dmd2\) runs a drawn number"):
         StepsConfig(out="x", refine={"steps": 10}, train={"sharding": "fsdp", "optimizer": "adamw"})
+    with pytest.raises(ValueError, match="method: ladd runs a drawn number"):
+        StepsConfig(out="x", method="ladd", train={"sharding": "fsdp", "optimizer": "adamw"})
+    with pytest.raises(ValueError, match="disc_lr: the discriminator heads belong to method: ladd"):
+        StepsConfig(out="x", method="dmd2", disc_lr=1e-4)
+    with pytest.raises(ValueError, match="gan_weight: the GAN head belongs to method: dmd2"):
+        StepsConfig(out="x", refine={"method": "ladd"}, gan_weight=0.01)
+    assert StepsConfig(out="x", refine={"method": "ladd"}, disc_units=["block.0"]).disc_units == ["block.0"]
     from slimdit.distill.fewstep import describe_rounds
 
     assert describe_rounds(StepsConfig(out="x", steps=4, start=16, refine={})) == "16 -> 8 -> 4 -> 4 (dmd2) steps"
-    for method in ("dmd2", "progressive"):  # a saved config names every field: it reads back as it was
+    ladd = StepsConfig(out="x", steps=2, start=4, refine={"method": "ladd"})
+    assert describe_rounds(ladd) == "4 -> 2 -> 2 (ladd) steps"
+    for method in ("dmd2", "progressive", "ladd"):  # a saved config names every field: it reads back as it was
         saved = StepsConfig(out="x", method=method).model_dump(mode="json")
         assert StepsConfig.model_validate(saved).model_dump(mode="json") == saved
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdit.distill.losses import Batch
-from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+from slimdit.distill.steps import average_gradients, batched_guided_prediction, group_conditions, renoise, simulate
 from slimdit.errors import TrainingDiverged
 
 
@@ -111,26 +111,10 @@ class DMDLoss:
 
     def generate(self, student, batch: Batch) -> torch.Tensor:
         """The student's clean sample at a drawn step of its grid, after backward simulation to that step."""
-        a, obj, g = self.adapter, self.adapter.objective, batch.generator
-        cond, _ = self._conditions(batch, getattr(student, "module", student))
-        n, dev = batch.x0.shape[0], batch.x0.device
-        k = int(torch.randint(len(self.t), (1,), generator=g))
-        x = torch.randn(batch.x0.shape, generator=g).to(dev, batch.x0.dtype)
-        for j in range(k + 1):
-            tt = self.t[j].expand(n).to(dev)
-            with torch.set_grad_enabled(j == k and torch.is_grad_enabled()), batch.autocast():
-                pred = batched_guided_prediction(a, student, x, tt, cond, None, self.guidance).float()
-            if j == k:
-                return obj.x0(x.float(), pred, tt)
-            x = deterministic_step(obj, x.float(), pred, tt, self.s[j].expand(n).to(dev)).to(batch.x0.dtype)
-        raise AssertionError("unreachable")
+        return simulate(self.adapter, student, batch, self.t, self.s, self.guidance)
 
     def _noised(self, x0: torch.Tensor, g: torch.Generator):
-        obj = self.adapter.objective
-        t = obj.sample_t(x0.shape[0], g, self.tokens).to(x0.device)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        xt, target = obj.noise(x0, eps, t)
-        return xt, target, t
+        return renoise(self.adapter.objective, x0, g, self.tokens)
 
     def _head(self, width: int, device) -> GANHead:
         """The GAN head, built (seeded, so a resumed run builds the same) and given to the fake score's optimizer
@@ -170,8 +154,6 @@ class DMDLoss:
     def _fake_step(self, x0: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One denoising step of the fake score on the student's samples ``x0`` (detached), with the GAN head's
         loss (real data against those samples) when there is one: (denoising loss, head loss or None)."""
-        import torch.distributed as dist
-
         a = self.adapter
         cond, _ = self._conditions(batch, self.fake)
         xt, target, t = self._noised(x0, batch.generator)
@@ -186,11 +168,7 @@ class DMDLoss:
         total = loss if disc is None else loss + self.gan_d_weight * disc
         self.fake_opt.zero_grad(set_to_none=True)
         total.backward()
-        if dist.is_available() and dist.is_initialized() and (n := dist.get_world_size()) > 1:
-            for p in self._trained():
-                if p.grad is not None:  # SUM then divide: gloo has no AVG
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                    p.grad.div_(n)
+        average_gradients(self._trained())
         bad = self._nonfinite(total)
         if bad:  # before the step: the fake score (saved in every checkpoint) never takes a non-finite update
             raise TrainingDiverged(f"the DMD fake score diverged: {bad} is not finite; its last update was not "

@@ -8,14 +8,16 @@ of latent consistency distillation on the teacher's ``solver_steps`` grid; the s
 :mod:`slimdit.distill.reflow`): the teacher's ODE pairs (noise, sample), then velocity regression on the straight
 line between them; the student keeps the Euler scheduler, at ``steps``. ``method: dmd2``
 (:mod:`slimdit.distill.dmd`): distribution matching against the teacher's score with a fake score trained beside
-the student, on the student's own ``steps``-step grid. Each method is a loss built by :data:`LOSSES`. The teacher
-may be any model, a compressed student included, so size and steps compose. With a CFG teacher its guided
-sampling is distilled in (the first round's, for progressive), and the student samples without CFG. With
-``refine:``, progressive distillation's rounds are followed by one distribution-matching (DMD2) round on the final
-steps, from the last round's student against the run's teacher.
+the student, on the student's own ``steps``-step grid. ``method: ladd`` (:mod:`slimdit.distill.ladd`): adversarial
+distillation with the frozen teacher's features as the discriminator, on the same grid. Each method is a loss
+built by :data:`LOSSES`. The teacher may be any model, a compressed student included, so size and steps compose.
+With a CFG teacher its guided sampling is distilled in (the first round's, for progressive; LADD learns the data's
+latents instead), and the student samples without CFG. With ``refine:``, progressive distillation's rounds are
+followed by one distribution-matching (DMD2) or adversarial (LADD) round on the final steps, from the last round's
+student against the run's teacher.
 
-Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each, ``NN_Msteps_dmd2`` for the
-refining round; ``student/`` and ``done.json`` once finished), ``student/`` (the final one: transformer, scheduler,
+Layout: ``config.yaml``, ``cache/``, ``rounds/NN_Msteps/`` (a trainer run each, ``NN_Msteps_dmd2`` or ``_ladd`` for
+the refining round; ``student/`` and ``done.json`` once finished), ``student/`` (the final one: transformer, scheduler,
 sampling defaults, card), ``metrics/*.json``, ``summary.json``. Rerunning the same config continues where it
 stopped.
 """
@@ -37,12 +39,13 @@ from slimdit.io import read_json, write_json
 
 
 class RefineSection(_Strict):
-    """A last round after progressive distillation's halvings: distribution matching (DMD2, with the run's
-    ``fake_updates``, ``fake_lr`` and GAN settings) on the final steps, from the last round's student against the
-    run's teacher (its CFG distilled in again). Halving trains each student step on its own trajectory segment;
-    matching the teacher's distribution corrects what the halvings lost on the samples the student really makes."""
+    """A last round after progressive distillation's halvings, on the final steps, from the last round's student:
+    distribution matching (``dmd2``, with the run's ``fake_updates``, ``fake_lr`` and GAN settings) against the
+    run's teacher (its CFG distilled in again), or adversarial distillation (``ladd``, with the run's ``disc_lr``
+    and ``disc_units``) with the run's teacher as the discriminator's features. Halving trains each student step on
+    its own trajectory segment; both correct what the halvings lost on the samples the student really makes."""
 
-    method: Literal["dmd2"] = "dmd2"
+    method: Literal["dmd2", "ladd"] = "dmd2"
     # optimizer steps; the rest of the train section is the run's, with no caption dropout (it matches the guided
     # distribution of each caption)
     steps: int = Field(200, ge=1)
@@ -55,7 +58,7 @@ class StepsConfig(_Strict):
     # teacher's steps; it must run in the teacher's base pipeline (the same text encoders and VAE)
     student: str | None = None
     out: str
-    method: Literal["progressive", "consistency", "reflow", "dmd2"] = "progressive"
+    method: Literal["progressive", "consistency", "reflow", "dmd2", "ladd"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
     start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
     solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
@@ -65,7 +68,9 @@ class StepsConfig(_Strict):
     gan_weight: float = Field(0.0, ge=0)  # dmd2: the student's GAN loss weight (0: no GAN head)
     gan_d_weight: float = Field(1e-2, gt=0)  # dmd2: the GAN head's loss weight in the fake score's steps
     gan_unit: str | None = None  # dmd2: the unit whose features the GAN head reads (default: the middle one)
-    refine: RefineSection | None = None  # progressive: a DMD2 round after the halvings (None: none)
+    disc_lr: float | None = Field(None, gt=0)  # ladd: the discriminator heads' learning rate (default: train.lr)
+    disc_units: list[str] | None = None  # ladd: the teacher's units the heads read (default: every unit)
+    refine: RefineSection | None = None  # progressive: a DMD2 or LADD round after the halvings (None: none)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
     # the memory plan before any model loads (student: the teacher's size; dmd2: its fake score too): auto on a
@@ -81,19 +86,25 @@ class StepsConfig(_Strict):
         if self.method == "consistency" and self.steps > self.solver_steps:
             raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): LCMScheduler "
                              "samples on the training grid")
-        if (self.method == "dmd2" or self.refine is not None) and self.train.sharding in ("fsdp", "zero3"):
-            raise ValueError(f"method: dmd2 (and refine) runs a drawn number of student passes per update (backward "
+        if (self.method in ("dmd2", "ladd") or self.refine is not None) and self.train.sharding in ("fsdp", "zero3"):
+            what = f"method: {self.method}" if self.refine is None else f"refine ({self.refine.method})"
+            raise ValueError(f"{what} runs a drawn number of student passes per update (backward "
                              f"simulation), which sharded weights (train.sharding: {self.train.sharding}) would have "
                              "to gather in step on every process: use train.sharding none or zero2")
         # by value, not by the fields a file names: a saved config.yaml names every field at its default
         gan = {k for k in ("gan_weight", "gan_d_weight", "gan_unit")
                if getattr(self, k) != type(self).model_fields[k].default}
         if self.refine is not None and self.method != "progressive":
-            raise ValueError(f"refine: a DMD2 round after progressive distillation's halvings; method {self.method} "
-                             "has no halvings to refine (use method: dmd2 for distribution matching alone)")
-        dmd = self.method == "dmd2" or self.refine is not None
+            raise ValueError(f"refine: a round after progressive distillation's halvings; method {self.method} "
+                             "has no halvings to refine (use method: dmd2 or ladd alone)")
+        methods = {self.method} | ({self.refine.method} if self.refine is not None else set())
+        disc = {k for k in ("disc_lr", "disc_units") if getattr(self, k) is not None}
+        if disc and "ladd" not in methods:
+            raise ValueError(f"{', '.join(sorted(disc))}: the discriminator heads belong to method: ladd (or refine "
+                             f"with method ladd), not {self.method}")
+        dmd = "dmd2" in methods
         if not dmd and gan:
-            raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2 (or refine), not "
+            raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2 (or a dmd2 refine), not "
                              f"{self.method}")
         if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
@@ -116,8 +127,8 @@ def describe_rounds(cfg: StepsConfig) -> str:
 
 
 def _rounds(cfg: StepsConfig) -> list[tuple[int, str]]:
-    """Each round's student steps and method: start/2, start/4, ..., steps by halving (consistency, reflow, dmd2:
-    one round, steps), then steps again for a refining round."""
+    """Each round's student steps and method: start/2, start/4, ..., steps by halving (consistency, reflow, dmd2,
+    ladd: one round, steps), then steps again for a refining round."""
     if cfg.method != "progressive":
         return [(cfg.steps, cfg.method)]
     out, n = [], cfg.start
@@ -135,6 +146,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.consistency import lcm_scheduler
     from slimdit.distill.dmd import check_gan_unit
+    from slimdit.distill.ladd import check_units
     from slimdit.distill.run import Conditionings, check_memory
     from slimdit.distill.steps import student_scheduler
     from slimdit.distill.trainer import TrainConfig, Trainer
@@ -163,6 +175,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
     check_gan_unit(adapter, teacher, cfg.gan_unit)  # before caching anything
+    check_units(adapter, teacher, cfg.disc_units)
     if cfg.method == "consistency":
         from slimdit.distill.objectives import DDPM
 
@@ -212,7 +225,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             trainer = Trainer(adapter, teacher, student, train_data, tcfg, rdir, loss=loss)
             last = trainer.train(progress=progress)
             student = trainer.student_model(use_ema=tcfg.ema_decay is not None).to(device)
-            teacher_steps = {"consistency": cfg.solver_steps, "progressive": 2 * n, "dmd2": None}.get(
+            teacher_steps = {"consistency": cfg.solver_steps, "progressive": 2 * n, "dmd2": None, "ladd": None}.get(
                 method, cfg.pair_steps or defaults["num_inference_steps"])
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
@@ -329,7 +342,16 @@ def _dmd2(r: _Round):
                    gan_d_weight=r.cfg.gan_d_weight, gan_unit=r.cfg.gan_unit), r.data
 
 
-LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "dmd2": _dmd2}
+def _ladd(r: _Round):
+    from slimdit.distill.ladd import LADDLoss
+    from slimdit.distill.steps import transitions
+
+    t, s = transitions(r.sched_config, r.steps, r.tokens)
+    return LADDLoss(r.adapter, r.teacher, t, s, guidance=r.w if r.guided_input else 1.0,
+                    disc_lr=r.cfg.disc_lr or r.cfg.train.lr, tokens=r.tokens, units=r.cfg.disc_units), r.data
+
+
+LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "dmd2": _dmd2, "ladd": _ladd}
 
 
 def _sampling(steps: int, w: float, guided_input: bool) -> dict:

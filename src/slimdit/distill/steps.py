@@ -110,3 +110,45 @@ def batched_guided_prediction(adapter, model, x, t, cond, null, guidance) -> tor
     both = {k: torch.cat([cond[k], null[k]]) for k in cond}
     c, u = adapter.prediction(inner, adapter.predict(model, torch.cat([x, x]), torch.cat([t, t]), both)).chunk(2)
     return u + guidance * (c - u)
+
+
+def simulate(adapter, student, batch, t: torch.Tensor, s: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+    """A few-step student's clean sample at a drawn step of its grid ``(t, s)``: *backward simulation* runs the
+    student from noise through the steps before it (no graph), so it trains on the inputs it meets when sampling;
+    only the drawn step's prediction keeps its graph. The student samples without CFG (a guidance-distilled one
+    takes ``guidance`` as its input). The step, then the noise, are drawn from ``batch.generator``."""
+    obj, g = adapter.objective, batch.generator
+    cond, _ = group_conditions(adapter, getattr(student, "module", student), batch.cond, None, guidance, 1,
+                               batch.x0.device)
+    n, dev = batch.x0.shape[0], batch.x0.device
+    k = int(torch.randint(len(t), (1,), generator=g))
+    x = torch.randn(batch.x0.shape, generator=g).to(dev, batch.x0.dtype)
+    for j in range(k + 1):
+        tt = t[j].expand(n).to(dev)
+        with torch.set_grad_enabled(j == k and torch.is_grad_enabled()), batch.autocast():
+            pred = batched_guided_prediction(adapter, student, x, tt, cond, None, guidance).float()
+        if j == k:
+            return obj.x0(x.float(), pred, tt)
+        x = deterministic_step(obj, x.float(), pred, tt, s[j].expand(n).to(dev)).to(batch.x0.dtype)
+    raise AssertionError("unreachable")
+
+
+def renoise(objective, x0: torch.Tensor, generator: torch.Generator, tokens: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, target, t)``: ``x0`` noised again at a time the objective's training distribution draws."""
+    t = objective.sample_t(x0.shape[0], generator, tokens).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    xt, target = objective.noise(x0, eps, t)
+    return xt, target, t
+
+
+def average_gradients(params) -> None:
+    """Average ``params``' gradients over the processes of a launch (a loss's own network, whose replicas must
+    stay equal); nothing over one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and (n := dist.get_world_size()) > 1:
+        for p in params:
+            if p.grad is not None:  # SUM then divide: gloo has no AVG
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(n)

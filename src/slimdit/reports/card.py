@@ -40,6 +40,7 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
                        ("consistency-distillation", any(r.get("method") == "consistency" for r in f.rounds)),
                        ("reflow", any(r.get("method") == "reflow" for r in f.rounds)),
                        ("distribution-matching-distillation", any(r.get("method") == "dmd2" for r in f.rounds)),
+                       ("adversarial-distillation", any(r.get("method") == "ladd" for r in f.rounds)),
                        ("few-step", bool(f.rounds)), ("reward-tuning", bool((f.config or {}).get("reward")))):
         if holds:
             tags.append(tag)
@@ -106,6 +107,12 @@ def _fewstep(f: RunFacts) -> str:
                "onto the teacher's distribution by the difference of the teacher's score and a fake score trained "
                f"on the student's own samples ({c.get('fake_updates', 5)} fake updates per student update). A CFG "
                "teacher's guidance is distilled in, so the student samples without CFG, one pass per step.")
+    elif first.get("method") == "ladd":
+        how = (f"A few-step student of `{f.teacher}`, made with slimdit by latent adversarial diffusion distillation "
+               f"(LADD, Sauer et al. 2024): it samples in {last['steps']} deterministic steps with the scheduler saved "
+               "beside it. Its samples (from every step of its grid, reached by running itself) were trained against "
+               "a discriminator made of the frozen teacher's features with small trained heads, which told them "
+               "from the training data's latents. It samples without CFG, one pass per step.")
     else:
         how = (f"A few-step student of `{f.teacher}`, made with slimdit by progressive distillation (Salimans & Ho "
                f"2022): it samples in {last['steps']} deterministic steps with the scheduler saved beside it, where "
@@ -116,6 +123,10 @@ def _fewstep(f: RunFacts) -> str:
             how += (f" A last round of distribution matching (DMD2, Yin et al. 2024) at {last['steps']} steps then "
                     "pulled the student's own samples onto the teacher's guided distribution, with a fake score "
                     f"trained beside it ({c.get('fake_updates', 5)} fake updates per student update).")
+        elif last.get("method") == "ladd":
+            how += (f" A last round of latent adversarial distillation (LADD, Sauer et al. 2024) at {last['steps']} "
+                    "steps then trained the student's own samples against a discriminator made of the frozen "
+                    "teacher's features with small trained heads, which told them from the training data's latents.")
     out = [how + " Its transformer has the teacher's architecture.", "", "## How it was trained", "",
            f"- {t.get('steps', '?')} optimizer steps per round, batch {t.get('batch_size', '?')}, "
            f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}"

@@ -99,14 +99,16 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
                 offload_optimizer: bool = False,
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
-                both: bool = True, fake_score: bool = False, gan: bool = False) -> MemoryPlan:
+                both: bool = True, fake_score: bool = False, gan: bool = False, ladd: bool = False) -> MemoryPlan:
     """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
     ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
     gradient checkpointing (else only the configured setting, unless the plan does not fit). ``fake_score``: DMD2's
     trainable copy of the teacher, whole on every process in fp32 with its gradients and AdamW's two states, and
     the activations of its denoising step, which runs while the student's graph is held (fp32, never
     checkpointed). ``gan``: DMD2's GAN head, whose step adds a pass on real latents (the student's backward
-    through the fake score then holds one pass, fewer than that step's two)."""
+    through the fake score then holds one pass, fewer than that step's two). ``ladd``: LADD's discriminator, the
+    frozen teacher's pass on the student's samples held for the student's backward (fp32 activations, never
+    checkpointed), and its heads in fp32 with gradients and AdamW's two states."""
     from slimdit.models.arch import arch_spec, is_arch, scheduler_config
 
     if frozen_dtype not in DTYPE_BYTES:
@@ -184,6 +186,15 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         one = activation_bytes(cls, config, adapter, whole, model, sched, batch_size, res, seq, "standard",
                                torch.float32, False, vae_scale)
         items["DMD fake score's step"] = one * (2 if gan else 1)
+    if ladd:
+        from slimdit.distill.ladd import HEAD_WIDTH
+
+        whole = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".")) for g in adapter.groups}
+        items["LADD teacher pass"] = activation_bytes(cls, config, adapter, whole, model, sched, batch_size, res, seq,
+                                                      "standard", torch.float32, False, vae_scale)
+        width = _image_width(teacher)
+        hidden = min(width, HEAD_WIDTH)
+        items["LADD heads"] = 16 * len(adapter.units(teacher)) * (2 * width + width * hidden + 2 * hidden + 1)
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
@@ -295,9 +306,9 @@ def device_gib(device: str) -> float | None:
 def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processes: int = 1,
                        both: bool = False) -> MemoryPlan:
     """The memory plan of distillation config ``cfg`` (a :class:`slimdit.config.DistillConfig`, or a few-step
-    :class:`slimdit.distill.fewstep.StepsConfig`, whose student has the teacher's size and whose ``dmd2`` or
-    ``refine`` adds the fake score) on ``device``: its teacher, plan, micro-batch, precision, checkpointing and
-    processes, before any model loads."""
+    :class:`slimdit.distill.fewstep.StepsConfig`, whose student has the teacher's size, whose ``dmd2`` rounds add
+    the fake score and ``ladd`` rounds the discriminator) on ``device``: its teacher, plan, micro-batch, precision,
+    checkpointing and processes, before any model loads."""
     from slimdit.distill.trainer import _mixed_precision
     from slimdit.models.precision import DTYPES, frozen_dtype
 
@@ -311,5 +322,17 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        offload_optimizer=t.offload_optimizer,
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both,
-                       fake_score=getattr(cfg, "method", None) == "dmd2" or getattr(cfg, "refine", None) is not None,
-                       gan=bool(getattr(cfg, "gan_weight", 0)))
+                       fake_score="dmd2" in _step_methods(cfg), gan=bool(getattr(cfg, "gan_weight", 0)),
+                       ladd="ladd" in _step_methods(cfg))
+
+
+def _step_methods(cfg) -> set[str]:
+    """The step-distillation methods a config's rounds use (none for a compression config)."""
+    refine = getattr(cfg, "refine", None)
+    return {getattr(cfg, "method", None)} | ({refine.method} if refine is not None else set())
+
+
+def _image_width(teacher) -> int:
+    """The width of a transformer's image stream (its blocks' hidden size)."""
+    c = teacher.config
+    return int(c.get("num_attention_heads") * c.get("attention_head_dim"))
