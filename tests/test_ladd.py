@@ -42,6 +42,22 @@ def test_the_heads_learn_to_tell_the_data_from_the_students_samples():
     assert sum(first) > 5.4 and sum(last) < 0.6 * sum(first)  # from hinge 2 (no idea) towards 0
 
 
+def test_a_non_finite_head_step_stops_before_it_is_applied():
+    from slimdit.errors import TrainingDiverged
+
+    teacher = tiny()
+    adapter, data = adapter_for(teacher, V), _data()
+    loss = LADDLoss(adapter, teacher, *transitions(V, 2))
+    x0 = torch.zeros(4, *data.latents.shape[1:])
+    loss._disc_step(teacher, x0, _batch(data, seed=4))  # one good step: the optimizer has state to protect
+    before = {k: v.clone() for k, v in loss.state()[0].items()}
+    x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="LADD discriminator diverged: its loss"):
+        loss._disc_step(teacher, x0, _batch(data, seed=5))
+    after = loss.state()[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # heads and optimizer state untouched
+
+
 def test_the_students_gradient_comes_through_the_frozen_teacher_and_trains_nothing_else():
     teacher = tiny().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)

@@ -6,11 +6,13 @@ discriminator that reads the frozen teacher's features, with no distillation los
 - **The discriminator** is the teacher itself, frozen, with one small trainable head per unit (default every unit,
   as LADD reads every block): ``x0`` and a real latent are noised again at a time the objective draws, the teacher
   runs on each with the batch's captions (so its features carry the noise level and the text, which is how LADD
-  conditions its heads), and each head gives a logit per image token from that unit's image stream. The logits
-  are averaged over tokens and heads.
-- **Hinge losses.** The heads take one step of ``relu(1 - D(real)) + relu(1 + D(fake))`` per student update, on
-  the detached samples; the student then minimises ``-D(fake)`` through the teacher (its weights frozen) and the
-  heads (held fixed), so its gradient is the teacher's feature space's verdict on its samples.
+  conditions its heads), and each head gives a logit per image token from that unit's image stream, averaged
+  over the tokens.
+- **Hinge losses**, per head and image, averaged. (A hinge per head and token, the spatial form, kept less on
+  shapes-pixart: 81.4 % against 86.2 %, ``docs/steps.md``.) The heads take one step of
+  ``relu(1 - D(real)) + relu(1 + D(fake))`` per student update, on the detached samples; the student then
+  minimises ``-D(fake)`` through the teacher (its weights frozen) and the heads (held fixed), so its gradient is
+  the teacher's feature space's verdict on its samples.
 - **Real latents** are the training data's (``batch.x0``). LADD prefers the teacher's own samples; with a data set
   of teacher samples the two coincide.
 - A head step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`) before
@@ -37,7 +39,8 @@ HEAD_WIDTH = 256
 
 
 class FeatureHead(nn.Module):
-    """One logit of "real" per image token of a unit's image stream ``(N, tokens, D)``, averaged over tokens."""
+    """One logit of "real" per image from a unit's image stream ``(N, tokens, D)``: a logit per token, averaged
+    over the tokens."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -118,9 +121,9 @@ class LADDLoss:
         return simulate(self.adapter, student, batch, self.t, self.s, self.guidance)
 
     def _logits(self, teacher, x0: torch.Tensor, t: torch.Tensor, batch: Batch, graph: bool) -> torch.Tensor:
-        """The discriminator's logit per sample of ``x0`` noised at ``t``: the teacher's features at the heads'
-        units, each head's token-averaged logit, averaged over the heads. ``graph``: the teacher's pass keeps its
-        graph (the student's update, through ``x0``); else only the heads' part has one."""
+        """The discriminator's logits on ``x0`` noised at ``t``, ``(heads, N)``: each head's logit per image from
+        its unit's features in the teacher. ``graph``: the teacher's pass keeps its graph (the student's
+        update, through ``x0``); else only the heads' part has one."""
         a = self.adapter
         cond, _ = group_conditions(a, teacher, batch.cond, None, self.guidance, 1, x0.device)
         eps = torch.randn(x0.shape, generator=batch.generator).to(x0.device)
@@ -130,14 +133,14 @@ class LADDLoss:
             a.predict(teacher, xt.to(next(teacher.parameters()).dtype), t, cond)
         image = {u.replace(".", "_"): feats[u]["image"] for u in self.units}
         self._build({k: v.shape[-1] for k, v in image.items()}, x0.device)
-        return torch.stack([self.heads[k](v) for k, v in image.items()]).mean(0)
+        return torch.stack([self.heads[k](v) for k, v in image.items()])
 
     def _t(self, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return self.adapter.objective.sample_t(x0.shape[0], g, self.tokens).to(x0.device)
 
     def _disc_step(self, teacher, fake: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """One step of the heads: hinge loss, real latents against the student's (detached) samples, both noised
-        at the same drawn times."""
+        """One step of the heads: the hinge loss of every head on every image, real latents against the student's
+        (detached) samples, both noised at the same drawn times."""
         t = self._t(fake, batch.generator)
         real = self._logits(teacher, batch.x0.float(), t, batch, graph=False)
         loss = F.relu(1 - real).mean() + F.relu(1 + self._logits(teacher, fake, t, batch, graph=False)).mean()
