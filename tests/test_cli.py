@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from slimdit.cli import main
 from slimdit.worlds.shapes.benchmark import select_prompts
@@ -74,7 +75,7 @@ def test_demo_writes_summary_and_report(tmp_path):
 def test_demo_with_steps_makes_the_compressed_student_few_step(tmp_path):
     run = tmp_path / "demo"
     tiny_steps = ["fewstep.start=4", "fewstep.train.steps=2", "fewstep.train.batch_size=2",
-                  "fewstep.train.warmup_steps=1", "fewstep.refine.steps=2", "fewstep.fake_updates=1"]
+                  "fewstep.train.warmup_steps=1", "fewstep.refine.steps=2"]
     sets = [x for item in TINY_DEMO + tiny_steps for x in ("--set", item)]
     assert main(["demo", "--out", str(run), "--steps", "2", *sets]) == 0
     s = json.loads((run / "summary.json").read_text())
@@ -82,8 +83,9 @@ def test_demo_with_steps_makes_the_compressed_student_few_step(tmp_path):
     assert final["steps"] == 2 and final["block_param_ratio"] == size["block_param_ratio"] <= 0.6
     assert {"retained_overall", "latency_ratio", "flop_ratio", "shapes_geneval_overall"} <= set(final)
     assert final["flop_ratio"] < size["flop_ratio"] / 10  # 2 one-pass steps against 20 CFG steps
-    # the halving, then the refining DMD2 round on the same steps
-    assert sorted(p.name for p in (run / "steps" / "rounds").iterdir()) == ["00_2steps", "01_2steps_dmd2"]
+    # the halving, then the refining LADD round on the same steps, its heads at the demo's rate
+    assert sorted(p.name for p in (run / "steps" / "rounds").iterdir()) == ["00_2steps", "01_2steps_ladd"]
+    assert yaml.safe_load((run / "steps" / "config.yaml").read_text())["disc_lr"] == 3e-3
     assert (run / "steps" / "student" / "scheduler").is_dir() and (run / "report.html").exists()
 
 

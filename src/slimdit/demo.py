@@ -40,16 +40,17 @@ class BenchSection(_Strict):
 
 class FewStepSection(_Strict):
     """``slimdit demo --steps N``: after the size stages, progressive distillation of the compressed student from
-    its ``start`` deterministic steps down to ``steps``, then a distribution-matching (DMD2) round on those steps
-    (``refine``; null: none) (:mod:`slimdit.distill.fewstep`)."""
+    its ``start`` deterministic steps down to ``steps``, then a refining round on those steps (``refine``: LADD by
+    default, or DMD2; null: none) (:mod:`slimdit.distill.fewstep`)."""
 
     steps: int | None = Field(None, ge=1)  # None: no step distillation
     start: int = Field(16, ge=2)
     train: TrainSection = TrainSection(steps=250, batch_size=32, optimizer="adamw", lr=1e-4, warmup_steps=20,
                                        grad_clip=1.0, weight_decay=0.0, val_every=0, checkpoint_every=50)
-    refine: RefineSection | None = RefineSection(steps=200, lr=3e-5)
-    fake_updates: int = Field(5, ge=1)  # refine: the fake score's steps per student step
-    fake_lr: float = Field(1e-4, gt=0)  # refine: the fake score's learning rate
+    refine: RefineSection | None = RefineSection(method="ladd", steps=200, lr=1e-5)
+    disc_lr: float = Field(3e-3, gt=0)  # a LADD refine: the discriminator heads' learning rate
+    fake_updates: int = Field(5, ge=1)  # a DMD2 refine: the fake score's steps per student step
+    fake_lr: float = Field(1e-4, gt=0)  # a DMD2 refine: the fake score's learning rate
 
 
 class DemoConfig(RunConfig):
@@ -91,6 +92,7 @@ def _fewstep(cfg: DemoConfig, run: Path, size: dict, teacher: dict, progress: bo
     scfg = StepsConfig(teacher=str(run / "student"), out=str(run / "steps"), steps=f.steps,
                        start=max(f.start, 2 * f.steps), data=cfg.data, train=f.train, device=cfg.device,
                        refine=f.refine, fake_updates=f.fake_updates, fake_lr=f.fake_lr,
+                       disc_lr=f.disc_lr if f.refine is not None and f.refine.method == "ladd" else None,
                        eval={"benchmark": "shapes-geneval", "limit": e.limit, "images_per_prompt": e.images_per_prompt,
                              "seed": e.seed, "bench": False})
     sdir = run_steps(scfg, progress=progress)
