@@ -246,28 +246,31 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
 
 def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_cannot_fit(tiny_teacher, tmp_path,
                                                                                           capsys):
-    import json
-
     import yaml
 
     from slimdit.cli import main
+    from slimdit.compress.plan import Plan
+    from slimdit.distill.fewstep import StepsConfig
+    from slimdit.speed.memory import config_memory_plan
     from slimdit.speed.shapes import build_component, component_configs, param_count
 
+    # a refining DMD2 round that cannot fit is refused, with its plan written, before anything is cached
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "steps": 2, "start": 4, "refine": {"steps": 1},
+           "memory_plan": "on", "data": {"real": "shapes-train:8"},
+           "train": {"steps": 1, "batch_size": 2**22}}  # four million images a step: cannot fit
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "GiB per device" in capsys.readouterr().err
+    assert (tmp_path / "run" / "memory_plan.json").exists()
+    assert not (tmp_path / "run" / "cache").exists() and not (tmp_path / "run" / "rounds").exists()
+
+    def plan(**kw):
+        c = StepsConfig(teacher=tiny_teacher, out="x", steps=2, start=4, **kw, train={"steps": 1, "batch_size": 2})
+        return config_memory_plan(c, Plan(ops=[]), "cpu").items
+
     n_teacher = param_count(build_component(*component_configs(tiny_teacher)["transformer"]))
-    items = {}
-    plans = {}
-    for name, method, extra in (("dmd2", "dmd2", {}), ("gan", "dmd2", {"gan_weight": 0.01}),
-                                ("progressive", "progressive", {}),
-                                ("refine", "progressive", {"refine": {"steps": 1}})):
-        cfg = {"teacher": tiny_teacher, "out": str(tmp_path / name), "method": method, "steps": 2, "start": 4,
-               "memory_plan": "on", "data": {"real": "shapes-train:8"}, **extra,
-               "train": {"steps": 1, "batch_size": 2**22}}  # four million images a step: cannot fit
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        assert main(["steps", "--config", str(tmp_path / f"{name}.yaml")]) == 2
-        assert "GiB per device" in capsys.readouterr().err
-        assert not (tmp_path / name / "cache").exists() and not (tmp_path / name / "rounds").exists()
-        plans[name] = json.loads((tmp_path / name / "memory_plan.json").read_text())
-        items[name] = plans[name]["items"]
+    items = {"dmd2": plan(method="dmd2"), "gan": plan(method="dmd2", gan_weight=0.01), "progressive": plan(),
+             "refine": plan(refine={"steps": 1})}
     assert items["dmd2"]["DMD fake score"] == 16 * n_teacher  # fp32 weights, gradients and AdamW's two states
     fake = {"DMD fake score", "DMD fake score's step"}
     assert not fake & set(items["progressive"])

@@ -5,6 +5,7 @@ units of each group), and the per-unit cost is scaled to the student's units. No
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import nullcontext
 
 import torch
@@ -13,8 +14,24 @@ import torch.nn as nn
 from slimdit.models import adapter_for
 from slimdit.speed.shapes import build_component
 
+#: traced peaks by their inputs: a plan traces the same cut for the student, a fake score or a teacher pass, and
+#: its fixes again (a trace takes seconds; its result depends on nothing else)
+_TRACED: dict[str, int] = {}
+
 
 def _trace_kd_step(cls, config, groups: dict[str, tuple[str, str]], counts: dict[str, int], model: str,
+                   scheduler_config: dict, batch: int, resolution: int, seq_len: int, preset: str,
+                   dtype: torch.dtype, checkpointing: bool, vae_scale: int = 8) -> int:
+    """:func:`_traced_kd_step`, remembered for the process by its inputs."""
+    key = json.dumps([cls.__module__, cls.__qualname__, config, groups, counts, model, scheduler_config, batch,
+                      resolution, seq_len, preset, str(dtype), checkpointing, vae_scale], sort_keys=True, default=str)
+    if key not in _TRACED:
+        _TRACED[key] = _traced_kd_step(cls, config, groups, counts, model, scheduler_config, batch, resolution,
+                                       seq_len, preset, dtype, checkpointing, vae_scale)
+    return _TRACED[key]
+
+
+def _traced_kd_step(cls, config, groups: dict[str, tuple[str, str]], counts: dict[str, int], model: str,
                    scheduler_config: dict, batch: int, resolution: int, seq_len: int, preset: str,
                    dtype: torch.dtype, checkpointing: bool, vae_scale: int = 8) -> int:
     """Peak activation bytes (activations + temporaries) of one KD training step (teacher forward without grad,
