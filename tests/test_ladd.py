@@ -58,20 +58,21 @@ def test_a_non_finite_head_step_stops_before_it_is_applied():
     assert all(torch.equal(before[k], after[k]) for k in before)  # heads and optimizer state untouched
 
 
-def test_the_students_gradient_comes_through_the_frozen_teacher_and_trains_nothing_else():
-    teacher = tiny().requires_grad_(False)
+def test_the_heads_step_first_and_the_students_gradient_reaches_only_the_student():
+    teacher = tiny().requires_grad_(False)  # as the trainer holds it
     student = copy.deepcopy(teacher).requires_grad_(True)
     adapter, data = adapter_for(student, V), _data()
     loss = LADDLoss(adapter, teacher, *transitions(V, 4), units=["block.0", "block.2"])
     out = loss(student, teacher, _batch(data))
-    assert set(loss.heads) == {"block_0", "block_2"} and float(out["disc"]) > 0
-    heads = {k: v.clone() for k, v in loss.heads.state_dict().items()}
+    assert set(loss.heads) == {"block_0", "block_2"}
+    # the update's head step ran before the student's loss: the heads left their seeded start
+    fresh = LADDLoss(adapter, teacher, *transitions(V, 4), units=["block.0", "block.2"])
+    fresh._build(loss._widths(), "cpu")
+    assert not all(torch.equal(p, q) for p, q in zip(loss.heads.parameters(), fresh.heads.parameters()))
     loss.opt.zero_grad(set_to_none=True)  # the heads' own step left their gradients: clear them
     out["total"].backward()
     assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
-    assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None and p.requires_grad for p in loss.heads.parameters())  # they train again next step
-    assert all(torch.equal(heads[k], v) for k, v in loss.heads.state_dict().items())
 
 
 def _train(tmp_path, steps, max_steps=None):
