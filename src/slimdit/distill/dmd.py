@@ -38,7 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdit.distill.losses import Batch
-from slimdit.distill.steps import average_gradients, batched_guided_prediction, group_conditions, renoise, simulate
+from slimdit.distill.steps import (
+    average_gradients,
+    batched_guided_prediction,
+    first_nonfinite,
+    group_conditions,
+    renoise,
+    simulate,
+)
 from slimdit.errors import TrainingDiverged
 
 
@@ -144,12 +151,8 @@ class DMDLoss:
 
     def _nonfinite(self, loss: torch.Tensor) -> str | None:
         """What of the fake score's step is not finite: its loss, or the first gradient that is not (None: all are)."""
-        if not torch.isfinite(loss).all():
-            return f"its loss ({float(loss.detach()):g})"
-        named = [*self.fake.named_parameters(), *(self.head.named_parameters(prefix="gan_head")
-                                                  if self.head is not None else [])]
-        return next((f"the gradient of {name}" for name, p in named
-                     if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        return first_nonfinite(loss, [*self.fake.named_parameters(), *(
+            self.head.named_parameters(prefix="gan_head") if self.head is not None else [])])
 
     def _fake_step(self, x0: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One denoising step of the fake score on the student's samples ``x0`` (detached), with the GAN head's

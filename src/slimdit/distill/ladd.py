@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdit.distill.losses import Batch
-from slimdit.distill.steps import average_gradients, group_conditions, simulate
+from slimdit.distill.steps import average_gradients, first_nonfinite, group_conditions, simulate
 from slimdit.errors import TrainingDiverged
 
 #: a head's hidden width (at most): small beside a unit (Flux-dev's 57 heads hold about 45 M parameters)
@@ -61,6 +61,11 @@ def check_units(adapter, model: torch.nn.Module, units: list[str] | None) -> lis
     if bad or not units:
         raise ValueError(f"disc_units {bad or units!r}: not units of the teacher ({', '.join(have)})")
     return list(units)
+
+
+def _key(unit: str) -> str:
+    """A unit's head's name (ModuleDict keys cannot hold dots)."""
+    return unit.replace(".", "_")
 
 
 @dataclass
@@ -112,8 +117,8 @@ class LADDLoss:
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            for u in self.units:  # ModuleDict keys cannot hold dots
-                self.heads[u.replace(".", "_")] = FeatureHead(widths[u.replace(".", "_")]).to(device)
+            for u in self.units:
+                self.heads[_key(u)] = FeatureHead(widths[_key(u)]).to(device)
         self.opt = torch.optim.AdamW(self.heads.parameters(), lr=self.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
 
     # ---- one update ------------------------------------------------------------------------------------------
@@ -131,7 +136,7 @@ class LADDLoss:
         with torch.set_grad_enabled(graph and torch.is_grad_enabled()), batch.autocast(), \
                 a.capture(teacher, self.units) as feats:
             a.predict(teacher, xt.to(next(teacher.parameters()).dtype), t, cond)
-        image = {u.replace(".", "_"): feats[u]["image"] for u in self.units}
+        image = {_key(u): feats[u]["image"] for u in self.units}
         self._build({k: v.shape[-1] for k, v in image.items()}, x0.device)
         return torch.stack([self.heads[k](v) for k, v in image.items()])
 
@@ -147,9 +152,7 @@ class LADDLoss:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.heads.parameters())
-        bad = (f"its loss ({float(loss.detach()):g})" if not torch.isfinite(loss) else
-               next((f"the gradient of {n}" for n, p in self.heads.named_parameters()
-                     if p.grad is not None and not torch.isfinite(p.grad).all()), None))
+        bad = first_nonfinite(loss, self.heads.named_parameters())
         if bad:  # before the step: the heads (saved in every checkpoint) never take a non-finite update
             raise TrainingDiverged(f"the LADD discriminator diverged: {bad} is not finite; its last update was not "
                                    "applied and the last checkpoint is kept (try a lower disc_lr)")

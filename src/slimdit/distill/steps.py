@@ -142,6 +142,15 @@ def renoise(objective, x0: torch.Tensor, generator: torch.Generator, tokens: int
     return xt, target, t
 
 
+def first_nonfinite(loss: torch.Tensor, named) -> str | None:
+    """What of a loss's own network's step is not finite: its ``loss``, or the first of the ``named`` parameters'
+    gradients that is not (None: all are)."""
+    if not torch.isfinite(loss).all():
+        return f"its loss ({float(loss.detach()):g})"
+    return next((f"the gradient of {name}" for name, p in named
+                 if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+
+
 def average_gradients(params) -> None:
     """Average ``params``' gradients over the processes of a launch (a loss's own network, whose replicas must
     stay equal); nothing over one process."""

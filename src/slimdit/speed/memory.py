@@ -180,18 +180,17 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         unit = max(adapter.unit_params(teacher, u) for u in adapter.units(teacher))
         per = fb + 2 * sb if sharding == "fsdp" else 2 * sb  # (the teacher's,) the student's and its gradient's
         items[f"gathered units ({'FSDP' if sharding == 'fsdp' else 'ZeRO-3'})"] = 2 * unit * per
-    if fake_score:
-        items["DMD fake score"] = 16 * params["transformer"]  # fp32 weights and gradients, AdamW's two states
+    if fake_score or ladd:  # one pass of the whole teacher (or its copy), fp32, never checkpointed
         whole = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".")) for g in adapter.groups}
         one = activation_bytes(cls, config, adapter, whole, model, sched, batch_size, res, seq, "standard",
                                torch.float32, False, vae_scale)
+    if fake_score:
+        items["DMD fake score"] = 16 * params["transformer"]  # fp32 weights and gradients, AdamW's two states
         items["DMD fake score's step"] = one * (2 if gan else 1)
     if ladd:
         from slimdit.distill.ladd import HEAD_WIDTH
 
-        whole = {g: sum(1 for u in adapter.units(teacher) if u.startswith(g + ".")) for g in adapter.groups}
-        items["LADD teacher pass"] = activation_bytes(cls, config, adapter, whole, model, sched, batch_size, res, seq,
-                                                      "standard", torch.float32, False, vae_scale)
+        items["LADD teacher pass"] = one
         width = _image_width(teacher)
         hidden = min(width, HEAD_WIDTH)
         items["LADD heads"] = 16 * len(adapter.units(teacher)) * (2 * width + width * hidden + 2 * hidden + 1)
