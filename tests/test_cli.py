@@ -85,7 +85,8 @@ def test_demo_with_steps_makes_the_compressed_student_few_step(tmp_path):
     assert final["flop_ratio"] < size["flop_ratio"] / 10  # 2 one-pass steps against 20 CFG steps
     # the halving, then the refining LADD round on the same steps, its heads at the demo's rate
     assert sorted(p.name for p in (run / "steps" / "rounds").iterdir()) == ["00_2steps", "01_2steps_ladd"]
-    assert yaml.safe_load((run / "steps" / "config.yaml").read_text())["disc_lr"] == 3e-3
+    saved = yaml.safe_load((run / "steps" / "config.yaml").read_text())
+    assert saved["disc_lr"] == 3e-3 and saved["fake_lr"] is None  # the DMD2 fake score's settings stay out
     assert (run / "steps" / "student" / "scheduler").is_dir() and (run / "report.html").exists()
 
 

@@ -166,6 +166,11 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
         StepsConfig(out="x", method="dmd2", disc_lr=1e-4)
     with pytest.raises(ValueError, match="gan_weight: the GAN head belongs to method: dmd2"):
         StepsConfig(out="x", refine={"method": "ladd"}, gan_weight=0.01)
+    with pytest.raises(ValueError, match="fake_lr: the fake score belongs to method: dmd2"):
+        StepsConfig(out="x", method="ladd", fake_lr=1e-4)
+    with pytest.raises(ValueError, match="fake_updates: the fake score belongs to method: dmd2"):
+        StepsConfig(out="x", refine={"method": "ladd"}, fake_updates=3)
+    assert StepsConfig(out="x", refine={"method": "dmd2"}, fake_lr=1e-4).fake_lr == 1e-4
     assert StepsConfig(out="x", refine={"method": "ladd"}, disc_units=["block.0"]).disc_units == ["block.0"]
     from slimdit.distill.fewstep import describe_rounds
 

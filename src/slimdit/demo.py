@@ -81,6 +81,15 @@ def _summary(m: dict, block_params: int | None = None) -> dict:
     return s
 
 
+def _refine_settings(f) -> dict:
+    """The run-level settings of the few-step section's refining round: the fake score's for DMD2, the heads' for
+    LADD, none without a round (a method's settings given to another are an error in the steps config)."""
+    method = f.refine.method if f.refine is not None else None
+    if method == "dmd2":
+        return {"fake_updates": f.fake_updates, "fake_lr": f.fake_lr}
+    return {"disc_lr": f.disc_lr} if method == "ladd" else {}
+
+
 def _fewstep(cfg: DemoConfig, run: Path, size: dict, teacher: dict, progress: bool) -> dict:
     """Step-distil the compressed student (``run/student``) into ``run/steps``; its summary beside the teacher's:
     steps, quality retained, block parameter ratio, and per-image latency against the teacher at its own steps,
@@ -91,8 +100,7 @@ def _fewstep(cfg: DemoConfig, run: Path, size: dict, teacher: dict, progress: bo
     f, e = cfg.fewstep, cfg.eval
     scfg = StepsConfig(teacher=str(run / "student"), out=str(run / "steps"), steps=f.steps,
                        start=max(f.start, 2 * f.steps), data=cfg.data, train=f.train, device=cfg.device,
-                       refine=f.refine, fake_updates=f.fake_updates, fake_lr=f.fake_lr,
-                       disc_lr=f.disc_lr if f.refine is not None and f.refine.method == "ladd" else None,
+                       refine=f.refine, **_refine_settings(f),
                        eval={"benchmark": "shapes-geneval", "limit": e.limit, "images_per_prompt": e.images_per_prompt,
                              "seed": e.seed, "bench": False})
     sdir = run_steps(scfg, progress=progress)

@@ -103,6 +103,10 @@ class StepsConfig(_Strict):
             raise ValueError(f"{', '.join(sorted(disc))}: the discriminator heads belong to method: ladd (or refine "
                              f"with method ladd), not {self.method}")
         dmd = "dmd2" in methods
+        fake = {k for k in ("fake_updates", "fake_lr") if getattr(self, k) != type(self).model_fields[k].default}
+        if not dmd and fake:
+            raise ValueError(f"{', '.join(sorted(fake))}: the fake score belongs to method: dmd2 (or a dmd2 refine), "
+                             f"not {self.method}")
         if not dmd and gan:
             raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2 (or a dmd2 refine), not "
                              f"{self.method}")
