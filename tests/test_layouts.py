@@ -61,6 +61,11 @@ def test_a_transformer_only_directory_over_a_base_pipeline_loads_generates_and_d
     assert saved["teacher"] == model  # one string names the teacher in the run's identity
     student = load_pipeline(str(tmp_path / "run" / "student"), "cpu").transformer
     assert len(student.transformer_blocks) == len(tr.transformer_blocks) - 1
+    from slimdit.distill.fewstep import StepsConfig
+    from slimdit.distill.reward import RewardConfig
+
+    for config in (StepsConfig, RewardConfig):  # the few-step and reward configs read the same form
+        assert config(teacher=cfg["teacher"], out="x").teacher == model
 
 
 def test_a_pipeline_directory_missing_a_component_is_named(tiny_teacher, tmp_path):

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, load_config
+from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, _teacher_string, load_config
 from slimdit.io import read_json, write_json
 
 
@@ -54,6 +54,7 @@ class RefineSection(_Strict):
 
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
+    _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
     # the model the student starts from (default: the teacher), e.g. a compressed student that learns the original
     # teacher's steps; it must run in the teacher's base pipeline (the same text encoders and VAE)
     student: str | None = None

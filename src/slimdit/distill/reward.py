@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, load_config
+from slimdit.config import DataConfig, EvalSection, TrainSection, _Strict, _teacher_string, load_config
 from slimdit.io import read_json, write_json
 
 
 class RewardConfig(_Strict):
     teacher: str = "shapes-pixart"  # the model tuned (a model or a student directory); frozen, the KL reference
+    _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
     out: str
     method: Literal["grpo", "draft"] = "grpo"
     reward: str = "shapes-geneval"  # a registered reward (REWARDS for grpo, DIFFERENTIABLE_REWARDS for draft)
