@@ -153,12 +153,16 @@ def test_a_resumed_dmd_run_ends_where_an_uninterrupted_one_ends(tmp_path, gan):
 
 
 def _tiny_steps_run(tmp_path, teacher, caption_dropout: float, **fields):
-    """``slimdit steps`` on a tiny config (2 steps, 2 fake updates, 2 training steps of batch 2); the run directory."""
+    """``slimdit steps`` on a tiny config (2 steps, 2 fake updates with a DMD2 round, 2 training steps of batch 2);
+    the run directory."""
     import yaml
 
     from slimdit.cli import main
 
-    cfg = {"teacher": teacher, "out": str(tmp_path / "run"), "steps": 2, "fake_updates": 2, **fields,
+    refine = fields.get("refine")
+    dmd = fields.get("method") == "dmd2" or (refine is not None and refine.get("method", "dmd2") == "dmd2")
+    fake = {"fake_updates": 2} if dmd else {}  # the fake score's setting is refused without a DMD2 round
+    cfg = {"teacher": teacher, "out": str(tmp_path / "run"), "steps": 2, **fake, **fields,
            "data": {"real": "shapes-train:8"},
            "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1,
                      "caption_dropout": caption_dropout, "log_every": 1},
