@@ -66,6 +66,7 @@ def test_a_transformer_only_directory_over_a_base_pipeline_loads_generates_and_d
 
     for config in (StepsConfig, RewardConfig):  # the few-step and reward configs read the same form
         assert config(teacher=cfg["teacher"], out="x").teacher == model
+    assert StepsConfig(student=cfg["teacher"], out="x").student == model  # and a step run's starting model
 
 
 def test_a_pipeline_directory_missing_a_component_is_named(tiny_teacher, tmp_path):

@@ -58,6 +58,7 @@ class StepsConfig(_Strict):
     # the model the student starts from (default: the teacher), e.g. a compressed student that learns the original
     # teacher's steps; it must run in the teacher's base pipeline (the same text encoders and VAE)
     student: str | None = None
+    _student = field_validator("student", mode="before")(_teacher_string)  # the same forms as teacher
     out: str
     method: Literal["progressive", "consistency", "reflow", "dmd2", "ladd"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
