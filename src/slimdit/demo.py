@@ -82,12 +82,13 @@ def _summary(m: dict, block_params: int | None = None) -> dict:
 
 
 def _refine_settings(f) -> dict:
-    """The run-level settings of the few-step section's refining round: the fake score's for DMD2, the heads' for
-    LADD, none without a round (a method's settings given to another are an error in the steps config)."""
-    method = f.refine.method if f.refine is not None else None
-    if method == "dmd2":
-        return {"fake_updates": f.fake_updates, "fake_lr": f.fake_lr}
-    return {"disc_lr": f.disc_lr} if method == "ladd" else {}
+    """The few-step section's settings that its refining round's method reads (none without a round): the steps
+    config refuses a method's settings given to another."""
+    from slimdit.distill.fewstep import owned_settings
+
+    if f.refine is None:
+        return {}
+    return {k: getattr(f, k) for k in owned_settings(f.refine.method) if k in type(f).model_fields}
 
 
 def _fewstep(cfg: DemoConfig, run: Path, size: dict, teacher: dict, progress: bool) -> dict:

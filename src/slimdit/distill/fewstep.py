@@ -52,6 +52,17 @@ class RefineSection(_Strict):
     lr: float = Field(3e-5, gt=0)  # below a halving round's 1e-4: the student only needs nudging
 
 
+# the run-level settings that only one method reads: the method, whose they are, the fields
+OWNED_SETTINGS = {"fake": ("dmd2", "the fake score belongs", ("fake_updates", "fake_lr")),
+                  "gan": ("dmd2", "the GAN head belongs", ("gan_weight", "gan_d_weight", "gan_unit")),
+                  "disc": ("ladd", "the discriminator heads belong", ("disc_lr", "disc_units"))}
+
+
+def owned_settings(method: str) -> tuple[str, ...]:
+    """The fields of :data:`OWNED_SETTINGS` that ``method`` alone reads."""
+    return tuple(k for m, _, keys in OWNED_SETTINGS.values() if m == method for k in keys)
+
+
 class StepsConfig(_Strict):
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
@@ -93,25 +104,19 @@ class StepsConfig(_Strict):
             raise ValueError(f"{what} runs a drawn number of student passes per update (backward "
                              f"simulation), which sharded weights (train.sharding: {self.train.sharding}) would have "
                              "to gather in step on every process: use train.sharding none or zero2")
-        # by value, not by the fields a file names: a saved config.yaml names every field at its default
-        gan = {k for k in ("gan_weight", "gan_d_weight", "gan_unit")
-               if getattr(self, k) != type(self).model_fields[k].default}
         if self.refine is not None and self.method != "progressive":
             raise ValueError(f"refine: a round after progressive distillation's halvings; method {self.method} "
                              "has no halvings to refine (use method: dmd2 or ladd alone)")
         methods = {self.method} | ({self.refine.method} if self.refine is not None else set())
-        disc = {k for k in ("disc_lr", "disc_units") if getattr(self, k) is not None}
-        if disc and "ladd" not in methods:
-            raise ValueError(f"{', '.join(sorted(disc))}: the discriminator heads belong to method: ladd (or refine "
-                             f"with method ladd), not {self.method}")
-        dmd = "dmd2" in methods
-        fake = {k for k in ("fake_updates", "fake_lr") if getattr(self, k) != type(self).model_fields[k].default}
-        if not dmd and fake:
-            raise ValueError(f"{', '.join(sorted(fake))}: the fake score belongs to method: dmd2 (or a dmd2 refine), "
-                             f"not {self.method}")
-        if not dmd and gan:
-            raise ValueError(f"{', '.join(sorted(gan))}: the GAN head belongs to method: dmd2 (or a dmd2 refine), not "
-                             f"{self.method}")
+        # by value, not by the fields a file names: a saved config.yaml names every field at its default
+        changed = {k for _, _, keys in OWNED_SETTINGS.values() for k in keys
+                   if getattr(self, k) != type(self).model_fields[k].default}
+        for method, owner, keys in OWNED_SETTINGS.values():
+            given = changed & set(keys)
+            if given and method not in methods:
+                raise ValueError(f"{', '.join(sorted(given))}: {owner} to method: {method} (or a {method} refine), "
+                                 f"not {self.method}")
+        dmd, gan = "dmd2" in methods, changed & set(OWNED_SETTINGS["gan"][2])
         if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
