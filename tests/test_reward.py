@@ -199,6 +199,8 @@ def test_bad_reward_configs_are_refused_before_any_work():
         RewardConfig(out="x", train={"caption_dropout": 0.1})
     with pytest.raises(ValueError, match="train_steps"):
         RewardConfig(out="x", sample_steps=4, train_steps=4)
+    with pytest.raises(ValueError, match="grpo needs sample_steps"):
+        RewardConfig(out="x", sample_steps=1, train_steps=1)
     with pytest.raises(ValueError, match="eta"):
         RewardConfig(out="x", eta=1.5)
 
@@ -360,6 +362,31 @@ def test_draft_configs_name_a_differentiable_reward():
     with pytest.raises(ValueError, match="grad_steps"):
         RewardConfig(out="x", method="draft", reward="shapes-embedder", sample_steps=4, grad_steps=5)
     assert RewardConfig(out="x", method="draft", reward="shapes-embedder").grad_steps == 1
+    assert RewardConfig(out="x", method="draft", reward="shapes-embedder", sample_steps=1).sample_steps == 1
+
+
+def test_draft_tunes_a_one_step_student_through_its_one_step():
+    # a one-step student samples from pure noise at the trailing grid's last timestep straight to the clean end;
+    # DRaFT at sample_steps 1 samples exactly that, and the reward's gradient reaches the student
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+    loss = _draft(adapter, data, guidance=1.0, grad_steps=1)
+    loss.t, loss.s = transitions(V, 1)
+    assert loss.t.tolist() == [999] and loss.s.tolist() == [-1]
+    out = loss(student, teacher, _batch(data))
+    out["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+    with torch.no_grad():
+        x, _, _ = loss.sample(student, _batch(data))
+        b = _batch(data)
+        y = torch.randn((4, *b.x0.shape[1:]), generator=b.generator)
+        t = torch.full((4,), 999)
+        cond = {k: v.repeat_interleave(2, 0) for k, v in b.cond.items()}
+        pred = adapter.prediction(student, adapter.predict(student, y, t, cond))
+        y0 = deterministic_step(adapter.objective, y, pred, t, torch.full((4,), -1))
+    assert torch.allclose(x, y0, atol=1e-5)
+    assert torch.allclose(y0, adapter.objective.x0(y, pred, t), atol=1e-4)  # the clean end: the model's x0
 
 
 def test_slimdit_reward_runs_draft_end_to_end(tiny_teacher, tmp_path):

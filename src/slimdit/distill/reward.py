@@ -36,7 +36,7 @@ class RewardConfig(_Strict):
     method: Literal["grpo", "draft"] = "grpo"
     reward: str = "shapes-geneval"  # a registered reward (REWARDS for grpo, DIFFERENTIABLE_REWARDS for draft)
     group: int = Field(8, ge=2)  # images sampled per prompt; advantages are relative within a group
-    sample_steps: int = Field(10, ge=2)  # the stochastic sampler's steps while tuning (the last is deterministic)
+    sample_steps: int = Field(10, ge=1)  # the sampler's steps while tuning (grpo: ≥ 2, the last is deterministic)
     eta: float = Field(1.0, gt=0, le=1)  # the sampler's stochasticity (DDIM's eta; above 1 it is no posterior)
     train_steps: int | None = Field(4, ge=1)  # stochastic steps each update trains on; None: all
     grad_steps: int = Field(1, ge=1)  # draft: the sampler's last steps the reward's gradient flows through
@@ -62,6 +62,9 @@ class RewardConfig(_Strict):
         if self.train.caption_dropout:
             raise ValueError("train.caption_dropout must be 0 for reward tuning: the reward judges the caption the "
                              "images were sampled for")
+        if self.method == "grpo" and self.sample_steps < 2:
+            raise ValueError(f"grpo needs sample_steps ≥ 2 (its last step is deterministic, so it trains on the "
+                             f"stochastic ones before), got {self.sample_steps}")
         if self.method == "grpo" and self.train_steps is not None and self.train_steps > self.sample_steps - 1:
             raise ValueError(f"train_steps ({self.train_steps}) exceeds the sampler's {self.sample_steps - 1} "
                              "stochastic steps (the last of sample_steps is deterministic)")
