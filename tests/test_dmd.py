@@ -249,7 +249,7 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
 
 
 def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_cannot_fit(tiny_teacher, tmp_path,
-                                                                                          capsys):
+                                                                                          capsys, monkeypatch):
     import yaml
 
     from slimdit.cli import main
@@ -268,6 +268,20 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     assert (tmp_path / "run" / "memory_plan.json").exists()
     assert not (tmp_path / "run" / "cache").exists() and not (tmp_path / "run" / "rounds").exists()
 
+    # the four plans below trace the same KD step: trace it once (the traced bytes, memoised, not replaced)
+    import slimdit.speed.memory as memory
+
+    traced, real, calls = {}, memory.activation_bytes, []
+
+    def once(*args, **kw):
+        calls.append(1)
+        key = repr((args[:2], type(args[2]), args[3:], sorted(kw.items())))  # (cls, config, adapter, ...)
+        if key not in traced:
+            traced[key] = real(*args, **kw)
+        return traced[key]
+
+    monkeypatch.setattr(memory, "activation_bytes", once)
+
     def plan(**kw):
         c = StepsConfig(teacher=tiny_teacher, out="x", steps=2, start=4, **kw, train={"steps": 1, "batch_size": 2})
         return config_memory_plan(c, Plan(ops=[]), "cpu").items
@@ -285,3 +299,4 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     assert step > 0 and gan_step == 2 * step
     assert {k: v for k, v in items["gan"].items() if k not in fake} == items["progressive"]
     assert items["refine"] == items["dmd2"]  # a refining DMD2 round after the halvings plans the same fake score
+    assert len(traced) < len(calls)  # the memo served the repeated traces
