@@ -226,3 +226,41 @@ def test_qk_norm_init_starts_every_query_and_key_norm_there_and_nothing_else(tmp
         assert len(qk) == 4 and all(torch.allclose(v, torch.full_like(v, 1.5), atol=0.01) for v in qk), name
     with pytest.raises(ValueError, match="qk_norm_init must be positive"):
         flux_config(tmp_path / "new", {"qk_norm_init": 0.0})
+
+
+def test_a_few_step_student_of_the_true_cfg_base_distils_its_guidance_and_samples_in_one_pass(base, tmp_path,
+                                                                                            monkeypatch):
+    # the base guides by true CFG (guidance_scale 1, true_cfg_scale 3.5): the steps run must take 3.5 as the
+    # teacher's guidance, and the student must not guide again on top of the guidance distilled into it
+    import yaml
+
+    import slimdit.distill.fewstep as fewstep
+    from slimdit.cli import main
+    from slimdit.models import adapter_for
+    from slimdit.pipelines.loading import load_pipeline, pipeline_sampler, sampling_defaults
+
+    _, out = base
+    pipe = load_pipeline(str(out), "cpu")
+    assert adapter_for(pipe.transformer).guidance_scale(pipe.transformer, sampling_defaults(str(out))) == 3.5
+    seen, real = [], fewstep.LOSSES["progressive"]
+
+    def spy(r):
+        seen.append((r.w, r.cfg_null is not None))
+        return real(r)
+
+    monkeypatch.setitem(fewstep.LOSSES, "progressive", spy)
+    cfg = {"teacher": str(out), "out": str(tmp_path / "run"), "steps": 2, "start": 4,
+           "data": {"real": "shapes-train:8"}, "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1},
+           "eval": {"benchmark": None}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert seen[0] == (3.5, True)  # the first halving's targets are the base's true-CFG steps
+    student = str(tmp_path / "run" / "student")
+    sampling = json.loads((tmp_path / "run" / "student" / "slimdit.json").read_text())["sampling"]
+    assert sampling["num_inference_steps"] == 2 and sampling["true_cfg_scale"] == 1.0
+    assert sampling["negative_prompt"] is None
+    spipe = load_pipeline(student, "cpu")
+    calls = []
+    spipe.transformer.register_forward_pre_hook(lambda _m, _a, k: calls.append(1), with_kwargs=True)
+    images = pipeline_sampler(spipe, student).generate(["a red circle"], [0])
+    assert images.shape == (1, 32, 32, 3) and len(calls) == 2  # one pass per step, two steps

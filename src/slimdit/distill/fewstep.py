@@ -183,7 +183,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     sched_config = dict(pipe.scheduler.config)
     adapter = adapter_for(teacher, sched_config)
     defaults = sampling_defaults(cfg.teacher)
-    w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
+    w = cfg.guidance if cfg.guidance is not None else adapter.guidance_scale(teacher, defaults)
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
     check_gan_unit(adapter, teacher, cfg.gan_unit)  # before caching anything
     check_units(adapter, teacher, cfg.disc_units)
@@ -240,7 +240,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                 method, cfg.pair_steps or defaults["num_inference_steps"])
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
-                             sampling=_sampling(n, w, guided_input))
+                             sampling=_sampling(adapter, teacher, n, w))
                 write_json(rdir / "done.json", {"steps": n, "method": method,
                                                 "teacher_steps": teacher_steps,
                                                 "train_steps": tcfg.steps,
@@ -253,7 +253,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     if not state.is_main_process:  # saving, evaluating and benchmarking are the main process's
         return run
     save_student(student, run / "student", base=cfg.teacher, scheduler=scheduler,
-                 sampling=_sampling(cfg.steps, w, guided_input))
+                 sampling=_sampling(adapter, teacher, cfg.steps, w))
     summary = {"teacher": cfg.teacher, "student": str(run / "student"), "started_from": cfg.student or cfg.teacher,
                "method": cfg.method, "steps": cfg.steps,
                "refine": cfg.refine.model_dump() if cfg.refine is not None else None,
@@ -365,10 +365,10 @@ def _ladd(r: _Round):
 LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "dmd2": _dmd2, "ladd": _ladd}
 
 
-def _sampling(steps: int, w: float, guided_input: bool) -> dict:
+def _sampling(adapter, teacher, steps: int, w: float) -> dict:
     """A few-step student's sampling defaults: its steps, and no CFG (a CFG teacher's guidance is distilled in),
-    or the teacher's guidance input scale."""
-    return {"num_inference_steps": steps, "guidance_scale": w if guided_input else 1.0}
+    or the teacher's guidance input scale; the adapter knows its pipeline's knobs for either."""
+    return {"num_inference_steps": steps, **adapter.distilled_sampling(teacher, w)}
 
 
 def _evaluate(cfg: StepsConfig, run: Path) -> dict:

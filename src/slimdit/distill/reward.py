@@ -123,7 +123,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     sched_config = dict(pipe.scheduler.config)
     adapter = adapter_for(reference, sched_config)
     defaults = sampling_defaults(cfg.teacher)
-    w = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
+    w = cfg.guidance if cfg.guidance is not None else adapter.guidance_scale(reference, defaults)
     data = Conditionings(cfg.data, prompts, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     t, s = transitions(sched_config, cfg.sample_steps, adapter.image_tokens(reference, data.latents[:1]))
     null = data.null if not adapter.takes_guidance(reference) and w != 1 else None

@@ -71,6 +71,16 @@ class Adapter(ABC):
         """Whether the model takes a guidance scale as an input (``cond["guidance"]``): a guidance-distilled model."""
         return False
 
+    def guidance_scale(self, model: nn.Module, defaults: dict) -> float:
+        """The guidance ``model`` samples with under its sampling ``defaults``: its CFG scale (1: none), or the
+        scale a guidance-distilled model takes as an input."""
+        return float(defaults["guidance_scale"])
+
+    def distilled_sampling(self, model: nn.Module, guidance: float) -> dict:
+        """Sampling defaults for a student of ``model`` that has its teacher's guidance ``guidance`` distilled in:
+        one pass per step, no CFG; or, when the teacher takes the scale as an input, that scale."""
+        return {"guidance_scale": guidance if self.takes_guidance(model) else 1.0}
+
     def latent_channels(self, model: nn.Module) -> int:
         """Channels of the clean latents the model denoises."""
         return unwrap(model).config.in_channels

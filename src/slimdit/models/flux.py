@@ -71,6 +71,19 @@ class FluxAdapter(Adapter):
     def takes_guidance(self, model: nn.Module) -> bool:
         return bool(unwrap(model).config.guidance_embeds)
 
+    def guidance_scale(self, model: nn.Module, defaults: dict) -> float:
+        """A guidance-distilled model's guidance input (``guidance_scale``); a model without one guides by true CFG,
+        which FluxPipeline runs only with ``true_cfg_scale > 1`` and a negative prompt."""
+        if self.takes_guidance(model):
+            return float(defaults["guidance_scale"])
+        true_cfg = float(defaults.get("true_cfg_scale", 1.0))
+        return true_cfg if true_cfg > 1 and defaults.get("negative_prompt") is not None else 1.0
+
+    def distilled_sampling(self, model: nn.Module, guidance: float) -> dict:
+        if self.takes_guidance(model):
+            return {"guidance_scale": guidance}
+        return {"guidance_scale": 1.0, "true_cfg_scale": 1.0, "negative_prompt": None}  # true CFG off
+
     def passes_per_step(self, model: nn.Module, options) -> int:
         """Two with true CFG (``true_cfg_scale > 1`` and a negative prompt), else one: a guidance-distilled model
         takes its scale as an input."""
