@@ -50,6 +50,11 @@ def test_base_resumes_exactly_and_samples_with_true_cfg(base, tmp_path):
                                                with_kwargs=True)
     images = pipeline_sampler(pipe, str(out), steps=2).generate(["a red circle", "two squares"], [0, 1])
     assert images.shape == (2, 32, 32, 3) and len(calls) == 4  # true CFG: two passes per step
+    # --guidance reaches the base's true CFG (its guidance_scale input does not exist): 1 turns it off, 5 sets it
+    calls.clear()
+    pipeline_sampler(pipe, str(out), steps=2, guidance=1.0).generate(["a red circle"], [0])
+    assert len(calls) == 2
+    assert pipeline_sampler(pipe, str(out), guidance=5.0).options.extra["true_cfg_scale"] == 5.0
 
 
 def test_guided_student_starts_as_the_base_and_distils_to_one_pass(base, tmp_path):

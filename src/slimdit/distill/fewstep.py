@@ -368,7 +368,8 @@ LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _r
 def _sampling(adapter, teacher, steps: int, w: float) -> dict:
     """A few-step student's sampling defaults: its steps, and no CFG (a CFG teacher's guidance is distilled in),
     or the teacher's guidance input scale; the adapter knows its pipeline's knobs for either."""
-    return {"num_inference_steps": steps, **adapter.distilled_sampling(teacher, w)}
+    return {"num_inference_steps": steps, **adapter.guided_sampling(teacher, w if adapter.takes_guidance(teacher)
+                                                                     else 1.0)}
 
 
 def _evaluate(cfg: StepsConfig, run: Path) -> dict:

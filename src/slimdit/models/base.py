@@ -76,10 +76,10 @@ class Adapter(ABC):
         scale a guidance-distilled model takes as an input."""
         return float(defaults["guidance_scale"])
 
-    def distilled_sampling(self, model: nn.Module, guidance: float) -> dict:
-        """Sampling defaults for a student of ``model`` that has its teacher's guidance ``guidance`` distilled in:
-        one pass per step, no CFG; or, when the teacher takes the scale as an input, that scale."""
-        return {"guidance_scale": guidance if self.takes_guidance(model) else 1.0}
+    def guided_sampling(self, model: nn.Module, guidance: float) -> dict:
+        """The sampling defaults' overrides that make ``model``'s pipeline sample at ``guidance`` (1: no CFG, one
+        pass per step), as :meth:`guidance_scale` reads them back."""
+        return {"guidance_scale": guidance}
 
     def latent_channels(self, model: nn.Module) -> int:
         """Channels of the clean latents the model denoises."""

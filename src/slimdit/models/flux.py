@@ -79,10 +79,11 @@ class FluxAdapter(Adapter):
         true_cfg = float(defaults.get("true_cfg_scale", 1.0))
         return true_cfg if true_cfg > 1 and defaults.get("negative_prompt") is not None else 1.0
 
-    def distilled_sampling(self, model: nn.Module, guidance: float) -> dict:
+    def guided_sampling(self, model: nn.Module, guidance: float) -> dict:
         if self.takes_guidance(model):
             return {"guidance_scale": guidance}
-        return {"guidance_scale": 1.0, "true_cfg_scale": 1.0, "negative_prompt": None}  # true CFG off
+        # true CFG against the empty caption (the null the base learnt by caption dropout); at 1 it is off
+        return {"guidance_scale": 1.0, "true_cfg_scale": guidance, "negative_prompt": "" if guidance > 1 else None}
 
     def passes_per_step(self, model: nn.Module, options) -> int:
         """Two with true CFG (``true_cfg_scale > 1`` and a negative prompt), else one: a guidance-distilled model

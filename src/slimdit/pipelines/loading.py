@@ -314,8 +314,12 @@ def pipeline_sampler(pipe, model: str, steps: int | None = None, guidance: float
                      batch_size: int = 64, name: str | None = None) -> PipelineSampler:
     """A sampler over an already loaded ``pipe`` with ``model``'s recorded sampling defaults, overridden by
     ``steps`` / ``guidance``. The pipe's transformer may be swapped for a student's between calls."""
-    opts = sampling_options(sampling_defaults(model), steps, guidance, batch_size)
-    return PipelineSampler(pipe, opts, name=name or model)
+    from slimdit.models import adapter_for
+
+    defaults = sampling_defaults(model)
+    if guidance is not None:  # through the adapter: a true-CFG Flux base guides with true_cfg_scale, not guidance
+        defaults = {**defaults, **adapter_for(pipe.transformer).guided_sampling(pipe.transformer, guidance)}
+    return PipelineSampler(pipe, sampling_options(defaults, steps, None, batch_size), name=name or model)
 
 
 def save_student(transformer, out_dir: str | Path, base: str, scheduler=None, sampling: dict | None = None) -> Path:
