@@ -35,6 +35,7 @@ def base(tmp_path_factory):
 
 
 def test_base_resumes_exactly_and_samples_with_true_cfg(base, tmp_path):
+    from slimdit.metrics.evaluate import _guidance as _recorded_guidance
     from slimdit.pipelines.loading import load_pipeline, pipeline_sampler
 
     run, out = base
@@ -54,7 +55,12 @@ def test_base_resumes_exactly_and_samples_with_true_cfg(base, tmp_path):
     calls.clear()
     pipeline_sampler(pipe, str(out), steps=2, guidance=1.0).generate(["a red circle"], [0])
     assert len(calls) == 2
-    assert pipeline_sampler(pipe, str(out), guidance=5.0).options.extra["true_cfg_scale"] == 5.0
+    calls.clear()
+    s5 = pipeline_sampler(pipe, str(out), steps=2, guidance=5.0)
+    s5.generate(["a red circle"], [0])
+    assert s5.options.extra["true_cfg_scale"] == 5.0 and len(calls) == 4  # guided: two passes per step
+    # and an evaluation records the scale it really guided with, not the unused guidance_scale (1)
+    assert s5.options.guidance_scale == 1.0 and _recorded_guidance(s5, s5.options) == 5.0
 
 
 def test_guided_student_starts_as_the_base_and_distils_to_one_pass(base, tmp_path):
@@ -269,3 +275,12 @@ def test_a_few_step_student_of_the_true_cfg_base_distils_its_guidance_and_sample
     spipe.transformer.register_forward_pre_hook(lambda _m, _a, k: calls.append(1), with_kwargs=True)
     images = pipeline_sampler(spipe, student).generate(["a red circle"], [0])
     assert images.shape == (1, 32, 32, 3) and len(calls) == 2  # one pass per step, two steps
+    # a guidance-embedded student of this base would sample as neither guides: refused before anything is cached
+    from slimdit.pipelines.loading import save_student
+
+    save_student(guided_student(pipe.transformer), tmp_path / "embedded", base=str(out))
+    cfg.update(student=str(tmp_path / "embedded"), out=str(tmp_path / "run2"))
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="takes a guidance input and teacher .* takes no guidance input"):
+        fewstep.run_steps(cfg, progress=False)
+    assert not (tmp_path / "run2" / "cache").exists()

@@ -240,7 +240,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                 method, cfg.pair_steps or defaults["num_inference_steps"])
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
-                             sampling=_sampling(adapter, teacher, n, w))
+                             sampling=_sampling(adapter, original, n, w))
                 write_json(rdir / "done.json", {"steps": n, "method": method,
                                                 "teacher_steps": teacher_steps,
                                                 "train_steps": tcfg.steps,
@@ -253,7 +253,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     if not state.is_main_process:  # saving, evaluating and benchmarking are the main process's
         return run
     save_student(student, run / "student", base=cfg.teacher, scheduler=scheduler,
-                 sampling=_sampling(adapter, teacher, cfg.steps, w))
+                 sampling=_sampling(adapter, original, cfg.steps, w))
     summary = {"teacher": cfg.teacher, "student": str(run / "student"), "started_from": cfg.student or cfg.teacher,
                "method": cfg.method, "steps": cfg.steps,
                "refine": cfg.refine.model_dump() if cfg.refine is not None else None,
@@ -275,6 +275,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
 
 def _start(cfg: StepsConfig, teacher: torch.nn.Module) -> torch.nn.Module:
     """The model the student starts from: the teacher, or ``cfg.student`` checked against it."""
+    from slimdit.models import adapter_for
     from slimdit.pipelines.loading import load_transformer, same_base
 
     if not cfg.student:
@@ -287,6 +288,12 @@ def _start(cfg: StepsConfig, teacher: torch.nn.Module) -> torch.nn.Module:
     if type(model) is not type(teacher):
         raise ValueError(f"student {cfg.student} is a {type(model).__name__}, teacher {cfg.teacher} a "
                          f"{type(teacher).__name__}: a student must be of the teacher's family")
+    adapter = adapter_for(teacher)
+    if adapter.takes_guidance(model) != adapter.takes_guidance(teacher):
+        says = {True: "takes a guidance input", False: "takes no guidance input"}
+        raise ValueError(f"student {cfg.student} {says[adapter.takes_guidance(model)]} and teacher {cfg.teacher} "
+                         f"{says[adapter.takes_guidance(teacher)]}: the student samples as the teacher guides, so "
+                         "both must be guidance-distilled or neither")
     return model.eval()
 
 
@@ -367,7 +374,8 @@ LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _r
 
 def _sampling(adapter, teacher, steps: int, w: float) -> dict:
     """A few-step student's sampling defaults: its steps, and no CFG (a CFG teacher's guidance is distilled in),
-    or the teacher's guidance input scale; the adapter knows its pipeline's knobs for either."""
+    or the teacher's guidance input scale; the adapter knows its pipeline's knobs for either. ``teacher`` is the
+    run's teacher (its students take a guidance input exactly when it does: :func:`_start`)."""
     return {"num_inference_steps": steps, **adapter.guided_sampling(teacher, w if adapter.takes_guidance(teacher)
                                                                      else 1.0)}
 

@@ -47,10 +47,20 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
     if steps is not None or guidance is not None or model not in SAMPLERS:
         opts = getattr(sampler, "options", None)
         if opts is not None:
-            result.metrics.update(steps=opts.num_inference_steps, guidance=opts.guidance_scale,
-                                  **{k: v for k, v in opts.extra.items() if k == "true_cfg_scale"})
+            result.metrics.update(steps=opts.num_inference_steps, guidance=_guidance(sampler, opts))
     _write_outputs(result, out, save_images_to, images_per_prompt)
     return result
+
+
+def _guidance(sampler, opts) -> float:
+    """The scale the model was guided with, as its adapter reads it (a true-CFG model's is not ``guidance_scale``)."""
+    from slimdit.models import adapter_for
+
+    pipe = getattr(sampler, "pipe", None)
+    if pipe is None:
+        return opts.guidance_scale
+    return adapter_for(pipe.transformer).guidance_scale(pipe.transformer,
+                                                         {"guidance_scale": opts.guidance_scale, **opts.extra})
 
 
 def _write_outputs(result: EvalResult, out: str | Path | None, save_images_to: str | Path | None,

@@ -291,13 +291,13 @@ def sampling_defaults(model: str) -> dict:
                      "none in slimdit.json")
 
 
-def sampling_options(defaults: dict, steps: int | None = None, guidance: float | None = None,
-                     batch_size: int = 64) -> SamplingOptions:
-    """Sampling options from a model's ``defaults`` (:func:`sampling_defaults`), overridden where given; what the
-    defaults hold beyond steps, guidance and prompt length (e.g. ``height``) is passed to the pipeline as is."""
+def sampling_options(defaults: dict, steps: int | None = None, batch_size: int = 64) -> SamplingOptions:
+    """Sampling options from a model's ``defaults`` (:func:`sampling_defaults`), ``steps`` overridden where given; what
+    the defaults hold beyond steps, guidance and prompt length (e.g. ``height``) is passed to the pipeline as is. A
+    guidance override goes through the adapter first (:func:`pipeline_sampler`): how a model guides is its own."""
     known = {"num_inference_steps", "guidance_scale", "max_sequence_length"}
     return SamplingOptions(num_inference_steps=steps or defaults["num_inference_steps"],
-                           guidance_scale=defaults["guidance_scale"] if guidance is None else guidance,
+                           guidance_scale=defaults["guidance_scale"],
                            max_sequence_length=defaults["max_sequence_length"], batch_size=batch_size,
                            extra={k: v for k, v in defaults.items() if k not in known})
 
@@ -319,7 +319,7 @@ def pipeline_sampler(pipe, model: str, steps: int | None = None, guidance: float
     defaults = sampling_defaults(model)
     if guidance is not None:  # through the adapter: a true-CFG Flux base guides with true_cfg_scale, not guidance
         defaults = {**defaults, **adapter_for(pipe.transformer).guided_sampling(pipe.transformer, guidance)}
-    return PipelineSampler(pipe, sampling_options(defaults, steps, None, batch_size), name=name or model)
+    return PipelineSampler(pipe, sampling_options(defaults, steps, batch_size), name=name or model)
 
 
 def save_student(transformer, out_dir: str | Path, base: str, scheduler=None, sampling: dict | None = None) -> Path:

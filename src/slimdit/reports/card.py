@@ -24,7 +24,7 @@ from slimdit.reports.run_facts import RunFacts, is_hub_id, json_or_none, run_of
 
 # the keys of a metrics JSON that describe how it was measured, not what
 PROTOCOL_KEYS = ("benchmark", "model", "embedder", "n_images", "images_per_prompt", "n_prompts", "seed", "steps",
-                 "guidance", "true_cfg_scale")
+                 "guidance")
 LOWER_IS_BETTER = ("fid", "cmmd")
 MAIN_METRICS = ("overall", "fid", "cmmd", "clip_score")
 
