@@ -3,6 +3,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+# one intra-op thread per process: the tests' models are tiny, and the multi-process tests (two ranks on two cores)
+# would otherwise oversubscribe the cores, which slows torch's thread pools many times over
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
