@@ -289,11 +289,12 @@ def _start(cfg: StepsConfig, teacher: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"student {cfg.student} is a {type(model).__name__}, teacher {cfg.teacher} a "
                          f"{type(teacher).__name__}: a student must be of the teacher's family")
     adapter = adapter_for(teacher)
-    if adapter.takes_guidance(model) != adapter.takes_guidance(teacher):
+    student_input, teacher_input = adapter.takes_guidance(model), adapter.takes_guidance(teacher)
+    if student_input != teacher_input:
         says = {True: "takes a guidance input", False: "takes no guidance input"}
-        raise ValueError(f"student {cfg.student} {says[adapter.takes_guidance(model)]} and teacher {cfg.teacher} "
-                         f"{says[adapter.takes_guidance(teacher)]}: the student samples as the teacher guides, so "
-                         "both must be guidance-distilled or neither")
+        raise ValueError(f"student {cfg.student} {says[student_input]} and teacher {cfg.teacher} "
+                         f"{says[teacher_input]}: the student samples as the teacher guides, so both must be "
+                         "guidance-distilled or neither")
     return model.eval()
 
 
