@@ -1,6 +1,6 @@
 """Reflow: the teacher's pairs are its deterministic samples, reproducible per row and reused from disk; the loss is
-flow matching on the pairs' noise; ``slimdit steps --method reflow`` runs on a tiny FluxPipeline end to end and a
-diffusion teacher is refused."""
+flow matching on the pairs' noise; ``slimdit steps --method reflow`` runs on a tiny FluxPipeline end to end (a
+diffusion teacher is refused: tests/test_direct.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from slimdit.distill.losses import Batch, per_sample_mse
 from slimdit.distill.reflow import ReflowLoss, ode_sample, teacher_pairs
 from slimdit.distill.steps import transitions
 from slimdit.models import adapter_for
-from tests.test_compress import tiny
 from tests.test_flux import FLOW, flux_data, tiny_flux
-from tests.test_steps import V
 
 
 def test_pairs_are_the_teachers_samples_per_row_and_reused_from_disk(tmp_path):
@@ -65,15 +63,6 @@ def test_the_reflow_loss_is_flow_matching_on_the_pairs_noise_and_trains(tmp_path
     before = measured(student)
     tr.train(progress=False)
     assert measured(tr.student_model()) < 0.85 * before  # random pairs: much of the loss cannot be learnt
-
-
-def test_pairs_refuse_a_diffusion_teacher(tmp_path):
-    from tests.test_trainer import _data
-
-    teacher = tiny()
-    t, s = transitions(V, 2)
-    with pytest.raises(ValueError, match="flow teachers"):
-        teacher_pairs(adapter_for(teacher, V), teacher, _data(), tmp_path, t, s, 1.0, seed=0)
 
 
 def test_slimdit_steps_reflow_on_a_flux_pipeline(tiny_flux_pipeline, tmp_path):

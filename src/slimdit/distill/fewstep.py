@@ -6,7 +6,9 @@ previous round's model at twice as many. ``method: consistency`` (:mod:`slimdit.
 of latent consistency distillation on the teacher's ``solver_steps`` grid; the student samples with
 ``LCMScheduler`` in ``steps`` steps by default, and in any other count too. ``method: reflow`` (flow teachers,
 :mod:`slimdit.distill.reflow`): the teacher's ODE pairs (noise, sample), then velocity regression on the straight
-line between them; the student keeps the Euler scheduler, at ``steps``. ``method: dmd2``
+line between them; the student keeps the Euler scheduler, at ``steps``. ``method: direct``
+(:mod:`slimdit.distill.direct`, any teacher): the same pairs, and the student's whole ``steps``-step sampler from
+each pair's noise regressed onto its sample. ``method: dmd2``
 (:mod:`slimdit.distill.dmd`): distribution matching against the teacher's score with a fake score trained beside
 the student, on the student's own ``steps``-step grid. ``method: ladd`` (:mod:`slimdit.distill.ladd`): adversarial
 distillation with the frozen teacher's features as the discriminator, on the same grid. Each method is a loss
@@ -71,11 +73,12 @@ class StepsConfig(_Strict):
     student: str | None = None
     _student = field_validator("student", mode="before")(_teacher_string)  # the same forms as teacher
     out: str
-    method: Literal["progressive", "consistency", "reflow", "dmd2", "ladd"] = "progressive"
+    method: Literal["progressive", "consistency", "reflow", "direct", "dmd2", "ladd"] = "progressive"
     steps: int = Field(4, ge=1)  # the final student's sampling steps
     start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
     solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
-    pair_steps: int | None = Field(None, ge=1)  # reflow: the teacher's Euler steps per pair (default: its own)
+    # reflow, direct: the teacher's deterministic (Euler / DDIM) steps per pair (default: its own step count)
+    pair_steps: int | None = Field(None, ge=1)
     fake_updates: int = Field(5, ge=1)  # dmd2: fake score steps per student step (the two time-scale rule)
     fake_lr: float | None = Field(None, gt=0)  # dmd2: the fake score's learning rate (default: train.lr)
     gan_weight: float = Field(0.0, ge=0)  # dmd2: the student's GAN loss weight (0: no GAN head)
@@ -120,8 +123,9 @@ class StepsConfig(_Strict):
         if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
-        if self.method == "reflow" and self.train.caption_dropout:
-            raise ValueError("method: reflow needs train.caption_dropout: 0 (each pair belongs to its caption)")
+        if self.method in ("reflow", "direct") and self.train.caption_dropout:
+            raise ValueError(f"method: {self.method} needs train.caption_dropout: 0 (each pair belongs to its "
+                             "caption)")
         if self.method != "progressive":
             return self
         k = math.log2(self.start / self.steps) if self.start > self.steps else 0
@@ -138,8 +142,8 @@ def describe_rounds(cfg: StepsConfig) -> str:
 
 
 def _rounds(cfg: StepsConfig) -> list[tuple[int, str]]:
-    """Each round's student steps and method: start/2, start/4, ..., steps by halving (consistency, reflow, dmd2,
-    ladd: one round, steps), then steps again for a refining round."""
+    """Each round's student steps and method: start/2, start/4, ..., steps by halving (the other methods: one round,
+    steps), then steps again for a refining round."""
     if cfg.method != "progressive":
         return [(cfg.steps, cfg.method)]
     out, n = [], cfg.start
@@ -335,20 +339,36 @@ def _consistency(r: _Round):
     return ConsistencyLoss(r.adapter, t, s, null=r.cfg_null, guidance=r.w), r.data
 
 
-def _reflow(r: _Round):
-    from slimdit.distill.reflow import ReflowLoss, teacher_pairs
+def _pairs(r: _Round):
+    """The teacher's (noise, sample) pairs on its own ``pair_steps`` grid, made once per run: each process makes its
+    share of the shards, then every one reads them all. Returns ``(noise, data with the samples as latents)``."""
+    from slimdit.distill.reflow import teacher_pairs
     from slimdit.distill.steps import transitions
     from slimdit.distill.trainer import Conditioning
 
     t, s = transitions(r.sched_config, r.cfg.pair_steps or r.defaults["num_inference_steps"], r.tokens)
     seed, folder = r.cfg.train.seed, r.run / "pairs"
-    # each process makes its share of the shards, then every one reads them all
     teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=r.progress,
                   part=(r.state.process_index, r.state.num_processes))
     r.state.wait_for_everyone()
     noise, x0 = teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=False)
-    return (ReflowLoss(r.adapter, noise, guidance=r.w if r.guided_input else None),
-            Conditioning(x0, r.data.cond, r.data.null))
+    return noise, Conditioning(x0, r.data.cond, r.data.null)
+
+
+def _reflow(r: _Round):
+    from slimdit.distill.reflow import ReflowLoss
+
+    noise, data = _pairs(r)
+    return ReflowLoss(r.adapter, noise, guidance=r.w if r.guided_input else None), data
+
+
+def _direct(r: _Round):
+    from slimdit.distill.direct import DirectLoss
+    from slimdit.distill.steps import transitions
+
+    noise, data = _pairs(r)
+    t, s = transitions(r.sched_config, r.steps, r.tokens)
+    return DirectLoss(r.adapter, noise, t, s, guidance=r.w if r.guided_input else None), data
 
 
 def _dmd2(r: _Round):
@@ -370,7 +390,8 @@ def _ladd(r: _Round):
                     disc_lr=r.cfg.disc_lr or r.cfg.train.lr, tokens=r.tokens, units=r.cfg.disc_units), r.data
 
 
-LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "dmd2": _dmd2, "ladd": _ladd}
+LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "direct": _direct,
+          "dmd2": _dmd2, "ladd": _ladd}
 
 
 def _sampling(adapter, teacher, steps: int, w: float) -> dict:

@@ -5,7 +5,8 @@ steps lose less when there are few of them.
 
 Pairs are made once per run by the teacher's deterministic Euler sampling (its own flow grid, ``pair_steps`` steps,
 guided: a CFG teacher at ``w`` with the empty caption, a guidance-embedded one with ``w`` as its input) and kept on
-disk in safetensors shards (a resumed run reuses the finished ones). For flow teachers only.
+disk in safetensors shards (a resumed run reuses the finished ones). Reflow is for flow teachers; the pairs are any
+teacher's (DDIM steps for a diffusion one), and :mod:`slimdit.distill.direct` regresses a diffusion student on them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from slimdit.distill.losses import Batch, per_sample_mse
-from slimdit.distill.objectives import RectifiedFlow
 from slimdit.distill.steps import deterministic_step, guided_prediction
 from slimdit.io import load_tensors, save_tensors
 
@@ -44,9 +44,6 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
     n)`` only shards ``k, k + n, ...`` are made and nothing is returned (process k of n makes its share).
 
     The pairs are returned in host memory (two latents per row)."""
-    if not isinstance(adapter.objective, RectifiedFlow):
-        raise ValueError("reflow is for flow teachers (rectified-flow objective); for a diffusion teacher use "
-                         "method: progressive or consistency")
     out = Path(out)
     dev = next(teacher.parameters()).device
     dtype = data.latents[:1].dtype  # (the cache's rows are read lazily)
@@ -54,7 +51,7 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
     noises, x0s = [], []
     starts = range(0, len(data), SHARD)
     mine = [a for a in starts if part is None or (a // SHARD) % part[1] == part[0]]
-    for a in tqdm(mine, desc="reflow pairs", unit="shard", disable=not progress or len(mine) <= 1):
+    for a in tqdm(mine, desc="teacher pairs", unit="shard", disable=not progress or len(mine) <= 1):
         f = out / f"pairs_{a // SHARD:05d}.safetensors"
         if not f.exists():
             rows = range(a, min(a + SHARD, len(data)))

@@ -39,6 +39,7 @@ def _header(f: RunFacts, lowrank: bool, merged: bool) -> str:
                                                          for r in f.rounds)),
                        ("consistency-distillation", any(r.get("method") == "consistency" for r in f.rounds)),
                        ("reflow", any(r.get("method") == "reflow" for r in f.rounds)),
+                       ("direct-distillation", any(r.get("method") == "direct" for r in f.rounds)),
                        ("distribution-matching-distillation", any(r.get("method") == "dmd2" for r in f.rounds)),
                        ("adversarial-distillation", any(r.get("method") == "ladd" for r in f.rounds)),
                        ("few-step", bool(f.rounds)), ("reward-tuning", bool((f.config or {}).get("reward")))):
@@ -100,6 +101,13 @@ def _fewstep(f: RunFacts) -> str:
                "student learnt the straight line between them, so its Euler sampler (saved beside it) loses less at "
                f"{last['steps']} steps. A guidance-embedded teacher's pairs were made at its default guidance, which "
                "the student takes as its input; a CFG teacher's guidance is distilled in.")
+    elif first.get("method") == "direct":
+        how = (f"A few-step student of `{f.teacher}`, made with slimdit by direct distillation of the teacher's "
+               f"sampler (Luhman & Luhman 2021): the teacher's {first['teacher_steps']}-step deterministic sampling "
+               "paired noise with the sample it ends at, and the student's own sampler, run from that noise with "
+               f"the gradient through all of its {last['steps']} step(s), learnt to end at the same sample. It samples "
+               "with the scheduler saved beside it; a CFG teacher's guidance is distilled in, a guidance-embedded "
+               "teacher's default guidance is the student's input.")
     elif first.get("method") == "dmd2":
         how = (f"A few-step student of `{f.teacher}`, made with slimdit by distribution matching distillation in "
                f"DMD2's form (Yin et al. 2024): it samples in {last['steps']} deterministic steps with the scheduler "

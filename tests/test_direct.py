@@ -1,0 +1,102 @@
+"""Direct distillation of the teacher's sampler: the student's unrolled sample is the plain deterministic sampler's,
+a copy of the teacher on the pairs' own grid has zero loss, the loss trains, and ``slimdit steps --method direct``
+runs on a diffusion teacher end to end (where ``method: reflow`` is refused)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimdit.distill.direct import DirectLoss
+from slimdit.distill.losses import Batch
+from slimdit.distill.reflow import ode_sample, teacher_pairs
+from slimdit.distill.steps import transitions
+from slimdit.models import adapter_for
+from tests.test_compress import tiny
+from tests.test_flux import FLOW, flux_data, tiny_flux
+from tests.test_steps import V
+from tests.test_trainer import _data
+
+
+@pytest.mark.parametrize("case", ["pixart-v", "flux-guidance"])
+def test_the_students_sample_is_its_deterministic_sampler_and_a_teacher_copy_has_zero_loss(case, tmp_path):
+    if case == "pixart-v":
+        teacher, sched, data, guidance = tiny(), V, _data(6), None
+    else:
+        teacher, sched, data, guidance = tiny_flux(1, 1), FLOW, flux_data(0, 6), 3.5
+    adapter = adapter_for(teacher, sched)
+    t, s = transitions(sched, 2, adapter.image_tokens(teacher, data.latents[:1]))
+    # pairs on the student's own grid, without CFG: a copy of the teacher reproduces them exactly
+    noise, x0 = teacher_pairs(adapter, teacher, data, tmp_path, t, s, guidance or 1.0, seed=2, progress=False)
+    loss = DirectLoss(adapter, noise, t, s, guidance=guidance)
+    idx = torch.tensor([4, 1, 3])
+    cond = data.take(idx)
+    if guidance is not None:
+        cond = {**cond, "guidance": torch.full((3,), guidance)}
+    batch = Batch(x0[idx], data.take(idx), torch.Generator().manual_seed(0), index=idx)
+    with torch.no_grad():
+        mine = loss.sample(teacher, noise[idx], cond, batch)
+    assert torch.allclose(mine, ode_sample(adapter, teacher, noise[idx], cond, None, 1.0, t, s), atol=1e-5)
+    student = copy.deepcopy(teacher)
+    assert loss(student, teacher, batch)["total"].item() < 1e-10
+    # the gradient reaches the first step too: the loss of a student whose first step alone differs moves
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    out = loss(student, teacher, batch)["total"]
+    out.backward()
+    assert out.item() > 0 and all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_direct_distillation_trains_a_one_step_student_on_two_step_pairs(tmp_path):
+    from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer
+
+    teacher, data = tiny(), _data(8)
+    adapter = adapter_for(teacher, V)
+    t2, s2 = transitions(V, 2)
+    noise, x0 = teacher_pairs(adapter, teacher, data, tmp_path / "pairs", t2, s2, 3.0, seed=0, progress=False)
+    t, s = transitions(V, 1)
+    loss = DirectLoss(adapter, noise, t, s)
+    every = torch.arange(8)
+
+    def measured(model):
+        b = Batch(x0, data.take(every), torch.Generator().manual_seed(0), index=every)
+        with torch.no_grad():
+            return loss(model, teacher, b)["total"].item()
+
+    student = copy.deepcopy(teacher)
+    before = measured(student)
+    cfg = TrainConfig(steps=30, batch_size=8, warmup_steps=1, lr=3e-3, optimizer="adamw", checkpoint_every=100,
+                      log_every=1, val_every=0, caption_dropout=0.0)
+    tr = Trainer(adapter, teacher, student, Conditioning(x0, data.cond, data.null), cfg, tmp_path / "run", loss=loss)
+    tr.train(progress=False)
+    assert measured(tr.student_model()) < 0.5 * before
+
+
+def test_slimdit_steps_direct_on_a_pixart_pipeline_and_reflow_refuses_it(tiny_teacher, tmp_path):
+    import json
+
+    from slimdit.distill.fewstep import StepsConfig, run_steps
+    from slimdit.pipelines.loading import load_sampler, sampling_defaults
+
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "method": "direct", "steps": 1, "pair_steps": 2,
+           "data": {"real": "shapes-train:6"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "caption_dropout": 0.0},
+           "eval": {"benchmark": None, "bench": False}}
+    run = run_steps(StepsConfig(**cfg), progress=False)
+    assert [p.name for p in (run / "pairs").iterdir()] == ["pairs_00000.safetensors"]
+    done = json.loads((run / "rounds" / "00_1steps" / "done.json").read_text())
+    assert done["method"] == "direct" and done["teacher_steps"] == 2
+    student = str(run / "student")
+    assert sampling_defaults(student)["num_inference_steps"] == 1 and sampling_defaults(student)["guidance_scale"] == 1
+    sampler = load_sampler(student)
+    assert type(sampler.pipe.scheduler).__name__ == "DDIMScheduler"
+    assert sampler.generate(["a red circle"], [0], progress=False).shape[0] == 1
+    assert "Luhman & Luhman" in (run / "student" / "README.md").read_text()
+    with pytest.raises(ValueError, match="caption_dropout: 0"):
+        StepsConfig(**{**cfg, "train": {**cfg["train"], "caption_dropout": 0.1}})
+    with pytest.raises(ValueError, match="reflow is for flow teachers"):
+        run_steps(StepsConfig(**{**cfg, "method": "reflow", "out": str(tmp_path / "reflow")}), progress=False)
+    assert not (tmp_path / "reflow" / "pairs").exists()  # refused before any pair was made
