@@ -100,3 +100,24 @@ def test_slimdit_steps_direct_on_a_pixart_pipeline_and_reflow_refuses_it(tiny_te
     with pytest.raises(ValueError, match="reflow is for flow teachers"):
         run_steps(StepsConfig(**{**cfg, "method": "reflow", "out": str(tmp_path / "reflow")}), progress=False)
     assert not (tmp_path / "reflow" / "pairs").exists()  # refused before any pair was made
+
+
+def test_a_cfg_scale_below_one_is_refused_before_anything_is_cached(tiny_teacher, tiny_flux_pipeline, tmp_path):
+    """PixArt's pipeline (and Flux's true CFG) guides only above 1: a step or reward run at 0.5 would distil
+    guidance its student never samples with. A guidance-distilled Flux takes any scale as its input."""
+    from slimdit.distill.fewstep import StepsConfig, run_steps
+    from slimdit.distill.reward import RewardConfig, run_reward
+    from slimdit.distill.steps import check_cfg_scale
+    from slimdit.pipelines.loading import load_pipeline
+
+    train = {"steps": 1, "batch_size": 2, "warmup_steps": 1, "caption_dropout": 0.0}
+    with pytest.raises(ValueError, match="guidance 0.5: teacher .* above 1"):
+        run_steps(StepsConfig(teacher=tiny_teacher, out=str(tmp_path / "s"), guidance=0.5, steps=1, start=2,
+                              data={"real": "shapes-train:4"}, train=train), progress=False)
+    assert not (tmp_path / "s" / "cache").exists()
+    with pytest.raises(ValueError, match="guidance 0.5: model .* above 1"):
+        run_reward(RewardConfig(teacher=tiny_teacher, out=str(tmp_path / "r"), guidance=0.5, group=2, sample_steps=2,
+                                train_steps=1, data={"real": "shapes-train:4"}, train=train), progress=False)
+    assert not (tmp_path / "r" / "cache").exists()
+    flux = load_pipeline(str(tiny_flux_pipeline), "cpu").transformer  # guidance-embedded
+    check_cfg_scale(adapter_for(flux), flux, 0.5, "flux")  # its input, not CFG: allowed

@@ -163,7 +163,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.distill.dmd import check_gan_unit
     from slimdit.distill.ladd import check_units
     from slimdit.distill.run import Conditionings, check_memory
-    from slimdit.distill.steps import student_scheduler
+    from slimdit.distill.steps import check_cfg_scale, student_scheduler
     from slimdit.distill.trainer import TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
     from slimdit.models import adapter_for
@@ -188,6 +188,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     adapter = adapter_for(teacher, sched_config)
     defaults = sampling_defaults(cfg.teacher)
     w = cfg.guidance if cfg.guidance is not None else adapter.guidance_scale(teacher, defaults)
+    check_cfg_scale(adapter, teacher, w, f"teacher {cfg.teacher}")
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
     check_gan_unit(adapter, teacher, cfg.gan_unit)  # before caching anything
     check_units(adapter, teacher, cfg.disc_units)

@@ -100,7 +100,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     """Run (or continue) a reward fine-tuning; return the run directory."""
     from slimdit.data.datasets import load_dataset
     from slimdit.distill.run import Conditionings
-    from slimdit.distill.steps import transitions
+    from slimdit.distill.steps import check_cfg_scale, transitions
     from slimdit.distill.trainer import TrainConfig, Trainer
     from slimdit.identity import check_run_dir, input_fingerprints
     from slimdit.models import adapter_for
@@ -124,6 +124,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     adapter = adapter_for(reference, sched_config)
     defaults = sampling_defaults(cfg.teacher)
     w = cfg.guidance if cfg.guidance is not None else adapter.guidance_scale(reference, defaults)
+    check_cfg_scale(adapter, reference, w, f"model {cfg.teacher}")
     data = Conditionings(cfg.data, prompts, pipe, cfg.teacher, run, cfg.device, cfg.train.seed)("real")
     t, s = transitions(sched_config, cfg.sample_steps, adapter.image_tokens(reference, data.latents[:1]))
     null = data.null if not adapter.takes_guidance(reference) and w != 1 else None

@@ -79,6 +79,15 @@ def stochastic_step(objective: DDPM | RectifiedFlow, x: torch.Tensor, pred: torc
     return a_s * x0 + (s_s ** 2 - std ** 2).clamp_min(0).sqrt() * eps, std
 
 
+def check_cfg_scale(adapter, model, guidance: float, name: str) -> None:
+    """Refuse a CFG scale below 1 for ``model`` (named ``name``) when it guides by classifier-free guidance: its
+    pipeline runs CFG only above 1, so training on such a scale would distil guidance it never samples with. A
+    guidance-distilled model takes any scale as its input."""
+    if not adapter.takes_guidance(model) and guidance < 1:
+        raise ValueError(f"guidance {guidance}: {name} guides by classifier-free guidance, which its pipeline runs "
+                         "only at a scale above 1 (1 turns it off); use 1 (no guidance) or more")
+
+
 def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tensor:
     """The model's prediction at ``x``, with CFG at ``guidance`` when ``null`` (the empty caption's) is given."""
     c = adapter.prediction(model, adapter.predict(model, x, t, cond))
