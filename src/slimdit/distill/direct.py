@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from slimdit.distill.losses import Batch, per_sample_mse
-from slimdit.distill.steps import deterministic_step
+from slimdit.distill.steps import deterministic_sample
 
 
 @dataclass
@@ -34,19 +34,8 @@ class DirectLoss:
     guidance: float | None = None  # the guidance input the pairs were made at (guidance-embedded models)
 
     def sample(self, student: torch.nn.Module, z: torch.Tensor, cond: dict, batch: Batch) -> torch.Tensor:
-        """The student's clean sample from ``z``: every step but the last lands on the grid, the last step's
-        prediction gives ``x0`` (with the graph through all of them while gradients are on)."""
-        a, obj = self.adapter, self.adapter.objective
-        inner = getattr(student, "module", student)
-        n, dev, x = z.shape[0], z.device, z
-        for j in range(len(self.t)):
-            tt = self.t[j].expand(n).to(dev)
-            with batch.autocast():
-                pred = a.prediction(inner, a.predict(student, x, tt, cond)).float()
-            if j == len(self.t) - 1:
-                return obj.x0(x.float(), pred, tt)
-            x = deterministic_step(obj, x.float(), pred, tt, self.s[j].expand(n).to(dev)).to(z.dtype)
-        raise ValueError("a student grid needs at least one step")
+        """The student's clean sample from ``z`` on its grid, with the graph through every step."""
+        return deterministic_sample(self.adapter, student, z, cond, None, 1.0, self.t, self.s, batch.autocast)
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         if batch.index is None:

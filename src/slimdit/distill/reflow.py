@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slimdit.distill.losses import Batch, per_sample_mse
-from slimdit.distill.steps import deterministic_step, guided_prediction
+from slimdit.distill.steps import deterministic_sample
 from slimdit.io import load_tensors, save_tensors
 
 SHARD = 1024
@@ -28,12 +28,7 @@ SHARD = 1024
 def ode_sample(adapter, model, noise: torch.Tensor, cond: dict, null: dict | None, guidance: float,
                t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Deterministic sampling from ``noise`` along the grid ``(t, s)`` (its last ``s`` is the clean end)."""
-    x, n = noise, noise.shape[0]
-    for ti, si in zip(t, s):
-        tt, ss = ti.expand(n).to(x.device), si.expand(n).to(x.device)
-        x = deterministic_step(adapter.objective, x, guided_prediction(adapter, model, x, tt, cond, null, guidance),
-                               tt, ss).to(noise.dtype)
-    return x
+    return deterministic_sample(adapter, model, noise, cond, null, guidance, t, s).to(noise.dtype)
 
 
 def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: torch.Tensor, guidance: float,

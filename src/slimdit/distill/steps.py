@@ -9,6 +9,8 @@ shifted by the image's token count).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -89,12 +91,30 @@ def check_cfg_scale(adapter, model, guidance: float, name: str) -> None:
 
 
 def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tensor:
-    """The model's prediction at ``x``, with CFG at ``guidance`` when ``null`` (the empty caption's) is given."""
-    c = adapter.prediction(model, adapter.predict(model, x, t, cond))
+    """The model's prediction at ``x``, with CFG at ``guidance`` when ``null`` (the empty caption's) is given;
+    ``model`` may be wrapped (DDP)."""
+    inner = getattr(model, "module", model)
+    c = adapter.prediction(inner, adapter.predict(model, x, t, cond))
     if null is None:
         return c
-    u = adapter.prediction(model, adapter.predict(model, x, t, null))
+    u = adapter.prediction(inner, adapter.predict(model, x, t, null))
     return u + guidance * (c - u)
+
+
+def deterministic_sample(adapter, model, noise: torch.Tensor, cond: dict, null: dict | None, guidance: float,
+                         t: torch.Tensor, s: torch.Tensor, autocast=nullcontext) -> torch.Tensor:
+    """The clean sample (in float) of deterministic sampling from ``noise`` along the grid ``(t, s)``, whose last
+    ``s`` is the clean end; guided as :func:`guided_prediction`. Steps are taken in float, and the latents between
+    them kept in ``noise``'s dtype. Gradients flow through every step while they are on."""
+    x, n = noise, noise.shape[0]
+    for j, (ti, si) in enumerate(zip(t, s)):
+        tt, ss = ti.expand(n).to(x.device), si.expand(n).to(x.device)
+        with autocast():
+            pred = guided_prediction(adapter, model, x, tt, cond, null, guidance).float()
+        x = deterministic_step(adapter.objective, x.float(), pred, tt, ss)
+        if j < len(t) - 1:
+            x = x.to(noise.dtype)
+    return x
 
 
 def group_conditions(adapter, model, cond: dict, null: dict | None, guidance: float, group: int,
