@@ -282,8 +282,9 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
 
     monkeypatch.setattr(memory, "activation_bytes", once)
 
-    def plan(**kw):
-        c = StepsConfig(teacher=tiny_teacher, out="x", steps=2, start=4, **kw, train={"steps": 1, "batch_size": 2})
+    def plan(train_caption_dropout=0.1, **kw):
+        c = StepsConfig(teacher=tiny_teacher, out="x", steps=2, start=4, **kw,
+                        train={"steps": 1, "batch_size": 2, "caption_dropout": train_caption_dropout})
         return config_memory_plan(c, Plan(ops=[]), "cpu").items
 
     n_teacher = param_count(build_component(*component_configs(tiny_teacher)["transformer"]))
@@ -299,4 +300,53 @@ def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_c
     assert step > 0 and gan_step == 2 * step
     assert {k: v for k, v in items["gan"].items() if k not in fake} == items["progressive"]
     assert items["refine"] == items["dmd2"]  # a refining DMD2 round after the halvings plans the same fake score
+    # graphs held beside the training pass: DMD1's regression through the 2-step sampler, direct's second step
+    reg = plan(method="dmd2", regression_weight=0.5, train_caption_dropout=0.0)
+    direct = plan(method="direct", train_caption_dropout=0.0)
+    assert reg["unrolled student passes"] == 2 * direct["unrolled student passes"] > 0
+    assert {k: v for k, v in reg.items() if k != "unrolled student passes"} == items["dmd2"]
+    assert "unrolled student passes" not in items["dmd2"]
     assert len(traced) < len(calls)  # the memo served the repeated traces
+
+
+def test_the_regression_onto_the_teachers_pairs_adds_exactly_its_weighted_gradient(tmp_path):
+    """DMD1's regression: while the fake score is the real one (no matching gradient), the student's gradient is
+    exactly ``regression_weight`` times direct distillation's on the same pairs."""
+    from slimdit.distill.direct import DirectLoss
+    from slimdit.distill.reflow import teacher_pairs
+
+    teacher = tiny()
+    adapter, data = adapter_for(teacher, V), _data(6)
+    t, s = transitions(V, 2)
+    noise, x0 = teacher_pairs(adapter, teacher, data, tmp_path, t, s, 1.0, seed=2, progress=False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    idx = torch.tensor([4, 1, 3])
+    batch = Batch(x0[idx], data.take(idx), torch.Generator().manual_seed(0), index=idx)
+    direct = DirectLoss(adapter, noise, t, s)
+    out = DMDLoss(adapter, teacher, t, s, fake_updates=1, regression=direct, regression_weight=0.5)(
+        student, teacher, batch)
+    assert float(out["dm"]) == 0 and float(out["regression"]) > 0
+    out["total"].backward()
+    both = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    direct(student, teacher, batch)["total"].backward()
+    assert all(torch.allclose(g, 0.5 * p.grad, atol=1e-7, rtol=1e-5) for g, p in zip(both, student.parameters()))
+
+
+def test_slimdit_steps_dmd2_with_the_regression_trains_on_the_teachers_pairs(tiny_teacher, tmp_path):
+    import json
+
+    from slimdit.distill.fewstep import StepsConfig
+
+    run = _tiny_steps_run(tmp_path, tiny_teacher, 0.0, method="dmd2", regression_weight=0.5, pair_steps=2)
+    assert [p.name for p in (run / "pairs").iterdir()] == ["pairs_00000.safetensors"]
+    rows = [json.loads(r) for r in (run / "rounds" / "00_2steps" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["regression"] > 0 and "dm" in r for r in rows)
+    base = {"out": str(tmp_path / "x"), "train": {"caption_dropout": 0.1}}
+    with pytest.raises(ValueError, match="regression_weight > 0 needs train.caption_dropout: 0"):
+        StepsConfig(**base, method="dmd2", regression_weight=0.5)
+    with pytest.raises(ValueError, match="regression_weight: the regression onto the teacher's pairs belongs"):
+        StepsConfig(out=str(tmp_path / "x"), method="ladd", regression_weight=0.5)

@@ -20,6 +20,11 @@ is pulled onto the teacher's.
   the student's samples, which the denoising pass already ran). The student adds ``gan_weight`` times the
   non-saturating generator loss, through the fake score's frozen weights to its samples. Real data, which the
   distribution matching term never sees, so enters: DMD2's remedy for a fake score that loses the student's modes.
+- **The regression loss (optional, ``regression``).** DMD1's other remedy (Yin et al. 2023): the student's whole
+  sampler, run from the noise of the teacher's (noise, sample) pairs, is regressed onto the teacher's samples
+  (:class:`slimdit.distill.direct.DirectLoss`), weighed by ``regression_weight``. It anchors the student to the
+  teacher's modes, one per noise; the data rows are then the pairs, so the GAN head's real latents are the
+  teacher's samples (as LADD prefers).
 - A fake-score step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`)
   before it is applied, so no checkpoint ever holds a non-finite fake score.
 
@@ -82,6 +87,8 @@ class DMDLoss:
     gan_weight: float = 0.0  # the student's GAN loss weight; 0: no GAN head
     gan_d_weight: float = 1e-2  # the head's loss weight in the fake score's steps
     gan_unit: str | None = None  # the unit whose features the head reads (default: the middle one)
+    regression: object | None = None  # a DirectLoss on the teacher's pairs (DMD1's regression); None: DMD2's form
+    regression_weight: float = 0.0
     fake: torch.nn.Module = field(init=False)
     head: GANHead | None = field(init=False, default=None)
 
@@ -214,6 +221,9 @@ class DMDLoss:
         out["fake"] = torch.stack([f for f, _ in steps]).mean()
         if self.gan_weight > 0:  # after the fake score's steps: its weights must not change under this graph
             gan = self._generator_gan(x0, batch)
-            out.update(total=dm + self.gan_weight * gan, gan=gan.detach(),
+            out.update(total=out["total"] + self.gan_weight * gan, gan=gan.detach(),
                        disc=torch.stack([d for _, d in steps]).mean())
+        if self.regression is not None and self.regression_weight > 0:
+            reg = self.regression(student, teacher, batch)["total"]
+            out.update(total=out["total"] + self.regression_weight * reg, regression=reg.detach())
         return out

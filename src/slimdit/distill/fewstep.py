@@ -57,7 +57,8 @@ class RefineSection(_Strict):
 # the run-level settings that only one method reads: the method, whose they are, the fields
 OWNED_SETTINGS = {"fake": ("dmd2", "the fake score belongs", ("fake_updates", "fake_lr")),
                   "gan": ("dmd2", "the GAN head belongs", ("gan_weight", "gan_d_weight", "gan_unit")),
-                  "disc": ("ladd", "the discriminator heads belong", ("disc_lr", "disc_units"))}
+                  "disc": ("ladd", "the discriminator heads belong", ("disc_lr", "disc_units")),
+                  "regression": ("dmd2", "the regression onto the teacher's pairs belongs", ("regression_weight",))}
 
 
 def owned_settings(method: str) -> tuple[str, ...]:
@@ -84,6 +85,8 @@ class StepsConfig(_Strict):
     gan_weight: float = Field(0.0, ge=0)  # dmd2: the student's GAN loss weight (0: no GAN head)
     gan_d_weight: float = Field(1e-2, gt=0)  # dmd2: the GAN head's loss weight in the fake score's steps
     gan_unit: str | None = None  # dmd2: the unit whose features the GAN head reads (default: the middle one)
+    # dmd2: DMD1's regression of the student's sampler onto the teacher's (noise, sample) pairs (0: none, DMD2's form)
+    regression_weight: float = Field(0.0, ge=0)
     disc_lr: float | None = Field(None, gt=0)  # ladd: the discriminator heads' learning rate (default: train.lr)
     disc_units: list[str] | None = None  # ladd: the teacher's units the heads read (default: every unit)
     refine: RefineSection | None = None  # progressive: a DMD2 or LADD round after the halvings (None: none)
@@ -123,9 +126,9 @@ class StepsConfig(_Strict):
         if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
-        if self.method in ("reflow", "direct") and self.train.caption_dropout:
-            raise ValueError(f"method: {self.method} needs train.caption_dropout: 0 (each pair belongs to its "
-                             "caption)")
+        if (self.method in ("reflow", "direct") or self.regression_weight) and self.train.caption_dropout:
+            what = f"method: {self.method}" if self.method in ("reflow", "direct") else "regression_weight > 0"
+            raise ValueError(f"{what} needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":
             return self
         k = math.log2(self.start / self.steps) if self.start > self.steps else 0
@@ -377,9 +380,13 @@ def _dmd2(r: _Round):
     from slimdit.distill.steps import transitions
 
     t, s = transitions(r.sched_config, r.steps, r.tokens)
+    regression, data = None, r.data
+    if r.cfg.regression_weight:  # DMD1: the data rows become the teacher's pairs
+        regression, data = _direct(r)
     return DMDLoss(r.adapter, r.teacher, t, s, null=r.cfg_null, guidance=r.w, fake_updates=r.cfg.fake_updates,
                    fake_lr=r.cfg.fake_lr or r.cfg.train.lr, tokens=r.tokens, gan_weight=r.cfg.gan_weight,
-                   gan_d_weight=r.cfg.gan_d_weight, gan_unit=r.cfg.gan_unit), r.data
+                   gan_d_weight=r.cfg.gan_d_weight, gan_unit=r.cfg.gan_unit, regression=regression,
+                   regression_weight=r.cfg.regression_weight), data
 
 
 def _ladd(r: _Round):

@@ -99,7 +99,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
                 offload_optimizer: bool = False,
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
-                both: bool = True, fake_score: bool = False, gan: bool = False, ladd: bool = False) -> MemoryPlan:
+                both: bool = True, fake_score: bool = False, gan: bool = False, ladd: bool = False,
+                unrolled: int = 0) -> MemoryPlan:
     """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
     ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
     gradient checkpointing (else only the configured setting, unless the plan does not fit). ``fake_score``: DMD2's
@@ -108,7 +109,9 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     checkpointed). ``gan``: DMD2's GAN head, whose step adds a pass on real latents (the student's backward
     through the fake score then holds one pass, fewer than that step's two). ``ladd``: LADD's discriminator, the
     frozen teacher's pass on the student's samples held for the student's backward (fp32 activations, never
-    checkpointed), and its heads in fp32 with gradients and AdamW's two states."""
+    checkpointed), and its heads in fp32 with gradients and AdamW's two states. ``unrolled``: student passes whose
+    graphs are held beside the training pass's (direct distillation's sampler beyond its first step, or DMD1's
+    regression through a ``K``-step sampler), each as large as the training pass's activations."""
     from slimdit.models.arch import arch_spec, is_arch, scheduler_config
 
     if frozen_dtype not in DTYPE_BYTES:
@@ -194,6 +197,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         width = _image_width(teacher)
         hidden = min(width, HEAD_WIDTH)
         items["LADD heads"] = 16 * len(adapter.units(teacher)) * (2 * width + width * hidden + 2 * hidden + 1)
+    if unrolled:
+        items["unrolled student passes"] = unrolled * acts[checkpointing]
     others = {k: v for k, v in params.items() if k != "transformer"}
     if not offload_text:
         items["text encoders and VAE"] = sum(others.values()) * fb
@@ -322,7 +327,14 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both,
                        fake_score="dmd2" in _step_methods(cfg), gan=bool(getattr(cfg, "gan_weight", 0)),
-                       ladd="ladd" in _step_methods(cfg))
+                       ladd="ladd" in _step_methods(cfg), unrolled=_unrolled(cfg))
+
+
+def _unrolled(cfg) -> int:
+    """Student passes a few-step config holds beyond the training pass: direct distillation's sampler beyond its
+    first step; a DMD2 round's regression onto the teacher's pairs (DMD1) all of its steps."""
+    steps, methods = getattr(cfg, "steps", 1), _step_methods(cfg)
+    return (steps - 1 if "direct" in methods else 0) + (steps if getattr(cfg, "regression_weight", 0) else 0)
 
 
 def _step_methods(cfg) -> set[str]:
