@@ -88,7 +88,7 @@ class DMDLoss:
     gan_d_weight: float = 1e-2  # the head's loss weight in the fake score's steps
     gan_unit: str | None = None  # the unit whose features the head reads (default: the middle one)
     regression: object | None = None  # a DirectLoss on the teacher's pairs (DMD1's regression); None: DMD2's form
-    regression_weight: float = 0.0
+    regression_weight: float = 0.0  # its weight (read only with a regression)
     fake: torch.nn.Module = field(init=False)
     head: GANHead | None = field(init=False, default=None)
 
@@ -223,7 +223,7 @@ class DMDLoss:
             gan = self._generator_gan(x0, batch)
             out.update(total=out["total"] + self.gan_weight * gan, gan=gan.detach(),
                        disc=torch.stack([d for _, d in steps]).mean())
-        if self.regression is not None and self.regression_weight > 0:
+        if self.regression is not None:
             reg = self.regression(student, teacher, batch)["total"]
             out.update(total=out["total"] + self.regression_weight * reg, regression=reg.detach())
         return out

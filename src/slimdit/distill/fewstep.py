@@ -126,8 +126,9 @@ class StepsConfig(_Strict):
         if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
-        if (self.method in ("reflow", "direct") or self.regression_weight) and self.train.caption_dropout:
-            what = f"method: {self.method}" if self.method in ("reflow", "direct") else "regression_weight > 0"
+        on_pairs = self.method in ("reflow", "direct")  # trains on the teacher's (noise, sample) pairs
+        if (on_pairs or self.regression_weight) and self.train.caption_dropout:
+            what = f"method: {self.method}" if on_pairs else "regression_weight > 0"
             raise ValueError(f"{what} needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":
             return self
