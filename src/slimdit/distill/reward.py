@@ -1,15 +1,18 @@
 """``slimdit reward --config C``: fine-tune a model (a compressed student, typically) against a reward.
 
 The model samples groups of images for training prompts (the captions of ``data.real``; its images are not used),
-a registered reward scores them, and one of two methods tunes the model:
+a registered reward scores them, and one of three methods tunes the model:
 - ``grpo`` (:mod:`slimdit.distill.grpo`): group-relative policy gradient raises the likelihood of what scored above
   its group, with a KL to the model before tuning; any reward of :data:`slimdit.registry.REWARDS` (the shapes
   world's is its benchmark's detector verdict, refused on evaluation prompts);
 - ``draft`` (:mod:`slimdit.distill.draft`): the reward's gradient through the VAE and the sampler's last steps; a
   differentiable reward of :data:`slimdit.registry.DIFFERENTIABLE_REWARDS` (the shapes world's is its embedder's
-  caption-image similarity; the core's is CLIP's). Evaluation then runs on the
-benchmark's held-out prompts: before and after, and a ``baseline`` beside them (the student's own teacher), with
-FID and CMMD next to the score so that reward hacking shows.
+  caption-image similarity; the core's is CLIP's);
+- ``raft`` (:mod:`slimdit.distill.raft`): reward-ranked fine-tuning, the model's denoising objective on the best
+  images of each group that the reward accepts; any reward of :data:`slimdit.registry.REWARDS`.
+
+Evaluation then runs on the benchmark's held-out prompts: before and after, and a ``baseline`` beside them (the
+student's own teacher), with FID and CMMD next to the score so that reward hacking shows.
 
 Layout: ``config.yaml``, ``cache/``, ``train/`` (the trainer's run: checkpoints, ``metrics.jsonl`` with the mean
 reward per step), ``student/`` (the tuned model: transformer, sampling defaults, card), ``metrics/*.json``,
@@ -33,14 +36,17 @@ class RewardConfig(_Strict):
     teacher: str = "shapes-pixart"  # the model tuned (a model or a student directory); frozen, the KL reference
     _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
     out: str
-    method: Literal["grpo", "draft"] = "grpo"
-    reward: str = "shapes-geneval"  # a registered reward (REWARDS for grpo, DIFFERENTIABLE_REWARDS for draft)
+    method: Literal["grpo", "draft", "raft"] = "grpo"
+    reward: str = "shapes-geneval"  # a registered reward (DIFFERENTIABLE_REWARDS for draft, else REWARDS)
     group: int = Field(8, ge=2)  # images sampled per prompt; advantages are relative within a group
     sample_steps: int = Field(10, ge=1)  # the sampler's steps while tuning (grpo: ≥ 2, the last is deterministic)
     eta: float = Field(1.0, gt=0, le=1)  # the sampler's stochasticity (DDIM's eta; above 1 it is no posterior)
     train_steps: int | None = Field(4, ge=1)  # stochastic steps each update trains on; None: all
     grad_steps: int = Field(1, ge=1)  # draft: the sampler's last steps the reward's gradient flows through
-    kl: float = Field(0.04, ge=0)  # weight of the per-step KL (draft: prediction distance) to the model before tuning
+    kl: float = Field(0.04, ge=0)  # weight of the KL (draft, raft: prediction distance) to the model before tuning
+    keep: int = Field(1, ge=1)  # raft: the best images of each group kept (at most)
+    threshold: float | None = 1.0  # raft: the reward a kept image must reach (None: the best, whatever it scored)
+    draws: int = Field(4, ge=1)  # raft: timesteps each kept image is noised at per update
     guidance: float | None = None  # CFG (or guidance input) scale while tuning; default: the model's sampling default
     baseline: str | None = None  # evaluated beside before and after (the compressed student's teacher)
     device: str | None = None
@@ -57,6 +63,8 @@ class RewardConfig(_Strict):
             kind = "differentiable reward" if self.method == "draft" else "reward"
             raise ValueError(f"unknown {kind} {self.reward!r} for method {self.method}; registered: "
                              f"{', '.join(rewards) or 'none'}")
+        if self.method == "raft" and self.keep > self.group:
+            raise ValueError(f"keep ({self.keep}) exceeds the group ({self.group})")
         if self.method == "draft" and self.grad_steps > self.sample_steps:
             raise ValueError(f"grad_steps ({self.grad_steps}) exceeds the sampler's {self.sample_steps} steps")
         if self.train.caption_dropout:
@@ -93,7 +101,16 @@ def _draft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
                      group=cfg.group, grad_steps=cfg.grad_steps, kl=cfg.kl)
 
 
-LOSSES = {"grpo": _grpo, "draft": _draft}  # method -> its loss callable, built from the config and the models
+def _raft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
+    from slimdit.data.cache import decode_latents
+    from slimdit.distill.raft import RaftLoss
+
+    return RaftLoss(adapter, captions, reward, lambda z: decode_latents(pipe, z), t, s, null=null, guidance=w,
+                    group=cfg.group, keep=cfg.keep, threshold=cfg.threshold, draws=cfg.draws, kl=cfg.kl)
+
+
+# method -> its loss callable, built from the config and the models
+LOSSES = {"grpo": _grpo, "draft": _draft, "raft": _raft}
 
 
 def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) -> Path:

@@ -1,0 +1,119 @@
+"""Reward-ranked fine-tuning: the model's own best images, kept by a reward, become its training data (RAFT, Dong et
+al. 2023; rejection-sampling fine-tuning in the sense of the handbook's §3.3).
+
+Per training prompt the current model samples a group of images with its deterministic sampler (DDIM with eta 0,
+or flow Euler, guided as it samples). A registered reward scores them (any reward of
+:data:`slimdit.registry.REWARDS`, no gradient needed: the shapes world's is its benchmark's detector). The best
+``keep`` images of each group whose reward reaches ``threshold`` become clean latents, and the update is the
+model's own denoising objective on them (the objective noises each kept latent at ``draws`` drawn timesteps), plus
+``kl`` times the squared distance of the prediction to the frozen reference's (the model before tuning) at the same
+inputs. A group with nothing kept adds nothing.
+
+The prediction fitted is the guided one the model samples with (CFG's ``u + w (c - u)`` through both branches, or a
+guidance-distilled model's at its guidance input). Fitting the conditional branch alone to images drawn with CFG
+teaches it guided images as its unguided distribution, and guidance then compounds at every round: on shapes-pixart
+at CFG 3.5 the training reward fell from 0.77 to 0.31 within 120 updates.
+
+Against GRPO: the same rollouts, but the signal is a supervised regression onto images the reward accepted rather
+than a likelihood ratio weighted by noisy advantages, so it needs no group that disagrees to learn. Best-of-group
+gives a prompt the model rarely gets right the same weight as one it always gets right.
+
+A loss callable of the trainer's shape: the trainer gives it the drawn prompts' rows (``batch.index``) and their
+conditioning; the clean latents of the batch only give the latent shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slimdit.distill.losses import Batch, per_sample_mse
+from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+
+
+def kept_rows(rewards: torch.Tensor, group: int, keep: int, threshold: float | None) -> torch.Tensor:
+    """The rows (into the flat ``rewards``) of the best ``keep`` of each consecutive group of ``group`` whose reward
+    reaches ``threshold`` (None: any); ties go to the earlier row."""
+    r = rewards.float().view(-1, group)
+    order = torch.sort(r, dim=1, descending=True, stable=True).indices[:, :keep]
+    rows = (order + torch.arange(r.shape[0], device=r.device)[:, None] * group).flatten()
+    if threshold is not None:
+        rows = rows[rewards.float()[rows] >= threshold]
+    return rows
+
+
+@dataclass
+class RaftLoss:
+    adapter: object  # slimdit.models.Adapter, with its objective
+    captions: list[str]  # the training prompts, one per data row
+    reward: Callable[[list[str], np.ndarray], np.ndarray]  # (captions, uint8 images) -> (N,) higher is better
+    decode: Callable[[torch.Tensor], np.ndarray]  # latents -> uint8 (N, H, W, 3)
+    t: torch.Tensor  # (K,) where each sampling step starts (slimdit.distill.steps.transitions)
+    s: torch.Tensor  # (K,) where it lands
+    null: dict[str, torch.Tensor] | None = None  # the empty caption's conditioning: CFG at ``guidance``
+    guidance: float = 1.0  # CFG scale, or the guidance input of a guidance-distilled model
+    group: int = 8  # images sampled per prompt
+    keep: int = 1  # images kept per group at most (the best)
+    threshold: float | None = 1.0  # the reward a kept image must reach (None: keep the best whatever it scored)
+    draws: int = 4  # timesteps each kept latent is noised at per update
+    kl: float = 0.0  # weight of the prediction's squared distance to the reference's (the frozen "teacher")
+
+    def __post_init__(self):
+        if not 1 <= self.keep <= self.group:
+            raise ValueError(f"keep must lie in 1..{self.group} (the group), got {self.keep}")
+
+    @torch.no_grad()
+    def rollout(self, model, batch: Batch) -> tuple[torch.Tensor, dict, dict | None, torch.Tensor]:
+        """Clean latents of a group per prompt, sampled deterministically by ``model``; how each was guided (its
+        conditioning, and the empty caption's for CFG, as :func:`group_conditions` gives them) and their rewards."""
+        if batch.index is None:
+            raise ValueError("RaftLoss needs the batch's data rows (batch.index) to read their captions")
+        a, obj = self.adapter, self.adapter.objective
+        dev, dtype = batch.x0.device, batch.x0.dtype
+        cond, null = group_conditions(a, getattr(model, "module", model), batch.cond, self.null, self.guidance,
+                                      self.group, dev)
+        shape = (batch.x0.shape[0] * self.group, *batch.x0.shape[1:])
+        x = torch.randn(shape, generator=batch.generator).to(dev, dtype)
+        for t, s in zip(self.t, self.s):
+            tt, ss = t.expand(shape[0]).to(dev), s.expand(shape[0]).to(dev)
+            with batch.autocast():
+                pred = batched_guided_prediction(a, model, x, tt, cond, null, self.guidance).float()
+            x = deterministic_step(obj, x.float(), pred, tt, ss).to(dtype)
+        captions = [self.captions[int(i)] for i in batch.index.repeat_interleave(self.group)]
+        rewards = torch.as_tensor(np.asarray(self.reward(captions, self.decode(x)), dtype=np.float32)).to(dev)
+        if rewards.shape != (shape[0],):
+            raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {shape[0]} images")
+        return x, cond, null, rewards
+
+    def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        a, obj, g = self.adapter, self.adapter.objective, batch.generator
+        inner = getattr(student, "module", student)
+        x, cond, null, rewards = self.rollout(student, batch)
+        rows = kept_rows(rewards, self.group, self.keep, self.threshold)
+        if rows.numel() == 0:  # nothing the reward accepted: a step that changes nothing (Adam sees zero gradients)
+            zero = sum(p.sum() for p in student.parameters() if p.requires_grad) * 0.0
+            return {"total": zero, "task": zero.detach(), "kl": zero.detach(), "reward": rewards.mean(),
+                    "kept": rewards.new_zeros(())}
+
+        def take(d):  # the kept rows, each repeated for its draws
+            return None if d is None else {k: v[rows].repeat_interleave(self.draws, 0) for k, v in d.items()}
+
+        x0, c, n = x[rows].repeat_interleave(self.draws, 0), take(cond), take(null)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = obj.sample_t(x0.shape[0], g, a.image_tokens(inner, x0)).to(x0.device)
+        xt, target = obj.noise(x0, eps, t)
+        # the guided prediction is what is fitted: the images were drawn with guidance, and fitting the conditional
+        # branch alone to them would compound the guidance at every round of sampling
+        with batch.autocast():
+            pred = batched_guided_prediction(a, student, xt, t, c, n, self.guidance).float()
+        task = per_sample_mse(pred, target).mean()
+        kl = task.new_zeros(())
+        if self.kl:
+            with torch.no_grad():
+                ref = batched_guided_prediction(a, teacher, xt, t, c, n, self.guidance).float()
+            kl = per_sample_mse(pred, ref).mean()
+        return {"total": task + self.kl * kl, "task": task.detach(), "kl": kl.detach(), "reward": rewards.mean(),
+                "kept": rewards.new_tensor(rows.numel() / rewards.numel())}
