@@ -124,7 +124,8 @@ def test_a_raft_config_keeps_no_more_than_its_group():
         RewardConfig(out="x", method="raft", reward="shapes-embedder")  # a differentiable reward only
 
 
-def test_slimdit_reward_runs_raft_end_to_end(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("method", ["raft", "dpo"])
+def test_slimdit_reward_runs_raft_and_dpo_end_to_end(tiny_teacher, tmp_path, method):
     import json
 
     import yaml
@@ -132,15 +133,96 @@ def test_slimdit_reward_runs_raft_end_to_end(tiny_teacher, tmp_path):
     from slimdit.cli import main
     from slimdit.pipelines.loading import load_pipeline
 
-    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "method": "raft",
+    cfg = {"teacher": tiny_teacher, "out": str(tmp_path / "run"), "method": method,
            "reward": "shapes-geneval-credit", "threshold": None, "group": 2, "sample_steps": 3,
            "data": {"real": "shapes-train:8"}, "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1,
                                                          "lr": 1e-3}, "eval": {"benchmark": None}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["reward", "--config", str(tmp_path / "c.yaml")]) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["method"] == "raft" and [step for step, _ in s["reward_curve"]] == [1, 2]
+    assert s["method"] == method and [step for step, _ in s["reward_curve"]] == [1, 2]
     assert all(0 <= r <= 1 for _, r in s["reward_curve"])  # the detector's partial credit
     before = load_pipeline(tiny_teacher, "cpu").transformer.state_dict()
     after = load_pipeline(str(tmp_path / "run" / "student"), "cpu").transformer.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the kept images moved the student
+
+
+# ---- online Diffusion-DPO (method: dpo), on the same rollouts
+
+
+def _dpo(adapter, data, reward=_brightness, **kw):
+    from slimdit.distill.dpo import DPOLoss
+
+    t, s = transitions(V, 4)
+    args = dict(null=data.null, guidance=2.0, group=4, draws=2, beta=500.0)
+    return DPOLoss(adapter, [f"prompt {i}" for i in range(len(data))], reward, _decode, t, s, **{**args, **kw})
+
+
+def test_preference_pairs_are_each_group_s_best_and_worst_where_they_differ():
+    from slimdit.distill.dpo import preference_pairs
+
+    r = torch.tensor([0.2, 0.9, 0.9, 0.1, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 0.0, 1.0])
+    win, lose = preference_pairs(r, 4)
+    assert win.tolist() == [1, 8] and lose.tolist() == [3, 9]  # the group that agrees makes no pair
+    win, lose = preference_pairs(r, 4, threshold=1.0)
+    assert win.tolist() == [8] and lose.tolist() == [9]
+
+
+def test_dpo_starts_at_log_2_pushes_the_preferred_image_and_is_zero_where_groups_agree():
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+    out = _dpo(adapter, data, reward=lambda c, im: np.ones(len(c), np.float32))(student, teacher, _batch(data))
+    assert float(out["total"].detach()) == 0 and float(out["pairs"]) == 0
+    out["total"].backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in student.parameters())
+    student.zero_grad()
+    out = _dpo(adapter, data)(student, teacher, _batch(data))  # a copy of its reference: no margin yet
+    assert float(out["margin"]) == 0 and float(out["pairs"]) == 1
+    torch.testing.assert_close(out["total"].detach(), torch.tensor(np.log(2.0), dtype=torch.float32))
+    out["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+
+
+def test_dpo_raises_the_reward_on_the_real_trainer_and_resumes_bit_identical(tmp_path):
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    def train(path, steps, max_steps=None):
+        teacher = tiny()
+        student = copy.deepcopy(teacher)
+        adapter, data = adapter_for(student, V), _data()
+        cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
+                          weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
+        tr = Trainer(adapter, teacher, student, data, cfg, path, loss=_dpo(adapter, data))
+        tr.train(max_steps=max_steps, progress=False)
+        return tr, data
+
+    tr, data = train(tmp_path / "a", 24)
+    loss = _dpo(tr.adapter, data, group=16)
+
+    def mean_reward(model):
+        return float(loss.rollout(model, _batch(data, seed=123, rows=tuple(range(8))))[-1].mean())
+
+    assert mean_reward(tr.student_model()) > mean_reward(tiny()) + 0.02  # brighter images after tuning
+    train(tmp_path / "b", 4, max_steps=2)
+    resumed, _ = train(tmp_path / "b", 4)
+    whole, _ = train(tmp_path / "c", 4)
+    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
+        assert torch.equal(p, q)
+
+
+def test_raft_draws_its_groups_from_the_frozen_reference_unless_told_the_model():
+    teacher = tiny()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter, data = adapter_for(student, V), _data()
+    for sampler, model in (("reference", teacher), ("model", student)):
+        loss = _raft(adapter, data, sampler=sampler)
+        with torch.no_grad():
+            drawn = loss.rollout(model, _batch(data))[-1].mean()
+            out = loss(student, teacher, _batch(data))
+        assert float(out["reward"]) == float(drawn)
+    with pytest.raises(ValueError, match="sampler"):
+        _raft(adapter, data, sampler="nope")

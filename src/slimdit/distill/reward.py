@@ -1,7 +1,7 @@
 """``slimdit reward --config C``: fine-tune a model (a compressed student, typically) against a reward.
 
 The model samples groups of images for training prompts (the captions of ``data.real``; its images are not used),
-a registered reward scores them, and one of three methods tunes the model:
+a registered reward scores them, and one of four methods tunes the model:
 - ``grpo`` (:mod:`slimdit.distill.grpo`): group-relative policy gradient raises the likelihood of what scored above
   its group, with a KL to the model before tuning; any reward of :data:`slimdit.registry.REWARDS` (the shapes
   world's is its benchmark's detector verdict, refused on evaluation prompts);
@@ -9,7 +9,9 @@ a registered reward scores them, and one of three methods tunes the model:
   differentiable reward of :data:`slimdit.registry.DIFFERENTIABLE_REWARDS` (the shapes world's is its embedder's
   caption-image similarity; the core's is CLIP's);
 - ``raft`` (:mod:`slimdit.distill.raft`): reward-ranked fine-tuning, the model's denoising objective on the best
-  images of each group that the reward accepts; any reward of :data:`slimdit.registry.REWARDS`.
+  images of each group that the reward accepts; any reward of :data:`slimdit.registry.REWARDS`;
+- ``dpo`` (:mod:`slimdit.distill.dpo`): online Diffusion-DPO, each group's best image preferred to its worst,
+  against the model before tuning; any reward of :data:`slimdit.registry.REWARDS`.
 
 Evaluation then runs on the benchmark's held-out prompts: before and after, and a ``baseline`` beside them (the
 student's own teacher), with FID and CMMD next to the score so that reward hacking shows.
@@ -36,7 +38,7 @@ class RewardConfig(_Strict):
     teacher: str = "shapes-pixart"  # the model tuned (a model or a student directory); frozen, the KL reference
     _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
     out: str
-    method: Literal["grpo", "draft", "raft"] = "grpo"
+    method: Literal["grpo", "draft", "raft", "dpo"] = "grpo"
     reward: str = "shapes-geneval"  # a registered reward (DIFFERENTIABLE_REWARDS for draft, else REWARDS)
     group: int = Field(8, ge=2)  # images sampled per prompt; advantages are relative within a group
     sample_steps: int = Field(10, ge=1)  # the sampler's steps while tuning (grpo: ≥ 2, the last is deterministic)
@@ -45,8 +47,10 @@ class RewardConfig(_Strict):
     grad_steps: int = Field(1, ge=1)  # draft: the sampler's last steps the reward's gradient flows through
     kl: float = Field(0.04, ge=0)  # weight of the KL (draft, raft: prediction distance) to the model before tuning
     keep: int = Field(1, ge=1)  # raft: the best images of each group kept (at most)
-    threshold: float | None = 1.0  # raft: the reward a kept image must reach (None: the best, whatever it scored)
-    draws: int = Field(4, ge=1)  # raft: timesteps each kept image is noised at per update
+    threshold: float | None = None  # raft, dpo: the reward a kept (preferred) image must reach (None: any)
+    sampler: Literal["reference", "model"] = "reference"  # raft: who draws the groups (the frozen model, or the tuned)
+    draws: int = Field(4, ge=1)  # raft, dpo: timesteps each kept image (each pair) is noised at per update
+    beta: float = Field(2000.0, gt=0)  # dpo: the preference's inverse temperature
     guidance: float | None = None  # CFG (or guidance input) scale while tuning; default: the model's sampling default
     baseline: str | None = None  # evaluated beside before and after (the compressed student's teacher)
     device: str | None = None
@@ -106,11 +110,20 @@ def _raft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
     from slimdit.distill.raft import RaftLoss
 
     return RaftLoss(adapter, captions, reward, lambda z: decode_latents(pipe, z), t, s, null=null, guidance=w,
-                    group=cfg.group, keep=cfg.keep, threshold=cfg.threshold, draws=cfg.draws, kl=cfg.kl)
+                    group=cfg.group, keep=cfg.keep, threshold=cfg.threshold, draws=cfg.draws, kl=cfg.kl,
+                    sampler=cfg.sampler)
+
+
+def _dpo(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
+    from slimdit.data.cache import decode_latents
+    from slimdit.distill.dpo import DPOLoss
+
+    return DPOLoss(adapter, captions, reward, lambda z: decode_latents(pipe, z), t, s, null=null, guidance=w,
+                   group=cfg.group, threshold=cfg.threshold, draws=cfg.draws, beta=cfg.beta)
 
 
 # method -> its loss callable, built from the config and the models
-LOSSES = {"grpo": _grpo, "draft": _draft, "raft": _raft}
+LOSSES = {"grpo": _grpo, "draft": _draft, "raft": _raft, "dpo": _dpo}
 
 
 def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) -> Path:
