@@ -1,8 +1,9 @@
 """Reward-ranked fine-tuning: the model's own best images, kept by a reward, become its training data (RAFT, Dong et
 al. 2023; rejection-sampling fine-tuning in the sense of the handbook's §3.3).
 
-Per training prompt the current model samples a group of images with its deterministic sampler (DDIM with eta 0,
-or flow Euler, guided as it samples). A registered reward scores them (any reward of
+Per training prompt a group of images is sampled with the deterministic sampler (DDIM with eta 0, or flow Euler,
+guided as the model samples), by the frozen model before tuning (``sampler="reference"``, the default: a fixed
+target) or by the model being tuned (``"model"``, RAFT's own loop). A registered reward scores them (any reward of
 :data:`slimdit.registry.REWARDS`, no gradient needed: the shapes world's is its benchmark's detector). The best
 ``keep`` images of each group whose reward reaches ``threshold`` become clean latents, and the update is the
 model's own denoising objective on them (the objective noises each kept latent at ``draws`` drawn timesteps), plus
@@ -12,7 +13,9 @@ inputs. A group with nothing kept adds nothing.
 The prediction fitted is the guided one the model samples with (CFG's ``u + w (c - u)`` through both branches, or a
 guidance-distilled model's at its guidance input). Fitting the conditional branch alone to images drawn with CFG
 teaches it guided images as its unguided distribution, and guidance then compounds at every round: on shapes-pixart
-at CFG 3.5 the training reward fell from 0.77 to 0.31 within 120 updates.
+at CFG 3.5 the training reward fell from 0.77 to 0.31 within 120 updates. Even the guided fit drifts when the model
+draws its own groups (its images grow easier to fit with every round, and the reward fell from 0.76 to 0.54);
+drawing them from the frozen reference keeps the target fixed, and the drift stops (``docs/reward.md``).
 
 Against GRPO: the same rollouts, but the signal is a supervised regression onto images the reward accepted rather
 than a likelihood ratio weighted by noisy advantages, so it needs no group that disagrees to learn. Best-of-group
