@@ -2,10 +2,10 @@
 run on the model's own groups of images as online DPO does).
 
 Per training prompt the current model samples a group of images with its deterministic sampler, guided as it
-samples (:func:`slimdit.distill.raft.guided_rollout`); a registered reward scores them (no gradient needed). The
-group's best image is the preferred one (``w``) and its worst the rejected one (``l``), a pair only where the two
-rewards differ (and the best reaches ``threshold``, when one is set). Both are noised with the same noise at the
-same drawn timestep, and the loss is
+samples (:meth:`slimdit.distill.groups.GroupSampling.rollout`); a registered reward scores them (no gradient
+needed). The group's best image is the preferred one (``w``) and its worst the rejected one (``l``), a pair only
+where the two rewards differ (and the best reaches ``threshold``, when one is set). Both are noised with the same
+noise at the same drawn timestep, and the loss is
 
 ``-log sigmoid(-beta/2 [(e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l))])``
 
@@ -21,15 +21,13 @@ conditioning; the clean latents of the batch only give the latent shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slimdit.distill.groups import GroupSampling, repeat_rows, zero_step
 from slimdit.distill.losses import Batch, per_sample_mse
-from slimdit.distill.raft import guided_rollout, repeat_rows, zero_step
 from slimdit.distill.steps import batched_guided_prediction
 
 
@@ -48,23 +46,10 @@ def preference_pairs(rewards: torch.Tensor, group: int, threshold: float | None 
 
 
 @dataclass
-class DPOLoss:
-    adapter: object  # slimdit.models.Adapter, with its objective
-    captions: list[str]  # the training prompts, one per data row
-    reward: Callable[[list[str], np.ndarray], np.ndarray]  # (captions, uint8 images) -> (N,) higher is better
-    decode: Callable[[torch.Tensor], np.ndarray]  # latents -> uint8 (N, H, W, 3)
-    t: torch.Tensor  # (K,) where each sampling step starts (slimdit.distill.steps.transitions)
-    s: torch.Tensor  # (K,) where it lands
-    null: dict[str, torch.Tensor] | None = None  # the empty caption's conditioning: CFG at ``guidance``
-    guidance: float = 1.0  # CFG scale, or the guidance input of a guidance-distilled model
-    group: int = 8  # images sampled per prompt
+class DPOLoss(GroupSampling):
     threshold: float | None = None  # the reward a preferred image must reach (None: any better than the worst)
     draws: int = 2  # timesteps (with their noise) each pair is compared at per update
     beta: float = 2000.0  # the preference's inverse temperature (Diffusion-DPO's beta)
-
-    def rollout(self, model, batch: Batch) -> tuple[torch.Tensor, dict, dict | None, torch.Tensor]:
-        """:func:`guided_rollout` with this loss's sampler and reward."""
-        return guided_rollout(self, model, batch)
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         a, obj, g = self.adapter, self.adapter.objective, batch.generator

@@ -19,12 +19,11 @@ conditioning; the clean latents of the batch only give the latent shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from slimdit.distill.groups import GroupSampling
 from slimdit.distill.losses import Batch
 from slimdit.distill.steps import batched_guided_prediction, group_conditions, stochastic_step
 
@@ -36,16 +35,7 @@ def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> to
 
 
 @dataclass
-class GRPOLoss:
-    adapter: object  # slimdit.models.Adapter, with its objective
-    captions: list[str]  # the training prompts, one per data row
-    reward: Callable[[list[str], np.ndarray], np.ndarray]  # (captions, uint8 images) -> (N,) higher is better
-    decode: Callable[[torch.Tensor], np.ndarray]  # latents -> uint8 (N, H, W, 3)
-    t: torch.Tensor  # (K,) where each sampling step starts (slimdit.distill.steps.transitions)
-    s: torch.Tensor  # (K,) where it lands
-    null: dict[str, torch.Tensor] | None = None  # the empty caption's conditioning: CFG at ``guidance``
-    guidance: float = 1.0  # CFG scale, or the guidance input of a guidance-distilled model
-    group: int = 8  # images per prompt
+class GRPOLoss(GroupSampling):
     eta: float = 1.0  # the sampler's stochasticity (0 would be the deterministic DDIM / Euler sampler)
     train_steps: int | None = None  # stochastic steps each update trains on (a random subset); None: all
     kl: float = 0.0  # weight of the KL to the reference (the frozen model the trainer holds as its teacher)
@@ -55,9 +45,9 @@ class GRPOLoss:
 
     @torch.no_grad()
     def rollout(self, model, batch: Batch) -> dict:
-        """Sample a group per prompt with ``model``; the states, each step's landing point and std, and rewards."""
-        if batch.index is None:
-            raise ValueError("GRPOLoss needs the batch's data rows (batch.index) to read their captions")
+        """Sample a group per prompt with ``model`` stochastically (in place of the deterministic rollout); the states,
+        each step's landing point and std, and rewards."""
+        captions = self.captions_of(batch)
         obj, g = self.adapter.objective, batch.generator
         cond, null = group_conditions(self.adapter, getattr(model, "module", model), batch.cond, self.null,
                                       self.guidance, self.group, batch.x0.device)
@@ -75,11 +65,8 @@ class GRPOLoss:
             landed.append(nxt)
             stds.append(std)
             x = nxt
-        captions = [self.captions[int(i)] for i in batch.index.repeat_interleave(self.group)]
-        rewards = torch.as_tensor(np.asarray(self.reward(captions, self.decode(x)), dtype=np.float32)).to(dev)
-        if rewards.shape != (shape[0],):
-            raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {shape[0]} images")
-        return {"states": states, "landed": landed, "stds": stds, "rewards": rewards, "cond": cond, "null": null}
+        return {"states": states, "landed": landed, "stds": stds, "rewards": self.score(captions, x), "cond": cond,
+                "null": null}
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         obj, g = self.adapter.objective, batch.generator

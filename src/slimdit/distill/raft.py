@@ -27,14 +27,13 @@ conditioning; the clean latents of the batch only give the latent shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from slimdit.distill.groups import GroupSampling, repeat_rows, zero_step
 from slimdit.distill.losses import Batch, per_sample_mse
-from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+from slimdit.distill.steps import batched_guided_prediction
 
 
 def kept_rows(rewards: torch.Tensor, group: int, keep: int, threshold: float | None) -> torch.Tensor:
@@ -48,55 +47,8 @@ def kept_rows(rewards: torch.Tensor, group: int, keep: int, threshold: float | N
     return rows
 
 
-@torch.no_grad()
-def guided_rollout(loss, model, batch: Batch) -> tuple[torch.Tensor, dict, dict | None, torch.Tensor]:
-    """Clean latents of a group per prompt, sampled deterministically by ``model`` along ``loss.t``/``loss.s`` as it
-    samples (guided at ``loss.guidance``); how each was guided (its conditioning, and the empty caption's for CFG, as
-    :func:`group_conditions` gives them) and their rewards. ``loss`` holds the adapter, captions, reward, decoder,
-    grid, ``null``, ``guidance`` and ``group`` (:class:`RaftLoss` and the DPO loss do)."""
-    if batch.index is None:
-        raise ValueError(f"{type(loss).__name__} needs the batch's data rows (batch.index) to read their captions")
-    a, obj = loss.adapter, loss.adapter.objective
-    dev, dtype = batch.x0.device, batch.x0.dtype
-    cond, null = group_conditions(a, getattr(model, "module", model), batch.cond, loss.null, loss.guidance,
-                                  loss.group, dev)
-    shape = (batch.x0.shape[0] * loss.group, *batch.x0.shape[1:])
-    x = torch.randn(shape, generator=batch.generator).to(dev, dtype)
-    for t, s in zip(loss.t, loss.s):
-        tt, ss = t.expand(shape[0]).to(dev), s.expand(shape[0]).to(dev)
-        with batch.autocast():
-            pred = batched_guided_prediction(a, model, x, tt, cond, null, loss.guidance).float()
-        x = deterministic_step(obj, x.float(), pred, tt, ss).to(dtype)
-    captions = [loss.captions[int(i)] for i in batch.index.repeat_interleave(loss.group)]
-    rewards = torch.as_tensor(np.asarray(loss.reward(captions, loss.decode(x)), dtype=np.float32)).to(dev)
-    if rewards.shape != (shape[0],):
-        raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {shape[0]} images")
-    return x, cond, null, rewards
-
-
-def zero_step(student: torch.nn.Module, rewards: torch.Tensor, *names: str) -> dict[str, torch.Tensor]:
-    """The terms of a step with nothing to learn from: a zero loss that still reaches every trainable parameter (Adam
-    sees zero gradients), ``names`` logged as 0, and the rollout's mean reward."""
-    zero = sum(p.sum() for p in student.parameters() if p.requires_grad) * 0.0
-    return {"total": zero, **{n: zero.detach() for n in names}, "reward": rewards.mean()}
-
-
-def repeat_rows(d: dict | None, rows: torch.Tensor, draws: int) -> dict | None:
-    """``d``'s ``rows``, each repeated ``draws`` times (None stays None)."""
-    return None if d is None else {k: v[rows].repeat_interleave(draws, 0) for k, v in d.items()}
-
-
 @dataclass
-class RaftLoss:
-    adapter: object  # slimdit.models.Adapter, with its objective
-    captions: list[str]  # the training prompts, one per data row
-    reward: Callable[[list[str], np.ndarray], np.ndarray]  # (captions, uint8 images) -> (N,) higher is better
-    decode: Callable[[torch.Tensor], np.ndarray]  # latents -> uint8 (N, H, W, 3)
-    t: torch.Tensor  # (K,) where each sampling step starts (slimdit.distill.steps.transitions)
-    s: torch.Tensor  # (K,) where it lands
-    null: dict[str, torch.Tensor] | None = None  # the empty caption's conditioning: CFG at ``guidance``
-    guidance: float = 1.0  # CFG scale, or the guidance input of a guidance-distilled model
-    group: int = 8  # images sampled per prompt
+class RaftLoss(GroupSampling):
     keep: int = 1  # images kept per group at most (the best)
     threshold: float | None = None  # the reward a kept image must reach (None: keep the best whatever it scored)
     draws: int = 4  # timesteps each kept latent is noised at per update
@@ -108,10 +60,6 @@ class RaftLoss:
             raise ValueError(f"keep must lie in 1..{self.group} (the group), got {self.keep}")
         if self.sampler not in ("reference", "model"):
             raise ValueError(f"sampler must be 'reference' or 'model', got {self.sampler!r}")
-
-    def rollout(self, model, batch: Batch) -> tuple[torch.Tensor, dict, dict | None, torch.Tensor]:
-        """:func:`guided_rollout` with this loss's sampler and reward."""
-        return guided_rollout(self, model, batch)
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         a, obj, g = self.adapter, self.adapter.objective, batch.generator
