@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from slimdit.distill.dpo import DPOLoss
 from slimdit.distill.losses import per_sample_mse
 from slimdit.distill.raft import RaftLoss, kept_rows
 from slimdit.distill.steps import deterministic_sample, group_conditions, guided_prediction, transitions
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
-from tests.test_reward import _batch, _brightness, _decode
+from tests.test_reward import _batch, _brightness, _decode, _train
 from tests.test_steps import V
 from tests.test_trainer import _data
 
@@ -87,34 +88,6 @@ def test_nothing_kept_is_a_zero_step_and_a_copy_of_its_reference_pays_no_kl():
     assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
 
 
-def _train(tmp_path, steps, max_steps=None):
-    from slimdit.distill.trainer import TrainConfig, Trainer
-
-    teacher = tiny()
-    student = copy.deepcopy(teacher)
-    adapter, data = adapter_for(student, V), _data()
-    cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
-                      weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
-    tr = Trainer(adapter, teacher, student, data, cfg, tmp_path, loss=_raft(adapter, data, kl=0.01))
-    tr.train(max_steps=max_steps, progress=False)
-    return tr, data
-
-
-def test_raft_raises_the_reward_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
-    tr, data = _train(tmp_path / "a", 24)
-    loss = _raft(tr.adapter, data, group=16)
-
-    def mean_reward(model):
-        return float(loss.rollout(model, _batch(data, seed=123, rows=tuple(range(8))))[-1].mean())
-
-    assert mean_reward(tr.student_model()) > mean_reward(tiny()) + 0.02  # brighter images after tuning
-    _train(tmp_path / "b", 4, max_steps=2)  # stopped after its step-2 checkpoint
-    resumed, _ = _train(tmp_path / "b", 4)
-    whole, _ = _train(tmp_path / "c", 4)
-    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
-        assert torch.equal(p, q)
-
-
 def test_a_raft_config_keeps_no_more_than_its_group():
     from slimdit.distill.reward import RewardConfig
 
@@ -151,8 +124,6 @@ def test_slimdit_reward_runs_raft_and_dpo_end_to_end(tiny_teacher, tmp_path, met
 
 
 def _dpo(adapter, data, reward=_brightness, **kw):
-    from slimdit.distill.dpo import DPOLoss
-
     t, s = transitions(V, 4)
     args = dict(null=data.null, guidance=2.0, group=4, draws=2, beta=500.0)
     return DPOLoss(adapter, [f"prompt {i}" for i in range(len(data))], reward, _decode, t, s, **{**args, **kw})
@@ -184,33 +155,6 @@ def test_dpo_starts_at_log_2_pushes_the_preferred_image_and_is_zero_where_groups
     assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
 
 
-def test_dpo_raises_the_reward_on_the_real_trainer_and_resumes_bit_identical(tmp_path):
-    from slimdit.distill.trainer import TrainConfig, Trainer
-
-    def train(path, steps, max_steps=None):
-        teacher = tiny()
-        student = copy.deepcopy(teacher)
-        adapter, data = adapter_for(student, V), _data()
-        cfg = TrainConfig(steps=steps, batch_size=2, warmup_steps=1, lr=3e-3, optimizer="adamw", grad_clip=1.0,
-                          weight_decay=0.0, checkpoint_every=2, log_every=1, val_every=0, caption_dropout=0.0)
-        tr = Trainer(adapter, teacher, student, data, cfg, path, loss=_dpo(adapter, data))
-        tr.train(max_steps=max_steps, progress=False)
-        return tr, data
-
-    tr, data = train(tmp_path / "a", 24)
-    loss = _dpo(tr.adapter, data, group=16)
-
-    def mean_reward(model):
-        return float(loss.rollout(model, _batch(data, seed=123, rows=tuple(range(8))))[-1].mean())
-
-    assert mean_reward(tr.student_model()) > mean_reward(tiny()) + 0.02  # brighter images after tuning
-    train(tmp_path / "b", 4, max_steps=2)
-    resumed, _ = train(tmp_path / "b", 4)
-    whole, _ = train(tmp_path / "c", 4)
-    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
-        assert torch.equal(p, q)
-
-
 def test_raft_draws_its_groups_from_the_frozen_reference_unless_told_the_model():
     teacher = tiny()
     student = copy.deepcopy(teacher)
@@ -226,3 +170,24 @@ def test_raft_draws_its_groups_from_the_frozen_reference_unless_told_the_model()
         assert float(out["reward"]) == float(drawn)
     with pytest.raises(ValueError, match="sampler"):
         _raft(adapter, data, sampler="nope")
+
+
+def _dpo_kl(adapter, data, kl):  # DPO holds its reference inside its loss: no separate KL term
+    return _dpo(adapter, data)
+
+
+@pytest.mark.parametrize("method", ["raft", "dpo"])
+def test_raft_and_dpo_raise_the_reward_and_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path, method):
+    make = _raft if method == "raft" else _dpo_kl
+    tr, data = _train(tmp_path / "a", 24, make_loss=make)
+    loss = _raft(tr.adapter, data, group=16)  # its deterministic guided rollout scores either
+
+    def mean_reward(model):
+        return float(loss.rollout(model, _batch(data, seed=123, rows=tuple(range(8))))[-1].mean())
+
+    assert mean_reward(tr.student_model()) > mean_reward(tiny()) + 0.02  # brighter images after tuning
+    _train(tmp_path / "b", 4, max_steps=2, make_loss=make)  # stopped after its step-2 checkpoint
+    resumed, _ = _train(tmp_path / "b", 4, make_loss=make)
+    whole, _ = _train(tmp_path / "c", 4, make_loss=make)
+    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters()):
+        assert torch.equal(p, q)
