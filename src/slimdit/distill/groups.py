@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from slimdit.distill.losses import Batch
-from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+from slimdit.distill.steps import batched_guided_prediction, deterministic_sample, group_conditions
 
 
 @dataclass
@@ -47,17 +47,12 @@ class GroupSampling:
         ``guidance``); how each was guided (its conditioning, and the empty caption's for CFG, as
         :func:`group_conditions` gives them) and their rewards."""
         captions = self.captions_of(batch)
-        a, obj = self.adapter, self.adapter.objective
         dev, dtype = batch.x0.device, batch.x0.dtype
-        cond, null = group_conditions(a, getattr(model, "module", model), batch.cond, self.null, self.guidance,
-                                      self.group, dev)
-        shape = (batch.x0.shape[0] * self.group, *batch.x0.shape[1:])
-        x = torch.randn(shape, generator=batch.generator).to(dev, dtype)
-        for t, s in zip(self.t, self.s):
-            tt, ss = t.expand(shape[0]).to(dev), s.expand(shape[0]).to(dev)
-            with batch.autocast():
-                pred = batched_guided_prediction(a, model, x, tt, cond, null, self.guidance).float()
-            x = deterministic_step(obj, x.float(), pred, tt, ss).to(dtype)
+        cond, null = group_conditions(self.adapter, getattr(model, "module", model), batch.cond, self.null,
+                                      self.guidance, self.group, dev)
+        noise = torch.randn((batch.x0.shape[0] * self.group, *batch.x0.shape[1:]), generator=batch.generator)
+        x = deterministic_sample(self.adapter, model, noise.to(dev, dtype), cond, null, self.guidance, self.t, self.s,
+                                 batch.autocast, predict=batched_guided_prediction).to(dtype)
         return x, cond, null, self.score(captions, x)
 
 

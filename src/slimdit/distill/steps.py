@@ -102,15 +102,17 @@ def guided_prediction(adapter, model, x, t, cond, null, guidance) -> torch.Tenso
 
 
 def deterministic_sample(adapter, model, noise: torch.Tensor, cond: dict, null: dict | None, guidance: float,
-                         t: torch.Tensor, s: torch.Tensor, autocast=nullcontext) -> torch.Tensor:
+                         t: torch.Tensor, s: torch.Tensor, autocast=nullcontext, predict=guided_prediction
+                         ) -> torch.Tensor:
     """The clean sample (in float) of deterministic sampling from ``noise`` along the grid ``(t, s)``, whose last
-    ``s`` is the clean end; guided as :func:`guided_prediction`. Steps are taken in float, and the latents between
-    them kept in ``noise``'s dtype. Gradients flow through every step while they are on."""
+    ``s`` is the clean end; guided as ``predict`` does (:func:`guided_prediction`, or
+    :func:`batched_guided_prediction` for a ``null`` expanded to the batch). Steps are taken in float, and the
+    latents between them kept in ``noise``'s dtype. Gradients flow through every step while they are on."""
     x, n = noise, noise.shape[0]
     for j, (ti, si) in enumerate(zip(t, s)):
         tt, ss = ti.expand(n).to(x.device), si.expand(n).to(x.device)
         with autocast():
-            pred = guided_prediction(adapter, model, x, tt, cond, null, guidance).float()
+            pred = predict(adapter, model, x, tt, cond, null, guidance).float()
         x = deterministic_step(adapter.objective, x.float(), pred, tt, ss)
         if j < len(t) - 1:
             x = x.to(noise.dtype)
