@@ -67,6 +67,23 @@ def test_dataset_specs_come_from_the_registry():
         load_dataset("no-such-spec:4")
 
 
+def test_a_dataset_spec_can_keep_only_some_categories():
+    from slimdit.data.datasets import load_dataset
+    from slimdit.worlds.shapes.prompts import TrainingSet, parse_prompt
+
+    data = load_dataset("shapes-train:5:7:position,counting")
+    assert len(data.captions) == 5 and data.images.shape[0] == 5
+    assert data.source == "shapes-train:5:7:position,counting"
+    assert {parse_prompt(c).category for c in data.captions} <= {"position", "counting"}
+    # the same rows of the same stream, in order: the unfiltered stream's position and counting items
+    stream = TrainingSet(7)
+    kept = [stream.item(i) for i in range(200) if stream.scene(i)[0].category in ("position", "counting")][:5]
+    assert data.captions == [c for c, _ in kept]
+    assert (data.images == [im for _, im in kept]).all()
+    with pytest.raises(ValueError, match="unknown category 'pos'"):
+        load_dataset("shapes-train:5:7:pos")
+
+
 def test_the_registered_benchmark_checks_its_limit_before_any_model():
     bench = registry.BENCHMARKS["shapes-geneval"]
     with pytest.raises(ValueError, match="--limit must be between 1 and"):

@@ -76,14 +76,33 @@ def shapes_embedder_reward():
 
 
 def shapes_train(spec: str) -> CaptionImages:
-    """``shapes-train:N[:SEED]``: the first N (caption, image) pairs of the seeded training stream."""
+    """``shapes-train:N[:SEED[:CATEGORIES]]``: the first N (caption, image) pairs of the seeded training stream; with
+    CATEGORIES (comma-separated, e.g. ``position,counting``), the first N of the stream whose prompts are of those
+    categories."""
+    import itertools
+
+    import numpy as np
+
     from slimdit.data.datasets import CaptionImages
-    from slimdit.worlds.shapes.prompts import TrainingSet
+    from slimdit.worlds.shapes.prompts import CATEGORIES, TrainingSet
 
     parts = spec.split(":")
     try:
         n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
     except (ValueError, IndexError) as e:
-        raise ValueError(f"dataset {spec!r}: expected shapes-train:N or shapes-train:N:SEED") from e
-    caps, imgs = TrainingSet(seed).batch(0, n)
-    return CaptionImages(caps, imgs, f"shapes-train:{n}:{seed}")
+        raise ValueError(f"dataset {spec!r}: expected shapes-train:N, shapes-train:N:SEED or "
+                         "shapes-train:N:SEED:CATEGORIES") from e
+    if len(parts) > 4 or n < 1:
+        raise ValueError(f"dataset {spec!r}: expected shapes-train:N[:SEED[:CATEGORIES]] with N ≥ 1")
+    stream = TrainingSet(seed)
+    if len(parts) < 4:
+        caps, imgs = stream.batch(0, n)
+        return CaptionImages(caps, imgs, f"shapes-train:{n}:{seed}")
+    cats = parts[3].split(",")
+    unknown = [c for c in cats if c not in CATEGORIES]
+    if unknown or not cats:
+        raise ValueError(f"dataset {spec!r}: unknown categor{'y' if len(unknown) == 1 else 'ies'} "
+                         f"{', '.join(map(repr, unknown))}; allowed: {', '.join(CATEGORIES)}")
+    rows = itertools.islice((i for i in itertools.count() if stream.scene(i)[0].category in cats), n)
+    caps, imgs = zip(*(stream.item(i) for i in rows))
+    return CaptionImages(list(caps), np.stack(imgs), f"shapes-train:{n}:{seed}:{','.join(cats)}")
