@@ -26,6 +26,22 @@ def test_ground_truth_scores_at_least_099_per_category():
         assert metrics[c] >= 0.99, (c, metrics[c])
 
 
+def test_the_position_diagnosis_tells_a_mirrored_relation_from_missing_objects():
+    prompts, images = _ground_truth(images_per_prompt=1)
+    metrics, _ = score_images(prompts, images, embedder=None)
+    assert metrics["position_objects"] == 1.0 and metrics["position_relation"] == 1.0
+    # shapes are left-right symmetric: mirroring keeps every object and turns "left of" into "right of"
+    sideways = [k for k, p in enumerate(prompts) if p.relation in ("left of", "right of")]
+    assert len(sideways) >= 10
+    mirrored = [prompts[k] for k in sideways]
+    metrics, correct = score_images(mirrored, images[sideways][:, :, ::-1], embedder=None)
+    assert metrics["position_objects"] == 1.0 and metrics["position_relation"] == 0.0 and not correct.any()
+    # blank images: no objects, so no relation to judge
+    metrics, _ = score_images(mirrored, np.zeros_like(images[sideways]), embedder=None)
+    assert metrics["position_objects"] == 0.0 and metrics["position_relation"] is None
+    assert "position_objects" not in score_images(prompts[:1], images[:1], embedder=None)[0]
+
+
 def test_shuffled_prompts_score_at_most_005():
     prompts, images = _ground_truth()
     perm = np.random.default_rng(0).permutation(len(images))
