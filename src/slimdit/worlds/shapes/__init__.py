@@ -100,7 +100,7 @@ def shapes_train(spec: str) -> CaptionImages:
         return CaptionImages(caps, imgs, f"shapes-train:{n}:{seed}")
     cats = parts[3].split(",")
     unknown = [c for c in cats if c not in CATEGORIES]
-    if unknown or not cats:
+    if unknown:
         raise ValueError(f"dataset {spec!r}: unknown categor{'y' if len(unknown) == 1 else 'ies'} "
                          f"{', '.join(map(repr, unknown))}; allowed: {', '.join(CATEGORIES)}")
     rows = itertools.islice((i for i in itertools.count() if stream.scene(i)[0].category in cats), n)

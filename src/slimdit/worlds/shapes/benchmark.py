@@ -71,15 +71,15 @@ def score_images(prompts: list[Prompt], images: np.ndarray, embedder: Embedder |
     return metrics, correct
 
 
-def position_diagnosis(prompts: list[Prompt], dets: list, correct: np.ndarray) -> dict[str, float]:
+def position_diagnosis(prompts: list[Prompt], dets: list, correct: np.ndarray) -> dict[str, float | None]:
     """Why position images fail: ``position_objects``, the share of them that hold the prompt's two objects (the
     relation aside), and ``position_relation``, the share of those in the asked relation. A model that draws both
     objects but ignores the relation word reads about 0.5 on the second (a little under: objects too close stand in
     no relation); None when no image holds both objects. Empty when no position prompt was scored."""
     rows = [k for k, p in enumerate(prompts) if p.category == "position"]
-    objects = [k for k in rows if prompt_holds(replace(prompts[k], relation=None), dets[k])]
     if not rows:
         return {}
+    objects = [k for k in rows if prompt_holds(replace(prompts[k], relation=None), dets[k])]
     return {"position_objects": len(objects) / len(rows),
             "position_relation": float(np.mean(correct[objects])) if objects else None}
 
