@@ -338,6 +338,46 @@ def test_the_shapes_embedder_reward_prefers_the_caption_s_picture_and_passes_gra
         reward([eval_prompts()[0].text], truth[:1])
 
 
+def test_caption_alternatives_keep_the_phrasing_and_hold_the_caption():
+    from slimdit.worlds.shapes.prompts import _contents, caption_alternatives
+
+    texts, true = caption_alternatives("a render of three triangles")
+    assert texts[true] == "a render of three triangles" and len(texts) == len(_contents("counting"))
+    assert all(t.startswith("a render of ") for t in texts) and "a render of two circles" in texts
+    texts, true = caption_alternatives("a red circle and a blue square")  # no prefix
+    assert texts[true] == "a red circle and a blue square" and "a blue circle and a red square" in texts
+    assert len(set(texts)) == len(texts) == len(_contents("color_attr"))
+
+
+def test_the_embedder_choice_reward_picks_the_caption_among_its_near_misses():
+    from slimdit.registry import DIFFERENTIABLE_REWARDS
+    from slimdit.worlds.shapes.prompts import caption_alternatives, eval_prompts, render_prompt, sample_training_prompt
+
+    reward = DIFFERENTIABLE_REWARDS["shapes-embedder-choice"]()
+    rng = np.random.default_rng(1)
+    prompts = []
+    while len(prompts) < 12:  # categories whose alternatives the embedder tells apart
+        p = sample_training_prompt(rng)
+        if p.category in ("counting", "colors", "single_object"):
+            prompts.append(p)
+    truth = torch.from_numpy(np.stack([render_prompt(p, rng) for p in prompts])).permute(0, 3, 1, 2) / 127.5 - 1
+    truth.requires_grad_(True)
+    right = reward([p.text for p in prompts], truth)
+    assert right.shape == (12,) and bool((right <= 0).all())  # log-probabilities
+    assert float(right.detach().exp().mean()) > 0.7  # ground truth: its caption is the likely choice
+    held_out = {p.text for p in eval_prompts()}
+    near_misses = []  # each picture under the next training caption of its category: another count, colour, size...
+    for p in prompts:
+        texts, true = caption_alternatives(p.text)
+        near_misses.append(next(t for t in texts[true + 1:] + texts[:true] if t not in held_out))
+    wrong = reward(near_misses, truth)
+    assert float(wrong.detach().exp().mean()) < 0.2 and int((right > wrong).sum()) >= 11
+    right.sum().backward()
+    assert truth.grad is not None and float(truth.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="training prompts only"):
+        reward([eval_prompts()[0].text], truth[:1])
+
+
 def test_clip_as_a_differentiable_reward_agrees_with_the_clip_reward(tmp_path):
     from slimdit.registry import DIFFERENTIABLE_REWARDS, REWARDS
     from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt

@@ -126,6 +126,44 @@ def embedder_reward():
     return reward
 
 
+def embedder_choice_reward():
+    """The shapes embedder as a zero-shot classifier, a differentiable reward ``(captions, images (N, 3, 32, 32) in
+    [-1, 1]) -> (N,)``: the log-probability, at the embedder's own logit scale, that it picks each image's caption
+    among every caption of the same category in the same phrasing (:func:`caption_alternatives`). Where the plain
+    cosine of ``shapes-embedder`` says how much an image looks like its caption, this says how much more than like
+    its near misses: another count, colour, size or shape, the mistakes the detector fails. Differences the
+    embedder does not see (which colour sits on which shape, who stands where) leave it flat. Training prompts
+    only."""
+    import torch
+
+    from slimdit.worlds.shapes.embedder import load_shapes_embedder
+    from slimdit.worlds.shapes.prompts import caption_alternatives
+
+    emb = load_shapes_embedder().requires_grad_(False)
+    texts_seen: dict[str, torch.Tensor] = {}  # caption -> its unit text embedding (the text tower is frozen)
+
+    def text_embeddings(texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in texts_seen]
+        if new:
+            with torch.no_grad():
+                texts_seen.update(zip(new, torch.nn.functional.normalize(emb.embed_texts(new), dim=-1).cpu()))
+        return torch.stack([texts_seen[t] for t in texts])
+
+    def reward(captions: list[str], images: torch.Tensor) -> torch.Tensor:
+        _training_prompts_only(captions)
+        emb.to(images.device)
+        img = torch.nn.functional.normalize(emb.image(images.float()), dim=-1)
+        scale = emb.logit_scale.detach().exp()
+        out = []
+        for k, caption in enumerate(captions):
+            texts, true = caption_alternatives(caption)
+            logits = scale * (text_embeddings(texts).to(img.device) @ img[k])
+            out.append(logits.log_softmax(0)[true])
+        return torch.stack(out)
+
+    return reward
+
+
 def geneval_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
     """The benchmark's per-image verdict as a reward (1 when the detector finds exactly the prompt's objects and
     relation, else 0), for training prompts only: an evaluation prompt is refused, so tuning never sees them."""

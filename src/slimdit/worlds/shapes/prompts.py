@@ -180,6 +180,19 @@ def _contents_cached(cat: str) -> list:
     return _contents(cat)
 
 
+def caption_alternatives(text: str) -> tuple[list[str], int]:
+    """Every caption of ``text``'s category in ``text``'s phrasing (its prefix kept, each content of the category
+    after it), and the index of ``text`` among them: the choices a zero-shot classifier picks ``text`` from."""
+    p = parse_prompt(text)
+    contents = _contents_cached(p.category)
+    phrase = next(ph for ph, objs, rel in contents if objs == p.objects and rel == p.relation)
+    if not text.endswith(phrase):
+        raise ValueError(f"caption {text!r} does not end with its content {phrase!r}")
+    prefix = text[: len(text) - len(phrase)]
+    texts = [f"{prefix}{ph}" for ph, _, _ in contents]
+    return texts, texts.index(text)
+
+
 def render_prompt(prompt: Prompt, rng: np.random.Generator) -> np.ndarray:
     """Render one ground-truth image for ``prompt``: exactly its objects, free attributes drawn at random."""
     return render(place(list(prompt.objects), rng, prompt.relation))
