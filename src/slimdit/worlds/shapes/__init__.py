@@ -92,6 +92,7 @@ def shapes_train(spec: str) -> CaptionImages:
 
     from slimdit.data.datasets import CaptionImages
     from slimdit.worlds.shapes.prompts import CATEGORIES, TrainingSet
+    from slimdit.worlds.shapes.scenes import render
 
     parts = spec.split(":")
     try:
@@ -110,6 +111,6 @@ def shapes_train(spec: str) -> CaptionImages:
     if unknown:
         raise ValueError(f"dataset {spec!r}: unknown categor{'y' if len(unknown) == 1 else 'ies'} "
                          f"{', '.join(map(repr, unknown))}; allowed: {', '.join(CATEGORIES)}")
-    rows = itertools.islice((i for i in itertools.count() if stream.scene(i)[0].category in cats), n)
-    caps, imgs = zip(*(stream.item(i) for i in rows))
+    scenes = itertools.islice((sc for sc in map(stream.scene, itertools.count()) if sc[0].category in cats), n)
+    caps, imgs = zip(*((p.text, render(objs)) for p, objs in scenes))  # each scene placed once, as item() would
     return CaptionImages(list(caps), np.stack(imgs), f"shapes-train:{n}:{seed}:{','.join(cats)}")
