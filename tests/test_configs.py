@@ -38,3 +38,15 @@ def test_a_shipped_config_reads_with_its_commands_schema(path):
     else:  # the top level: a distillation or a schedule run
         schema = RunConfig if "schedule" in path.name else DistillConfig
         assert load_config(path, schema).out
+
+
+def test_the_demo_fits_its_stages_to_another_teacher_unless_told():
+    """The packaged demo's fixed units per stage are for shapes-pixart's equal blocks; another teacher gets
+    ``auto`` (eq. 4.21 per stage), and an explicit ``--set`` still wins."""
+    from slimdit.demo import demo_config
+
+    assert demo_config("x").schedule.units_per_stage == 6
+    assert demo_config("x", {"teacher": "shapes-pixart"}).schedule.units_per_stage == 6
+    assert demo_config("x", {"teacher": "shapes-flux"}).schedule.units_per_stage == "auto"
+    told = demo_config("x", {"teacher": "shapes-flux", "schedule.units_per_stage": 3})
+    assert (told.teacher, told.schedule.units_per_stage, told.schedule.target) == ("shapes-flux", 3, 0.6)

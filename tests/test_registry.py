@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,9 @@ def test_the_import_check_sees_imports_inside_functions():
 def test_the_shapes_world_registers_its_names():
     registry.load_worlds()
     assert "shapes-pixart" in registry.MODELS and registry.MODELS["shapes-pixart"]().is_dir()
+    flux = registry.MODELS["shapes-flux"]()  # the guidance-distilled Flux: one pass per step, no true CFG
+    assert json.loads((flux / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    assert json.loads((flux / "transformer" / "config.json").read_text())["guidance_embeds"] is True
     assert "shapes-oracle" in registry.SAMPLERS
     assert "shapes-geneval" in registry.BENCHMARKS
     assert "shapes" in registry.EMBEDDERS

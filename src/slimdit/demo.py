@@ -67,7 +67,13 @@ def default_config() -> dict:
 
 
 def demo_config(out: str | Path, overrides: dict | None = None) -> DemoConfig:
+    """The packaged config with ``out`` and ``overrides``. Its fixed units per stage are sized for the packaged
+    teacher's equal blocks; another teacher (a Flux, whose double blocks are 2.4 times its single ones) gets
+    ``units_per_stage: auto``, which fits each stage to eq. 4.21, unless ``overrides`` names it."""
     raw = {**default_config(), "out": str(out)}
+    overrides = overrides or {}
+    if overrides.get("teacher", raw["teacher"]) != raw["teacher"] and "schedule.units_per_stage" not in overrides:
+        raw["schedule"] = {**raw["schedule"], "units_per_stage": "auto"}
     return load_config(raw, DemoConfig, overrides)
 
 

@@ -15,12 +15,13 @@ if TYPE_CHECKING:
 
 
 def register() -> None:
-    """Publish the built-in model, sampler, benchmark, embedder, reward, dataset spec and ``teacher`` commands."""
+    """Publish the built-in models, sampler, benchmark, embedder, reward, dataset spec and ``teacher`` commands."""
     from slimdit import registry
     from slimdit.worlds.shapes.benchmark import SHAPES_GENEVAL
     from slimdit.worlds.shapes.cli import add_teacher_commands
 
     registry.MODELS["shapes-pixart"] = shapes_pixart
+    registry.MODELS["shapes-flux"] = shapes_flux
     registry.SAMPLERS["shapes-oracle"] = shapes_oracle
     registry.BENCHMARKS["shapes-geneval"] = SHAPES_GENEVAL
     registry.EMBEDDERS["shapes"] = shapes_embedder
@@ -38,12 +39,16 @@ def pipeline_dir(name: str) -> Path:
     d = Path(str(resources.files(__name__).joinpath("weights", name)))
     if not (d / "model_index.json").exists():
         raise FileNotFoundError(f"built-in model {name!r} has no weights at {d}; rebuild them with "
-                                "`slimdit teacher train` and `slimdit teacher export`")
+                                "the `slimdit teacher` commands (see the README)")
     return d
 
 
 def shapes_pixart() -> Path:
     return pipeline_dir("shapes-pixart")
+
+
+def shapes_flux() -> Path:
+    return pipeline_dir("shapes-flux")
 
 
 def shapes_oracle() -> Sampler:
