@@ -93,3 +93,47 @@ def test_the_registered_benchmark_checks_its_limit_before_any_model():
     with pytest.raises(ValueError, match="--limit must be between 1 and"):
         bench.check(0)
     bench.check(6)
+
+
+# Attribute, module and call-keyword names only a PixArt or Flux transformer or pipeline has. The core outside
+# models/ reaches them through the adapter; this list is what a slip would most likely name.
+MODEL_INTERNALS = {
+    "transformer_blocks", "single_transformer_blocks", "caption_projection", "adaln_single", "context_embedder",
+    "time_text_embed", "x_embedder", "ff_context", "add_q_proj", "norm1_context", "proj_mlp",
+    "encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "prompt_attention_mask",
+    "added_cond_kwargs", "guidance_embeds", "txt_ids", "img_ids", "true_cfg_scale", "_pack_latents",
+    "_unpack_latents", "_prepare_latent_image_ids", "encode_prompt",
+}
+
+
+def _code_names(tree: ast.AST) -> set[str]:
+    """Names the code uses (identifiers, attributes, keywords, string constants), docstrings and comments left out."""
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.keyword) and node.arg:
+            names.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            names.add(node.value)
+    return names
+
+
+def test_the_core_names_no_model_internals():
+    inside = (WORLDS, SRC / "models")
+    core = [p for p in sorted(SRC.rglob("*.py")) if not any(d in p.parents for d in inside)]
+    assert len(core) > 20
+    offenders = {str(p.relative_to(SRC)): sorted(_code_names(ast.parse(p.read_text())) & MODEL_INTERNALS)
+                 for p in core}
+    assert {p: n for p, n in offenders.items() if n} == {}
+
+
+def test_the_internals_check_sees_attributes_keywords_and_strings_but_not_docstrings():
+    tree = ast.parse('"""transformer_blocks in a docstring"""\n'
+                     "def f(m, pipe):\n    '''img_ids'''\n    m.single_transformer_blocks[0]\n"
+                     "    pipe(true_cfg_scale=1)\n    return {'pooled_projections': 0}\n")
+    assert _code_names(tree) & MODEL_INTERNALS == {"single_transformer_blocks", "true_cfg_scale",
+                                                     "pooled_projections"}
