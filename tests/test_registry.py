@@ -27,12 +27,18 @@ def _imported_modules(tree: ast.AST) -> set[str]:
     return names
 
 
+def _core_modules(*outside: Path) -> dict[str, ast.AST]:
+    """Every package module not under one of ``outside``, parsed, by its path inside the package."""
+    return {str(p.relative_to(SRC)): ast.parse(p.read_text()) for p in sorted(SRC.rglob("*.py"))
+            if not any(d in p.parents for d in outside)}
+
+
 def test_the_core_imports_no_world():
-    core = [p for p in sorted(SRC.rglob("*.py")) if WORLDS not in p.parents]
-    assert len(core) > 20 and SRC / "registry.py" in core
-    offenders = {str(p.relative_to(SRC)): sorted(m for m in _imported_modules(ast.parse(p.read_text()))
-                                                 if m == "slimdit.worlds" or m.startswith("slimdit.worlds."))
-                 for p in core}
+    core = _core_modules(WORLDS)
+    assert len(core) > 20 and "registry.py" in core
+    offenders = {p: sorted(m for m in _imported_modules(tree)
+                           if m == "slimdit.worlds" or m.startswith("slimdit.worlds."))
+                 for p, tree in core.items()}
     assert {p: m for p, m in offenders.items() if m} == {}
 
 
@@ -123,11 +129,9 @@ def _code_names(tree: ast.AST) -> set[str]:
 
 
 def test_the_core_names_no_model_internals():
-    inside = (WORLDS, SRC / "models")
-    core = [p for p in sorted(SRC.rglob("*.py")) if not any(d in p.parents for d in inside)]
+    core = _core_modules(WORLDS, SRC / "models")
     assert len(core) > 20
-    offenders = {str(p.relative_to(SRC)): sorted(_code_names(ast.parse(p.read_text())) & MODEL_INTERNALS)
-                 for p in core}
+    offenders = {p: sorted(_code_names(tree) & MODEL_INTERNALS) for p, tree in core.items()}
     assert {p: n for p, n in offenders.items() if n} == {}
 
 
