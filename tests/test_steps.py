@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,16 +226,19 @@ def test_the_consistency_function_is_what_lcm_scheduler_samples_with(config):
         assert torch.equal(loss.consistency(teacher, x, clean, cond), x)
 
 
-def test_consistency_distillation_trains_and_refuses_a_flow_teacher(tmp_path):
+@pytest.mark.parametrize("flux", [False, True], ids=["pixart-v-cfg", "flux-guidance-input"])
+def test_consistency_distillation_trains_on_diffusion_and_flow_teachers(tmp_path, flux):
     from slimdit.distill.consistency import ConsistencyLoss
     from slimdit.distill.trainer import TrainConfig, Trainer
 
-    teacher = tiny()
+    teacher = tiny_flux(1, 1) if flux else tiny()
     student = copy.deepcopy(teacher)
-    adapter = adapter_for(student, V)
-    t, s = transitions(V, 50)
-    data = _data()
-    loss = ConsistencyLoss(adapter, t, s, null=data.null, guidance=3.0)
+    config = FLOW if flux else V
+    adapter = adapter_for(student, config)
+    data = flux_data(3, 16) if flux else _data()
+    t, s = transitions(config, 50, adapter.image_tokens(teacher, data.latents[:1]))
+    guide = dict(guidance=3.5, guidance_input=True) if flux else dict(null=data.null, guidance=3.0)
+    loss = ConsistencyLoss(adapter, t, s, **guide)
     b = Batch(data.latents[:8], {k: v[:8] for k, v in data.cond.items()}, torch.Generator().manual_seed(9))
     cfg = TrainConfig(steps=30, batch_size=8, warmup_steps=1, lr=1e-3, optimizer="adamw", checkpoint_every=100,
                       log_every=1, val_every=0, caption_dropout=0.0)
@@ -243,8 +247,6 @@ def test_consistency_distillation_trains_and_refuses_a_flow_teacher(tmp_path):
     tr.train(progress=False)
     b.generator.manual_seed(9)
     assert loss(tr.student, teacher, b)["total"].item() < 0.7 * before
-    with pytest.raises(ValueError, match="flow"):
-        ConsistencyLoss(adapter_for(tiny_flux(1, 1), FLOW), t, s)
 
 
 def test_slimdit_steps_consistency_saves_an_lcm_student_that_samples_in_any_count(tiny_teacher, tmp_path):
@@ -269,6 +271,51 @@ def test_slimdit_steps_consistency_saves_an_lcm_student_that_samples_in_any_coun
         assert sampler.pipe.scheduler.num_inference_steps == n
     card = (run / "student" / "README.md").read_text()
     assert "latent consistency distillation" in card and "consistency-distillation" in card
+
+
+def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lcm(tiny_flux_pipeline, tiny_teacher,
+                                                                                   tmp_path):
+    """A guidance-embedded Flux teacher, with LCM's EMA target and w-conditioning: the student saves with
+    ``FlowMatchLCMScheduler``, samples in any count, and each image depends on its seed alone (the scheduler's
+    noise included, which FluxPipeline does not seed); w-conditioning on a CFG teacher, or settings of consistency
+    given to another method, are refused before anything is cached."""
+    import yaml
+
+    from slimdit.cli import main
+    from slimdit.distill.fewstep import StepsConfig
+    from slimdit.pipelines.loading import load_sampler, sampling_defaults
+
+    w = sampling_defaults(str(tiny_flux_pipeline))["guidance_scale"]
+    cfg = {"teacher": str(tiny_flux_pipeline), "out": str(tmp_path / "run"), "method": "consistency", "steps": 2,
+           "solver_steps": 8, "target_ema": 0.9, "guidance_range": [1.0, w + 1],
+           "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1},
+           "eval": {"benchmark": None, "bench": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
+    run = tmp_path / "run"
+    assert (run / "rounds" / "00_2steps" / "checkpoints" / "step_0000002" / "loss.safetensors").exists()
+    student = str(run / "student")
+    d = sampling_defaults(student)
+    assert d["num_inference_steps"] == 2 and d["guidance_scale"] == w
+    for n in (1, 4):
+        sampler = load_sampler(student, steps=n)
+        assert type(sampler.pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+        both = sampler.generate(["a red circle", "two blue squares"], [0, 1], progress=False)
+        alone = sampler.generate(["two blue squares"], [1], progress=False)
+        assert sampler.pipe.scheduler.num_inference_steps == n
+        assert np.array_equal(both[1], alone[0])
+    again = load_sampler(student, steps=4).generate(["two blue squares"], [2], progress=False)
+    assert not np.array_equal(again[0], alone[0])  # another seed, another image
+
+    bad = {**cfg, "teacher": tiny_teacher, "out": str(tmp_path / "bad")}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["steps", "--config", str(tmp_path / "b.yaml")]) == 2
+    assert not (tmp_path / "bad" / "cache").exists()
+    with pytest.raises(ValueError, match="target_ema.*method: consistency"):
+        StepsConfig(out="x", method="reflow", target_ema=0.95)
+    with pytest.raises(ValueError, match="guidance_range"):
+        StepsConfig(out="x", method="consistency", guidance_range=(4.0, 2.0))
 
 
 def test_a_compressed_student_learns_the_original_teachers_steps(tiny_teacher, tiny_flux_pipeline, tmp_path):
@@ -305,3 +352,127 @@ def test_a_compressed_student_learns_the_original_teachers_steps(tiny_teacher, t
     (tmp_path / "o.yaml").write_text(yaml.safe_dump(other))
     assert main(["steps", "--config", str(tmp_path / "o.yaml")]) == 2
     assert not (tmp_path / "other" / "cache").exists()
+
+
+def test_the_flow_consistency_function_is_what_flow_match_lcm_scheduler_samples_with():
+    """For a flow teacher the consistency function is ``x - sigma v``, the identity at the clean end, and diffusers'
+    ``FlowMatchLCMScheduler``, stepped on the grid FluxPipeline sets, takes exactly it and noises it again to the
+    next sigma with the generator's noise."""
+    import numpy as np
+
+    from slimdit.distill.consistency import ConsistencyLoss, lcm_scheduler
+    from slimdit.distill.objectives import _calculate_shift
+
+    teacher = tiny_flux(1, 1)
+    adapter = adapter_for(teacher, FLOW)
+    data = flux_data(3)
+    tokens = adapter.image_tokens(teacher, data.latents[:1])
+    t, s = transitions(FLOW, 50, tokens)
+    assert t[0] == 1000 and s[-1] == 0 and torch.equal(t[1:], s[:-1])
+    loss = ConsistencyLoss(adapter, t, s, guidance=3.5, guidance_input=True)
+    cond = {**{k: v[:2] for k, v in data.cond.items()}, "guidance": torch.full((2,), 3.5)}
+    mu = _calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    for n in (1, 2, 4):
+        sched = lcm_scheduler(FLOW, 50)
+        assert type(sched).__name__ == "FlowMatchLCMScheduler"
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)  # as FluxPipeline sets them
+        assert torch.allclose(sched.timesteps, transitions(FLOW, n, tokens)[0])
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        with torch.no_grad():
+            for j, step in enumerate(sched.timesteps):
+                tt = step.expand(2)
+                f = loss.consistency(teacher, x, tt, cond)
+                pred = adapter.prediction(teacher, adapter.predict(teacher, x, tt, cond))
+                noise = torch.randn(x.shape, generator=torch.Generator().set_state(g.get_state()))
+                out = sched.step(pred, step, x, generator=g).prev_sample
+                sig = sched.sigmas[j + 1]
+                assert torch.allclose(out, (1 - sig) * f + sig * noise, atol=1e-5)
+                x = out
+        assert torch.equal(loss.consistency(teacher, x, torch.zeros(2), cond), x)
+
+
+def _consistency_run(run, loss, steps=4, max_steps=None, flux=True):
+    from slimdit.distill.trainer import TrainConfig, Trainer
+
+    teacher = tiny_flux(1, 1) if flux else tiny()
+    data = flux_data(3) if flux else _data()
+    cfg = TrainConfig(steps=steps, batch_size=4, warmup_steps=1, lr=1e-3, optimizer="adamw", checkpoint_every=2,
+                      log_every=1, val_every=0, caption_dropout=0.0)
+    tr = Trainer(loss.adapter, teacher, copy.deepcopy(teacher), data, cfg, run, loss=loss)
+    tr.train(max_steps=max_steps, progress=False)
+    return tr
+
+
+def _flow_loss(**kw):
+    from slimdit.distill.consistency import ConsistencyLoss, EMATargetConsistencyLoss
+
+    adapter = adapter_for(tiny_flux(1, 1), FLOW)
+    t, s = transitions(FLOW, 10, 16)
+    cls = EMATargetConsistencyLoss if "target_ema" in kw else ConsistencyLoss
+    return cls(adapter, t, s, guidance=3.5, guidance_input=True, **kw)
+
+
+def test_an_ema_target_at_decay_zero_trains_as_the_student_target_and_follows_the_student(tmp_path):
+    """LCM's EMA target: at decay 0 it is the student after every step, so training is bit-identical to the
+    stop-gradient target's; at decay 0.5 one update moves it halfway to the student."""
+    plain = _consistency_run(tmp_path / "plain", _flow_loss())
+    ema = _consistency_run(tmp_path / "ema0", _flow_loss(target_ema=0.0))
+    for p, q in zip(plain.student_model().parameters(), ema.student_model().parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(next(plain.student_model().parameters()), next(tiny_flux(1, 1).parameters()))
+
+    loss = _flow_loss(target_ema=0.5)
+    student = tiny_flux(1, 1)
+    before = copy.deepcopy(loss._target(student))  # made at the first update: a copy of the student
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    loss.after_step(student)
+    for e, b, p in zip(loss.target.parameters(), before.parameters(), student.parameters(), strict=True):
+        assert torch.allclose(e, (b + p) / 2)
+        assert not e.requires_grad
+
+
+def test_a_resumed_consistency_run_with_an_ema_target_ends_where_an_uninterrupted_one_ends(tmp_path):
+    _consistency_run(tmp_path / "a", _flow_loss(target_ema=0.9), max_steps=2)
+    resumed = _consistency_run(tmp_path / "a", _flow_loss(target_ema=0.9))
+    whole = _consistency_run(tmp_path / "b", _flow_loss(target_ema=0.9))
+    for p, q in zip(resumed.student_model().parameters(), whole.student_model().parameters(), strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(resumed.loss.target.parameters(), whole.loss.target.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # the target lags the student: neither the start nor the student
+    first = next(whole.loss.target.parameters())
+    assert not torch.equal(first, next(tiny_flux(1, 1).parameters()))
+    assert not torch.equal(first, next(whole.student_model().parameters()))
+    assert (tmp_path / "a" / "checkpoints" / "step_0000004" / "loss.safetensors").exists()
+
+
+def test_w_conditioning_gives_teacher_and_student_one_drawn_scale_per_sample():
+    """LCM's w-conditioning: each sample's w is drawn from the range, and the teacher's step and the student's
+    prediction both take it; a teacher without a guidance input is refused."""
+    from slimdit.distill.consistency import ConsistencyLoss
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.config = model.config
+
+        def forward(self, *args, guidance=None, **kwargs):
+            seen.append(guidance.clone())
+            return self.model(*args, guidance=guidance, **kwargs)
+
+    loss = _flow_loss(guidance_range=(1.0, 6.0))
+    data = flux_data(3)
+    teacher, student = Spy(tiny_flux(1, 1)), Spy(tiny_flux(1, 1))
+    b = Batch(data.latents[:8], data.cond, torch.Generator().manual_seed(0))
+    loss(student, teacher, b)
+    assert len(seen) >= 2 and all(torch.equal(w, seen[0]) for w in seen)
+    w = seen[0]
+    assert w.shape == (8,) and (w >= 1).all() and (w <= 6).all() and w.std() > 0.5
+    with pytest.raises(ValueError, match="guidance input"):
+        ConsistencyLoss(adapter_for(tiny(), V), *transitions(V, 50), guidance_range=(1.0, 6.0))

@@ -4,7 +4,8 @@
 at ``start`` deterministic steps down to ``steps``: round k trains a student for ``start / 2^k`` steps against the
 previous round's model at twice as many. ``method: consistency`` (:mod:`slimdit.distill.consistency`): one round
 of latent consistency distillation on the teacher's ``solver_steps`` grid; the student samples with
-``LCMScheduler`` in ``steps`` steps by default, and in any other count too. ``method: reflow`` (flow teachers,
+``LCMScheduler`` (a flow teacher's: ``FlowMatchLCMScheduler``) in ``steps`` steps by default, and in any other count
+too. ``method: reflow`` (flow teachers,
 :mod:`slimdit.distill.reflow`): the teacher's ODE pairs (noise, sample), then velocity regression on the straight
 line between them; the student keeps the Euler scheduler, at ``steps``. ``method: direct``
 (:mod:`slimdit.distill.direct`, any teacher): the same pairs, and the student's whole ``steps``-step sampler from
@@ -58,7 +59,9 @@ class RefineSection(_Strict):
 OWNED_SETTINGS = {"fake": ("dmd2", "the fake score belongs", ("fake_updates", "fake_lr")),
                   "gan": ("dmd2", "the GAN head belongs", ("gan_weight", "gan_d_weight", "gan_unit")),
                   "disc": ("ladd", "the discriminator heads belong", ("disc_lr", "disc_units")),
-                  "regression": ("dmd2", "the regression onto the teacher's pairs belongs", ("regression_weight",))}
+                  "regression": ("dmd2", "the regression onto the teacher's pairs belongs", ("regression_weight",)),
+                  "consistency": ("consistency", "LCM's EMA target and w-conditioning belong",
+                                  ("target_ema", "guidance_range"))}
 
 
 def owned_settings(method: str) -> tuple[str, ...]:
@@ -78,6 +81,11 @@ class StepsConfig(_Strict):
     steps: int = Field(4, ge=1)  # the final student's sampling steps
     start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
     solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
+    # consistency: LCM's target network, an EMA of the student at this decay (LCM: 0.95; None: the student itself)
+    target_ema: float | None = Field(None, ge=0, lt=1)
+    # consistency: LCM's w-conditioning for a guidance-embedded teacher (Flux-dev): w drawn per sample from
+    # [low, high], the teacher's input and the student's, so the student samples at any scale in it (None: one w)
+    guidance_range: tuple[float, float] | None = None
     # reflow, direct: the teacher's deterministic (Euler / DDIM) steps per pair (default: its own step count)
     pair_steps: int | None = Field(None, ge=1)
     fake_updates: int = Field(5, ge=1)  # dmd2: fake score steps per student step (the two time-scale rule)
@@ -105,6 +113,12 @@ class StepsConfig(_Strict):
         if self.method == "consistency" and self.steps > self.solver_steps:
             raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): LCMScheduler "
                              "samples on the training grid")
+        if self.guidance_range is not None and not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
+            raise ValueError(f"guidance_range {list(self.guidance_range)}: need 0 <= low <= high")
+        if self.target_ema is not None and self.train.sharding in ("fsdp", "zero3"):
+            raise ValueError(f"target_ema keeps a whole copy of the student, which sharded weights (train.sharding: "
+                             f"{self.train.sharding}) do not hold on any one process: use train.sharding none or "
+                             "zero2")
         if (self.method in ("dmd2", "ladd") or self.refine is not None) and self.train.sharding in ("fsdp", "zero3"):
             what = f"method: {self.method}" if self.refine is None else f"refine ({self.refine.method})"
             raise ValueError(f"{what} runs a drawn number of student passes per update (backward "
@@ -196,14 +210,18 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     guided_input = adapter.takes_guidance(teacher)  # a guidance-distilled teacher takes w as an input
     check_gan_unit(adapter, teacher, cfg.gan_unit)  # before caching anything
     check_units(adapter, teacher, cfg.disc_units)
-    if cfg.method == "consistency":
+    if cfg.method == "consistency":  # before caching anything
         from slimdit.distill.objectives import DDPM
 
-        if not isinstance(adapter.objective, DDPM):  # before caching anything
-            raise ValueError(f"method: consistency is built for DDPM-family teachers (LCMScheduler); {cfg.teacher} "
-                             "is a flow model: use method: progressive or reflow")
-        n_train = len(adapter.objective.alphas_cumprod)
-        if n_train % cfg.solver_steps:  # else DDIM's grid and LCMScheduler's differ
+        if cfg.guidance_range is not None and not guided_input:
+            raise ValueError(f"guidance_range: LCM's w-conditioning needs a teacher with a guidance input (a "
+                             f"guidance-distilled model such as Flux-dev); {cfg.teacher} guides by classifier-free "
+                             "guidance, distilled in at one scale (guidance)")
+        if cfg.guidance_range is not None and not cfg.guidance_range[0] <= w <= cfg.guidance_range[1]:
+            raise ValueError(f"guidance {w} (the student's sampling default) lies outside guidance_range "
+                             f"{list(cfg.guidance_range)}, where the student never learns")
+        n_train = len(adapter.objective.alphas_cumprod) if isinstance(adapter.objective, DDPM) else 0
+        if n_train and n_train % cfg.solver_steps:  # else DDIM's grid and LCMScheduler's differ
             raise ValueError(f"solver_steps ({cfg.solver_steps}) must divide the teacher's {n_train} training "
                              "timesteps, so that the training grid is LCMScheduler's")
     if cfg.method == "reflow":
@@ -337,11 +355,14 @@ def _progressive(r: _Round):
 
 
 def _consistency(r: _Round):
-    from slimdit.distill.consistency import ConsistencyLoss
+    from slimdit.distill.consistency import ConsistencyLoss, EMATargetConsistencyLoss
     from slimdit.distill.steps import transitions
 
     t, s = transitions(r.sched_config, r.cfg.solver_steps, r.tokens)
-    return ConsistencyLoss(r.adapter, t, s, null=r.cfg_null, guidance=r.w), r.data
+    common = dict(null=r.cfg_null, guidance=r.w, guidance_input=r.guided_input, guidance_range=r.cfg.guidance_range)
+    if r.cfg.target_ema is not None:
+        return EMATargetConsistencyLoss(r.adapter, t, s, **common, target_ema=r.cfg.target_ema), r.data
+    return ConsistencyLoss(r.adapter, t, s, **common), r.data
 
 
 def _pairs(r: _Round):

@@ -485,10 +485,14 @@ class Trainer:
         return terms_sum
 
     def _update_ema(self) -> None:
+        """After each applied optimizer step: the trainer's EMA of the student, and a loss's own after-step update
+        (consistency distillation's EMA target)."""
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
                     e.lerp_(p.detach().float(), 1 - self.cfg.ema_decay)
+        if hasattr(self.loss, "after_step"):
+            self.loss.after_step(self.student)
 
     def _bad(self, flag: torch.Tensor) -> bool:
         """``flag`` on any process (one host sync, as loss scaling has: a NaN applied once poisons every later

@@ -5,6 +5,7 @@ Image i depends only on (prompt i, seed i), never on how prompts are batched.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,9 +63,35 @@ class PipelineSampler:
         for i in tqdm(range(0, len(prompts), bs), desc=f"sampling {self.name}", unit="batch", disable=not progress,
                       dynamic_ncols=True):
             gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds[i:i + bs]]
-            imgs = self.pipe(prompt=list(prompts[i:i + bs]), generator=gens, **self.call_kwargs()).images
+            with step_generators(self.pipe.scheduler, gens):
+                imgs = self.pipe(prompt=list(prompts[i:i + bs]), generator=gens, **self.call_kwargs()).images
             out.append(np.clip(np.rint(np.asarray(imgs) * 255), 0, 255).astype(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+@contextmanager
+def step_generators(scheduler, generators: list[torch.Generator]):
+    """While open, a scheduler whose step draws noise (``LCMScheduler``, ``FlowMatchLCMScheduler``: a consistency
+    student's, which noises each clean estimate again) draws image i's from ``generators[i]``, also where the
+    pipeline does not pass its generator to the step (``FluxPipeline``), so the image still depends on its seed
+    alone."""
+    import inspect
+
+    step = scheduler.step
+    if "generator" not in inspect.signature(step).parameters:
+        yield
+        return
+
+    def seeded(*args, **kwargs):
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = generators
+        return step(*args, **kwargs)
+
+    scheduler.step = seeded
+    try:
+        yield
+    finally:
+        del scheduler.step  # the class's own again
 
 
 def _call_params(pipe) -> set[str]:

@@ -100,7 +100,7 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
                 kd: str = "normalized_hybrid", captions: int = 0, max_sequence_length: int | None = None,
                 offload_text: bool = False, device_gib: float | None = None, blocks=None,
                 both: bool = True, fake_score: bool = False, gan: bool = False, ladd: bool = False,
-                unrolled: int = 0) -> MemoryPlan:
+                unrolled: int = 0, ema_target: bool = False) -> MemoryPlan:
     """Per-device bytes of distilling ``plan``'s student from ``model`` (see the module docstring); an
     ``arch:NAME`` model may be cut to ``blocks`` units per group. ``both``: trace the activations with and without
     gradient checkpointing (else only the configured setting, unless the plan does not fit). ``fake_score``: DMD2's
@@ -111,7 +111,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
     frozen teacher's pass on the student's samples held for the student's backward (fp32 activations, never
     checkpointed), and its heads in fp32 with gradients and AdamW's two states. ``unrolled``: student passes whose
     graphs are held beside the training pass's (direct distillation's sampler beyond its first step, or DMD1's
-    regression through a ``K``-step sampler), each as large as the training pass's activations."""
+    regression through a ``K``-step sampler), each as large as the training pass's activations. ``ema_target``:
+    consistency distillation's EMA target network, a copy of the student in fp32."""
     from slimdit.models.arch import arch_spec, is_arch, scheduler_config
 
     if frozen_dtype not in DTYPE_BYTES:
@@ -197,6 +198,8 @@ def memory_plan(model: str, plan: Plan, batch_size: int, resolution: int | None 
         width = _image_width(teacher)
         hidden = min(width, HEAD_WIDTH)
         items["LADD heads"] = 16 * len(adapter.units(teacher)) * (2 * width + width * hidden + 2 * hidden + 1)
+    if ema_target:
+        items["consistency EMA target"] = 4 * params["transformer"]  # fp32 weights, no gradients
     if unrolled:
         items["unrolled student passes"] = unrolled * acts[checkpointing]
     others = {k: v for k, v in params.items() if k != "transformer"}
@@ -327,7 +330,8 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        kd=t.kd, captions=captions, max_sequence_length=cfg.data.max_sequence_length,
                        offload_text=True, device_gib=device_gib(device), both=both,
                        fake_score="dmd2" in _step_methods(cfg), gan=bool(getattr(cfg, "gan_weight", 0)),
-                       ladd="ladd" in _step_methods(cfg), unrolled=_unrolled(cfg))
+                       ladd="ladd" in _step_methods(cfg), unrolled=_unrolled(cfg),
+                       ema_target=getattr(cfg, "target_ema", None) is not None)
 
 
 def _unrolled(cfg) -> int:
