@@ -305,6 +305,9 @@ def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lc
         alone = sampler.generate(["two blue squares"], [1], progress=False)
         assert sampler.pipe.scheduler.num_inference_steps == n
         assert np.array_equal(both[1], alone[0])
+    card = (run / "student" / "README.md").read_text()
+    assert "FlowMatchLCMScheduler saved beside it" in card and "8-point Euler trajectories" in card
+    assert f"trained at every scale in [1.0, {w + 1}]" in card
     again = load_sampler(student, steps=4).generate(["two blue squares"], [2], progress=False)
     assert not np.array_equal(again[0], alone[0])  # another seed, another image
 

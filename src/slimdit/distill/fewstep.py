@@ -268,7 +268,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             if state.is_main_process:  # one writer; the others wait until the round is on disk
                 save_student(student, rdir / "student", base=cfg.teacher, scheduler=scheduler,
                              sampling=_sampling(adapter, original, n, w))
-                write_json(rdir / "done.json", {"steps": n, "method": method,
+                write_json(rdir / "done.json", {"steps": n, "method": method, "scheduler": type(scheduler).__name__,
                                                 "teacher_steps": teacher_steps,
                                                 "train_steps": tcfg.steps,
                                                 "seconds": round(time.time() - t0, 1), "last": last})

@@ -90,11 +90,16 @@ def _fewstep(f: RunFacts) -> str:
     first, last = f.rounds[0], f.rounds[-1]
     t = c.get("train", {})
     if first.get("method") == "consistency":
+        sched = first.get("scheduler", "LCMScheduler")
+        flow = sched.startswith("FlowMatch")
         how = (f"A few-step student of `{f.teacher}`, made with slimdit by latent consistency distillation (Luo et "
-               f"al. 2023): it samples in {last['steps']} steps by default with the LCMScheduler saved beside it, and "
+               f"al. 2023): it samples in {last['steps']} steps by default with the {sched} saved beside it, and "
                "in any other count (1, 2, 4, 8) by setting num_inference_steps. It learnt to map every point of the "
-               f"teacher's {first['teacher_steps']}-point DDIM trajectories to the same clean sample. A CFG teacher's "
-               "guidance is distilled in, so the student samples without CFG, one transformer pass per step.")
+               f"teacher's {first['teacher_steps']}-point {'Euler' if flow else 'DDIM'} trajectories to the same "
+               "clean sample. " + (f"It takes a guidance input, trained at every scale in {list(c['guidance_range'])}"
+                                   if c.get("guidance_range") else "A CFG teacher's guidance is distilled in, so the "
+                                   "student samples without CFG; a guidance-distilled teacher's guidance input is the "
+                                   "student's too") + ": one transformer pass per step.")
     elif first.get("method") == "reflow":
         how = (f"A few-step student of `{f.teacher}`, made with slimdit by rectified-flow reflow (Liu et al. 2023): "
                f"the teacher's {first['teacher_steps']}-step ODE paired noise with the sample it flows to, and the "
