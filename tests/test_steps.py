@@ -479,3 +479,20 @@ def test_w_conditioning_gives_teacher_and_student_one_drawn_scale_per_sample():
     assert w.shape == (8,) and (w >= 1).all() and (w <= 6).all() and w.std() > 0.5
     with pytest.raises(ValueError, match="guidance input"):
         ConsistencyLoss(adapter_for(tiny(), V), *transitions(V, 50), guidance_range=(1.0, 6.0))
+
+
+def test_the_memory_plan_counts_the_ema_target_and_nothing_else(tiny_teacher):
+    from slimdit.compress.plan import Plan
+    from slimdit.distill.fewstep import StepsConfig
+    from slimdit.speed.memory import config_memory_plan
+    from slimdit.speed.shapes import build_component, component_configs, param_count
+
+    def plan(**kw):
+        c = StepsConfig(teacher=tiny_teacher, out="x", method="consistency", steps=2, **kw,
+                        train={"steps": 1, "batch_size": 2})
+        return config_memory_plan(c, Plan(ops=[]), "cpu").items
+
+    n_teacher = param_count(build_component(*component_configs(tiny_teacher)["transformer"]))
+    plain, ema = plan(), plan(target_ema=0.95)
+    assert ema.pop("consistency EMA target") == 4 * n_teacher  # a copy of the student in fp32, no gradients
+    assert ema == plain

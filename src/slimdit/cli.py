@@ -407,15 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("steps", help="fewer sampling steps: progressive distillation, halving rounds; rerun to "
-                       "continue")
+    p = sub.add_parser("steps", help="fewer sampling steps (progressive, consistency, reflow, direct, DMD2, LADD); "
+                       "rerun to continue")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and its rounds, and exit")
     p.set_defaults(func=cmd_steps)
 
-    p = sub.add_parser("reward", help="reward fine-tuning (GRPO against a registered reward, on training prompts); "
-                       "rerun to continue")
+    p = sub.add_parser("reward", help="reward fine-tuning (DRaFT, GRPO, RAFT, DPO against a registered reward, on "
+                       "training prompts); rerun to continue")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
