@@ -316,7 +316,7 @@ def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lc
     assert main(["steps", "--config", str(tmp_path / "b.yaml")]) == 2
     assert not (tmp_path / "bad" / "cache").exists()
     with pytest.raises(ValueError, match="target_ema.*method: consistency"):
-        StepsConfig(out="x", method="reflow", target_ema=0.95)
+        StepsConfig(out="x", method="progressive", target_ema=0.5)
     with pytest.raises(ValueError, match="guidance_range"):
         StepsConfig(out="x", method="consistency", guidance_range=(4.0, 2.0))
 
@@ -487,12 +487,13 @@ def test_the_memory_plan_counts_the_ema_target_and_nothing_else(tiny_teacher):
     from slimdit.speed.memory import config_memory_plan
     from slimdit.speed.shapes import build_component, component_configs, param_count
 
-    def plan(**kw):
-        c = StepsConfig(teacher=tiny_teacher, out="x", method="consistency", steps=2, **kw,
-                        train={"steps": 1, "batch_size": 2})
+    def plan(method="consistency", **kw):
+        c = StepsConfig(teacher=tiny_teacher, out="x", method=method, steps=2, **kw,
+                        train={"steps": 1, "batch_size": 2, "caption_dropout": 0.0})
         return config_memory_plan(c, Plan(ops=[]), "cpu").items
 
     n_teacher = param_count(build_component(*component_configs(tiny_teacher)["transformer"]))
-    plain, ema = plan(), plan(target_ema=0.95)
+    plain, ema = plan(target_ema=None), plan()  # LCM's EMA target by default
+    assert "consistency EMA target" not in plan(method="direct")  # the default decay is consistency's alone
     assert ema.pop("consistency EMA target") == 4 * n_teacher  # a copy of the student in fp32, no gradients
     assert ema == plain

@@ -13,9 +13,10 @@ distance.
   with no scalings), and the student samples with diffusers' ``FlowMatchLCMScheduler``, which takes exactly that
   estimate and noises it again to the next sigma.
 
-The target network is the student itself under stop-gradient by default (improved consistency training's choice,
-Song & Dhariwal 2023); ``target_ema`` keeps LCM's exponential moving average of the student instead (decay 0.95 in
-LCM), a state the trainer saves in its checkpoints, so a resumed run ends where an uninterrupted one ends either way.
+The target network is LCM's exponential moving average of the student (:class:`EMATargetConsistencyLoss`, decay
+0.95 in LCM and in ``slimdit steps`` by default), a state the trainer saves in its checkpoints; or the student itself
+under stop-gradient (:class:`ConsistencyLoss`, improved consistency training's choice, Song & Dhariwal 2023), which
+measured worse on both shapes teachers. A resumed run ends where an uninterrupted one ends either way.
 
 Guidance: a CFG teacher's scale is distilled in at a fixed ``w`` (the student samples without CFG; PixArt has no
 guidance input to condition on). A guidance-embedded teacher (Flux-dev) takes ``w`` as its input, and so does the

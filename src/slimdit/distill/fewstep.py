@@ -81,8 +81,9 @@ class StepsConfig(_Strict):
     steps: int = Field(4, ge=1)  # the final student's sampling steps
     start: int = Field(16, ge=2)  # progressive: the teacher's deterministic steps the first round distils; steps x 2^k
     solver_steps: int = Field(50, ge=2)  # consistency: the teacher's DDIM grid (LCM's skipping-step schedule)
-    # consistency: LCM's target network, an EMA of the student at this decay (LCM: 0.95; None: the student itself)
-    target_ema: float | None = Field(None, ge=0, lt=1)
+    # consistency: LCM's target network, an EMA of the student at this decay (LCM's 0.95; None: the student itself
+    # under stop-gradient, which measured worse on both shapes teachers: docs/steps.md)
+    target_ema: float | None = Field(0.95, ge=0, lt=1)
     # consistency: LCM's w-conditioning for a guidance-embedded teacher (Flux-dev): w drawn per sample from
     # [low, high], the teacher's input and the student's, so the student samples at any scale in it (None: one w)
     guidance_range: tuple[float, float] | None = None
@@ -115,10 +116,10 @@ class StepsConfig(_Strict):
                              "samples on the training grid")
         if self.guidance_range is not None and not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
             raise ValueError(f"guidance_range {list(self.guidance_range)}: need 0 <= low <= high")
-        if self.target_ema is not None and self.train.sharding in ("fsdp", "zero3"):
+        if self.method == "consistency" and self.target_ema is not None and self.train.sharding in ("fsdp", "zero3"):
             raise ValueError(f"target_ema keeps a whole copy of the student, which sharded weights (train.sharding: "
                              f"{self.train.sharding}) do not hold on any one process: use train.sharding none or "
-                             "zero2")
+                             "zero2, or target_ema: null (the student as its own target)")
         if (self.method in ("dmd2", "ladd") or self.refine is not None) and self.train.sharding in ("fsdp", "zero3"):
             what = f"method: {self.method}" if self.refine is None else f"refine ({self.refine.method})"
             raise ValueError(f"{what} runs a drawn number of student passes per update (backward "

@@ -331,7 +331,7 @@ def config_memory_plan(cfg, plan: Plan, device: str, captions: int = 0, processe
                        offload_text=True, device_gib=device_gib(device), both=both,
                        fake_score="dmd2" in _step_methods(cfg), gan=bool(getattr(cfg, "gan_weight", 0)),
                        ladd="ladd" in _step_methods(cfg), unrolled=_unrolled(cfg),
-                       ema_target=getattr(cfg, "target_ema", None) is not None)
+                       ema_target="consistency" in _step_methods(cfg) and getattr(cfg, "target_ema", None) is not None)
 
 
 def _unrolled(cfg) -> int:
