@@ -311,10 +311,12 @@ def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lc
     again = load_sampler(student, steps=4).generate(["two blue squares"], [2], progress=False)
     assert not np.array_equal(again[0], alone[0])  # another seed, another image
 
-    bad = {**cfg, "teacher": tiny_teacher, "out": str(tmp_path / "bad")}
-    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
-    assert main(["steps", "--config", str(tmp_path / "b.yaml")]) == 2
-    assert not (tmp_path / "bad" / "cache").exists()
+    bad = {**cfg, "teacher": tiny_teacher, "out": str(tmp_path / "bad")}  # w-conditioning, a CFG teacher
+    off = {**cfg, "solver_steps": 6, "steps": 4, "out": str(tmp_path / "off")}  # 4-step sigmas off a 6-point grid
+    for name, c in (("bad", bad), ("off", off)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
+        assert main(["steps", "--config", str(tmp_path / f"{name}.yaml")]) == 2
+        assert not (tmp_path / name / "cache").exists()
     with pytest.raises(ValueError, match="target_ema.*method: consistency"):
         StepsConfig(out="x", method="progressive", target_ema=0.5)
     with pytest.raises(ValueError, match="guidance_range"):
@@ -497,3 +499,49 @@ def test_the_memory_plan_counts_the_ema_target_and_nothing_else(tiny_teacher):
     assert "consistency EMA target" not in plan(method="direct")  # the default decay is consistency's alone
     assert ema.pop("consistency EMA target") == 4 * n_teacher  # a copy of the student in fp32, no gradients
     assert ema == plain
+
+
+def test_a_consistency_run_saved_before_target_ema_existed_reads_as_the_student_target(tiny_teacher, tmp_path):
+    """A run directory whose config was saved before ``target_ema`` existed trained against the student itself:
+    today's default (LCM's EMA target) would change it, so continuing it is refused by name, and continuing it with
+    ``target_ema: null`` is not."""
+    import yaml
+
+    from slimdit.distill.fewstep import StepsConfig
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    cfg = StepsConfig(teacher=tiny_teacher, out=str(tmp_path / "run"), method="consistency", steps=2,
+                      data={"real": "shapes-train:8"})
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved.pop("target_ema") == 0.95
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))  # as written before the field existed
+    (tmp_path / "run" / "rounds" / "00_2steps" / "checkpoints" / "step_0000001").mkdir(parents=True)  # work
+    with pytest.raises(ValueError, match="target_ema"):
+        check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+    check_run_dir(cfg.out, cfg.model_copy(update={"target_ema": None}), input_fingerprints(cfg))
+
+
+def test_step_generators_keep_the_schedulers_signature_and_hand_it_back():
+    """Pipelines read ``scheduler.step``'s signature to choose what to pass (``eta``, ``generator``): the seeding
+    wrapper keeps it, passes each image's generator, and leaves the scheduler as it was."""
+    import inspect
+
+    from diffusers import DDIMScheduler, FlowMatchLCMScheduler
+
+    from slimdit.pipelines.sampling import step_generators
+
+    ddim = DDIMScheduler()
+    with step_generators(ddim, [torch.Generator()]):
+        assert {"eta", "generator"} <= set(inspect.signature(ddim.step).parameters)
+    assert "step" not in vars(ddim)
+
+    lcm = FlowMatchLCMScheduler()
+    lcm.set_timesteps(2)
+    x = torch.zeros(2, 3, 4)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    with step_generators(lcm, gens):
+        out = lcm.step(torch.zeros_like(x), lcm.timesteps[0], x).prev_sample
+    want = torch.cat([torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+    assert torch.allclose(out, lcm.sigmas[1] * want)  # x0 = 0, so the step is its noise alone, image by image
+    assert "step" not in vars(lcm)

@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -70,6 +70,10 @@ def owned_settings(method: str) -> tuple[str, ...]:
 
 
 class StepsConfig(_Strict):
+    # what a run saved before a field existed did, where today's default differs (slimdit.identity): consistency
+    # runs before target_ema trained against the student itself
+    ABSENT_MEANS: ClassVar[dict] = {"target_ema": None}
+
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
     # the model the student starts from (default: the teacher), e.g. a compressed student that learns the original
@@ -112,7 +116,7 @@ class StepsConfig(_Strict):
     @model_validator(mode="after")
     def _halvings(self):
         if self.method == "consistency" and self.steps > self.solver_steps:
-            raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): LCMScheduler "
+            raise ValueError(f"steps ({self.steps}) must not exceed solver_steps ({self.solver_steps}): the student "
                              "samples on the training grid")
         if self.guidance_range is not None and not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
             raise ValueError(f"guidance_range {list(self.guidance_range)}: need 0 <= low <= high")
@@ -221,6 +225,10 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
         if cfg.guidance_range is not None and not cfg.guidance_range[0] <= w <= cfg.guidance_range[1]:
             raise ValueError(f"guidance {w} (the student's sampling default) lies outside guidance_range "
                              f"{list(cfg.guidance_range)}, where the student never learns")
+        if not isinstance(adapter.objective, DDPM) and cfg.solver_steps % cfg.steps:
+            raise ValueError(f"solver_steps ({cfg.solver_steps}) must be a multiple of steps ({cfg.steps}) for a flow "
+                             "teacher: FlowMatchLCMScheduler samples at sigmas 1, 1 - 1/steps, ..., which lie on the "
+                             "training grid (1, 1 - 1/solver_steps, ...) only then; 48 covers 1, 2, 4, 8 and 16 steps")
         n_train = len(adapter.objective.alphas_cumprod) if isinstance(adapter.objective, DDPM) else 0
         if n_train and n_train % cfg.solver_steps:  # else DDIM's grid and LCMScheduler's differ
             raise ValueError(f"solver_steps ({cfg.solver_steps}) must divide the teacher's {n_train} training "

@@ -75,6 +75,7 @@ def step_generators(scheduler, generators: list[torch.Generator]):
     student's, which noises each clean estimate again) draws image i's from ``generators[i]``, also where the
     pipeline does not pass its generator to the step (``FluxPipeline``), so the image still depends on its seed
     alone."""
+    import functools
     import inspect
 
     step = scheduler.step
@@ -82,16 +83,21 @@ def step_generators(scheduler, generators: list[torch.Generator]):
         yield
         return
 
+    @functools.wraps(step)  # keeps step's signature: pipelines read it to choose what to pass (eta, generator)
     def seeded(*args, **kwargs):
         if kwargs.get("generator") is None:
             kwargs["generator"] = generators
         return step(*args, **kwargs)
 
+    had, before = "step" in vars(scheduler), vars(scheduler).get("step")
     scheduler.step = seeded
     try:
         yield
     finally:
-        del scheduler.step  # the class's own again
+        if had:
+            scheduler.step = before
+        else:
+            del scheduler.step  # the class's own again
 
 
 def _call_params(pipe) -> set[str]:
