@@ -312,11 +312,9 @@ def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lc
     assert not np.array_equal(again[0], alone[0])  # another seed, another image
 
     bad = {**cfg, "teacher": tiny_teacher, "out": str(tmp_path / "bad")}  # w-conditioning, a CFG teacher
-    off = {**cfg, "solver_steps": 6, "steps": 4, "out": str(tmp_path / "off")}  # 4-step sigmas off a 6-point grid
-    for name, c in (("bad", bad), ("off", off)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
-        assert main(["steps", "--config", str(tmp_path / f"{name}.yaml")]) == 2
-        assert not (tmp_path / name / "cache").exists()
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["steps", "--config", str(tmp_path / "b.yaml")]) == 2
+    assert not (tmp_path / "bad" / "cache").exists()
     with pytest.raises(ValueError, match="target_ema.*method: consistency"):
         StepsConfig(out="x", method="progressive", target_ema=0.5)
     with pytest.raises(ValueError, match="guidance_range"):

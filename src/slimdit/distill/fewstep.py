@@ -225,10 +225,6 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
         if cfg.guidance_range is not None and not cfg.guidance_range[0] <= w <= cfg.guidance_range[1]:
             raise ValueError(f"guidance {w} (the student's sampling default) lies outside guidance_range "
                              f"{list(cfg.guidance_range)}, where the student never learns")
-        if not isinstance(adapter.objective, DDPM) and cfg.solver_steps % cfg.steps:
-            raise ValueError(f"solver_steps ({cfg.solver_steps}) must be a multiple of steps ({cfg.steps}) for a flow "
-                             "teacher: FlowMatchLCMScheduler samples at sigmas 1, 1 - 1/steps, ..., which lie on the "
-                             "training grid (1, 1 - 1/solver_steps, ...) only then; 48 covers 1, 2, 4, 8 and 16 steps")
         n_train = len(adapter.objective.alphas_cumprod) if isinstance(adapter.objective, DDPM) else 0
         if n_train and n_train % cfg.solver_steps:  # else DDIM's grid and LCMScheduler's differ
             raise ValueError(f"solver_steps ({cfg.solver_steps}) must divide the teacher's {n_train} training "
