@@ -519,6 +519,16 @@ def test_a_consistency_run_saved_before_target_ema_existed_reads_as_the_student_
         check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
     check_run_dir(cfg.out, cfg.model_copy(update={"target_ema": None}), input_fingerprints(cfg))
 
+    # a run of another method saved before the field existed continues as it is (the field is not its to change)
+    other = StepsConfig(teacher=tiny_teacher, out=str(tmp_path / "pd"), steps=2, start=4,
+                        data={"real": "shapes-train:8"})
+    check_run_dir(other.out, other, input_fingerprints(other))
+    saved = yaml.safe_load((tmp_path / "pd" / "config.yaml").read_text())
+    del saved["target_ema"]
+    (tmp_path / "pd" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "pd" / "rounds" / "00_8steps" / "checkpoints" / "step_0000001").mkdir(parents=True)
+    check_run_dir(other.out, other, input_fingerprints(other))
+
 
 def test_step_generators_keep_the_schedulers_signature_and_hand_it_back():
     """Pipelines read ``scheduler.step``'s signature to choose what to pass (``eta``, ``generator``): the seeding

@@ -70,15 +70,16 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _as_now(cfg: BaseModel, saved: dict, ignored: tuple[str, ...]) -> dict:
     """A saved config read by today's schema, as a config file is (its class's section defaults included), so that
-    a field added since it was saved counts as its default, not as a change; unless the class names it in
-    ``ABSENT_MEANS`` (what a saved run without the field did, where that is not today's default). The ``ignored``
+    a field added since it was saved counts as its default, not as a change; unless the class's ``absent_means(saved)``
+    names it (what a saved run without the field did, where that is not today's default). The ``ignored``
     fields (compared elsewhere, or free) are today's, so that a moved input cannot stop the reading; where today's
     schema refuses the saved config, it is compared as saved (its differences then name themselves)."""
     from slimdit.config import with_section_defaults
 
     merged = yaml.safe_load(yaml.safe_dump(saved))
-    if isinstance(merged, dict):  # a field added with a default other than what the saved run did (top level)
-        for key, then in getattr(type(cfg), "ABSENT_MEANS", {}).items():
+    absent = getattr(type(cfg), "absent_means", None)
+    if isinstance(merged, dict) and absent is not None:  # fields added with a default other than what it did
+        for key, then in absent(merged).items():
             merged.setdefault(key, then)
     now = cfg.model_dump(mode="json")
     for key in ignored:

@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -70,10 +70,6 @@ def owned_settings(method: str) -> tuple[str, ...]:
 
 
 class StepsConfig(_Strict):
-    # what a run saved before a field existed did, where today's default differs (slimdit.identity): consistency
-    # runs before target_ema trained against the student itself
-    ABSENT_MEANS: ClassVar[dict] = {"target_ema": None}
-
     teacher: str = "shapes-pixart"  # a model, or a student directory (a compressed student made few-step)
     _teacher = field_validator("teacher", mode="before")(_teacher_string)  # or {pipeline: ..., transformer: ...}
     # the model the student starts from (default: the teacher), e.g. a compressed student that learns the original
@@ -112,6 +108,12 @@ class StepsConfig(_Strict):
     train: TrainSection = TrainSection(steps=500, optimizer="adamw", lr=1e-4, warmup_steps=50, grad_clip=1.0,
                                        weight_decay=0.0, val_every=0, checkpoint_every=100, batch_size=32)
     eval: EvalSection = EvalSection()
+
+    @classmethod
+    def absent_means(cls, saved: dict) -> dict:
+        """What a run saved before a field existed did, where today's default differs (read by
+        :mod:`slimdit.identity`): consistency runs before ``target_ema`` trained against the student itself."""
+        return {"target_ema": None} if saved.get("method") == "consistency" else {}
 
     @model_validator(mode="after")
     def _halvings(self):
