@@ -33,7 +33,7 @@ import torch
 
 from slimdit.distill.losses import Batch
 from slimdit.distill.objectives import DDPM, RectifiedFlow
-from slimdit.distill.steps import deterministic_step, guided_prediction
+from slimdit.distill.steps import deterministic_step, group_conditions, guided_prediction
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default
@@ -91,19 +91,14 @@ class ConsistencyLoss:
         c_skip, c_out = boundary_scalings(t, x)
         return c_skip * x + c_out * x0
 
-    def _conditions(self, batch: Batch, b: int, dev) -> tuple[dict, dict | None, float]:
-        """The batch's conditioning as teacher and student see it, the CFG null, and the teacher's CFG scale."""
-        cond = batch.cond
-        if self.guidance_input:
-            if self.guidance_range is None:
-                w = torch.full((b,), float(self.guidance), device=dev)
-            else:
-                lo, hi = self.guidance_range
-                w = (lo + (hi - lo) * torch.rand(b, generator=batch.generator)).to(dev)
-            return {**cond, "guidance": w}, None, 1.0
-        if self.null is not None and self.guidance != 1:
-            return cond, {k: v.to(dev).expand(b, *v.shape[1:]) for k, v in self.null.items()}, self.guidance
-        return cond, None, 1.0
+    def _conditions(self, teacher, batch: Batch, b: int, dev) -> tuple[dict, dict | None]:
+        """The batch's conditioning as teacher and student see it (a guidance input, or the CFG null), with LCM's
+        w-conditioning's scale drawn per sample where a range is given."""
+        cond, null = group_conditions(self.adapter, teacher, batch.cond, self.null, self.guidance, 1, dev)
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            cond["guidance"] = (lo + (hi - lo) * torch.rand(b, generator=batch.generator)).to(dev)
+        return cond, null
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
@@ -112,10 +107,11 @@ class ConsistencyLoss:
         t, s = self.t[i].to(dev), self.s[i].to(dev)
         eps = torch.randn(x0.shape, generator=g).to(dev)
         xt, _ = obj.noise(x0, eps, t)
-        cond, null, w = self._conditions(batch, b, dev)
+        cond, null = self._conditions(teacher, batch, b, dev)
         target_net = self._target(student)
         with torch.no_grad():
-            xs = deterministic_step(obj, xt, guided_prediction(a, teacher, xt, t, cond, null, w), t, s).to(xt.dtype)
+            pred_t = guided_prediction(a, teacher, xt, t, cond, null, self.guidance)
+            xs = deterministic_step(obj, xt, pred_t, t, s).to(xt.dtype)
             with batch.autocast():  # at the prediction's precision, as LCM computes it
                 target = self.consistency(target_net, xs, s, cond)  # under stop-gradient
         with batch.autocast():
