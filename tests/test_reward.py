@@ -299,6 +299,29 @@ def test_draft_samples_with_the_deterministic_sampler_and_its_gradient_flows_thr
         _draft(adapter, data, grad_steps=5)
 
 
+def test_draft_tuned_steps_hold_the_later_steps_model_and_pass_the_gradient_through_their_input():
+    """With two graph-carrying steps, the whole gradient is the last step's own (grad_steps 1: its input detached)
+    plus what reaches the first step's model through the last step's input (tuned_steps 1)."""
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+
+    def grads(**kw):
+        student.zero_grad(set_to_none=True)
+        _draft(adapter, data, **kw)(student, teacher, _batch(data))["total"].backward()
+        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in student.named_parameters()}
+
+    whole, last, early = grads(grad_steps=2), grads(grad_steps=1), grads(grad_steps=2, tuned_steps=1)
+    assert all(torch.allclose(whole[n], last[n] + early[n], atol=1e-6, rtol=1e-4) for n in whole)
+    assert sum(float(g.abs().sum()) for g in early.values()) > 0
+    assert any(not torch.allclose(early[n], whole[n], atol=1e-6) for n in whole)
+    assert all(p.requires_grad for p in student.parameters())  # the held steps give the model back as it was
+    assert grads(grad_steps=2, tuned_steps=2).keys() == whole.keys()
+    assert all(torch.equal(a, b) for a, b in zip(grads(grad_steps=2, tuned_steps=2).values(), whole.values()))
+    with pytest.raises(ValueError, match="tuned_steps must lie in 1..grad_steps"):
+        _draft(adapter, data, grad_steps=2, tuned_steps=3)
+
+
 def _train_draft(tmp_path, steps, max_steps=None):
     return _train(tmp_path, steps, max_steps, make_loss=_draft)
 
@@ -403,6 +426,11 @@ def test_draft_configs_name_a_differentiable_reward():
         RewardConfig(out="x", method="draft", reward="shapes-embedder", sample_steps=4, grad_steps=5)
     assert RewardConfig(out="x", method="draft", reward="shapes-embedder").grad_steps == 1
     assert RewardConfig(out="x", method="draft", reward="shapes-embedder", sample_steps=1).sample_steps == 1
+    with pytest.raises(ValueError, match="tuned_steps"):
+        RewardConfig(out="x", method="draft", reward="shapes-embedder", grad_steps=2, tuned_steps=3)
+    with pytest.raises(ValueError, match="tuned_steps"):
+        RewardConfig(out="x", method="grpo", tuned_steps=1)
+    assert RewardConfig(out="x", method="draft", reward="shapes-embedder", grad_steps=4, tuned_steps=2).tuned_steps == 2
 
 
 def test_draft_tunes_a_one_step_student_through_its_one_step():

@@ -7,6 +7,12 @@ the few-step grid of :func:`slimdit.distill.steps.transitions`. The earlier step
 final latents with gradients, a differentiable reward scores the pixels, and the loss is the negative mean reward.
 The VAE and the reward model stay frozen: only the student moves.
 
+``tuned_steps`` (fewer than ``grad_steps``) tunes the model at the first graph-carrying steps alone: the later ones
+pass the reward's gradient back through their input but hold the model fixed, so the update changes what the
+early steps decide (layout, which objects and how many) and leaves the late, texture-setting steps as they were.
+This is ours: DRaFT trains every graph-carrying step, and DRTune (Wu et al. 2024) tunes early steps too but cuts the
+gradient through the inputs instead.
+
 An optional KL-like term keeps the student's prediction at the graph-carrying steps near the frozen reference's
 (the model before tuning), a guard against reward hacking that DRaFT itself leaves to early stopping.
 
@@ -40,11 +46,14 @@ class DraftLoss:
     guidance: float = 1.0  # CFG scale, or the guidance input of a guidance-distilled model
     group: int = 1  # images per prompt
     grad_steps: int = 1  # the last sampling steps the reward's gradient flows through
-    kl: float = 0.0  # weight of the prediction's squared distance to the reference's at those steps
+    kl: float = 0.0  # weight of the prediction's squared distance to the reference's at the tuned steps
+    tuned_steps: int | None = None  # the first graph-carrying steps whose model the update tunes; None: all of them
 
     def __post_init__(self):
         if not 1 <= self.grad_steps <= len(self.t):
             raise ValueError(f"grad_steps must lie in 1..{len(self.t)} (the sampler's steps), got {self.grad_steps}")
+        if self.tuned_steps is not None and not 1 <= self.tuned_steps <= self.grad_steps:
+            raise ValueError(f"tuned_steps must lie in 1..grad_steps ({self.grad_steps}), got {self.tuned_steps}")
 
     def sample(self, model, batch: Batch, teacher=None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """Final latents of a group per prompt (the last ``grad_steps`` steps carry a graph), their captions, and
@@ -58,15 +67,24 @@ class DraftLoss:
         shape = (batch.x0.shape[0] * self.group, *batch.x0.shape[1:])
         x = torch.randn(shape, generator=batch.generator).to(dev, dtype)
         first_grad = len(self.t) - self.grad_steps
+        tuned = self.grad_steps if self.tuned_steps is None else self.tuned_steps
+        params = [p for p in model.parameters() if p.requires_grad]
         drift = x.new_zeros((), dtype=torch.float32)
         for k, (t, s) in enumerate(zip(self.t, self.s)):
             tt, ss = t.expand(shape[0]).to(dev), s.expand(shape[0]).to(dev)
-            with torch.set_grad_enabled(k >= first_grad and torch.is_grad_enabled()), batch.autocast():
-                pred = batched_guided_prediction(a, model, x, tt, cond, null, self.guidance).float()
-            if k >= first_grad and teacher is not None and self.kl:
+            held = k >= first_grad + tuned  # the gradient passes through this step's input; its model is held
+            try:
+                for p in params if held else ():
+                    p.requires_grad_(False)
+                with torch.set_grad_enabled(k >= first_grad and torch.is_grad_enabled()), batch.autocast():
+                    pred = batched_guided_prediction(a, model, x, tt, cond, null, self.guidance).float()
+            finally:
+                for p in params if held else ():
+                    p.requires_grad_(True)
+            if first_grad <= k < first_grad + tuned and teacher is not None and self.kl:
                 with torch.no_grad(), batch.autocast():
                     ref = batched_guided_prediction(a, teacher, x, tt, cond, null, self.guidance).float()
-                drift = drift + ((pred - ref) ** 2).mean() / self.grad_steps
+                drift = drift + ((pred - ref) ** 2).mean() / tuned
             x = deterministic_step(obj, x.float(), pred, tt, ss).to(dtype)
         captions = [self.captions[int(i)] for i in batch.index.repeat_interleave(self.group)]
         return x, captions, drift

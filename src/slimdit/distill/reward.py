@@ -45,6 +45,9 @@ class RewardConfig(_Strict):
     eta: float = Field(1.0, gt=0, le=1)  # the sampler's stochasticity (DDIM's eta; above 1 it is no posterior)
     train_steps: int | None = Field(4, ge=1)  # stochastic steps each update trains on; None: all
     grad_steps: int = Field(1, ge=1)  # draft: the sampler's last steps the reward's gradient flows through
+    # draft: the first of those steps whose model the update tunes (the later ones pass the gradient through their
+    # input, the model held); None: all of them (DRaFT)
+    tuned_steps: int | None = Field(None, ge=1)
     kl: float = Field(0.04, ge=0)  # weight of the KL (draft, raft: prediction distance) to the model before tuning
     keep: int = Field(1, ge=1)  # raft: the best images of each group kept (at most)
     threshold: float | None = None  # raft, dpo: the reward a kept (preferred) image must reach (None: any)
@@ -71,6 +74,9 @@ class RewardConfig(_Strict):
             raise ValueError(f"keep ({self.keep}) exceeds the group ({self.group})")
         if self.method == "draft" and self.grad_steps > self.sample_steps:
             raise ValueError(f"grad_steps ({self.grad_steps}) exceeds the sampler's {self.sample_steps} steps")
+        if self.tuned_steps is not None and (self.method != "draft" or self.tuned_steps > self.grad_steps):
+            raise ValueError(f"tuned_steps ({self.tuned_steps}) belongs to method draft and must not exceed "
+                             f"grad_steps ({self.grad_steps})")
         if self.train.caption_dropout:
             raise ValueError("train.caption_dropout must be 0 for reward tuning: the reward judges the caption the "
                              "images were sampled for")
@@ -102,7 +108,7 @@ def _draft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
     from slimdit.distill.draft import DraftLoss
 
     return DraftLoss(adapter, captions, reward, lambda z: decode_images(pipe, z), t, s, null=null, guidance=w,
-                     group=cfg.group, grad_steps=cfg.grad_steps, kl=cfg.kl)
+                     group=cfg.group, grad_steps=cfg.grad_steps, kl=cfg.kl, tuned_steps=cfg.tuned_steps)
 
 
 def _raft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
