@@ -7,10 +7,11 @@ the few-step grid of :func:`slimdit.distill.steps.transitions`. The earlier step
 final latents with gradients, a differentiable reward scores the pixels, and the loss is the negative mean reward.
 The VAE and the reward model stay frozen: only the student moves.
 
-``tuned_steps`` (fewer than ``grad_steps``) tunes the model at the first graph-carrying steps alone: the later ones
-pass the reward's gradient back through their input but hold the model fixed, so the update changes what the
-early steps decide (layout, which objects and how many) and leaves the late, texture-setting steps as they were.
-This is ours: DRaFT trains every graph-carrying step, and DRTune (Wu et al. 2024) tunes early steps too but cuts the
+``tuned_steps`` (fewer than ``grad_steps``) takes the update from the first graph-carrying steps alone: the later
+ones pass the reward's gradient back through their input but hold the model, so only what the early predictions
+(layout: which objects, how many) should change moves the weights; the late, texture-setting steps' own gradients
+are left out. The weights are shared by all steps, so the late steps still change through them. slimdit's own
+variant: DRaFT trains every graph-carrying step, and DRTune (Wu et al. 2024) tunes early steps too but cuts the
 gradient through the inputs instead.
 
 An optional KL-like term keeps the student's prediction at the graph-carrying steps near the frozen reference's
