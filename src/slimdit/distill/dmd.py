@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimdit.distill.losses import Batch
+from slimdit.distill.losses import Batch, held
 from slimdit.distill.steps import (
     average_gradients,
     batched_guided_prediction,
@@ -191,15 +191,8 @@ class DMDLoss:
         weights, held fixed (no gradient reaches them or the head; they took this update's steps already)."""
         cond, _ = self._conditions(batch, self.fake)
         xt, _, t = self._noised(x0, batch.generator)
-        trained = self._trained()
-        flags = [p.requires_grad for p in trained]
-        for p in trained:
-            p.requires_grad_(False)
-        try:
+        with held(self._trained()):
             _, logits = self._predict(xt, t, cond, batch)
-        finally:
-            for p, f in zip(trained, flags):
-                p.requires_grad_(f)
         return F.softplus(-logits).mean()
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

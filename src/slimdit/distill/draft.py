@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimdit.distill.losses import Batch
+from slimdit.distill.losses import Batch, held
 from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
 
 # (captions, images (N, 3, H, W) in [-1, 1], carrying gradients) -> (N,) rewards, differentiable, higher is better
@@ -69,19 +69,12 @@ class DraftLoss:
         x = torch.randn(shape, generator=batch.generator).to(dev, dtype)
         first_grad = len(self.t) - self.grad_steps
         tuned = self.grad_steps if self.tuned_steps is None else self.tuned_steps
-        params = [p for p in model.parameters() if p.requires_grad]
         drift = x.new_zeros((), dtype=torch.float32)
         for k, (t, s) in enumerate(zip(self.t, self.s)):
             tt, ss = t.expand(shape[0]).to(dev), s.expand(shape[0]).to(dev)
-            held = k >= first_grad + tuned  # the gradient passes through this step's input; its model is held
-            try:
-                for p in params if held else ():
-                    p.requires_grad_(False)
-                with torch.set_grad_enabled(k >= first_grad and torch.is_grad_enabled()), batch.autocast():
-                    pred = batched_guided_prediction(a, model, x, tt, cond, null, self.guidance).float()
-            finally:
-                for p in params if held else ():
-                    p.requires_grad_(True)
+            hold = model.parameters() if k >= first_grad + tuned else ()  # the gradient passes through the input only
+            with held(hold), torch.set_grad_enabled(k >= first_grad and torch.is_grad_enabled()), batch.autocast():
+                pred = batched_guided_prediction(a, model, x, tt, cond, null, self.guidance).float()
             if first_grad <= k < first_grad + tuned and teacher is not None and self.kl:
                 with torch.no_grad(), batch.autocast():
                     ref = batched_guided_prediction(a, teacher, x, tt, cond, null, self.guidance).float()

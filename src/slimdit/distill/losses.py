@@ -3,8 +3,8 @@ per-unit normalisation of eq. 4.11-4.14, and the five presets of thesis section 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -137,3 +137,18 @@ class KDLoss:
         weights = dict(p.group_weights)
         w = [weights.get(u.partition(".")[0], 1.0) for u in t_units for _ in streams]
         return kd_loss(p, task_i, t_out, s_out, a.features(tf, t_units, streams), a.features(sf, s_units, streams), w)
+
+
+@contextmanager
+def held(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block ``params`` take no gradient (a graph through them still reaches their inputs); their
+    ``requires_grad`` flags come back as they were."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)

@@ -5,6 +5,7 @@ Image i depends only on (prompt i, seed i), never on how prompts are batched.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -75,7 +76,6 @@ def step_generators(scheduler, generators: list[torch.Generator]):
     student's, which noises each clean estimate again) draws image i's from ``generators[i]``, also where the
     pipeline does not pass its generator to the step (``FluxPipeline``), so the image still depends on its seed
     alone."""
-    import functools
     import inspect
 
     step = scheduler.step
