@@ -304,12 +304,13 @@ def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lc
         both = sampler.generate(["a red circle", "two blue squares"], [0, 1], progress=False)
         alone = sampler.generate(["two blue squares"], [1], progress=False)
         assert sampler.pipe.scheduler.num_inference_steps == n
-        assert np.array_equal(both[1], alone[0])
+        # the same image up to one grey level: batched and single matrix products round differently on some thread counts
+        assert np.abs(both[1].astype(int) - alone[0].astype(int)).max() <= 1
     card = (run / "student" / "README.md").read_text()
     assert "FlowMatchLCMScheduler saved beside it" in card and "8-point Euler trajectories" in card
     assert f"trained at every scale in [1.0, {w + 1}]" in card
     again = load_sampler(student, steps=4).generate(["two blue squares"], [2], progress=False)
-    assert not np.array_equal(again[0], alone[0])  # another seed, another image
+    assert np.abs(again[0].astype(int) - alone[0].astype(int)).max() > 1  # another seed, another image
 
     bad = {**cfg, "teacher": tiny_teacher, "out": str(tmp_path / "bad")}  # w-conditioning, a CFG teacher
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
