@@ -322,6 +322,33 @@ def test_draft_tuned_steps_hold_the_later_steps_model_and_pass_the_gradient_thro
         _draft(adapter, data, grad_steps=2, tuned_steps=3)
 
 
+def test_draft_data_weight_adds_the_models_denoising_loss_on_the_training_images():
+    """ReFL's guard: ``total`` gains ``data_weight`` times the model's denoising loss on the batch's clean latents,
+    drawn after the sampling noise from the batch's generator; a reward without gradient leaves that term's."""
+    from slimdit.distill.losses import per_sample_mse
+
+    teacher = tiny()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    adapter, data = adapter_for(student, V), _data()
+
+    def flat(captions, images):  # a reward with no gradient
+        return images.mean((1, 2, 3)).detach()
+
+    out = _draft(adapter, data, reward=flat, data_weight=0.5)(student, teacher, _batch(data))
+    assert torch.allclose(out["total"], -out["reward"] + 0.5 * out["data"])
+    out["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+    b, obj = _batch(data), adapter.objective
+    _draft(adapter, data).sample(student, b)  # the sampler draws its noise first
+    eps = torch.randn(b.x0.shape, generator=b.generator)
+    t = obj.sample_t(b.x0.shape[0], b.generator, adapter.image_tokens(student, b.x0))
+    xt, target = obj.noise(b.x0, eps, t)
+    with torch.no_grad():
+        want = per_sample_mse(adapter.prediction(student, adapter.predict(student, xt, t, b.cond)), target).mean()
+    assert torch.allclose(out["data"], want, rtol=1e-5)
+    assert "data" not in _draft(adapter, data)(student, teacher, _batch(data))  # off by default
+
+
 def _train_draft(tmp_path, steps, max_steps=None):
     return _train(tmp_path, steps, max_steps, make_loss=_draft)
 
@@ -430,6 +457,9 @@ def test_draft_configs_name_a_differentiable_reward():
         RewardConfig(out="x", method="draft", reward="shapes-embedder", grad_steps=2, tuned_steps=3)
     with pytest.raises(ValueError, match="tuned_steps"):
         RewardConfig(out="x", method="grpo", tuned_steps=1)
+    with pytest.raises(ValueError, match="data_weight .* belongs to method draft"):
+        RewardConfig(out="x", method="grpo", data_weight=1.0)
+    assert RewardConfig(out="x", method="draft", reward="shapes-embedder", data_weight=1.0).data_weight == 1.0
     assert RewardConfig(out="x", method="draft", reward="shapes-embedder", grad_steps=4, tuned_steps=2).tuned_steps == 2
 
 

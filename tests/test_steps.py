@@ -304,7 +304,7 @@ def test_slimdit_steps_consistency_on_a_flux_pipeline_samples_with_flow_match_lc
         both = sampler.generate(["a red circle", "two blue squares"], [0, 1], progress=False)
         alone = sampler.generate(["two blue squares"], [1], progress=False)
         assert sampler.pipe.scheduler.num_inference_steps == n
-        # the same image up to one grey level: batched and single matrix products round differently on some thread counts
+        # the same image up to one grey level: batched and single products round differently at some thread counts
         assert np.abs(both[1].astype(int) - alone[0].astype(int)).max() <= 1
     card = (run / "student" / "README.md").read_text()
     assert "FlowMatchLCMScheduler saved beside it" in card and "8-point Euler trajectories" in card

@@ -15,7 +15,11 @@ variant: DRaFT trains every graph-carrying step, and DRTune (Wu et al. 2024) tun
 gradient through the inputs instead.
 
 An optional KL-like term keeps the student's prediction at the graph-carrying steps near the frozen reference's
-(the model before tuning), a guard against reward hacking that DRaFT itself leaves to early stopping.
+(the model before tuning), a guard against reward hacking that DRaFT itself leaves to early stopping. An optional
+data term (``data_weight``) adds the model's own denoising loss on the batch's training images, ReFL's guard (its
+"pre-training loss"): where the KL holds every prediction where it was, the data term only pulls the images back
+toward the data, so what the reward corrects (a count, a colour) may move while a drift away from the data is
+resisted. A guidance-distilled model takes guidance 1 there (its unguided prediction, the one the data defines).
 
 A loss callable of the trainer's shape: the trainer gives it the drawn prompts' rows (``batch.index``) and their
 conditioning; the clean latents of the batch only give the latent shape.
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimdit.distill.losses import Batch, held
+from slimdit.distill.losses import Batch, held, per_sample_mse
 from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
 
 # (captions, images (N, 3, H, W) in [-1, 1], carrying gradients) -> (N,) rewards, differentiable, higher is better
@@ -49,6 +53,7 @@ class DraftLoss:
     grad_steps: int = 1  # the last sampling steps the reward's gradient flows through
     kl: float = 0.0  # weight of the prediction's squared distance to the reference's at the tuned steps
     tuned_steps: int | None = None  # the first graph-carrying steps whose model the update tunes; None: all of them
+    data_weight: float = 0.0  # weight of the denoising loss on the batch's training images (ReFL's guard)
 
     def __post_init__(self):
         if not 1 <= self.grad_steps <= len(self.t):
@@ -83,11 +88,28 @@ class DraftLoss:
         captions = [self.captions[int(i)] for i in batch.index.repeat_interleave(self.group)]
         return x, captions, drift
 
+    def data_loss(self, model, batch: Batch) -> torch.Tensor:
+        """The model's denoising loss on the batch's clean training latents, at drawn timesteps and noise, unguided."""
+        a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
+        inner = getattr(model, "module", model)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = obj.sample_t(x0.shape[0], g, a.image_tokens(inner, x0)).to(x0.device)
+        xt, target = obj.noise(x0, eps, t)
+        cond, _ = group_conditions(a, inner, batch.cond, None, 1.0, 1, x0.device)
+        with batch.autocast():
+            pred = a.prediction(inner, a.predict(model, xt, t, cond)).float()
+        return per_sample_mse(pred, target.float()).mean()
+
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x, captions, drift = self.sample(student, batch, teacher)
         rewards = self.reward(captions, self.decode(x))
         if rewards.shape != (x.shape[0],):
             raise ValueError(f"the reward returned shape {tuple(rewards.shape)} for {x.shape[0]} images")
         total = -rewards.mean() + self.kl * drift
-        return {"total": total, "kl": drift.detach(), "reward": rewards.detach().mean(),
-                "reward_std": rewards.detach().std(unbiased=False)}
+        terms = {"kl": drift.detach(), "reward": rewards.detach().mean(),
+                 "reward_std": rewards.detach().std(unbiased=False)}
+        if self.data_weight:
+            data = self.data_loss(student, batch)
+            total = total + self.data_weight * data
+            terms["data"] = data.detach()
+        return {"total": total, **terms}

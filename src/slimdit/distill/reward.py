@@ -48,6 +48,8 @@ class RewardConfig(_Strict):
     # draft: the first of those steps whose model the update tunes (the later ones pass the gradient through their
     # input, the model held); None: all of them (DRaFT)
     tuned_steps: int | None = Field(None, ge=1)
+    # draft: weight of the denoising loss on the training images (ReFL's guard against drifting from the data)
+    data_weight: float = Field(0.0, ge=0)
     kl: float = Field(0.04, ge=0)  # weight of the KL (draft, raft: prediction distance) to the model before tuning
     keep: int = Field(1, ge=1)  # raft: the best images of each group kept (at most)
     threshold: float | None = None  # raft, dpo: the reward a kept (preferred) image must reach (None: any)
@@ -77,6 +79,8 @@ class RewardConfig(_Strict):
         if self.tuned_steps is not None and (self.method != "draft" or self.tuned_steps > self.grad_steps):
             raise ValueError(f"tuned_steps ({self.tuned_steps}) belongs to method draft and must not exceed "
                              f"grad_steps ({self.grad_steps})")
+        if self.data_weight and self.method != "draft":
+            raise ValueError(f"data_weight ({self.data_weight}) belongs to method draft, not {self.method}")
         if self.train.caption_dropout:
             raise ValueError("train.caption_dropout must be 0 for reward tuning: the reward judges the caption the "
                              "images were sampled for")
@@ -108,7 +112,8 @@ def _draft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
     from slimdit.distill.draft import DraftLoss
 
     return DraftLoss(adapter, captions, reward, lambda z: decode_images(pipe, z), t, s, null=null, guidance=w,
-                     group=cfg.group, grad_steps=cfg.grad_steps, kl=cfg.kl, tuned_steps=cfg.tuned_steps)
+                     group=cfg.group, grad_steps=cfg.grad_steps, kl=cfg.kl, tuned_steps=cfg.tuned_steps,
+                     data_weight=cfg.data_weight)
 
 
 def _raft(cfg: RewardConfig, reward, adapter, captions, pipe, t, s, null, w):
