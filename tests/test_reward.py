@@ -16,6 +16,7 @@ from slimdit.distill.objectives import objective_for
 from slimdit.distill.steps import deterministic_step, stochastic_step, student_scheduler, transitions
 from slimdit.models import adapter_for
 from tests.test_compress import tiny
+from tests.test_flux import FLOW, flux_data, tiny_flux
 from tests.test_steps import STATIC_FLOW, V
 from tests.test_trainer import SCHED, _data
 
@@ -322,31 +323,45 @@ def test_draft_tuned_steps_hold_the_later_steps_model_and_pass_the_gradient_thro
         _draft(adapter, data, grad_steps=2, tuned_steps=3)
 
 
-def test_draft_data_weight_adds_the_models_denoising_loss_on_the_training_images():
+@pytest.mark.parametrize("flux", [False, True], ids=["pixart-cfg", "flux-guidance"])
+def test_draft_data_weight_adds_the_models_denoising_loss_on_the_training_images(flux):
     """ReFL's guard: ``total`` gains ``data_weight`` times the model's denoising loss on the batch's clean latents,
-    drawn after the sampling noise from the batch's generator; a reward without gradient leaves that term's."""
+    drawn after the sampling noise from the batch's generator, unguided (a guidance-distilled model at guidance 1);
+    a reward without gradient leaves that term's gradient."""
+    from slimdit.distill.draft import DraftLoss
     from slimdit.distill.losses import per_sample_mse
 
-    teacher = tiny()
+    teacher, sched, data = (tiny_flux(1, 1), FLOW, flux_data(4)) if flux else (tiny(), V, _data())
     student = copy.deepcopy(teacher).requires_grad_(True)
-    adapter, data = adapter_for(student, V), _data()
+    adapter = adapter_for(student, sched)
+    t, s = transitions(sched, 4, adapter.image_tokens(student, data.latents[:1]))
 
     def flat(captions, images):  # a reward with no gradient
         return images.mean((1, 2, 3)).detach()
 
-    out = _draft(adapter, data, reward=flat, data_weight=0.5)(student, teacher, _batch(data))
+    def loss(**kw):
+        return DraftLoss(adapter, [f"prompt {i}" for i in range(len(data))], flat, lambda z: z[:, :3].clamp(-1, 1),
+                         t, s, null=data.null, guidance=2.0, group=2, grad_steps=2, **kw)
+
+    out = loss(data_weight=0.5)(student, teacher, _batch(data))
     assert torch.allclose(out["total"], -out["reward"] + 0.5 * out["data"])
     out["total"].backward()
     assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
     b, obj = _batch(data), adapter.objective
-    _draft(adapter, data).sample(student, b)  # the sampler draws its noise first
+    loss().sample(student, b)  # the sampler draws its noise first
     eps = torch.randn(b.x0.shape, generator=b.generator)
-    t = obj.sample_t(b.x0.shape[0], b.generator, adapter.image_tokens(student, b.x0))
-    xt, target = obj.noise(b.x0, eps, t)
-    with torch.no_grad():
-        want = per_sample_mse(adapter.prediction(student, adapter.predict(student, xt, t, b.cond)), target).mean()
-    assert torch.allclose(out["data"], want, rtol=1e-5)
-    assert "data" not in _draft(adapter, data)(student, teacher, _batch(data))  # off by default
+    tt = obj.sample_t(b.x0.shape[0], b.generator, adapter.image_tokens(student, b.x0))
+    xt, target = obj.noise(b.x0, eps, tt)
+
+    def error(cond):
+        with torch.no_grad():
+            return per_sample_mse(adapter.prediction(student, adapter.predict(student, xt, tt, cond)), target).mean()
+
+    unguided = {**b.cond, "guidance": torch.ones(2)} if flux else b.cond
+    assert torch.allclose(out["data"], error(unguided), rtol=1e-5)
+    if flux:  # the guidance input matters, and the term takes 1
+        assert not torch.allclose(out["data"], error({**b.cond, "guidance": torch.full((2,), 2.0)}), rtol=1e-3)
+    assert "data" not in loss()(student, teacher, _batch(data))  # off by default
 
 
 def _train_draft(tmp_path, steps, max_steps=None):

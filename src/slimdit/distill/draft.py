@@ -22,7 +22,7 @@ toward the data, so what the reward corrects (a count, a colour) may move while 
 resisted. A guidance-distilled model takes guidance 1 there (its unguided prediction, the one the data defines).
 
 A loss callable of the trainer's shape: the trainer gives it the drawn prompts' rows (``batch.index``) and their
-conditioning; the clean latents of the batch only give the latent shape.
+conditioning; the clean latents of the batch give the latent shape, and the data term's images.
 """
 
 from __future__ import annotations
