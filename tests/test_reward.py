@@ -326,8 +326,8 @@ def test_draft_tuned_steps_hold_the_later_steps_model_and_pass_the_gradient_thro
 @pytest.mark.parametrize("flux", [False, True], ids=["pixart-cfg", "flux-guidance"])
 def test_draft_data_weight_adds_the_models_denoising_loss_on_the_training_images(flux):
     """ReFL's guard: ``total`` gains ``data_weight`` times the model's denoising loss on the batch's clean latents,
-    drawn after the sampling noise from the batch's generator, unguided (a guidance-distilled model at guidance 1);
-    a reward without gradient leaves that term's gradient."""
+    drawn after the sampling noise from the batch's generator (time, then noise: steps.renoise), unguided (a
+    guidance-distilled model at guidance 1); a reward without gradient leaves that term's gradient."""
     from slimdit.distill.draft import DraftLoss
     from slimdit.distill.losses import per_sample_mse
 
@@ -349,8 +349,8 @@ def test_draft_data_weight_adds_the_models_denoising_loss_on_the_training_images
     assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
     b, obj = _batch(data), adapter.objective
     loss().sample(student, b)  # the sampler draws its noise first
-    eps = torch.randn(b.x0.shape, generator=b.generator)
     tt = obj.sample_t(b.x0.shape[0], b.generator, adapter.image_tokens(student, b.x0))
+    eps = torch.randn(b.x0.shape, generator=b.generator)
     xt, target = obj.noise(b.x0, eps, tt)
 
     def error(cond):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from slimdit.distill.losses import Batch, held, per_sample_mse
-from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions
+from slimdit.distill.steps import batched_guided_prediction, deterministic_step, group_conditions, renoise
 
 # (captions, images (N, 3, H, W) in [-1, 1], carrying gradients) -> (N,) rewards, differentiable, higher is better
 DifferentiableReward = Callable[[list[str], torch.Tensor], torch.Tensor]
@@ -90,11 +90,9 @@ class DraftLoss:
 
     def data_loss(self, model, batch: Batch) -> torch.Tensor:
         """The model's denoising loss on the batch's clean training latents, at drawn timesteps and noise, unguided."""
-        a, obj, x0, g = self.adapter, self.adapter.objective, batch.x0, batch.generator
+        a, x0 = self.adapter, batch.x0
         inner = getattr(model, "module", model)
-        eps = torch.randn(x0.shape, generator=g).to(x0.device)
-        t = obj.sample_t(x0.shape[0], g, a.image_tokens(inner, x0)).to(x0.device)
-        xt, target = obj.noise(x0, eps, t)
+        xt, target, t = renoise(a.objective, x0, batch.generator, a.image_tokens(inner, x0))
         cond, _ = group_conditions(a, inner, batch.cond, None, 1.0, 1, x0.device)
         with batch.autocast():
             pred = a.prediction(inner, a.predict(model, xt, t, cond)).float()
