@@ -121,3 +121,64 @@ def test_a_cfg_scale_below_one_is_refused_before_anything_is_cached(tiny_teacher
     assert not (tmp_path / "r" / "cache").exists()
     flux = load_pipeline(str(tiny_flux_pipeline), "cpu").transformer  # guidance-embedded
     check_cfg_scale(adapter_for(flux), flux, 0.5, "flux")  # its input, not CFG: allowed
+
+
+def test_a_pair_reward_keeps_the_pairs_it_passes_row_for_row_and_keeping_all_trains_as_without(tiny_teacher,
+                                                                                                 monkeypatch, tmp_path):
+    """Rejection sampling of the teacher's pairs: the kept rows are the passing captions' noise, sample and text
+    conditioning, in order; the scores are computed once (a continued run reads them back); a reward that passes
+    every pair trains exactly as no reward does; a config that cannot use it is refused by name."""
+    import json
+
+    from slimdit import registry
+    from slimdit.distill.fewstep import StepsConfig, run_steps
+    from slimdit.distill.pair_reward import kept_pairs
+    from slimdit.distill.trainer import Conditioning
+    from slimdit.models.storage import load_model
+
+    calls = []
+
+    def squares(captions, images):  # passes the captions that ask for squares
+        calls.append(len(captions))
+        assert images.dtype.name == "uint8" and images.shape[0] == len(captions) and images.shape[-1] == 3
+        return [float("square" in c) for c in captions]
+
+    monkeypatch.setitem(registry.REWARDS, "test-squares", lambda: squares)
+    monkeypatch.setitem(registry.REWARDS, "test-all", lambda: lambda captions, images: [1.0] * len(captions))
+    cfg = {"teacher": tiny_teacher, "method": "direct", "steps": 1, "pair_steps": 2, "data": {"real": "shapes-train:8"},
+           "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "caption_dropout": 0.0, "checkpoint_every": 100},
+           "eval": {"benchmark": None, "bench": False}}
+    run = run_steps(StepsConfig(**cfg, out=str(tmp_path / "squares"), pair_reward="test-squares"), progress=False)
+    kept = json.loads((run / "pairs" / "kept.json").read_text())
+    assert kept == {"reward": "test-squares", "min": 1.0, "kept": 3, "of": 8}  # rows 0, 4 and 6 ask for squares
+    assert json.loads((run / "pairs" / "reward-test-squares.json").read_text())["scores"] == [1, 0, 0, 0, 1, 0, 1, 0]
+    scored = sum(calls)
+    run_steps(StepsConfig(**cfg, out=str(tmp_path / "squares"), pair_reward="test-squares"), progress=False)
+    assert sum(calls) == scored == 8  # the continued run read the scores back
+    assert json.loads((run / "summary.json").read_text())["pairs_kept"] == kept
+
+    # row for row: the kept view holds the passing rows' noise, sample and conditioning
+    noise, x0 = torch.randn(5, 2), torch.randn(5, 3)
+    cond = {"text": torch.arange(5 * 4.0).view(5, 4)}
+    n, data, count = kept_pairs(noise, Conditioning(x0, cond, {"text": torch.zeros(1, 4)}),
+                                torch.tensor([0.2, 1.0, 0.9, 1.0, 0.0]), 0.9)
+    assert count == len(data) == 3 and torch.equal(n, noise[[1, 2, 3]]) and torch.equal(data.latents, x0[[1, 2, 3]])
+    assert torch.equal(data.take(torch.tensor([2, 0]))["text"], cond["text"][[3, 1]])
+    with pytest.raises(ValueError, match="no pair's sample scores at least 2"):
+        kept_pairs(noise, Conditioning(x0, cond, {}), torch.ones(5), 2.0)
+
+    # a reward that passes every pair changes nothing
+    plain = run_steps(StepsConfig(**cfg, out=str(tmp_path / "plain")), progress=False)
+    every = run_steps(StepsConfig(**cfg, out=str(tmp_path / "all"), pair_reward="test-all"), progress=False)
+    a, b = (load_model(r / "student" / "transformer").state_dict() for r in (plain, every))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    squares_model = load_model(run / "student" / "transformer").state_dict()
+    assert not all(torch.equal(a[k], squares_model[k]) for k in a)  # fewer rows, other batches
+
+    with pytest.raises(ValueError, match="pair_reward filters the teacher's pairs"):
+        StepsConfig(**{**cfg, "method": "ladd"}, out="x", pair_reward="test-all")
+    with pytest.raises(ValueError, match="unknown pair_reward 'nope'"):
+        StepsConfig(**cfg, out="x", pair_reward="nope")
+    with pytest.raises(ValueError, match="pair_reward_min set without pair_reward"):
+        StepsConfig(**cfg, out="x", pair_reward_min=0.5)
+    StepsConfig(**{**cfg, "method": "dmd2"}, regression_weight=0.5, out="x", pair_reward="test-all")  # DMD1's pairs

@@ -9,7 +9,8 @@ too. ``method: reflow`` (flow teachers,
 :mod:`slimdit.distill.reflow`): the teacher's ODE pairs (noise, sample), then velocity regression on the straight
 line between them; the student keeps the Euler scheduler, at ``steps``. ``method: direct``
 (:mod:`slimdit.distill.direct`, any teacher): the same pairs, and the student's whole ``steps``-step sampler from
-each pair's noise regressed onto its sample. ``method: dmd2``
+each pair's noise regressed onto its sample; with ``pair_reward``, only the pairs whose sample the reward passes
+(:mod:`slimdit.distill.pair_reward`). ``method: dmd2``
 (:mod:`slimdit.distill.dmd`): distribution matching against the teacher's score with a fake score trained beside
 the student, on the student's own ``steps``-step grid. ``method: ladd`` (:mod:`slimdit.distill.ladd`): adversarial
 distillation with the frozen teacher's features as the discriminator, on the same grid. Each method is a loss
@@ -96,6 +97,10 @@ class StepsConfig(_Strict):
     gan_unit: str | None = None  # dmd2: the unit whose features the GAN head reads (default: the middle one)
     # dmd2: DMD1's regression of the student's sampler onto the teacher's (noise, sample) pairs (0: none, DMD2's form)
     regression_weight: float = Field(0.0, ge=0)
+    # reflow, direct, dmd2's regression: keep only the teacher's pairs whose sample this reward
+    # (slimdit.registry.REWARDS, on its training caption) scores at least pair_reward_min (None: every pair)
+    pair_reward: str | None = None
+    pair_reward_min: float = 1.0
     disc_lr: float | None = Field(None, gt=0)  # ladd: the discriminator heads' learning rate (default: train.lr)
     disc_units: list[str] | None = None  # ladd: the teacher's units the heads read (default: every unit)
     refine: RefineSection | None = None  # progressive: a DMD2 or LADD round after the halvings (None: none)
@@ -148,6 +153,17 @@ class StepsConfig(_Strict):
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
         on_pairs = self.method in ("reflow", "direct")  # trains on the teacher's (noise, sample) pairs
+        if self.pair_reward is not None:
+            from slimdit import registry
+
+            if not (on_pairs or self.regression_weight):
+                raise ValueError(f"pair_reward filters the teacher's pairs, which method: {self.method} does not "
+                                 "train on (method: reflow or direct, or dmd2 with regression_weight > 0)")
+            if self.pair_reward not in registry.REWARDS:
+                raise ValueError(f"unknown pair_reward {self.pair_reward!r}; registered: "
+                                 f"{', '.join(registry.REWARDS) or 'none'}")
+        elif self.pair_reward_min != type(self).model_fields["pair_reward_min"].default:
+            raise ValueError("pair_reward_min set without pair_reward: no pair is scored, so it would be ignored")
         if (on_pairs or self.regression_weight) and self.train.caption_dropout:
             what = f"method: {self.method}" if on_pairs else "regression_weight > 0"
             raise ValueError(f"{what} needs train.caption_dropout: 0 (each pair belongs to its caption)")
@@ -259,7 +275,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             teacher = original if refining else teacher
             ctx = _Round(cfg, adapter, teacher, data, sched_config, tokens, w, guided_input, n,
                          data.null if ((i == 0 or refining) and not guided_input and w != 1) else None, run, state,
-                         defaults, progress)
+                         defaults, progress, pipe, list(real.captions))
             loss, train_data = LOSSES[method](ctx)
             train = {**cfg.train.model_dump(), "betas": tuple(cfg.train.betas), "eps": tuple(cfg.train.eps)}
             if refining:
@@ -293,6 +309,8 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                "refine": cfg.refine.model_dump() if cfg.refine is not None else None,
                "teacher_steps": defaults["num_inference_steps"],
                "rounds": [read_json(d) for d in sorted((run / "rounds").glob("*/done.json"))]}
+    if (run / "pairs" / "kept.json").exists():
+        summary["pairs_kept"] = read_json(run / "pairs" / "kept.json")
     if cfg.eval.benchmark:
         summary.update(_evaluate(cfg, run))
     if cfg.eval.bench:
@@ -350,6 +368,8 @@ class _Round:
     state: object  # accelerate's PartialState
     defaults: dict  # the teacher's sampling defaults
     progress: bool
+    pipe: object = None  # the teacher's pipeline (its VAE decodes the pairs a pair_reward scores)
+    captions: list[str] | None = None  # the data's captions, row for row
 
 
 def _progressive(r: _Round):
@@ -385,7 +405,18 @@ def _pairs(r: _Round):
                   part=(r.state.process_index, r.state.num_processes))
     r.state.wait_for_everyone()
     noise, x0 = teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=False)
-    return noise, Conditioning(x0, r.data.cond, r.data.null)
+    data = Conditioning(x0, r.data.cond, r.data.null)
+    if r.cfg.pair_reward is None:
+        return noise, data
+    from slimdit.distill.pair_reward import kept_pairs, pair_scores
+
+    with r.state.main_process_first():  # one process scores the pairs; the others read its scores
+        scores = pair_scores(r.pipe, r.captions, x0, r.cfg.pair_reward, folder, progress=r.progress)
+    noise, data, n = kept_pairs(noise, data, scores, r.cfg.pair_reward_min)
+    if r.state.is_main_process:
+        write_json(folder / "kept.json", {"reward": r.cfg.pair_reward, "min": r.cfg.pair_reward_min,
+                                          "kept": n, "of": len(scores)})
+    return noise, data
 
 
 def _reflow(r: _Round):
