@@ -309,7 +309,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
                "refine": cfg.refine.model_dump() if cfg.refine is not None else None,
                "teacher_steps": defaults["num_inference_steps"],
                "rounds": [read_json(d) for d in sorted((run / "rounds").glob("*/done.json"))]}
-    if (run / "pairs" / "kept.json").exists():
+    if cfg.pair_reward is not None and (run / "pairs" / "kept.json").exists():  # (copied pairs may bring one)
         summary["pairs_kept"] = read_json(run / "pairs" / "kept.json")
     if cfg.eval.benchmark:
         summary.update(_evaluate(cfg, run))
