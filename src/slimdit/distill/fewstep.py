@@ -368,8 +368,8 @@ class _Round:
     state: object  # accelerate's PartialState
     defaults: dict  # the teacher's sampling defaults
     progress: bool
-    pipe: object = None  # the teacher's pipeline (its VAE decodes the pairs a pair_reward scores)
-    captions: list[str] | None = None  # the data's captions, row for row
+    pipe: object  # the teacher's pipeline (its VAE decodes the pairs a pair_reward scores)
+    captions: list[str]  # the data's captions, row for row
 
 
 def _progressive(r: _Round):

@@ -28,10 +28,8 @@ def pair_scores(pipe, captions: list[str], x0: torch.Tensor, reward: str, folder
     if len(captions) != len(x0):
         raise ValueError(f"{len(captions)} captions for {len(x0)} pairs: the pairs must be the data's rows")
     f = Path(folder) / f"reward-{reward}.json"
-    if f.exists():
-        saved = read_json(f)
-        if saved.get("reward") == reward and len(saved.get("scores", [])) == len(x0):
-            return torch.tensor(saved["scores"])
+    if f.exists() and len(scores := read_json(f).get("scores", [])) == len(x0):  # the file names the reward
+        return torch.tensor(scores)
     score = registry.REWARDS[reward]()
     out = []
     for a in tqdm(range(0, len(x0), batch_size), desc=f"pair rewards ({reward})", unit="batch",
