@@ -77,6 +77,7 @@ def test_direct_distillation_trains_a_one_step_student_on_two_step_pairs(tmp_pat
 
 def test_slimdit_steps_direct_on_a_pixart_pipeline_and_reflow_refuses_it(tiny_teacher, tmp_path):
     import json
+    import shutil
 
     from slimdit.distill.fewstep import StepsConfig, run_steps
     from slimdit.pipelines.loading import load_sampler, sampling_defaults
@@ -86,7 +87,9 @@ def test_slimdit_steps_direct_on_a_pixart_pipeline_and_reflow_refuses_it(tiny_te
            "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "caption_dropout": 0.0},
            "eval": {"benchmark": None, "bench": False}}
     run = run_steps(StepsConfig(**cfg), progress=False)
-    assert [p.name for p in (run / "pairs").iterdir()] == ["pairs_00000.safetensors"]
+    assert sorted(p.name for p in (run / "pairs").iterdir()) == ["pairs.json", "pairs_00000.safetensors"]
+    made_by = json.loads((run / "pairs" / "pairs.json").read_text())["made_by"]
+    assert made_by["teacher"] == json.loads((run / "inputs.json").read_text())["teacher"]
     done = json.loads((run / "rounds" / "00_1steps" / "done.json").read_text())
     assert done["method"] == "direct" and done["teacher_steps"] == 2
     student = str(run / "student")
@@ -95,6 +98,11 @@ def test_slimdit_steps_direct_on_a_pixart_pipeline_and_reflow_refuses_it(tiny_te
     assert type(sampler.pipe.scheduler).__name__ == "DDIMScheduler"
     assert sampler.generate(["a red circle"], [0], progress=False).shape[0] == 1
     assert "Luhman & Luhman" in (run / "student" / "README.md").read_text()
+    copied = tmp_path / "copied"  # the pairs copied into a run that would make them at another guidance
+    shutil.copytree(run / "pairs", copied / "pairs")
+    with pytest.raises(ValueError, match="made otherwise .*guidance: "):
+        run_steps(StepsConfig(**{**cfg, "out": str(copied), "guidance": 2.0}), progress=False)
+    assert not (copied / "student").exists() and not list(copied.glob("rounds/*/checkpoints/*"))
     with pytest.raises(ValueError, match="caption_dropout: 0"):
         StepsConfig(**{**cfg, "train": {**cfg["train"], "caption_dropout": 0.1}})
     with pytest.raises(ValueError, match="reflow is for flow teachers"):

@@ -342,7 +342,7 @@ def test_slimdit_steps_dmd2_with_the_regression_trains_on_the_teachers_pairs(tin
     from slimdit.distill.fewstep import StepsConfig
 
     run = _tiny_steps_run(tmp_path, tiny_teacher, 0.0, method="dmd2", regression_weight=0.5, pair_steps=2)
-    assert [p.name for p in (run / "pairs").iterdir()] == ["pairs_00000.safetensors"]
+    assert sorted(p.name for p in (run / "pairs").iterdir()) == ["pairs.json", "pairs_00000.safetensors"]
     rows = [json.loads(r) for r in (run / "rounds" / "00_2steps" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["regression"] > 0 and "dm" in r for r in rows)
     base = {"out": str(tmp_path / "x"), "train": {"caption_dropout": 0.1}}

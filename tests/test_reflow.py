@@ -32,6 +32,35 @@ def test_pairs_are_the_teachers_samples_per_row_and_reused_from_disk(tmp_path):
     assert torch.equal(again[0], noise) and torch.equal(again[1], x0)  # read from disk, not made again
 
 
+def test_pairs_made_otherwise_or_without_a_record_are_refused_before_any_is_made(tmp_path):
+    """``pairs.json`` records what made the shards; another guidance, grid, seed, row count or teacher is refused by
+    name (pairs copied in from another run, or left by a changed run), and so are shards with no record."""
+    import json
+
+    teacher = tiny_flux(1, 1)
+    adapter, data = adapter_for(teacher, FLOW), flux_data(0, 6)
+    tokens = adapter.image_tokens(teacher, data.latents[:1])
+    t, s = transitions(FLOW, 3, tokens)
+    made = {"teacher": "fingerprint-a", "data.real": "shapes-train:6", "data.synth": None}
+    noise, x0 = teacher_pairs(adapter, teacher, data, tmp_path, t, s, 3.5, seed=1, progress=False, made_by=made)
+    record = json.loads((tmp_path / "pairs.json").read_text())
+    assert record["made_by"] == made and record["guidance"] == 3.5 and record["seed"] == 1 and record["rows"] == 6
+    assert record["t"] == t.tolist() and record["latent"] == list(data.latents.shape[1:])
+    again = teacher_pairs(adapter, teacher, data, tmp_path, t, s, 3.5, seed=1, progress=False, made_by=made)
+    assert torch.equal(again[1], x0)  # made the same way: reused
+    t2, s2 = transitions(FLOW, 2, tokens)
+    changed = [((t, s, 5.0, 1, data, made), "guidance: 3.5 -> 5.0"), ((t, s, 3.5, 2, data, made), "seed: 1 -> 2"),
+               ((t2, s2, 3.5, 1, data, made), "t: "), ((t, s, 3.5, 1, flux_data(0, 8), made), "rows: 6 -> 8"),
+               ((t, s, 3.5, 1, data, {**made, "teacher": "fingerprint-b"}), "made_by.teacher")]
+    for (tt, ss, w, seed, d, by), field in changed:
+        with pytest.raises(ValueError, match=f"made otherwise .*{field}"):
+            teacher_pairs(adapter, teacher, d, tmp_path, tt, ss, w, seed=seed, progress=False, made_by=by)
+    (tmp_path / "pairs.json").unlink()
+    with pytest.raises(ValueError, match="1 teacher pair shards but no pairs.json"):
+        teacher_pairs(adapter, teacher, data, tmp_path, t, s, 3.5, seed=1, progress=False, made_by=made)
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs_00000.safetensors"]  # refused, nothing written or lost
+
+
 def test_the_reflow_loss_is_flow_matching_on_the_pairs_noise_and_trains(tmp_path):
     from slimdit.distill.trainer import Conditioning, TrainConfig, Trainer
 
@@ -80,7 +109,7 @@ def test_slimdit_steps_reflow_on_a_flux_pipeline(tiny_flux_pipeline, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
     run = tmp_path / "run"
-    assert [p.name for p in (run / "pairs").iterdir()] == ["pairs_00000.safetensors"]
+    assert sorted(p.name for p in (run / "pairs").iterdir()) == ["pairs.json", "pairs_00000.safetensors"]
     done = json.loads((run / "rounds" / "00_1steps" / "done.json").read_text())
     assert done["method"] == "reflow" and done["teacher_steps"] == 2
     student = str(run / "student")

@@ -60,11 +60,11 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     return out
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [line for k in dict.fromkeys([*old, *new])
-                for line in _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
+                for line in changed_fields(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
@@ -123,9 +123,9 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
     changes = []
     if (run / "config.yaml").exists():
         old = _without(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
-        changes += [f"config {line}" for line in _diff(old, config)]
+        changes += [f"config {line}" for line in changed_fields(old, config)]
     if (run / "inputs.json").exists():
-        changes += [f"input {line}" for line in _diff(read_json(run / "inputs.json"), inputs)]
+        changes += [f"input {line}" for line in changed_fields(read_json(run / "inputs.json"), inputs)]
     if changes and _started(run):
         raise ValueError(f"{run} holds a run made from other inputs; restore them or choose another out:\n  "
                          + "\n  ".join(changes))

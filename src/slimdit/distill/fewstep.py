@@ -401,10 +401,12 @@ def _pairs(r: _Round):
 
     t, s = transitions(r.sched_config, r.cfg.pair_steps or r.defaults["num_inference_steps"], r.tokens)
     seed, folder = r.cfg.train.seed, r.run / "pairs"
+    inputs = read_json(r.run / "inputs.json")  # the teacher's and the data's identity (slimdit.identity)
+    made_by = {k: inputs.get(k) for k in ("teacher", "data.real", "data.synth")}
     teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=r.progress,
-                  part=(r.state.process_index, r.state.num_processes))
+                  part=(r.state.process_index, r.state.num_processes), made_by=made_by)
     r.state.wait_for_everyone()
-    noise, x0 = teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=False)
+    noise, x0 = teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=False, made_by=made_by)
     data = Conditioning(x0, r.data.cond, r.data.null)
     if r.cfg.pair_reward is None:
         return noise, data

@@ -5,12 +5,15 @@ steps lose less when there are few of them.
 
 Pairs are made once per run by the teacher's deterministic Euler sampling (its own flow grid, ``pair_steps`` steps,
 guided: a CFG teacher at ``w`` with the empty caption, a guidance-embedded one with ``w`` as its input) and kept on
-disk in safetensors shards (a resumed run reuses the finished ones). Reflow is for flow teachers; the pairs are any
-teacher's (DDIM steps for a diffusion one), and :mod:`slimdit.distill.direct` regresses a diffusion student on them.
+disk in safetensors shards (a resumed run reuses the finished ones), beside ``pairs.json``, the record of what made
+them; shards a record does not match, or that have none, are refused by name, never reused. Reflow is for flow
+teachers; the pairs are any teacher's (DDIM steps for a diffusion one), and :mod:`slimdit.distill.direct` regresses
+a diffusion student on them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +22,10 @@ from tqdm.auto import tqdm
 
 from slimdit.distill.losses import Batch, per_sample_mse
 from slimdit.distill.steps import deterministic_sample
-from slimdit.io import load_tensors, save_tensors
+from slimdit.io import load_tensors, read_json, save_tensors, write_json
 
 SHARD = 1024
+PAIRS_RECORD = "pairs.json"
 
 
 @torch.no_grad()
@@ -33,13 +37,18 @@ def ode_sample(adapter, model, noise: torch.Tensor, cond: dict, null: dict | Non
 
 def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: torch.Tensor, guidance: float,
                   seed: int, batch_size: int = 64, progress: bool = True,
-                  part: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  part: tuple[int, int] | None = None, made_by: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(noise, x0)`` for every row of ``data`` (a :class:`~slimdit.distill.trainer.Conditioning`): row i's noise
-    is drawn from ``(seed, i)``, so a shard made again is the same. Shards on disk are reused. With ``part = (k,
-    n)`` only shards ``k, k + n, ...`` are made and nothing is returned (process k of n makes its share).
+    is drawn from ``(seed, i)``, so a shard made again is the same. Shards on disk are reused when ``out``'s record
+    (:func:`check_pairs_record`) says they were made the same way; ``made_by`` names what else made them (the
+    teacher's and the data's identity). With ``part = (k, n)`` only shards ``k, k + n, ...`` are made and nothing is
+    returned (process k of n makes its share).
 
     The pairs are returned in host memory (two latents per row)."""
     out = Path(out)
+    check_pairs_record(out, {"made_by": made_by, "guidance": float(guidance), "t": t.tolist(), "s": s.tolist(),
+                             "seed": seed, "rows": len(data), "latent": list(data.latents.shape[1:])})
     dev = next(teacher.parameters()).device
     dtype = data.latents[:1].dtype  # (the cache's rows are read lazily)
     guided_input = adapter.takes_guidance(teacher)
@@ -69,6 +78,26 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
         noises.append(pair["noise"])
         x0s.append(pair["x0"])
     return None if part is not None else (torch.cat(noises), torch.cat(x0s))
+
+
+def check_pairs_record(out: Path, record: dict) -> None:
+    """Write ``record`` (what makes the pairs) as ``out/pairs.json`` before the first shard, or check it against
+    the one there: pairs made by another teacher, guidance, grid, seed or data (copied in from another run, or left
+    by a run that failed before its first checkpoint and was then changed) are refused with what differs, and
+    shards with no record are refused too, before any training."""
+    from slimdit.identity import changed_fields
+
+    record = json.loads(json.dumps(record))  # as it reads back
+    f = out / PAIRS_RECORD
+    if f.exists():
+        if diff := changed_fields(read_json(f), record):
+            raise ValueError(f"the teacher pairs in {out} were made otherwise ({'; '.join(diff)}): delete {out} to "
+                             "make them again, or run with the settings that made them")
+        return
+    if shards := sorted(out.glob("pairs_*.safetensors")):
+        raise ValueError(f"{out} holds {len(shards)} teacher pair shards but no {PAIRS_RECORD} saying what made them "
+                         f"(copied in without it, or written before slimdit kept one): delete them to make them again")
+    write_json(f, record)
 
 
 @dataclass
