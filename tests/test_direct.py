@@ -134,15 +134,20 @@ def test_a_cfg_scale_below_one_is_refused_before_anything_is_cached(tiny_teacher
 def test_a_pair_reward_keeps_the_pairs_it_passes_row_for_row_and_keeping_all_trains_as_without(tiny_teacher,
                                                                                                  monkeypatch, tmp_path):
     """Rejection sampling of the teacher's pairs: the kept rows are the passing captions' noise, sample and text
-    conditioning, in order; the scores are computed once (a continued run reads them back); a reward that passes
-    every pair trains exactly as no reward does; a config that cannot use it is refused by name."""
+    conditioning, in order; the scores are computed once (a continued run reads them back; scores kept beside
+    another pairs record are made again); a reward that passes every pair trains exactly as no reward does; a
+    config that cannot use it is refused by name."""
     import json
+    import shutil
 
     from slimdit import registry
+    from slimdit.data.datasets import load_dataset
     from slimdit.distill.fewstep import StepsConfig, run_steps
-    from slimdit.distill.pair_reward import kept_pairs
+    from slimdit.distill.pair_reward import kept_pairs, pair_scores
     from slimdit.distill.trainer import Conditioning
+    from slimdit.io import load_tensors
     from slimdit.models.storage import load_model
+    from slimdit.pipelines.loading import load_pipeline
 
     calls = []
 
@@ -164,6 +169,15 @@ def test_a_pair_reward_keeps_the_pairs_it_passes_row_for_row_and_keeping_all_tra
     run_steps(StepsConfig(**cfg, out=str(tmp_path / "squares"), pair_reward="test-squares"), progress=False)
     assert sum(calls) == scored == 8  # the continued run read the scores back
     assert json.loads((run / "summary.json").read_text())["pairs_kept"] == kept
+    # the scores are of the pairs their record names: beside pairs made otherwise they are made again
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run / "pairs" / "reward-test-squares.json", other)
+    (other / "pairs.json").write_text(json.dumps({**json.loads((run / "pairs" / "pairs.json").read_text()), "seed": 9}))
+    x0 = torch.cat([load_tensors(f)["x0"] for f in sorted((run / "pairs").glob("pairs_*.safetensors"))])
+    scores = pair_scores(load_pipeline(tiny_teacher, "cpu"), load_dataset("shapes-train:8").captions, x0,
+                         "test-squares", other, progress=False)
+    assert sum(calls) == 16 and scores.tolist() == [1, 0, 0, 0, 1, 0, 1, 0]
 
     # row for row: the kept view holds the passing rows' noise, sample and conditioning
     noise, x0 = torch.randn(5, 2), torch.randn(5, 3)

@@ -5,7 +5,8 @@ sampler distillation's pairs instead of the model's own samples). A student regr
 shapes world's detector verdict as the reward it learns only the samples that show what their caption asks.
 
 The reward reads training captions only (the shapes world refuses an evaluation prompt), and each pair is scored
-once: the scores are kept beside the pairs (``pairs/reward-<name>.json``), so a continued run reads them back.
+once: the scores are kept beside the pairs (``pairs/reward-<name>.json``, with the pairs' record), so a continued run
+reads them back; scores of pairs made otherwise are made again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from slimdit.distill.reflow import PAIRS_RECORD
 from slimdit.io import read_json, write_json
 
 
@@ -28,15 +30,17 @@ def pair_scores(pipe, captions: list[str], x0: torch.Tensor, reward: str, folder
     if len(captions) != len(x0):
         raise ValueError(f"{len(captions)} captions for {len(x0)} pairs: the pairs must be the data's rows")
     f = Path(folder) / f"reward-{reward}.json"
-    if f.exists() and len(scores := read_json(f).get("scores", [])) == len(x0):  # the file names the reward
-        return torch.tensor(scores)
+    made = Path(folder) / PAIRS_RECORD  # the pairs' record (slimdit.distill.reflow): the scores are of these pairs
+    pairs = read_json(made) if made.exists() else None
+    if f.exists() and (saved := read_json(f)).get("pairs") == pairs and len(saved.get("scores", [])) == len(x0):
+        return torch.tensor(saved["scores"])  # the file's name names the reward
     score = registry.REWARDS[reward]()
     out = []
     for a in tqdm(range(0, len(x0), batch_size), desc=f"pair rewards ({reward})", unit="batch",
                   disable=not progress):
         images = decode_latents(pipe, x0[a:a + batch_size], batch_size=batch_size)
         out += [float(v) for v in score(captions[a:a + batch_size], images)]
-    write_json(f, {"reward": reward, "scores": out})
+    write_json(f, {"reward": reward, "pairs": pairs, "scores": out})
     return torch.tensor(out)
 
 

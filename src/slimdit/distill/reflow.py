@@ -48,7 +48,9 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
     The pairs are returned in host memory (two latents per row)."""
     out = Path(out)
     check_pairs_record(out, {"made_by": made_by, "guidance": float(guidance), "t": t.tolist(), "s": s.tolist(),
-                             "seed": seed, "rows": len(data), "latent": list(data.latents.shape[1:])})
+                             "seed": seed, "rows": len(data), "latent": list(data.latents.shape[1:]),
+                             "text": {k: list(v.shape[1:]) for k, v in data.cond.items()},
+                             "teacher_dtype": str(next(teacher.parameters()).dtype)})
     dev = next(teacher.parameters()).device
     dtype = data.latents[:1].dtype  # (the cache's rows are read lazily)
     guided_input = adapter.takes_guidance(teacher)
@@ -82,7 +84,8 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
 
 def check_pairs_record(out: Path, record: dict) -> None:
     """Write ``record`` (what makes the pairs) as ``out/pairs.json`` before the first shard, or check it against
-    the one there: pairs made by another teacher, guidance, grid, seed or data (copied in from another run, or left
+    the one there: pairs made by another teacher, guidance, grid, seed, data, text length or teacher precision
+    (copied in from another run, or left
     by a run that failed before its first checkpoint and was then changed) are refused with what differs, and
     shards with no record are refused too, before any training."""
     from slimdit.identity import changed_fields
