@@ -1,5 +1,7 @@
 """Sweep points and how their results are grouped for the plot."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -53,3 +55,25 @@ def test_one_points_overrides_do_not_leak_into_the_next(tmp_path):
     assert [c.schedule.stages for _, c in configs] == [2, 3]  # the second point keeps the base's 3
     load_config(base, RunConfig, {"schedule.stages": 5})
     assert base["schedule"]["stages"] == 3  # the caller's dict is not written into
+
+
+def test_a_finished_point_made_from_another_config_is_refused_and_two_points_cannot_share_a_name(tmp_path):
+    """Rerunning a sweep whose base changed must not keep the old points' results beside the new ones."""
+    from slimdit.experiments.sweep import run_sweep
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    base = {"teacher": "shapes-pixart", "out": "x", "schedule": {"kind": "one_shot", "stages": 1}}
+    sweep = {"kind": "run", "out": str(tmp_path / "o"), "base": base, "set": {"eval.limit": 6},
+             "grid": {"schedule.target": [0.8]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    _, [(name, cfg)] = load_sweep(tmp_path / "sweep.yaml")
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))  # the point as a finished run of this config left it
+    (Path(cfg.out) / "summary.json").write_text("{}")
+    sweep["set"] = {"eval.limit": 7}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(ValueError, match="config eval.limit: 6 -> 7"):
+        run_sweep(tmp_path / "sweep.yaml", progress=False)  # refused before any point runs
+    assert sorted(p.name for p in (tmp_path / "o" / name).iterdir()) == ["config.yaml", "inputs.json", "summary.json"]
+    two = SweepConfig(out="o", base={}, grid={"plan": ["plans/a/x.yaml", "plans/b/x.yaml"]})
+    with pytest.raises(ValueError, match="both named 'x'"):
+        points(two)

@@ -17,7 +17,9 @@ A grid value may also be a named group of overrides that vary together, e.g. equ
                  {name: progressive, schedule.kind: progressive, schedule.stages: 2, train.steps: 200}]
 
 Every point's config is validated before the first run starts. Runs go to ``out/<point>/`` and are resumable,
-so rerunning the sweep continues the unfinished ones. ``results.json`` and ``results.md`` collect each
+so rerunning the sweep continues the unfinished ones; a finished point is kept only while its config and inputs are
+unchanged (a changed base, ``set`` or plan file is refused, naming what changed, before anything runs), and two
+points with one name are refused. ``results.json`` and ``results.md`` collect each
 point's summary, and ``results.png`` plots the student's shapes-geneval overall against the block-parameter
 ratio (one line per combination of the other grid keys) or, when all points have one size, as bars.
 """
@@ -58,8 +60,15 @@ def _combos(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
         for v in values:
             if isinstance(v, dict) and not isinstance(v.get("name"), str):
                 raise ValueError(f"grid.{k}: a group of overrides needs a name, got {v}")
-    return [("__".join(_slug(v) for v in combo), dict(zip(cfg.grid, combo)))
-            for combo in itertools.product(*cfg.grid.values())]
+    combos = [("__".join(_slug(v) for v in combo), dict(zip(cfg.grid, combo)))
+              for combo in itertools.product(*cfg.grid.values())]
+    seen: dict[str, dict[str, Any]] = {}
+    for name, combo in combos:
+        if name in seen:  # one run directory for two points: the second would be read as the first's result
+            raise ValueError(f"grid points {seen[name]} and {combo} are both named {name!r} (a file's name without "
+                             "its folder and suffix, or a group's name): rename one")
+        seen[name] = combo
+    return combos
 
 
 def points(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -109,6 +118,11 @@ def run_sweep(path: str | Path, progress: bool = True) -> Path:
         from slimdit.distill.run import run_distill as runner
     else:
         from slimdit.schedules.run import run_schedule as runner
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    for _name, cfg in configs:  # a finished point is skipped only if it was made from today's config and inputs
+        if (Path(cfg.out) / "summary.json").exists():
+            check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
     for _name, cfg in configs:
         if not (Path(cfg.out) / "summary.json").exists():
             runner(cfg, progress=progress)
