@@ -96,7 +96,7 @@ def _as_now(cfg: BaseModel, saved: dict, ignored: tuple[str, ...]) -> dict:
         return saved
 
 
-def _without(config: dict, fields: tuple[str, ...]) -> dict:
+def without_fields(config: dict, fields: tuple[str, ...]) -> dict:
     """``config`` less the dotted ``fields`` (input paths are compared by contents in ``inputs.json``)."""
     out = yaml.safe_load(yaml.safe_dump(config))
     for key in fields:
@@ -119,10 +119,10 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
     other inputs (naming what changed), take over one that holds no work yet, and record both."""
     run = Path(run)
     ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
-    config = _without(cfg.model_dump(mode="json"), ignored)
+    config = without_fields(cfg.model_dump(mode="json"), ignored)
     changes = []
     if (run / "config.yaml").exists():
-        old = _without(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
+        old = without_fields(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
         changes += [f"config {line}" for line in changed_fields(old, config)]
     if (run / "inputs.json").exists():
         changes += [f"input {line}" for line in changed_fields(read_json(run / "inputs.json"), inputs)]

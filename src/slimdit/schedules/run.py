@@ -297,11 +297,16 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
 
 
 def _made_by(cfg: RunConfig, inputs: dict) -> str:
-    """A digest of what a stage's selection depends on: the config and the contents of its inputs."""
+    """A digest of what a stage's selection depends on: the config and the contents of its inputs, less the fields a
+    rerun may change (:data:`slimdit.identity.FREE_FIELDS`: rerunning a diverged stage with more skipped steps
+    must train on the units its checkpoints were trained on, not select again)."""
     import hashlib
     import json
 
-    key = json.dumps({"config": cfg.model_dump(mode="json"), "inputs": inputs}, sort_keys=True, default=str)
+    from slimdit.identity import FREE_FIELDS, without_fields
+
+    config = without_fields(cfg.model_dump(mode="json"), FREE_FIELDS)
+    key = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
