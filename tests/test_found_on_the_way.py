@@ -143,3 +143,18 @@ def test_a_renderer_is_refused_where_a_transformer_is_needed(command, tmp_path, 
     assert main([command[0], "--model", "shapes-oracle", *command[1:]]) == 2
     assert "'shapes-oracle' is a renderer without a transformer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_shared_untrained_metrics_are_keyed_by_the_untrained_weights_not_their_config(tmp_path):
+    """``eval.shared`` reuses an untrained student's metrics across sweep points only where its weights are the
+    same: one plan gives other weights under GRASP calibrated on other data or another student precision, while
+    the saved config differs by where it was loaded from."""
+    from slimdit.distill.run import _weights_digest
+    from slimdit.io import save_tensors
+
+    for name, value, origin in (("a", 1.0, "x"), ("b", 1.0, "y"), ("c", 2.0, "x")):
+        (tmp_path / name).mkdir()
+        save_tensors(tmp_path / name / "diffusion_pytorch_model.safetensors", {"w": torch.full((4,), value)})
+        (tmp_path / name / "config.json").write_text(f'{{"_name_or_path": "{origin}"}}')
+    assert _weights_digest(tmp_path / "a") == _weights_digest(tmp_path / "b")  # same weights, other config
+    assert _weights_digest(tmp_path / "a") != _weights_digest(tmp_path / "c")  # other weights

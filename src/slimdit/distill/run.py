@@ -234,6 +234,14 @@ class Conditionings:
         return out
 
 
+def _weights_digest(folder: Path) -> str:
+    """The weight files' digest of a saved model (its config, which records where it was loaded from, left out):
+    one plan gives other weights where GRASP calibrated on other data or the student is kept in another precision."""
+    from slimdit.io import files_fingerprint
+
+    return "+".join(files_fingerprint(f) for f in sorted(folder.glob("*.safetensors")))
+
+
 def _evaluate(cfg: DistillConfig, run: Path) -> dict:
     from slimdit.metrics.evaluate import evaluate_model
 
@@ -251,7 +259,8 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
         shared = None
         if e.shared is not None and name != "student":  # the same teacher and plan give the same images
             key = {"teacher": cfg.teacher, "weights": weights, "eval": settings,
-                   **({"plan": plan} if name == "untrained" else {})}
+                   **({"plan": plan, "untrained": _weights_digest(run / "untrained" / "transformer")}
+                      if name == "untrained" else {})}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
             shared = Path(e.shared) / f"{name}-{digest}.json"
             if shared.exists() and not path.exists():
