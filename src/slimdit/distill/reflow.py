@@ -85,9 +85,8 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
 def check_pairs_record(out: Path, record: dict) -> None:
     """Write ``record`` (what makes the pairs) as ``out/pairs.json`` before the first shard, or check it against
     the one there: pairs made by another teacher, guidance, grid, seed, data, text length or teacher precision
-    (copied in from another run, or left
-    by a run that failed before its first checkpoint and was then changed) are refused with what differs, and
-    shards with no record are refused too, before any training."""
+    (copied in from another run, or left by a run that failed before its first checkpoint and was then changed)
+    are refused with what differs, and shards with no record are refused too, before any training."""
     from slimdit.identity import changed_fields
 
     record = json.loads(json.dumps(record))  # as it reads back
