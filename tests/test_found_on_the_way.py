@@ -158,3 +158,24 @@ def test_shared_untrained_metrics_are_keyed_by_the_untrained_weights_not_their_c
         (tmp_path / name / "config.json").write_text(f'{{"_name_or_path": "{origin}"}}')
     assert _weights_digest(tmp_path / "a") == _weights_digest(tmp_path / "b")  # same weights, other config
     assert _weights_digest(tmp_path / "a") != _weights_digest(tmp_path / "c")  # other weights
+
+
+def test_a_selection_saved_before_free_fields_were_left_out_is_still_read(tiny_teacher, tmp_path):
+    """A stage's selection digest leaves out the fields a rerun may change; a selection saved under the earlier
+    digest (the whole config) is still accepted, so runs stopped before the change continue without selecting again."""
+    import hashlib
+    import json
+
+    import slimdit.schedules.run as schedules
+    from slimdit.config import RunConfig, load_config
+    from slimdit.identity import input_fingerprints
+
+    cfg = load_config(_cfg(tiny_teacher, tmp_path / "run", kind="one_shot", op="remove", target=0.5), RunConfig)
+    inputs = input_fingerprints(cfg)
+    before = json.dumps({"config": cfg.model_dump(mode="json"), "inputs": inputs}, sort_keys=True, default=str)
+    legacy = hashlib.sha256(before.encode()).hexdigest()[:16]
+    assert schedules._made_by(cfg, inputs, free=True) == legacy != schedules._made_by(cfg, inputs)
+    plan = Plan.from_dict({"units": {"block.1": "remove"}})
+    (tmp_path / "selection.json").write_text(json.dumps({"plan": plan.to_dict(), "made_by": legacy}))
+    assert schedules._saved_selection(tmp_path, (schedules._made_by(cfg, inputs), legacy)).to_dict() == plan.to_dict()
+    assert schedules._saved_selection(tmp_path, schedules._made_by(cfg, inputs)) is None  # another config's

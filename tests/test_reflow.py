@@ -59,6 +59,11 @@ def test_pairs_made_otherwise_or_without_a_record_are_refused_before_any_is_made
     with pytest.raises(ValueError, match="1 teacher pair shards but no pairs.json"):
         teacher_pairs(adapter, teacher, data, tmp_path, t, s, 3.5, seed=1, progress=False, made_by=made)
     assert [p.name for p in tmp_path.iterdir()] == ["pairs_00000.safetensors"]  # refused, nothing written or lost
+    fresh = tmp_path / "stopped"  # a run stopped before its first shard left only its record: a new config takes over
+    fresh.mkdir()
+    (fresh / "pairs.json").write_text(json.dumps({**record, "guidance": 5.0}))
+    teacher_pairs(adapter, teacher, data, fresh, t, s, 3.5, seed=1, progress=False, made_by=made)
+    assert json.loads((fresh / "pairs.json").read_text())["guidance"] == 3.5
 
 
 def test_the_reflow_loss_is_flow_matching_on_the_pairs_noise_and_trains(tmp_path):

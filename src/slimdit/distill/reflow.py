@@ -91,15 +91,16 @@ def check_pairs_record(out: Path, record: dict) -> None:
 
     record = json.loads(json.dumps(record))  # as it reads back
     f = out / PAIRS_RECORD
-    if f.exists():
-        if diff := changed_fields(read_json(f), record):
-            raise ValueError(f"the teacher pairs in {out} were made otherwise ({'; '.join(diff)}): delete {out} to "
-                             "make them again, or run with the settings that made them")
+    shards = sorted(out.glob("pairs_*.safetensors"))  # each process writes the record before its first shard
+    if not shards:  # no pairs yet (a record alone is a run's that stopped in its first shard): today's config's
+        write_json(f, record)
         return
-    if shards := sorted(out.glob("pairs_*.safetensors")):
+    if not f.exists():
         raise ValueError(f"{out} holds {len(shards)} teacher pair shards but no {PAIRS_RECORD} saying what made them "
                          f"(copied in without it, or written before slimdit kept one): delete them to make them again")
-    write_json(f, record)
+    if diff := changed_fields(read_json(f), record):
+        raise ValueError(f"the teacher pairs in {out} were made otherwise ({'; '.join(diff)}): delete {out} to make "
+                         "them again, or run with the settings that made them")
 
 
 @dataclass

@@ -252,7 +252,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         params_now = adapter.block_params(student)
         if params_now <= target * (1 + 1e-9):
             break
-        plan = _saved_selection(sdir, made_by)
+        plan = _saved_selection(sdir, (made_by, _made_by(cfg, inputs, free=True)))
         if plan is None:
             st = _Stage(cfg, pipe, student, calib, embedder)
             if cfg.schedule.kind == "one_shot":
@@ -296,28 +296,31 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     return run
 
 
-def _made_by(cfg: RunConfig, inputs: dict) -> str:
+def _made_by(cfg: RunConfig, inputs: dict, free: bool = False) -> str:
     """A digest of what a stage's selection depends on: the config and the contents of its inputs, less the fields a
     rerun may change (:data:`slimdit.identity.FREE_FIELDS`: rerunning a diverged stage with more skipped steps
-    must train on the units its checkpoints were trained on, not select again)."""
+    must train on the units its checkpoints were trained on, not select again). ``free``: with them, as
+    selections saved before 2026-12-06 were digested (still read, so their runs continue)."""
     import hashlib
     import json
 
     from slimdit.identity import FREE_FIELDS, without_fields
 
-    config = without_fields(cfg.model_dump(mode="json"), FREE_FIELDS)
+    config = cfg.model_dump(mode="json")
+    config = config if free else without_fields(config, FREE_FIELDS)
     key = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _saved_selection(sdir: Path, made_by: str) -> Plan | None:
+def _saved_selection(sdir: Path, made_by: str | tuple[str, ...]) -> Plan | None:
     """The plan a stage selected before the run was stopped (scoring is the costly part of a stage, and a resumed
     stage must train the units its checkpoints were trained on); None when it has none from this config."""
     path = sdir / "selection.json"
     if not path.exists():
         return None
     saved = read_json(path)
-    if saved.get("made_by") != made_by or "plan" not in saved:  # a selection of another config is redone
+    accepted = (made_by,) if isinstance(made_by, str) else made_by
+    if saved.get("made_by") not in accepted or "plan" not in saved:  # a selection of another config is redone
         return None
     return Plan.from_dict(saved["plan"])
 
