@@ -72,6 +72,8 @@ def test_sharding_config_is_checked():
         TrainConfig(sharding="fsdp", optimizer="adamw", mixed_precision="fp16").validate()
 
 
+@pytest.mark.slow  # two launched processes plus single-process references for PixArt and Flux (about 15 s): with
+# --runslow, beside the sharded end-to-end run, so the default suite stays within its 5 minutes on 2 cores
 def test_fsdp_over_two_processes_matches_one_process(tmp_path):
     launch_two("fsdp_train.py", tmp_path, 29541, timeout=600)
     assert (tmp_path / "straight.sharded").read_text() == "DTensor"  # the parameters were sharded
