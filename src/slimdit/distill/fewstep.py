@@ -275,7 +275,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             teacher = original if refining else teacher
             ctx = _Round(cfg, adapter, teacher, data, sched_config, tokens, w, guided_input, n,
                          data.null if ((i == 0 or refining) and not guided_input and w != 1) else None, run, state,
-                         defaults, progress, pipe, list(real.captions))
+                         defaults, progress, pipe, list(real.captions), inputs)
             loss, train_data = LOSSES[method](ctx)
             train = {**cfg.train.model_dump(), "betas": tuple(cfg.train.betas), "eps": tuple(cfg.train.eps)}
             if refining:
@@ -370,6 +370,7 @@ class _Round:
     progress: bool
     pipe: object  # the teacher's pipeline (its VAE decodes the pairs a pair_reward scores)
     captions: list[str]  # the data's captions, row for row
+    inputs: dict  # the contents of the run's inputs (slimdit.identity.input_fingerprints): what made its pairs
 
 
 def _progressive(r: _Round):
@@ -401,8 +402,7 @@ def _pairs(r: _Round):
 
     t, s = transitions(r.sched_config, r.cfg.pair_steps or r.defaults["num_inference_steps"], r.tokens)
     seed, folder = r.cfg.train.seed, r.run / "pairs"
-    inputs = read_json(r.run / "inputs.json")  # the teacher's and the data's identity (slimdit.identity)
-    made_by = {k: inputs.get(k) for k in ("teacher", "data.real", "data.synth")}
+    made_by = {k: r.inputs.get(k) for k in ("teacher", "data.real", "data.synth")}
     teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=r.progress,
                   part=(r.state.process_index, r.state.num_processes), made_by=made_by)
     r.state.wait_for_everyone()

@@ -26,7 +26,7 @@ from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
 from slimdit.identity import check_run_dir, input_fingerprints
-from slimdit.io import atomic_write_text, read_json, write_json
+from slimdit.io import atomic_write_text, files_fingerprint, read_json, write_json
 from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy, weights_dtype
 from slimdit.models.storage import load_model, save_model
@@ -237,8 +237,6 @@ class Conditionings:
 def _weights_digest(folder: Path) -> str:
     """The weight files' digest of a saved model (its config, which records where it was loaded from, left out):
     one plan gives other weights where GRASP calibrated on other data or the student is kept in another precision."""
-    from slimdit.io import files_fingerprint
-
     return "+".join(files_fingerprint(f) for f in sorted(folder.glob("*.safetensors")))
 
 

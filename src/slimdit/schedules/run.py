@@ -220,6 +220,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     inputs = input_fingerprints(cfg)
     check_run_dir(run, cfg, inputs)  # refuses changed inputs before anything is written
     made_by = _made_by(cfg, inputs)
+    accepted = (made_by, _made_by(cfg, inputs, free=True))  # a selection saved under the earlier digest too
     phases = resolve_protocol(cfg.protocol)
     real = load_dataset(cfg.data.real, cfg.data.image_size)
     prompts = read_prompts(cfg.calibration.prompts)
@@ -252,7 +253,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
         params_now = adapter.block_params(student)
         if params_now <= target * (1 + 1e-9):
             break
-        plan = _saved_selection(sdir, (made_by, _made_by(cfg, inputs, free=True)))
+        plan = _saved_selection(sdir, accepted)
         if plan is None:
             st = _Stage(cfg, pipe, student, calib, embedder)
             if cfg.schedule.kind == "one_shot":
