@@ -106,9 +106,12 @@ def test_slimdit_steps_ladd_runs_end_to_end(which, tiny_teacher, tiny_flux_pipel
     from slimdit.pipelines.loading import load_sampler, sampling_defaults
 
     teacher = tiny_teacher if which == "pixart" else str(tiny_flux_pipeline)
-    run = _tiny_steps_run(tmp_path, teacher, 0.0, method="ladd")
+    aware = {"mismatch_weight": 0.5} if which == "flux" else {}  # Flux's heads also take the wrong captions
+    run = _tiny_steps_run(tmp_path, teacher, 0.0, method="ladd", **aware)
     rows = [json.loads(r) for r in (run / "rounds" / "00_2steps" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("adv" in r and "disc" in r for r in rows)
+    # logged wherever a batch held two captions (shapes-train:8 holds one twice: a batch of it has no wrong caption)
+    assert any("mismatch" in r for r in rows) == bool(aware)
     student = str(run / "student")
     assert sampling_defaults(student)["num_inference_steps"] == 2
     assert load_sampler(student).generate(["a red circle"], [0], progress=False).shape[0] == 1
@@ -152,3 +155,39 @@ def test_a_ladd_run_plans_its_discriminator(tiny_teacher):
     units = adapter_for(model, V).units(model)
     width = model.config.num_attention_heads * model.config.attention_head_dim
     assert ladd["LADD heads"] == 16 * len(units) * sum(p.numel() for p in FeatureHead(width).parameters())
+
+
+def test_mismatched_captions_roll_by_one_and_a_repeated_caption_is_left_out():
+    from slimdit.distill.ladd import mismatched
+
+    emb = torch.tensor([[1.0], [2.0], [2.0], [3.0]])
+    wrong, other = mismatched({"prompt_embeds": emb, "prompt_mask": torch.ones(4, 1)})
+    assert wrong["prompt_embeds"].flatten().tolist() == [3.0, 1.0, 2.0, 2.0]
+    assert other.tolist() == [True, True, False, True]  # row 2 got row 1's caption: its own
+
+
+def test_matching_aware_heads_add_the_hinge_of_real_latents_under_the_next_rows_caption():
+    from slimdit.distill.ladd import mismatched
+
+    teacher = tiny()
+    adapter, data = adapter_for(teacher, V), _data()
+    plain = LADDLoss(adapter, teacher, *transitions(V, 2), disc_lr=3e-3)
+    aware = LADDLoss(adapter, teacher, *transitions(V, 2), disc_lr=3e-3, mismatch_weight=0.5)
+    with torch.no_grad():
+        x0 = plain.generate(teacher, _batch(data, seed=3)) + 0.5
+    # the same heads and draws: the matching-aware loss is LADD's plus half the wrong captions' hinge
+    a = float(plain._disc_step(teacher, x0, _batch(data, seed=7)))
+    b = float(aware._disc_step(teacher, x0, _batch(data, seed=7)))
+    assert plain.mismatch is None and b == pytest.approx(a + 0.5 * float(aware.mismatch), rel=1e-6)
+    # that term, by hand: the fresh heads on the real latents, noised at the step's time, under the rolled captions
+    ref, batch = LADDLoss(adapter, teacher, *transitions(V, 2)), _batch(data, seed=7)
+    with torch.no_grad():
+        t = ref._t(x0, batch.generator)
+        ref._logits(teacher, batch.x0, t, batch, graph=False)
+        ref._logits(teacher, x0, t, batch, graph=False)
+        draw = batch.generator.get_state()
+        wrong = ref._logits(teacher, batch.x0, t, batch, graph=False, cond=mismatched(batch.cond)[0])
+        batch.generator.set_state(draw)
+        right = ref._logits(teacher, batch.x0, t, batch, graph=False)
+    assert float(aware.mismatch) == pytest.approx(float(torch.relu(1 + wrong).mean()), rel=1e-6)
+    assert not torch.allclose(wrong, right)  # the caption reaches the heads' features

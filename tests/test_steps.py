@@ -165,6 +165,8 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
         StepsConfig(out="x", method="ladd", train={"sharding": "fsdp", "optimizer": "adamw"})
     with pytest.raises(ValueError, match="disc_lr: the discriminator heads belong to method: ladd"):
         StepsConfig(out="x", method="dmd2", disc_lr=1e-4)
+    with pytest.raises(ValueError, match="mismatch_weight: the discriminator heads belong to method: ladd"):
+        StepsConfig(out="x", method="direct", mismatch_weight=1.0)
     with pytest.raises(ValueError, match="gan_weight: the GAN head belongs to method: dmd2"):
         StepsConfig(out="x", refine={"method": "ladd"}, gan_weight=0.01)
     with pytest.raises(ValueError, match="fake_lr: the fake score belongs to method: dmd2"):

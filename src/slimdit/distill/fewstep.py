@@ -59,7 +59,7 @@ class RefineSection(_Strict):
 # the run-level settings that only one method reads: the method, whose they are, the fields
 OWNED_SETTINGS = {"fake": ("dmd2", "the fake score belongs", ("fake_updates", "fake_lr")),
                   "gan": ("dmd2", "the GAN head belongs", ("gan_weight", "gan_d_weight", "gan_unit")),
-                  "disc": ("ladd", "the discriminator heads belong", ("disc_lr", "disc_units")),
+                  "disc": ("ladd", "the discriminator heads belong", ("disc_lr", "disc_units", "mismatch_weight")),
                   "regression": ("dmd2", "the regression onto the teacher's pairs belongs", ("regression_weight",)),
                   "consistency": ("consistency", "LCM's EMA target and w-conditioning belong",
                                   ("target_ema", "guidance_range"))}
@@ -103,6 +103,8 @@ class StepsConfig(_Strict):
     pair_reward_min: float = 1.0
     disc_lr: float | None = Field(None, gt=0)  # ladd: the discriminator heads' learning rate (default: train.lr)
     disc_units: list[str] | None = None  # ladd: the teacher's units the heads read (default: every unit)
+    # ladd: real latents under another row's caption count as fakes for the heads, at this weight (0: none)
+    mismatch_weight: float = Field(0.0, ge=0)
     refine: RefineSection | None = None  # progressive: a DMD2 or LADD round after the halvings (None: none)
     guidance: float | None = None  # the teacher's CFG (or guidance input) scale; default: its sampling default
     device: str | None = None
@@ -457,7 +459,8 @@ def _ladd(r: _Round):
 
     t, s = transitions(r.sched_config, r.steps, r.tokens)
     return LADDLoss(r.adapter, r.teacher, t, s, guidance=r.w if r.guided_input else 1.0,
-                    disc_lr=r.cfg.disc_lr or r.cfg.train.lr, tokens=r.tokens, units=r.cfg.disc_units), r.data
+                    disc_lr=r.cfg.disc_lr or r.cfg.train.lr, tokens=r.tokens, units=r.cfg.disc_units,
+                    mismatch_weight=r.cfg.mismatch_weight), r.data
 
 
 LOSSES = {"progressive": _progressive, "consistency": _consistency, "reflow": _reflow, "direct": _direct,

@@ -15,6 +15,12 @@ discriminator that reads the frozen teacher's features, with no distillation los
   the teacher's feature space's verdict on its samples.
 - **Real latents** are the training data's (``batch.x0``). LADD prefers the teacher's own samples; with a data set
   of teacher samples the two coincide.
+- **Matching-aware heads** (``mismatch_weight`` > 0; the matching-aware discriminator of GAN-INT-CLS, Reed et al.
+  2016): the heads also see real latents under another row's caption (the batch's captions rolled by one) as
+  fakes, ``mismatch_weight * relu(1 + D(real, wrong caption))``. Without it nothing asks the heads to read the
+  caption, so they can pass a realistic image of the wrong scene; with it, "real" means "real and of this
+  caption", and the student's gradient carries the caption's objects, counts and colours. Rows whose rolled
+  conditioning equals their own (a caption twice in the batch) are left out of the term.
 - A head step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`) before
   it is applied.
 
@@ -63,6 +69,17 @@ def check_units(adapter, model: torch.nn.Module, units: list[str] | None) -> lis
     return list(units)
 
 
+def mismatched(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each row's conditioning replaced by the next row's (rolled by one), and which rows really changed
+    ``(N,)`` bool: a caption that appears twice in a row of the batch gives its own conditioning back."""
+    wrong = {k: v.roll(1, 0) for k, v in cond.items()}
+    n = next(iter(cond.values())).shape[0]
+    same = torch.ones(n, dtype=torch.bool, device=next(iter(cond.values())).device)
+    for k, v in cond.items():
+        same &= (v == wrong[k]).reshape(n, -1).all(1)
+    return wrong, ~same
+
+
 def _key(unit: str) -> str:
     """A unit's head's name (ModuleDict keys cannot hold dots)."""
     return unit.replace(".", "_")
@@ -78,12 +95,14 @@ class LADDLoss:
     disc_lr: float = 1e-4
     tokens: int | None = None  # image tokens (a dynamically shifted flow schedule draws t by them)
     units: list[str] | None = None  # the units with a head (default: every unit)
+    mismatch_weight: float = 0.0  # real latents under another row's caption as fakes (0: none, LADD's form)
     heads: nn.ModuleDict = field(init=False)
 
     def __post_init__(self):
         self.units = check_units(self.adapter, self.teacher, self.units)
         self.heads = nn.ModuleDict()
         self.opt: torch.optim.Optimizer | None = None
+        self.mismatch: torch.Tensor | None = None  # the last head step's mismatch term (logged)
 
     # ---- state, saved and restored by the trainer ------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,12 +144,14 @@ class LADDLoss:
     def generate(self, student, batch: Batch) -> torch.Tensor:
         return simulate(self.adapter, student, batch, self.t, self.s, self.guidance)
 
-    def _logits(self, teacher, x0: torch.Tensor, t: torch.Tensor, batch: Batch, graph: bool) -> torch.Tensor:
-        """The discriminator's logits on ``x0`` noised at ``t``, ``(heads, N)``: each head's logit per image from
-        its unit's features in the teacher. ``graph``: the teacher's pass keeps its graph (the student's
-        update, through ``x0``); else only the heads' part has one."""
+    def _logits(self, teacher, x0: torch.Tensor, t: torch.Tensor, batch: Batch, graph: bool,
+                cond: dict | None = None) -> torch.Tensor:
+        """The discriminator's logits on ``x0`` noised at ``t`` under ``cond`` (default: the batch's captions),
+        ``(heads, N)``: each head's logit per image from its unit's features in the teacher. ``graph``: the
+        teacher's pass keeps its graph (the student's update, through ``x0``); else only the heads' part has one."""
         a = self.adapter
-        cond, _ = group_conditions(a, teacher, batch.cond, None, self.guidance, 1, x0.device)
+        cond, _ = group_conditions(a, teacher, batch.cond if cond is None else cond, None, self.guidance, 1,
+                                   x0.device)
         eps = torch.randn(x0.shape, generator=batch.generator).to(x0.device)
         xt, _ = a.objective.noise(x0, eps, t)
         with torch.set_grad_enabled(graph and torch.is_grad_enabled()), batch.autocast(), \
@@ -149,6 +170,13 @@ class LADDLoss:
         t = self._t(fake, batch.generator)
         real = self._logits(teacher, batch.x0.float(), t, batch, graph=False)
         loss = F.relu(1 - real).mean() + F.relu(1 + self._logits(teacher, fake, t, batch, graph=False)).mean()
+        self.mismatch = None
+        if self.mismatch_weight > 0:
+            wrong, other = mismatched(batch.cond)
+            if other.any():
+                logits = self._logits(teacher, batch.x0.float(), t, batch, graph=False, cond=wrong)
+                self.mismatch = F.relu(1 + logits[:, other]).mean()
+                loss = loss + self.mismatch_weight * self.mismatch
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.heads.parameters())
@@ -171,4 +199,7 @@ class LADDLoss:
         finally:
             for p in heads:
                 p.requires_grad_(True)
-        return {"total": gen, "adv": gen.detach(), "disc": disc}
+        out = {"total": gen, "adv": gen.detach(), "disc": disc}
+        if self.mismatch is not None:
+            out["mismatch"] = self.mismatch.detach()
+        return out
