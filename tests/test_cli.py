@@ -48,8 +48,8 @@ def test_generate_writes_pngs_and_a_grid(tmp_path):
 # the packaged demo at toy sizes: the same code path, seconds instead of minutes
 TINY_DEMO = ["analysis.prompts=shapes-train:2:11", "analysis.steps=2", "calibration.prompts=shapes-train:2:7",
              "calibration.steps=2", "data.real=shapes-train:8", "data.synth_images=4", "train.steps=2",
-             "train.batch_size=2", "train.warmup_steps=1", "eval.limit=6", "eval.images_per_prompt=1",
-             "eval.steps=2", "bench.repeats=1", "bench.batch_size=1"]
+             "train.batch_size=2", "train.warmup_steps=1", "train.val_prompts=2", "eval.limit=6",
+             "eval.images_per_prompt=1", "eval.steps=2", "bench.repeats=1", "bench.batch_size=1"]
 
 
 def test_demo_writes_summary_and_report(tmp_path):

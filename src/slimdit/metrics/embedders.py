@@ -5,6 +5,7 @@ An embedder has ``name``, ``embed_images(uint8 (N, H, W, 3)) -> (N, D)`` and ``e
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -90,8 +91,12 @@ def _features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+@lru_cache(maxsize=4)
 def get_embedder(spec: str) -> Embedder:
-    """A registered embedder (``shapes``), ``clip`` (the CMMD CLIP) or ``clip:<hub id or directory>``."""
+    """A registered embedder (``shapes``), ``clip`` (the CMMD CLIP) or ``clip:<hub id or directory>``.
+
+    One instance per spec in a process (embedders are frozen once built): a run that evaluates several models
+    loads each embedder once, and the benchmark's reference embeddings, cached per embedder, are computed once."""
     name, _, arg = spec.partition(":")
     if name == "clip":
         return ClipEmbedder(arg or DEFAULT_CLIP)
