@@ -259,3 +259,39 @@ def test_an_unwritable_run_directory_fails_in_one_line_before_the_teacher_loads(
     assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"cannot write out: {tmp_path / 'file' / 'run'}" in err and "Not a directory" in err
+
+
+def test_a_reward_runs_baseline_is_checked_by_its_files_and_a_record_from_before_continues(tiny_teacher, tmp_path):
+    from slimdit.distill.reward import RewardConfig
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(tiny_teacher, base)
+    cfg = RewardConfig(teacher=tiny_teacher, out=str(run), baseline=str(base), data={"real": "shapes-train:8"})
+    check_run_dir(run, cfg, input_fingerprints(cfg))
+    (run / "summary.json").write_text("{}")  # work done: its metrics/baseline.json is kept by a rerun
+    # a record written before the baseline was recorded is taken as matching it, and gains it
+    record = json.loads((run / "inputs.json").read_text())
+    fingerprint = record.pop("baseline")
+    (run / "inputs.json").write_text(json.dumps(record))
+    check_run_dir(run, cfg, input_fingerprints(cfg))
+    assert json.loads((run / "inputs.json").read_text())["baseline"] == fingerprint
+    # the baseline retrained in place, under the same path: refused by name, the record left as it was
+    with (base / "model_index.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(ValueError, match=f"input baseline: '{fingerprint}' -> '"):
+        check_run_dir(run, cfg, input_fingerprints(cfg))
+    assert json.loads((run / "inputs.json").read_text())["baseline"] == fingerprint
+
+
+def test_the_demos_analysis_is_made_by_its_prompt_files_contents(tmp_path):
+    from slimdit.demo import AnalysisSection, analysis_made_by
+
+    spec = AnalysisSection()  # a registered spec is its own identity: nothing added, earlier records still match
+    assert "prompts_files" not in analysis_made_by(spec, "t", "remove")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    section = AnalysisSection(prompts=str(prompts))
+    first = analysis_made_by(section, "t", "remove")
+    prompts.write_text("a blue square\n")  # the same path, other prompts: the analysis is made again
+    assert analysis_made_by(section, "t", "remove") != first

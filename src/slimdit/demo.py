@@ -20,7 +20,7 @@ from pydantic import Field
 
 from slimdit.config import RunConfig, TrainSection, _Strict, load_config
 from slimdit.distill.fewstep import RefineSection
-from slimdit.identity import check_run_dir, input_fingerprints
+from slimdit.identity import check_run_dir, input_fingerprints, spec_contents
 from slimdit.io import read_json, write_json
 
 TEACHER = "shapes-pixart"
@@ -122,6 +122,16 @@ def _fewstep(cfg: DemoConfig, run: Path, size: dict, teacher: dict, progress: bo
             "latency_ratio": b["latency_ratio"], "flop_ratio": b["flop_ratio"], "model": str(sdir / "student")}
 
 
+def analysis_made_by(analysis: AnalysisSection, teacher: str, op) -> dict:
+    """What the demo's analysis was made from (kept beside it; an analysis made otherwise is redone): the teacher's
+    fingerprint, the analysis settings, the operation scored, and a prompt file's contents (a registered spec is its
+    own identity, and adds nothing, so runs recorded before this was recorded keep their analysis)."""
+    made_by = {"teacher": teacher, **analysis.model_dump(mode="json"), "op": op}
+    if (files := spec_contents(analysis.prompts)) != analysis.prompts:
+        made_by["prompts_files"] = files
+    return made_by
+
+
 def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = True) -> Path:
     """Run (or continue) the full demo into ``out``; return the run directory."""
     from slimdit.data.synth import read_prompts
@@ -154,7 +164,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     check_run_dir(run, cfg, inputs)  # before any work: refuses a run made from other inputs
     # 1. which blocks matter (plots for the report; the schedule scores units itself at each stage)
     op = cfg.schedule.c_fixed if cfg.schedule.op == "svd" else "remove"
-    made_by = {"teacher": inputs["teacher"], **cfg.analysis.model_dump(mode="json"), "op": op}
+    made_by = analysis_made_by(cfg.analysis, inputs["teacher"], op)
     done = run / "analysis" / "made_by.json"
     if not (done.exists() and read_json(done) == made_by):  # an analysis of other settings is redone, not kept
         shutil.rmtree(run / "analysis", ignore_errors=True)

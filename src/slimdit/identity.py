@@ -24,12 +24,15 @@ from slimdit.registry import is_spec
 # fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on,
 # whether the memory plan is checked
 FREE_FIELDS = ("train.max_skipped_steps", "memory_plan")
+# inputs recorded since runs began: a record saved without one was written before it was recorded and is taken as
+# matching it (the record then gains it, and from there on a change is refused)
+ADDED_INPUTS = ("baseline",)
 # what a run's work leaves; a directory with none of it (only records, caches, a plan or a selection that the next
 # attempt writes again) has done no work
 WORK = ("**/checkpoints/step_*", "**/done.json", "student", "untrained", "summary.json", "metrics", "bench.json")
 
 
-def _contents(spec: str | None) -> str | None:
+def spec_contents(spec: str | None) -> str | None:
     """A data or prompt spec's identity: a registered spec (``shapes-train:...``) is generated from its spec, a path
     is its files."""
     if spec is None or is_spec(spec) or not Path(spec).exists():
@@ -51,12 +54,15 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     plan = getattr(cfg, "plan", None)
     if plan is not None:
         out["plan"] = (Plan.load(plan) if isinstance(plan, str) else Plan.from_dict(plan)).to_dict()
-    out["data.real"] = _contents(cfg.data.real)
+    out["data.real"] = spec_contents(cfg.data.real)
     synth = cfg.data.synth  # the sets runs make are checked against their synth.json; a user's folder by its files
-    out["data.synth"] = None if synth is None else "made by the run" if made_by_run(synth) else _contents(synth)
+    out["data.synth"] = None if synth is None else "made by the run" if made_by_run(synth) else spec_contents(synth)
     calibration = getattr(cfg, "calibration", None)
     if calibration is not None:
-        out["calibration.prompts"] = _contents(calibration.prompts)
+        out["calibration.prompts"] = spec_contents(calibration.prompts)
+    baseline = getattr(cfg, "baseline", None)  # a reward run's model evaluated beside it: its metrics are kept
+    if isinstance(baseline, str):
+        out["baseline"] = model_fingerprint(baseline)
     return out
 
 
@@ -125,7 +131,9 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
         old = without_fields(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
         changes += [f"config {line}" for line in changed_fields(old, config)]
     if (run / "inputs.json").exists():
-        changes += [f"input {line}" for line in changed_fields(read_json(run / "inputs.json"), inputs)]
+        saved = read_json(run / "inputs.json")
+        now = {k: v for k, v in inputs.items() if k in saved or k not in ADDED_INPUTS}
+        changes += [f"input {line}" for line in changed_fields(saved, now)]
     if changes and _started(run):
         raise ValueError(f"{run} holds a run made from other inputs; restore them or choose another out:\n  "
                          + "\n  ".join(changes))
