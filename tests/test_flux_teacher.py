@@ -4,6 +4,7 @@ FluxPipeline that samples with true CFG, then guidance distillation into a one-p
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -89,6 +90,21 @@ def test_guided_student_starts_as_the_base_and_distils_to_one_pass(base, tmp_pat
     pipe.transformer.register_forward_pre_hook(lambda _m, _a, k: calls.append(k["guidance"]), with_kwargs=True)
     images = pipeline_sampler(pipe, str(guided), steps=2).generate(["a red circle"], [0])
     assert images.shape == (1, 32, 32, 3) and len(calls) == 2 and float(calls[0][0]) == 3.5  # one pass per step
+    # its checkpoints are continued only from what made them: another guidance range or rate is refused by name
+    train = {"steps": 3, "batch_size": 2, "warmup_steps": 1, "log_every": 1}
+    for change, line in [({"w_range": (1.0, 4.0)}, "made from other inputs; restore them or choose another run "
+                                                    "directory:\n  w_range: [1.0, 5.0] -> [1.0, 4.0]"),
+                         ({"train": {**train, "lr": 1e-3}}, "directory:\n  train.lr: 0.0001 -> 0.001")]:
+        with pytest.raises(ValueError, match=re.escape(line) + "$"):
+            guidance_distill(out, tmp_path / "g", tmp_path / "other", data="shapes-train:8",
+                             **{"train": train, **change}, progress=False)
+    assert not (tmp_path / "other").exists()
+    from slimdit.worlds.shapes.flux_teacher import _claim_guidance_run
+
+    record = json.loads((tmp_path / "g" / "made_by.json").read_text())
+    (tmp_path / "g" / "made_by.json").unlink()  # checkpoints from before the record: continued, and recorded
+    _claim_guidance_run(tmp_path / "g", out, "shapes-train:8", (1.0, 5.0), {"lr": 1e-3})
+    assert json.loads((tmp_path / "g" / "made_by.json").read_text())["train"] == {"lr": 1e-3} != record["train"]
 
 
 def test_a_resumed_run_keeps_its_recipe(base):

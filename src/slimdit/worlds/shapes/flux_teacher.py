@@ -320,6 +320,31 @@ def guided_student(base_transformer, seed: int = 0):
     return student
 
 
+def _claim_guidance_run(run: Path, base_dir, data: str, w_range, fields: dict) -> None:
+    """Record what a guidance distillation in ``run`` is made from (``made_by.json``: the base's files, the
+    data, the guidance range, the training settings but its length) and refuse a run whose checkpoints were made
+    from anything else, naming each change. A run with no checkpoint yet is taken over (its cached conditioning,
+    keyed by the base's path, is dropped). Checkpoints from before this record are continued, and recorded."""
+    import shutil
+    import sys
+
+    from slimdit.identity import changed_fields, spec_contents
+    from slimdit.pipelines.loading import model_fingerprint
+
+    record = {"base": model_fingerprint(str(base_dir)), "data": spec_contents(data), "w_range": list(w_range),
+              "train": {k: v for k, v in fields.items() if k != "steps"}}
+    path, started = run / "made_by.json", next(run.glob("checkpoints/step_*"), None) is not None
+    changes = changed_fields(read_json(path), record) if path.exists() else []
+    if changes and started:
+        raise ValueError(f"{run} holds a guidance distillation made from other inputs; restore them or choose "
+                         "another run directory:\n  " + "\n  ".join(changes))
+    if changes:
+        print(f"slimdit: {run} held no checkpoint yet; starting it with the new inputs", file=sys.stderr)
+        shutil.rmtree(run / "cache", ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+
+
 def guidance_distill(base_dir: str | Path, run_dir: str | Path, out_dir: str | Path, data: str = "shapes-train:8192",
                      train: dict | None = None, w_range: tuple[float, float] = (1.0, 5.0),
                      progress: bool = True) -> Path:
@@ -332,15 +357,16 @@ def guidance_distill(base_dir: str | Path, run_dir: str | Path, out_dir: str | P
     from slimdit.models import adapter_for
     from slimdit.pipelines.loading import load_pipeline, save_pipeline_with
 
+    fields = {"steps": 2000, "optimizer": "adamw", "lr": 1e-4, "warmup_steps": 100, "batch_size": 64,
+              "grad_clip": 1.0, "caption_dropout": 0.0, "checkpoint_every": 250, "val_every": 0,
+              "lr_schedule": "cosine", **(train or {})}
+    _claim_guidance_run(Path(run_dir), base_dir, data, w_range, fields)
     pipe = load_pipeline(str(base_dir))
     teacher = pipe.transformer.eval()
     student = guided_student(teacher, (train or {}).get("seed", 0))
     adapter = adapter_for(student, pipe.scheduler.config)
     cond = cached_conditioning(pipe, str(base_dir), load_dataset(data), Path(run_dir) / "cache",
                                SAMPLING["max_sequence_length"])
-    fields = {"steps": 2000, "optimizer": "adamw", "lr": 1e-4, "warmup_steps": 100, "batch_size": 64,
-              "grad_clip": 1.0, "caption_dropout": 0.0, "checkpoint_every": 250, "val_every": 0,
-              "lr_schedule": "cosine", **(train or {})}
     trainer = Trainer(adapter, teacher, student, cond, TrainConfig(**fields), run_dir,
                       loss=GuidanceLoss(adapter, cond.null, *w_range))
     trainer.train(progress=progress)
