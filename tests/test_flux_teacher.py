@@ -18,7 +18,7 @@ from slimdit.worlds.shapes.flux_teacher import (
 )
 
 TINY = dict(double=1, single=1, heads=2, head_dim=8, t5_dim=16, t5_layers=1, clip_dim=16, vae_width=8, vae_steps=2,
-            batch_size=4, checkpoint_every=2, warmup=1)
+            batch_size=4, checkpoint_every=2, warmup=1, vae_check_prompts=12)
 
 
 def _weights(run):

@@ -10,7 +10,7 @@ from slimdit.io import load_tensors
 from slimdit.worlds.shapes.teacher import TeacherConfig, export_teacher, train_teacher
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, text_dim=16, batch_size=4, warmup=2,
-            checkpoint_every=2, seed=3, latent_channels=4, vae_width=8, vae_steps=2)
+            checkpoint_every=2, seed=3, latent_channels=4, vae_width=8, vae_steps=2, vae_check_prompts=12)
 PIXEL = {**TINY, "latent_channels": 0, "patch_size": 4}  # pixel space, as runs before the autoencoder
 
 
@@ -179,11 +179,15 @@ def test_the_autoencoder_records_its_scaling_and_reconstruction_ceiling(tmp_path
 
     from diffusers import AutoencoderKL
 
+    from slimdit.worlds.shapes.teacher import teacher_config
+
     train_teacher(tmp_path, TeacherConfig(steps=1, **TINY))
     q = json.loads((tmp_path / "vae_quality.json").read_text())
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert vae.config.scaling_factor == pytest.approx(1.0 / q["latent_std"])
-    assert q["steps"] == 2 and "reconstruction_geneval_accuracy" in q
+    assert q["steps"] == 2 and 0 <= q["reconstruction_geneval_accuracy"] <= 1 and q["reconstruction_prompts"] == 12
+    # the check's prompts may change under a run (it only measures): a resumed run keeps its recipe
+    assert teacher_config(tmp_path, vae_check_prompts=300).vae_check_prompts == 300
 
 
 def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends(tmp_path):

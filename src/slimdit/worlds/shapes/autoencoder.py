@@ -40,13 +40,16 @@ def build_vae(width: int, latent_channels: int):
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae, device, n_per_batch: int = 100) -> float:
-    """Share of the evaluation prompts whose ground-truth render still satisfies the detector after encode-decode:
-    the ceiling the latent space puts on any teacher that samples in it."""
+def reconstruction_accuracy(vae, device, n_per_batch: int = 100, limit: int | None = None) -> float:
+    """Share of the evaluation prompts (``limit``: that many, spread over the set) whose ground-truth render still
+    satisfies the detector after encode-decode: the ceiling the latent space puts on any teacher that samples in
+    it."""
     from slimdit.worlds.shapes.detector import detect, prompt_holds
     from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt
 
     prompts, ok = eval_prompts(), 0
+    if limit is not None and limit < len(prompts):
+        prompts = prompts[::len(prompts) // limit][:limit]
     for i in range(0, len(prompts), n_per_batch):
         chunk = prompts[i:i + n_per_batch]
         imgs = np.stack([render_prompt(p, np.random.default_rng((7, i + j))) for j, p in enumerate(chunk)])
@@ -109,5 +112,7 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None, buil
     vae.save_pretrained(final, safe_serialization=True)
     write_json(run / "vae_quality.json", {"steps": step, "elapsed_s": round(elapsed + time.time() - t_start, 1),
                                           "latent_std": float(z.std()), "latent_mean": float(z.mean()),
-                                          "reconstruction_geneval_accuracy": reconstruction_accuracy(vae, device)})
+                                          "reconstruction_geneval_accuracy": reconstruction_accuracy(
+                                              vae, device, limit=cfg.vae_check_prompts),
+                                          "reconstruction_prompts": cfg.vae_check_prompts})
     return vae

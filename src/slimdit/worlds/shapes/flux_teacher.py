@@ -35,6 +35,7 @@ class FluxTeacherConfig:
     vae_steps: int = 2500
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_check_prompts: int = 300  # evaluation prompts the finished autoencoder's reconstruction is checked on
     # transformer and text encoders (FluxShape)
     double: int = 4
     single: int = 8
@@ -89,7 +90,7 @@ class FluxTeacherConfig:
 
 
 # what may change when a run resumes: how long, where and how fast; never what is learned
-RESUMABLE = frozenset({"steps", "threads", "device", "checkpoint_every", "keep_checkpoints"})
+RESUMABLE = frozenset({"steps", "threads", "device", "checkpoint_every", "keep_checkpoints", "vae_check_prompts"})
 # what a branch (``--from``) may change: how the optimisation goes on, never the architecture or the prediction
 # target (the latents it learns may switch from posterior draws to their means)
 BRANCHABLE = frozenset({"anneal_start", "lr", "ema_decay", "grad_clip", "weight_decay", "caption_dropout",

@@ -34,6 +34,9 @@ class TeacherConfig:
     vae_steps: int = 2500
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # evaluation prompts whose renders the finished autoencoder's reconstruction is checked on (all 300 by default;
+    # fewer for quick trials and tests: it only measures)
+    vae_check_prompts: int = 300
     # transformer: 12 PixArt blocks, hidden 96, patch 1 on 8x8 latents (patch 4 on 32x32 pixels): 64 tokens
     num_layers: int = 12
     num_attention_heads: int = 4
@@ -85,7 +88,8 @@ def saved_config(run_dir: str | Path) -> TeacherConfig:
 
 
 # what may change when a run resumes: how long, where and how fast; never what is learned
-RESUMABLE_FIELDS = frozenset({"steps", "threads", "device", "data_workers", "checkpoint_every", "keep_checkpoints"})
+RESUMABLE_FIELDS = frozenset({"steps", "threads", "device", "data_workers", "checkpoint_every", "keep_checkpoints",
+                              "vae_check_prompts"})
 
 
 def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable) -> TeacherConfig:
