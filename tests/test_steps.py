@@ -167,6 +167,13 @@ def test_a_start_that_is_not_steps_times_a_power_of_two_is_refused():
         StepsConfig(out="x", method="dmd2", disc_lr=1e-4)
     with pytest.raises(ValueError, match="mismatch_weight: the discriminator heads belong to method: ladd"):
         StepsConfig(out="x", method="direct", mismatch_weight=1.0)
+    with pytest.raises(ValueError, match=r"caption dropout \(train.caption_dropout: 0.1\) may have emptied"):
+        StepsConfig(out="x", method="ladd", mismatch_weight=1.0, train={"caption_dropout": 0.1})
+    with pytest.raises(ValueError, match="mismatch_weight needs at least 2 images per micro-batch"):
+        StepsConfig(out="x", method="ladd", mismatch_weight=1.0, train={"caption_dropout": 0.0, "batch_size": 2,
+                                                                         "grad_accum": 2})
+    # a refining round trains without caption dropout whatever the halvings use
+    assert StepsConfig(out="x", refine={"method": "ladd"}, mismatch_weight=1.0).mismatch_weight == 1.0
     with pytest.raises(ValueError, match="gan_weight: the GAN head belongs to method: dmd2"):
         StepsConfig(out="x", refine={"method": "ladd"}, gan_weight=0.01)
     with pytest.raises(ValueError, match="fake_lr: the fake score belongs to method: dmd2"):

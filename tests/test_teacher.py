@@ -188,6 +188,18 @@ def test_the_autoencoder_records_its_scaling_and_reconstruction_ceiling(tmp_path
     assert q["steps"] == 2 and 0 <= q["reconstruction_geneval_accuracy"] <= 1 and q["reconstruction_prompts"] == 12
     # the check's prompts may change under a run (it only measures): a resumed run keeps its recipe
     assert teacher_config(tmp_path, vae_check_prompts=300).vae_check_prompts == 300
+    with pytest.raises(ValueError, match="vae_check_prompts must be at least 1, got 0"):
+        teacher_config(tmp_path, vae_check_prompts=0)
+
+
+@pytest.mark.parametrize("limit", [6, 12, 200, 299])
+def test_the_reconstruction_check_spreads_its_prompts_over_every_category(limit):
+    from slimdit.worlds.shapes.autoencoder import check_prompts
+    from slimdit.worlds.shapes.prompts import CATEGORIES, eval_prompts
+
+    chosen = check_prompts(limit)
+    assert len(set(chosen)) == limit and {p.category for p in chosen} == set(CATEGORIES)
+    assert check_prompts(None) == check_prompts(300) == eval_prompts()
 
 
 def test_a_branch_that_changes_nothing_ends_where_the_straight_run_ends(tmp_path):

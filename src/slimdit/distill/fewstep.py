@@ -45,9 +45,10 @@ from slimdit.io import read_json, write_json
 class RefineSection(_Strict):
     """A last round after progressive distillation's halvings, on the final steps, from the last round's student:
     distribution matching (``dmd2``, with the run's ``fake_updates``, ``fake_lr`` and GAN settings) against the
-    run's teacher (its CFG distilled in again), or adversarial distillation (``ladd``, with the run's ``disc_lr``
-    and ``disc_units``) with the run's teacher as the discriminator's features. Halving trains each student step on
-    its own trajectory segment; both correct what the halvings lost on the samples the student really makes."""
+    run's teacher (its CFG distilled in again), or adversarial distillation (``ladd``, with the run's ``disc_lr``,
+    ``disc_units`` and ``mismatch_weight``) with the run's teacher as the discriminator's features. Halving trains
+    each student step on its own trajectory segment; both correct what the halvings lost on the samples the student
+    really makes."""
 
     method: Literal["dmd2", "ladd"] = "dmd2"
     # optimizer steps; the rest of the train section is the run's, with no caption dropout (it matches the guided
@@ -138,6 +139,13 @@ class StepsConfig(_Strict):
             raise ValueError(f"{what} runs a drawn number of student passes per update (backward "
                              f"simulation), which sharded weights (train.sharding: {self.train.sharding}) would have "
                              "to gather in step on every process: use train.sharding none or zero2")
+        if self.mismatch_weight and self.method == "ladd" and self.train.caption_dropout > 0:
+            raise ValueError(f"mismatch_weight shows the heads real latents under another row's caption, which "
+                             f"caption dropout (train.caption_dropout: {self.train.caption_dropout}) may have emptied: "
+                             "set train.caption_dropout: 0")
+        if self.mismatch_weight and self.train.batch_size // self.train.grad_accum < 2:
+            raise ValueError("mismatch_weight needs at least 2 images per micro-batch (train.batch_size / "
+                             "train.grad_accum) to give a row another row's caption")
         if self.refine is not None and self.method != "progressive":
             raise ValueError(f"refine: a round after progressive distillation's halvings; method {self.method} "
                              "has no halvings to refine (use method: dmd2 or ladd alone)")

@@ -20,7 +20,8 @@ discriminator that reads the frozen teacher's features, with no distillation los
   fakes, ``mismatch_weight * relu(1 + D(real, wrong caption))``. Without it nothing asks the heads to read the
   caption, so they can pass a realistic image of the wrong scene; with it, "real" means "real and of this
   caption", and the student's gradient carries the caption's objects, counts and colours. Rows whose rolled
-  conditioning equals their own (a caption twice in the batch) are left out of the term.
+  conditioning equals their own (a caption twice in the batch) are left out of the term; a batch with none left
+  logs it as 0. The captions must be the rows' own: the run refuses caption dropout with it.
 - A head step whose loss or gradient is not finite stops the run (:class:`slimdit.errors.TrainingDiverged`) before
   it is applied.
 
@@ -171,8 +172,9 @@ class LADDLoss:
         real = self._logits(teacher, batch.x0.float(), t, batch, graph=False)
         loss = F.relu(1 - real).mean() + F.relu(1 + self._logits(teacher, fake, t, batch, graph=False)).mean()
         self.mismatch = None
-        if self.mismatch_weight > 0:
+        if self.mismatch_weight > 0:  # logged at every step (0 where no row got another caption), on every process
             wrong, other = mismatched(batch.cond)
+            self.mismatch = loss.new_zeros(())
             if other.any():
                 logits = self._logits(teacher, batch.x0.float(), t, batch, graph=False, cond=wrong)
                 self.mismatch = F.relu(1 + logits[:, other]).mean()

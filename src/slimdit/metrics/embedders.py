@@ -96,7 +96,9 @@ def get_embedder(spec: str) -> Embedder:
     """A registered embedder (``shapes``), ``clip`` (the CMMD CLIP) or ``clip:<hub id or directory>``.
 
     One instance per spec in a process (embedders are frozen once built): a run that evaluates several models
-    loads each embedder once, and the benchmark's reference embeddings, cached per embedder, are computed once."""
+    loads each embedder once, and the benchmark's reference embeddings, cached per embedder, are computed once. The
+    instance (a CLIP on the GPU, say) stays for the process; ``get_embedder.cache_clear()`` lets it go, and is
+    needed to see a ``clip:<directory>`` rewritten within the process."""
     name, _, arg = spec.partition(":")
     if name == "clip":
         return ClipEmbedder(arg or DEFAULT_CLIP)

@@ -39,17 +39,27 @@ def build_vae(width: int, latent_channels: int):
                          sample_size=32)
 
 
+def check_prompts(limit: int | None = None) -> tuple:
+    """The evaluation prompts the reconstruction check renders: all of them, or ``limit`` evenly spaced over the set
+    (which is stored category by category, so every category is represented once ``limit`` reaches their count)."""
+    from slimdit.worlds.shapes.prompts import eval_prompts
+
+    prompts = eval_prompts()
+    if limit is None or limit >= len(prompts):
+        return prompts
+    if limit < 1:
+        raise ValueError(f"vae_check_prompts must be at least 1, got {limit}")
+    return tuple(prompts[k * len(prompts) // limit] for k in range(limit))
+
+
 @torch.no_grad()
 def reconstruction_accuracy(vae, device, n_per_batch: int = 100, limit: int | None = None) -> float:
-    """Share of the evaluation prompts (``limit``: that many, spread over the set) whose ground-truth render still
-    satisfies the detector after encode-decode: the ceiling the latent space puts on any teacher that samples in
-    it."""
+    """Share of the evaluation prompts (:func:`check_prompts`) whose ground-truth render still satisfies the detector
+    after encode-decode: the ceiling the latent space puts on any teacher that samples in it."""
     from slimdit.worlds.shapes.detector import detect, prompt_holds
-    from slimdit.worlds.shapes.prompts import eval_prompts, render_prompt
+    from slimdit.worlds.shapes.prompts import render_prompt
 
-    prompts, ok = eval_prompts(), 0
-    if limit is not None and limit < len(prompts):
-        prompts = prompts[::len(prompts) // limit][:limit]
+    prompts, ok = check_prompts(limit), 0
     for i in range(0, len(prompts), n_per_batch):
         chunk = prompts[i:i + n_per_batch]
         imgs = np.stack([render_prompt(p, np.random.default_rng((7, i + j))) for j, p in enumerate(chunk)])
@@ -114,5 +124,5 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None, buil
                                           "latent_std": float(z.std()), "latent_mean": float(z.mean()),
                                           "reconstruction_geneval_accuracy": reconstruction_accuracy(
                                               vae, device, limit=cfg.vae_check_prompts),
-                                          "reconstruction_prompts": cfg.vae_check_prompts})
+                                          "reconstruction_prompts": len(check_prompts(cfg.vae_check_prompts))})
     return vae

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,6 +125,8 @@ def _checked(cfg: FluxTeacherConfig) -> FluxTeacherConfig:
         raise ValueError(f"pooled_dropout must lie in [0, 1), got {cfg.pooled_dropout}")
     if not cfg.qk_norm_init > 0:  # NaN too
         raise ValueError(f"qk_norm_init must be positive, got {cfg.qk_norm_init}")
+    if cfg.vae_check_prompts < 1:
+        raise ValueError(f"vae_check_prompts must be at least 1, got {cfg.vae_check_prompts}")
     if cfg.freeze_t5 and not cfg.t5_from:
         raise ValueError("freeze_t5 needs t5_from: a T5 trained from scratch cannot stay frozen")
     if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
@@ -321,19 +324,25 @@ def guided_student(base_transformer, seed: int = 0):
     return student
 
 
+# training settings that may change under a guidance distillation: how long, and how often it logs and checkpoints
+BOOKKEEPING = ("steps", "checkpoint_every", "log_every", "keep_checkpoints")
+
+
 def _claim_guidance_run(run: Path, base_dir, data: str, w_range, fields: dict) -> None:
-    """Record what a guidance distillation in ``run`` is made from (``made_by.json``: the base's files, the
-    data, the guidance range, the training settings but its length) and refuse a run whose checkpoints were made
-    from anything else, naming each change. A run with no checkpoint yet is taken over (its cached conditioning,
-    keyed by the base's path, is dropped). Checkpoints from before this record are continued, and recorded."""
+    """Record what a guidance distillation in ``run`` is made from (``made_by.json``: the base's files, the data,
+    the guidance range, the training settings but :data:`BOOKKEEPING`) and refuse a run whose checkpoints were
+    made from anything else, naming each change. A run with no checkpoint yet is taken over (its cached
+    conditioning, keyed by the base's path, is dropped). Checkpoints from before this record are continued, and
+    recorded."""
     import shutil
     import sys
 
     from slimdit.identity import changed_fields, spec_contents
     from slimdit.pipelines.loading import model_fingerprint
 
-    record = {"base": model_fingerprint(str(base_dir)), "data": spec_contents(data), "w_range": list(w_range),
-              "train": {k: v for k, v in fields.items() if k != "steps"}}
+    record = json.loads(json.dumps({"base": model_fingerprint(str(base_dir)), "data": spec_contents(data),
+                                    "w_range": list(w_range),
+                                    "train": {k: v for k, v in fields.items() if k not in BOOKKEEPING}}))
     path, started = run / "made_by.json", next(run.glob("checkpoints/step_*"), None) is not None
     changes = changed_fields(read_json(path), record) if path.exists() else []
     if changes and started:
@@ -361,6 +370,7 @@ def guidance_distill(base_dir: str | Path, run_dir: str | Path, out_dir: str | P
     fields = {"steps": 2000, "optimizer": "adamw", "lr": 1e-4, "warmup_steps": 100, "batch_size": 64,
               "grad_clip": 1.0, "caption_dropout": 0.0, "checkpoint_every": 250, "val_every": 0,
               "lr_schedule": "cosine", **(train or {})}
+    tcfg = TrainConfig(**fields)  # refuses bad settings before anything is recorded
     _claim_guidance_run(Path(run_dir), base_dir, data, w_range, fields)
     pipe = load_pipeline(str(base_dir))
     teacher = pipe.transformer.eval()
@@ -368,7 +378,7 @@ def guidance_distill(base_dir: str | Path, run_dir: str | Path, out_dir: str | P
     adapter = adapter_for(student, pipe.scheduler.config)
     cond = cached_conditioning(pipe, str(base_dir), load_dataset(data), Path(run_dir) / "cache",
                                SAMPLING["max_sequence_length"])
-    trainer = Trainer(adapter, teacher, student, cond, TrainConfig(**fields), run_dir,
+    trainer = Trainer(adapter, teacher, student, cond, tcfg, run_dir,
                       loss=GuidanceLoss(adapter, cond.null, *w_range))
     trainer.train(progress=progress)
     out = save_pipeline_with(pipe, trainer.student_model(), out_dir)

@@ -117,6 +117,8 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
         raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
     if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
         raise ValueError(f"anneal_start must lie between 0 and steps ({cfg.steps}), got {cfg.anneal_start}")
+    if cfg.vae_check_prompts < 1:
+        raise ValueError(f"vae_check_prompts must be at least 1, got {cfg.vae_check_prompts}")
     return cfg
 
 
