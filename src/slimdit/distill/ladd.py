@@ -74,8 +74,9 @@ def mismatched(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     """Each row's conditioning replaced by the next row's (rolled by one), and which rows really changed
     ``(N,)`` bool: a caption that appears twice in a row of the batch gives its own conditioning back."""
     wrong = {k: v.roll(1, 0) for k, v in cond.items()}
-    n = next(iter(cond.values())).shape[0]
-    same = torch.ones(n, dtype=torch.bool, device=next(iter(cond.values())).device)
+    first = next(iter(cond.values()))
+    n = first.shape[0]
+    same = torch.ones(n, dtype=torch.bool, device=first.device)
     for k, v in cond.items():
         same &= (v == wrong[k]).reshape(n, -1).all(1)
     return wrong, ~same

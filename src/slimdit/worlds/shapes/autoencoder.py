@@ -53,13 +53,13 @@ def check_prompts(limit: int | None = None) -> tuple:
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vae, device, n_per_batch: int = 100, limit: int | None = None) -> float:
-    """Share of the evaluation prompts (:func:`check_prompts`) whose ground-truth render still satisfies the detector
-    after encode-decode: the ceiling the latent space puts on any teacher that samples in it."""
+def reconstruction_accuracy(vae, device, prompts: tuple, n_per_batch: int = 100) -> float:
+    """Share of ``prompts`` (:func:`check_prompts`) whose ground-truth render still satisfies the detector after
+    encode-decode: the ceiling the latent space puts on any teacher that samples in it."""
     from slimdit.worlds.shapes.detector import detect, prompt_holds
     from slimdit.worlds.shapes.prompts import render_prompt
 
-    prompts, ok = check_prompts(limit), 0
+    ok = 0
     for i in range(0, len(prompts), n_per_batch):
         chunk = prompts[i:i + n_per_batch]
         imgs = np.stack([render_prompt(p, np.random.default_rng((7, i + j))) for j, p in enumerate(chunk)])
@@ -120,9 +120,10 @@ def train_vae(run: Path, cfg, device: torch.device, deadline: float | None, buil
     if getattr(vae.config, "shift_factor", None) is not None:  # Flux's VAE centres its latents too
         vae.register_to_config(shift_factor=float(z.mean()))
     vae.save_pretrained(final, safe_serialization=True)
+    checked = check_prompts(cfg.vae_check_prompts)
     write_json(run / "vae_quality.json", {"steps": step, "elapsed_s": round(elapsed + time.time() - t_start, 1),
                                           "latent_std": float(z.std()), "latent_mean": float(z.mean()),
-                                          "reconstruction_geneval_accuracy": reconstruction_accuracy(
-                                              vae, device, limit=cfg.vae_check_prompts),
-                                          "reconstruction_prompts": len(check_prompts(cfg.vae_check_prompts))})
+                                          "reconstruction_geneval_accuracy": reconstruction_accuracy(vae, device,
+                                                                                                     checked),
+                                          "reconstruction_prompts": len(checked)})
     return vae

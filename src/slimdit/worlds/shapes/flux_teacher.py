@@ -119,14 +119,15 @@ def flux_config(run_dir: str | Path, fields: dict | None = None) -> FluxTeacherC
 
 
 def _checked(cfg: FluxTeacherConfig) -> FluxTeacherConfig:
+    from slimdit.worlds.shapes.autoencoder import check_prompts
+
     if cfg.latents not in ("sample", "mean"):
         raise ValueError(f"latents must be 'sample' or 'mean', got {cfg.latents!r}")
     if not 0.0 <= cfg.pooled_dropout < 1.0:
         raise ValueError(f"pooled_dropout must lie in [0, 1), got {cfg.pooled_dropout}")
     if not cfg.qk_norm_init > 0:  # NaN too
         raise ValueError(f"qk_norm_init must be positive, got {cfg.qk_norm_init}")
-    if cfg.vae_check_prompts < 1:
-        raise ValueError(f"vae_check_prompts must be at least 1, got {cfg.vae_check_prompts}")
+    check_prompts(cfg.vae_check_prompts)  # refuses a count under 1 before any training
     if cfg.freeze_t5 and not cfg.t5_from:
         raise ValueError("freeze_t5 needs t5_from: a T5 trained from scratch cannot stay frozen")
     if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:

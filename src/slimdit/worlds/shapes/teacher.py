@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from slimdit.distill.lr import warmup_cosine
 from slimdit.distill.objectives import DDPM
 from slimdit.io import load_tensors, read_json, write_json
-from slimdit.worlds.shapes.autoencoder import images_to_tensor
+from slimdit.worlds.shapes.autoencoder import check_prompts, images_to_tensor
 from slimdit.worlds.shapes.checkpoints import checkpoints, load_into
 from slimdit.worlds.shapes.loop import TeacherLoop
 from slimdit.worlds.shapes.prompts import TrainingSet
@@ -117,8 +117,7 @@ def teacher_config(run_dir: str | Path, recipe: dict | None = None, **resumable)
         raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
     if cfg.anneal_start and not 0 < cfg.anneal_start < cfg.steps:
         raise ValueError(f"anneal_start must lie between 0 and steps ({cfg.steps}), got {cfg.anneal_start}")
-    if cfg.vae_check_prompts < 1:
-        raise ValueError(f"vae_check_prompts must be at least 1, got {cfg.vae_check_prompts}")
+    check_prompts(cfg.vae_check_prompts)  # refuses a count under 1 before any training
     return cfg
 
 
