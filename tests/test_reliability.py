@@ -295,3 +295,59 @@ def test_the_demos_analysis_is_made_by_its_prompt_files_contents(tmp_path):
     first = analysis_made_by(section, "t", "remove")
     prompts.write_text("a blue square\n")  # the same path, other prompts: the analysis is made again
     assert analysis_made_by(section, "t", "remove") != first
+
+
+def test_a_hub_ids_fingerprint_names_its_cached_revision_and_records_from_before_continue(tiny_teacher, tmp_path,
+                                                                                        monkeypatch):
+    import huggingface_hub.constants
+
+    from slimdit.config import DistillConfig
+    from slimdit.distill.reflow import check_pairs_record
+    from slimdit.identity import check_run_dir, input_fingerprints, same_value
+    from slimdit.pipelines.loading import model_fingerprint
+    from tests.test_layouts import _hub_cache
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo, first, second = "someone/tiny-pipeline", "0" * 40, "1" * 40
+    _hub_cache(cache, repo, Path(tiny_teacher))
+    assert model_fingerprint(repo) == f"{repo}@{first}"
+    assert model_fingerprint(f"{repo}#transformer=someone/not-cached") == f"{repo}@{first}+someone/not-cached"
+    assert same_value(repo, f"{repo}@{first}") and not same_value(f"{repo}@{first}", f"{repo}@{second}")
+    assert not same_value("someone/other", f"{repo}@{first}") and not same_value("0a1b", f"0a1b@{first}")
+
+    cfg = DistillConfig.model_validate({"teacher": repo, "plan": {"units": {}}, "out": str(tmp_path / "run"),
+                                        "data": {"real": "shapes-train:8"}})
+    run, pairs = Path(cfg.out), tmp_path / "pairs"
+    check_run_dir(run, cfg, input_fingerprints(cfg))
+    (run / "summary.json").write_text("{}")  # work done
+    record = {"made_by": {"teacher": repo}, "rows": 8}  # as runs recorded a hub id before its revision
+    check_pairs_record(pairs, record)
+    (pairs / "pairs_00000.safetensors").write_bytes(b"")
+    (run / "inputs.json").write_text(json.dumps({**input_fingerprints(cfg), "teacher": repo}))
+    now = {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8}
+    check_run_dir(run, cfg, input_fingerprints(cfg))  # the bare id matches the cached revision: both continue
+    check_pairs_record(pairs, now)
+    assert json.loads((run / "inputs.json").read_text())["teacher"] == f"{repo}@{first}"  # and gain it
+    assert json.loads((pairs / "pairs.json").read_text()) == now
+
+    # a new revision pulled under the same id: refused by name
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder / "snapshots" / first, folder / "snapshots" / second)
+    (folder / "refs" / "main").write_text(second)
+    with pytest.raises(ValueError, match=f"input teacher: '{repo}@{first}' -> '{repo}@{second}'"):
+        check_run_dir(run, cfg, input_fingerprints(cfg))
+    with pytest.raises(ValueError, match=f"made_by.teacher: '{repo}@{first}' -> '{repo}@{second}'"):
+        check_pairs_record(pairs, {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8})
+
+
+def test_a_synthetic_set_recorded_with_a_bare_hub_id_continues_and_gains_the_revision(tmp_path):
+    from slimdit.data.synth import _check_folder
+
+    repo, rev = "someone/tiny-pipeline", "2" * 40
+    record = {"model": repo, "weights": f"{repo}@{rev}", "prompts": None, "seed": 0}
+    (tmp_path / "synth.json").write_text(json.dumps({**record, "weights": repo}))
+    assert _check_folder(tmp_path, record, ["a"]) == 0
+    assert json.loads((tmp_path / "synth.json").read_text())["weights"] == f"{repo}@{rev}"
+    with pytest.raises(ValueError, match="weights"):
+        _check_folder(tmp_path, {**record, "weights": f"{repo}@{'3' * 40}"}, ["a"])

@@ -10,6 +10,7 @@ over by the corrected config.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,26 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     return out
 
 
+_HUB_REVISION = re.compile(r"@[0-9a-f]{40}")
+
+
+def same_value(old: Any, new: Any) -> bool:
+    """Whether a recorded value matches today's: equal, or a model fingerprint recorded before a hub id carried its
+    cached revision (``owner/name`` then, ``owner/name@<commit>`` now; :func:`slimdit.pipelines.loading.
+    model_fingerprint`), which is taken as matching whatever revision is cached. A record that gains the revision
+    then sees the next one."""
+    if old == new:
+        return True
+    return (isinstance(old, str) and isinstance(new, str) and "@" not in old and "/" in old
+            and _HUB_REVISION.search(new) is not None and _HUB_REVISION.sub("", new) == old)
+
+
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ."""
+    """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ (:func:`same_value`)."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [line for k in dict.fromkeys([*old, *new])
                 for line in changed_fields(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+    return [] if same_value(old, new) else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 def _as_now(cfg: BaseModel, saved: dict, ignored: tuple[str, ...]) -> dict:
