@@ -297,6 +297,23 @@ def test_the_demos_analysis_is_made_by_its_prompt_files_contents(tmp_path):
     assert analysis_made_by(section, "t", "remove") != first
 
 
+def test_a_demo_taken_over_by_another_config_keeps_only_its_analysis_time(tiny_teacher, tmp_path):
+    from slimdit.config import DistillConfig
+    from slimdit.demo import carried_timings
+    from slimdit.identity import check_run_dir, input_fingerprints
+
+    cfg = DistillConfig.model_validate({"teacher": tiny_teacher, "plan": {"units": {}}, "out": str(tmp_path / "run"),
+                                        "data": {"real": "shapes-train:8"}})
+    run = Path(cfg.out)
+    assert check_run_dir(run, cfg, input_fingerprints(cfg)) is False  # a new run
+    assert check_run_dir(run, cfg, input_fingerprints(cfg)) is False  # the same run, continued
+    (run / "timings.json").write_text(json.dumps({"analysis": 5.0, "schedule": 100.0}))
+    assert carried_timings(run, False) == {"analysis": 5.0, "schedule": 100.0}  # continued: its times add up
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": 0.5})})
+    assert check_run_dir(run, other, input_fingerprints(other)) is True  # no work yet: taken over
+    assert carried_timings(run, True) == {"analysis": 5.0}  # the failed attempt's schedule time is not this run's
+
+
 def test_a_hub_ids_fingerprint_names_its_cached_revision_and_records_from_before_continue(tiny_teacher, tmp_path,
                                                                                         monkeypatch):
     import huggingface_hub.constants

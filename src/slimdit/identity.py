@@ -135,9 +135,10 @@ def _started(run: Path) -> bool:
     return any(next(run.glob(pattern), None) is not None for pattern in WORK)
 
 
-def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> None:
+def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> bool:
     """Claim ``run`` for ``cfg`` and ``inputs``: refuse a run directory whose work came from another config or
-    other inputs (naming what changed), take over one that holds no work yet, and record both."""
+    other inputs (naming what changed), take over one that holds no work yet, and record both. Returns whether it
+    took over a run recorded otherwise."""
     run = Path(run)
     ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
     config = without_fields(cfg.model_dump(mode="json"), ignored)
@@ -160,3 +161,4 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
         ensure_writable(shared, "eval.shared")
     dump_config(cfg, run / "config.yaml")
     write_json(run / "inputs.json", inputs)
+    return bool(changes)
