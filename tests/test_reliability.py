@@ -297,74 +297,25 @@ def test_the_demos_analysis_is_made_by_its_prompt_files_contents(tmp_path):
     assert analysis_made_by(section, "t", "remove") != first
 
 
-def test_a_demo_taken_over_by_another_config_keeps_only_its_analysis_time(tiny_teacher, tmp_path):
-    from slimdit.config import DistillConfig
-    from slimdit.demo import carried_timings
-    from slimdit.identity import check_run_dir, input_fingerprints
+def test_a_redone_demo_analysis_replaces_its_time_and_a_kept_one_keeps_it(tmp_path, monkeypatch):
+    import time
 
-    cfg = DistillConfig.model_validate({"teacher": tiny_teacher, "plan": {"units": {}}, "out": str(tmp_path / "run"),
-                                        "data": {"real": "shapes-train:8"}})
-    run = Path(cfg.out)
-    assert check_run_dir(run, cfg, input_fingerprints(cfg)) is False  # a new run
-    assert check_run_dir(run, cfg, input_fingerprints(cfg)) is False  # the same run, continued
-    (run / "timings.json").write_text(json.dumps({"analysis": 5.0, "schedule": 100.0}))
-    assert carried_timings(run, False) == {"analysis": 5.0, "schedule": 100.0}  # continued: its times add up
-    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_clip": 0.5})})
-    assert check_run_dir(run, other, input_fingerprints(other)) is True  # no work yet: taken over
-    assert carried_timings(run, True) == {"analysis": 5.0}  # the failed attempt's schedule time is not this run's
+    import slimdit.importance.analyze
+    import slimdit.schedules.run
+    from slimdit.demo import run_demo
 
+    def analyze(*args, **kwargs):  # stands in for the analysis: takes a known time
+        time.sleep(0.3)
 
-def test_a_hub_ids_fingerprint_names_its_cached_revision_and_records_from_before_continue(tiny_teacher, tmp_path,
-                                                                                        monkeypatch):
-    import huggingface_hub.constants
+    def schedule(*args, **kwargs):  # the schedule fails: the run holds no work and may be taken over
+        raise RuntimeError("stopped after the analysis")
 
-    from slimdit.config import DistillConfig
-    from slimdit.distill.reflow import check_pairs_record
-    from slimdit.identity import check_run_dir, input_fingerprints, same_value
-    from slimdit.pipelines.loading import model_fingerprint
-    from tests.test_layouts import _hub_cache
+    monkeypatch.setattr(slimdit.importance.analyze, "analyze", analyze)
+    monkeypatch.setattr(slimdit.schedules.run, "run_schedule", schedule)
+    out = tmp_path / "demo"
+    timings = out / "timings.json"
+    for overrides in ({}, {}, {"analysis.steps": 5}):  # made, kept by a rerun, redone under other settings
+        with pytest.raises(RuntimeError, match="stopped after the analysis"):
+            run_demo(out, overrides, progress=False)
+        assert 0.3 <= json.loads(timings.read_text())["analysis"] < 0.6  # once, never two attempts' sum
 
-    cache = tmp_path / "hub"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    repo, first, second = "someone/tiny-pipeline", "0" * 40, "1" * 40
-    _hub_cache(cache, repo, Path(tiny_teacher))
-    assert model_fingerprint(repo) == f"{repo}@{first}"
-    assert model_fingerprint(f"{repo}#transformer=someone/not-cached") == f"{repo}@{first}+someone/not-cached"
-    assert same_value(repo, f"{repo}@{first}") and not same_value(f"{repo}@{first}", f"{repo}@{second}")
-    assert not same_value("someone/other", f"{repo}@{first}") and not same_value("0a1b", f"0a1b@{first}")
-
-    cfg = DistillConfig.model_validate({"teacher": repo, "plan": {"units": {}}, "out": str(tmp_path / "run"),
-                                        "data": {"real": "shapes-train:8"}})
-    run, pairs = Path(cfg.out), tmp_path / "pairs"
-    check_run_dir(run, cfg, input_fingerprints(cfg))
-    (run / "summary.json").write_text("{}")  # work done
-    record = {"made_by": {"teacher": repo}, "rows": 8}  # as runs recorded a hub id before its revision
-    check_pairs_record(pairs, record)
-    (pairs / "pairs_00000.safetensors").write_bytes(b"")
-    (run / "inputs.json").write_text(json.dumps({**input_fingerprints(cfg), "teacher": repo}))
-    now = {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8}
-    check_run_dir(run, cfg, input_fingerprints(cfg))  # the bare id matches the cached revision: both continue
-    check_pairs_record(pairs, now)
-    assert json.loads((run / "inputs.json").read_text())["teacher"] == f"{repo}@{first}"  # and gain it
-    assert json.loads((pairs / "pairs.json").read_text()) == now
-
-    # a new revision pulled under the same id: refused by name
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder / "snapshots" / first, folder / "snapshots" / second)
-    (folder / "refs" / "main").write_text(second)
-    with pytest.raises(ValueError, match=f"input teacher: '{repo}@{first}' -> '{repo}@{second}'"):
-        check_run_dir(run, cfg, input_fingerprints(cfg))
-    with pytest.raises(ValueError, match=f"made_by.teacher: '{repo}@{first}' -> '{repo}@{second}'"):
-        check_pairs_record(pairs, {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8})
-
-
-def test_a_synthetic_set_recorded_with_a_bare_hub_id_continues_and_gains_the_revision(tmp_path):
-    from slimdit.data.synth import _check_folder
-
-    repo, rev = "someone/tiny-pipeline", "2" * 40
-    record = {"model": repo, "weights": f"{repo}@{rev}", "prompts": None, "seed": 0}
-    (tmp_path / "synth.json").write_text(json.dumps({**record, "weights": repo}))
-    assert _check_folder(tmp_path, record, ["a"]) == 0
-    assert json.loads((tmp_path / "synth.json").read_text())["weights"] == f"{repo}@{rev}"
-    with pytest.raises(ValueError, match="weights"):
-        _check_folder(tmp_path, {**record, "weights": f"{repo}@{'3' * 40}"}, ["a"])

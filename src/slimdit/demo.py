@@ -132,14 +132,6 @@ def analysis_made_by(analysis: AnalysisSection, teacher: str, op) -> dict:
     return made_by
 
 
-def carried_timings(run: Path, taken_over: bool) -> dict:
-    """The seconds earlier attempts at ``run`` spent per part (``timings.json``), which this attempt adds to: all of
-    them when it continues the same run; only the analysis's when it took over a run made from another config (the
-    analysis is kept when made the same way, and its time with it; a redone analysis replaces its time)."""
-    timings = read_json(run / "timings.json") if (run / "timings.json").exists() else {}
-    return {k: v for k, v in timings.items() if k == "analysis"} if taken_over else timings
-
-
 def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = True) -> Path:
     """Run (or continue) the full demo into ``out``; return the run directory."""
     from slimdit.data.synth import read_prompts
@@ -159,17 +151,17 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     if (run / "summary.json").exists() and "student" in read_json(run / "summary.json"):
         raise FileExistsError(f"{run} already holds a finished demo run; choose another --out")
     t0 = time.time()
-    inputs = input_fingerprints(cfg)
-    taken_over = check_run_dir(run, cfg, inputs)  # before any work: refuses a run made from other inputs
-    timings = carried_timings(run, taken_over)
+    timings = read_json(run / "timings.json") if (run / "timings.json").exists() else {}
 
-    def timed(name: str, fn, add: bool = True):
+    def timed(name: str, fn, add: bool = True):  # add: to an earlier attempt's time (a part continued, not redone)
         start = time.time()
         result = fn()
         timings[name] = round((timings.get(name, 0.0) if add else 0.0) + time.time() - start, 1)
         write_json(run / "timings.json", timings)
         return result
 
+    inputs = input_fingerprints(cfg)
+    check_run_dir(run, cfg, inputs)  # before any work: refuses a run made from other inputs
     # 1. which blocks matter (plots for the report; the schedule scores units itself at each stage)
     op = cfg.schedule.c_fixed if cfg.schedule.op == "svd" else "remove"
     made_by = analysis_made_by(cfg.analysis, inputs["teacher"], op)
@@ -178,7 +170,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
         shutil.rmtree(run / "analysis", ignore_errors=True)
         prompts = read_prompts(cfg.analysis.prompts)
         timed("analysis", lambda: analyze(cfg.teacher, cfg.analysis.criteria, run / "analysis", prompts, op=op,
-                                          steps=cfg.analysis.steps), add=False)
+                                          steps=cfg.analysis.steps), add=False)  # redone: its time replaces
         write_json(done, made_by)
     # 2. the schedule: select, compress, retrain, evaluate, stage by stage
     timed("schedule", lambda: run_schedule(cfg, progress=progress))

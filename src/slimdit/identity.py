@@ -10,7 +10,6 @@ over by the corrected config.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,26 +66,12 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     return out
 
 
-_HUB_REVISION = re.compile(r"@[0-9a-f]{40}")
-
-
-def same_value(old: Any, new: Any) -> bool:
-    """Whether a recorded value matches today's: equal, or a model fingerprint recorded before a hub id carried its
-    cached revision (``owner/name`` then, ``owner/name@<commit>`` now; :func:`slimdit.pipelines.loading.
-    model_fingerprint`), which is taken as matching whatever revision is cached. A record that gains the revision
-    then sees the next one."""
-    if old == new:
-        return True
-    return (isinstance(old, str) and isinstance(new, str) and "@" not in old and "/" in old
-            and _HUB_REVISION.search(new) is not None and _HUB_REVISION.sub("", new) == old)
-
-
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ (:func:`same_value`)."""
+    """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [line for k in dict.fromkeys([*old, *new])
                 for line in changed_fields(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
-    return [] if same_value(old, new) else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 def _as_now(cfg: BaseModel, saved: dict, ignored: tuple[str, ...]) -> dict:
@@ -135,10 +120,9 @@ def _started(run: Path) -> bool:
     return any(next(run.glob(pattern), None) is not None for pattern in WORK)
 
 
-def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> bool:
+def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> None:
     """Claim ``run`` for ``cfg`` and ``inputs``: refuse a run directory whose work came from another config or
-    other inputs (naming what changed), take over one that holds no work yet, and record both. Returns whether it
-    took over a run recorded otherwise."""
+    other inputs (naming what changed), take over one that holds no work yet, and record both."""
     run = Path(run)
     ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
     config = without_fields(cfg.model_dump(mode="json"), ignored)
@@ -161,4 +145,3 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> bo
         ensure_writable(shared, "eval.shared")
     dump_config(cfg, run / "config.yaml")
     write_json(run / "inputs.json", inputs)
-    return bool(changes)

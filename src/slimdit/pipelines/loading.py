@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from slimdit.identity import same_value
 from slimdit.io import files_fingerprint, write_json
 from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
@@ -205,42 +204,18 @@ def _cached_hub_transformer(model: str) -> bool:
         return False
 
 
-def hub_revision(repo: str) -> str | None:
-    """The commit that the local Hugging Face cache resolves hub repo ``repo``'s ``main`` to (what diffusers loads
-    offline), or None when none of its files is cached."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for f in ("model_index.json", "config.json", "transformer/config.json"):
-        try:
-            path = try_to_load_from_cache(repo, f)
-        except ValueError:  # not a valid repo id
-            return None
-        if isinstance(path, str):
-            parts = Path(path).parts
-            return parts[parts.index("snapshots") + 1]
-    return None
-
-
-def _hub_fingerprint(repo: str) -> str:
-    """``repo@commit`` for a cached hub repo, so that a new revision pulled under the same id is seen; the bare id
-    while nothing is cached (a record holding it is taken as matching any revision:
-    :func:`slimdit.identity.same_value`)."""
-    rev = hub_revision(repo)
-    return repo if rev is None else f"{repo}@{rev}"
-
-
 def model_fingerprint(model: str) -> str:
     """A short digest of a model's files, for caches and runs that are keyed by a model name: a built-in retrained
     under the same name, or a directory overwritten in place, gets a new fingerprint
-    (:func:`slimdit.io.files_fingerprint`). A hub id is named with its cached revision (:func:`_hub_fingerprint`)."""
+    (:func:`slimdit.io.files_fingerprint`). A hub id is returned as it is."""
     if model in SAMPLERS:
         return model
     pipeline, transformer = split_model(model)
     src = resolve_model_dir(pipeline)
-    fp = files_fingerprint(src) if isinstance(src, Path) else _hub_fingerprint(src)
+    fp = files_fingerprint(src) if isinstance(src, Path) else src
     if transformer is not None:
         t = resolve_transformer(transformer)
-        fp += "+" + (files_fingerprint(t) if isinstance(t, Path) else _hub_fingerprint(t))
+        fp += "+" + (files_fingerprint(t) if isinstance(t, Path) else t)
     return fp
 
 
@@ -269,7 +244,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     if base is not None:
         recorded = json.loads((Path(model) / BASE_FILE).read_text()).get("base_fingerprint")
         now = model_fingerprint(base) if recorded is not None else None  # hashes the base's files once
-        if not same_value(recorded, now):
+        if recorded != now:
             import warnings
 
             warnings.warn(f"the base pipeline {base!r} of student {model} has changed since the student was saved "
