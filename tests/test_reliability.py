@@ -319,3 +319,104 @@ def test_a_redone_demo_analysis_replaces_its_time_and_a_kept_one_keeps_it(tmp_pa
             run_demo(out, overrides, progress=False)
         assert 0.3 <= json.loads(timings.read_text())["analysis"] < 0.6  # once, never two attempts' sum
 
+
+def test_a_hub_ids_fingerprint_names_its_cached_revision_and_records_from_before_continue(tiny_teacher, tmp_path,
+                                                                                        monkeypatch):
+    import huggingface_hub.constants
+
+    from slimdit.config import DistillConfig
+    from slimdit.distill.reflow import check_pairs_record
+    from slimdit.identity import check_run_dir, input_fingerprints, same_value, without_revisions
+    from slimdit.pipelines.loading import model_fingerprint
+    from tests.test_layouts import _hub_cache
+
+    cache = tmp_path / "snapshots" / "hub"  # a folder named like the cache's own on the way: not taken for a commit
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo, first, second = "someone/tiny-pipeline", "0" * 40, "1" * 40
+    _hub_cache(cache, repo, Path(tiny_teacher))
+    transformer = tmp_path / "transformer-only" / "transformer"  # a transformer-only repo: transformer/config.json
+    transformer.mkdir(parents=True)
+    shutil.copy(Path(tiny_teacher) / "transformer" / "config.json", transformer)
+    _hub_cache(cache, "someone/tiny-transformer", transformer.parent)
+    assert model_fingerprint(repo) == f"{repo}@{first}"
+    assert model_fingerprint(f"{repo}#transformer=someone/tiny-transformer") == \
+        f"{repo}@{first}+someone/tiny-transformer@{first}"
+    assert model_fingerprint(f"{repo}#transformer=someone/not-cached") == f"{repo}@{first}+someone/not-cached"
+
+    # the legacy rule: a bare hub id matches its cached revision, part by part; nothing else does
+    assert same_value(repo, f"{repo}@{first}") and not same_value(f"{repo}@{first}", f"{repo}@{second}")
+    assert same_value("a/b+c/d", f"a/b@{first}+c/d@{second}")  # recorded before revisions were
+    assert same_value(f"a/b@{first}+c/d", f"a/b@{first}+c/d@{second}")  # the transformer downloaded since
+    assert not same_value(f"{repo}@{first}", repo)  # the recorded revision is no longer cached: a change
+    assert not same_value("someone/other", f"{repo}@{first}") and not same_value("0a1b", f"0a1b@{first}")
+    assert not same_value("a/b+c/d", f"a/b@{first}")
+    assert without_revisions({"teacher": f"a/b@{first}+c/d", "x": [f"e/f@{second}", 3]}) == \
+        {"teacher": "a/b+c/d", "x": ["e/f", 3]}
+
+    cfg = DistillConfig.model_validate({"teacher": repo, "plan": {"units": {}}, "out": str(tmp_path / "run"),
+                                        "data": {"real": "shapes-train:8"}})
+    run, pairs = Path(cfg.out), tmp_path / "pairs"
+    check_run_dir(run, cfg, input_fingerprints(cfg))
+    (run / "summary.json").write_text("{}")  # work done
+    record = {"made_by": {"teacher": repo}, "rows": 8}  # as runs recorded a hub id before its revision
+    check_pairs_record(pairs, record)
+    (pairs / "pairs_00000.safetensors").write_bytes(b"")
+    (run / "inputs.json").write_text(json.dumps({**input_fingerprints(cfg), "teacher": repo}))
+    now = {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8}
+    check_run_dir(run, cfg, input_fingerprints(cfg))  # the bare id matches the cached revision: both continue
+    check_pairs_record(pairs, now)
+    assert json.loads((run / "inputs.json").read_text())["teacher"] == f"{repo}@{first}"  # and gain it
+    assert json.loads((pairs / "pairs.json").read_text()) == now
+
+    # a new revision pulled under the same id: refused by name
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder / "snapshots" / first, folder / "snapshots" / second)
+    (folder / "refs" / "main").write_text(second)
+    with pytest.raises(ValueError, match=f"input teacher: '{repo}@{first}' -> '{repo}@{second}'"):
+        check_run_dir(run, cfg, input_fingerprints(cfg))
+    with pytest.raises(ValueError, match=f"made_by.teacher: '{repo}@{first}' -> '{repo}@{second}'"):
+        check_pairs_record(pairs, {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8})
+
+
+def test_a_hub_id_loads_at_the_revision_its_fingerprint_names(tiny_teacher, tmp_path, monkeypatch):
+    import diffusers
+    import huggingface_hub.constants
+
+    from slimdit.pipelines.loading import load_pipeline
+    from tests.test_layouts import _hub_cache
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_cache(tmp_path / "hub", "someone/tiny-pipeline", Path(tiny_teacher))
+    seen = {}
+
+    def from_pretrained(src, **kwargs):  # online, diffusers would otherwise fetch the newest main
+        seen.update(src=src, **kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        load_pipeline("someone/tiny-pipeline", "cpu")
+    assert seen == {"src": "someone/tiny-pipeline", "revision": "0" * 40}
+
+
+def test_records_digested_from_the_inputs_read_the_same_before_and_after_a_hub_id_gains_its_revision(tmp_path):
+    from slimdit.config import DistillConfig
+    from slimdit.schedules.run import _made_by
+
+    cfg = DistillConfig.model_validate({"teacher": "someone/tiny-pipeline", "plan": {"units": {}},
+                                        "out": str(tmp_path / "run"), "data": {"real": "shapes-train:8"}})
+    bare = {"teacher": "someone/tiny-pipeline", "data.real": "shapes-train:8"}
+    assert _made_by(cfg, bare) == _made_by(cfg, {**bare, "teacher": f"someone/tiny-pipeline@{'0' * 40}"})
+    assert _made_by(cfg, bare) != _made_by(cfg, {**bare, "teacher": "someone/other"})
+
+
+def test_a_synthetic_set_recorded_with_a_bare_hub_id_continues_and_gains_the_revision(tmp_path):
+    from slimdit.data.synth import _check_folder
+
+    repo, rev = "someone/tiny-pipeline", "2" * 40
+    record = {"model": repo, "weights": f"{repo}@{rev}", "prompts": None, "seed": 0}
+    (tmp_path / "synth.json").write_text(json.dumps({**record, "weights": repo}))
+    assert _check_folder(tmp_path, record, ["a"]) == 0
+    assert json.loads((tmp_path / "synth.json").read_text())["weights"] == f"{repo}@{rev}"
+    with pytest.raises(ValueError, match="weights"):
+        _check_folder(tmp_path, {**record, "weights": f"{repo}@{'3' * 40}"}, ["a"])

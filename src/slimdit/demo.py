@@ -20,7 +20,7 @@ from pydantic import Field
 
 from slimdit.config import RunConfig, TrainSection, _Strict, load_config
 from slimdit.distill.fewstep import RefineSection
-from slimdit.identity import check_run_dir, input_fingerprints, spec_contents
+from slimdit.identity import check_run_dir, input_fingerprints, spec_contents, without_revisions
 from slimdit.io import read_json, write_json
 
 TEACHER = "shapes-pixart"
@@ -164,7 +164,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     check_run_dir(run, cfg, inputs)  # before any work: refuses a run made from other inputs
     # 1. which blocks matter (plots for the report; the schedule scores units itself at each stage)
     op = cfg.schedule.c_fixed if cfg.schedule.op == "svd" else "remove"
-    made_by = analysis_made_by(cfg.analysis, inputs["teacher"], op)
+    made_by = analysis_made_by(cfg.analysis, without_revisions(inputs["teacher"]), op)
     done = run / "analysis" / "made_by.json"
     if not (done.exists() and read_json(done) == made_by):  # an analysis of other settings is redone, not kept
         shutil.rmtree(run / "analysis", ignore_errors=True)

@@ -10,6 +10,7 @@ over by the corrected config.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,49 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     return out
 
 
+_HUB_REVISION = re.compile(r"@[0-9a-f]{40}$")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _same_part(old: str, new: str) -> bool:
+    return old == new or (_HUB_ID.fullmatch(old) is not None and _HUB_REVISION.search(new) is not None
+                          and _HUB_REVISION.sub("", new) == old)
+
+
+def same_value(old: Any, new: Any) -> bool:
+    """Whether a recorded value matches today's: equal, or a model fingerprint whose hub ids were recorded bare and
+    now carry their cached revision (``owner/name`` then, ``owner/name@<commit>`` now;
+    :func:`slimdit.pipelines.loading.model_fingerprint`), part by part for a ``pipeline+transformer`` pair. A bare id
+    was recorded before revisions were, or before its download; it is taken as matching whatever revision is cached,
+    and the record that gains the revision sees the next one. A recorded revision the cache no longer holds (the
+    fingerprint bare again) is a change."""
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    olds, news = old.split("+"), new.split("+")
+    return len(olds) == len(news) and all(_same_part(a, b) for a, b in zip(olds, news))
+
+
+def without_revisions(value: Any) -> Any:
+    """``value`` (nested dicts and lists) with hub revisions dropped from its model fingerprints: for the digests of
+    records that must read the same before and after a hub id gained its revision (a stage's selection, GRASP's
+    factors, the demo's analysis). The revision itself is guarded by :func:`check_run_dir`."""
+    if isinstance(value, dict):
+        return {k: without_revisions(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_revisions(v) for v in value]
+    if isinstance(value, str) and "@" in value:
+        return "+".join(_HUB_REVISION.sub("", part) for part in value.split("+"))
+    return value
+
+
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ."""
+    """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ (:func:`same_value`)."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [line for k in dict.fromkeys([*old, *new])
                 for line in changed_fields(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+    return [] if same_value(old, new) else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 def _as_now(cfg: BaseModel, saved: dict, ignored: tuple[str, ...]) -> dict:

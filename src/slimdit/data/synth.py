@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from slimdit.identity import same_value
 from slimdit.io import read_json, write_json
 from slimdit.pipelines.sampling import Sampler
 from slimdit.registry import is_spec, spec_forms
@@ -76,10 +77,12 @@ def _check_folder(out: Path, record: dict, prompts: list[str]) -> int:
     if marker.exists():
         old = read_json(marker)
         changed = [f"{k}: {old.get(k)!r} -> {record[k]!r}" for k in record
-                   if k != "prompts" and old.get(k) != record[k]]  # where the prompts came from is only a note
+                   if k != "prompts" and not same_value(old.get(k), record[k])]  # the prompts' source is a note
         if changed:
             raise ValueError(f"{out} holds a synthetic set made otherwise ({'; '.join(changed)}); a 'weights' change "
                              "means the model's files changed. Choose another output folder")
+        if old.get("weights") != record["weights"]:  # a hub id recorded before its revision: the record gains it
+            write_json(marker, {**old, "weights": record["weights"]})
     elif rows:
         raise ValueError(f"{out} already holds {len(rows)} images that slimdit synth did not record (no synth.json); "
                          "choose another output folder")

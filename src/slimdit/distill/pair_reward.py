@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slimdit.distill.reflow import PAIRS_RECORD
+from slimdit.identity import without_revisions
 from slimdit.io import read_json, write_json
 
 
@@ -32,7 +33,8 @@ def pair_scores(pipe, captions: list[str], x0: torch.Tensor, reward: str, folder
     f = Path(folder) / f"reward-{reward}.json"
     made = Path(folder) / PAIRS_RECORD  # the pairs' record (slimdit.distill.reflow): the scores are of these pairs
     pairs = read_json(made) if made.exists() else None
-    if f.exists() and (saved := read_json(f)).get("pairs") == pairs and len(saved.get("scores", [])) == len(x0):
+    if f.exists() and (saved := read_json(f)).get("pairs") == without_revisions(pairs) \
+            and len(saved.get("scores", [])) == len(x0):
         return torch.tensor(saved["scores"])  # the file's name names the reward
     score = registry.REWARDS[reward]()
     out = []
@@ -40,7 +42,7 @@ def pair_scores(pipe, captions: list[str], x0: torch.Tensor, reward: str, folder
                   disable=not progress):
         images = decode_latents(pipe, x0[a:a + batch_size], batch_size=batch_size)
         out += [float(v) for v in score(captions[a:a + batch_size], images)]
-    write_json(f, {"reward": reward, "pairs": pairs, "scores": out})
+    write_json(f, {"reward": reward, "pairs": without_revisions(pairs), "scores": out})
     return torch.tensor(out)
 
 

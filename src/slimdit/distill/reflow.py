@@ -98,9 +98,12 @@ def check_pairs_record(out: Path, record: dict) -> None:
     if not f.exists():
         raise ValueError(f"{out} holds {len(shards)} teacher pair shards but no {PAIRS_RECORD} saying what made them "
                          f"(copied in without it, or written before slimdit kept one): delete them to make them again")
-    if diff := changed_fields(read_json(f), record):
+    saved = read_json(f)
+    if diff := changed_fields(saved, record):
         raise ValueError(f"the teacher pairs in {out} were made otherwise ({'; '.join(diff)}): delete {out} to make "
                          "them again, or run with the settings that made them")
+    if saved != record:  # matched by a legacy rule (a hub id now named with its revision): the record gains it
+        write_json(f, record)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from slimdit.data.synth import RUN_SET, check_user_set, made_by_run, synthesize
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
-from slimdit.identity import check_run_dir, input_fingerprints
+from slimdit.identity import check_run_dir, input_fingerprints, without_revisions
 from slimdit.io import atomic_write_text, files_fingerprint, read_json, write_json
 from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy, weights_dtype
@@ -87,8 +87,8 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     student = student_copy(teacher, cfg.train.student_dtype)
     keep = None
     if plan.grasp is not None:
-        made_by = {"plan": plan.to_dict(), "inputs": inputs, "data": cfg.data.model_dump(mode="json"),
-                   "seed": cfg.train.seed}
+        made_by = {"plan": plan.to_dict(), "inputs": without_revisions(inputs),  # the revision: check_run_dir's
+                   "data": cfg.data.model_dump(mode="json"), "seed": cfg.train.seed}
         keep = _grasp(adapter, student, plan, conditioning, run, made_by)
     record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})

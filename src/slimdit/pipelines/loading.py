@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from slimdit.identity import same_value
 from slimdit.io import files_fingerprint, write_json
 from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
@@ -152,12 +153,14 @@ def _load_transformer(transformer: str, dtype: torch.dtype | None):
     from huggingface_hub import hf_hub_download
 
     sub = None
+    if (rev := hub_revision(src)) is not None:
+        kwargs["revision"] = rev  # the cached commit its fingerprint names
     try:
-        config = hf_hub_download(src, "config.json")
+        config = hf_hub_download(src, "config.json", revision=rev)
     except Exception:  # a pipeline-style repo keeps it under transformer/
         sub = "transformer"
         try:
-            config = hf_hub_download(src, "config.json", subfolder=sub)
+            config = hf_hub_download(src, "config.json", subfolder=sub, revision=rev)
         except Exception as e:
             raise FileNotFoundError(f"could not find transformer {src!r}'s config.json (at its top or under "
                                     f"transformer/) locally or on the hub: {e}") from e
@@ -204,18 +207,49 @@ def _cached_hub_transformer(model: str) -> bool:
         return False
 
 
+def hub_revision(repo: str) -> str | None:
+    """The commit that the local Hugging Face cache resolves hub repo ``repo``'s ``main`` to, or None when none of
+    its files is cached there. :func:`load_pipeline` loads that commit, so it is what a run's fingerprint names."""
+    import re
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
+    for f in ("model_index.json", "config.json", "transformer/config.json"):
+        try:
+            path = try_to_load_from_cache(repo, f)
+        except ValueError:  # not a valid repo id
+            return None
+        if isinstance(path, str):
+            try:
+                commit = Path(path).relative_to(snapshots).parts[0]
+            except ValueError:  # a cache laid out otherwise
+                return None
+            return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    return None
+
+
+def _hub_fingerprint(repo: str) -> str:
+    """``repo@commit`` for a cached hub repo, so that a new revision pulled under the same id is seen; the bare id
+    while nothing is cached (a record holding it is taken as matching any revision:
+    :func:`slimdit.identity.same_value`)."""
+    rev = hub_revision(repo)
+    return repo if rev is None else f"{repo}@{rev}"
+
+
 def model_fingerprint(model: str) -> str:
     """A short digest of a model's files, for caches and runs that are keyed by a model name: a built-in retrained
     under the same name, or a directory overwritten in place, gets a new fingerprint
-    (:func:`slimdit.io.files_fingerprint`). A hub id is returned as it is."""
+    (:func:`slimdit.io.files_fingerprint`). A hub id is named with its cached revision (:func:`_hub_fingerprint`)."""
     if model in SAMPLERS:
         return model
     pipeline, transformer = split_model(model)
     src = resolve_model_dir(pipeline)
-    fp = files_fingerprint(src) if isinstance(src, Path) else src
+    fp = files_fingerprint(src) if isinstance(src, Path) else _hub_fingerprint(src)
     if transformer is not None:
         t = resolve_transformer(transformer)
-        fp += "+" + (files_fingerprint(t) if isinstance(t, Path) else t)
+        fp += "+" + (files_fingerprint(t) if isinstance(t, Path) else _hub_fingerprint(t))
     return fp
 
 
@@ -232,6 +266,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
         kwargs["transformer"] = _load_transformer(transformer, dtype)
     elif isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():
         kwargs["transformer"] = load_model(src / "transformer", dtype=dtype)  # a low-rank student
+    if isinstance(src, str) and (rev := hub_revision(src)) is not None:
+        kwargs["revision"] = rev  # the cached commit its fingerprint names, not a newer one pulled on the way
     try:
         pipe = DiffusionPipeline.from_pretrained(src, **kwargs)
     except OSError as e:
@@ -244,7 +280,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     if base is not None:
         recorded = json.loads((Path(model) / BASE_FILE).read_text()).get("base_fingerprint")
         now = model_fingerprint(base) if recorded is not None else None  # hashes the base's files once
-        if recorded != now:
+        if not same_value(recorded, now):
             import warnings
 
             warnings.warn(f"the base pipeline {base!r} of student {model} has changed since the student was saved "

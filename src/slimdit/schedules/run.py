@@ -305,11 +305,11 @@ def _made_by(cfg: RunConfig, inputs: dict, free: bool = False) -> str:
     import hashlib
     import json
 
-    from slimdit.identity import FREE_FIELDS, without_fields
+    from slimdit.identity import FREE_FIELDS, without_fields, without_revisions
 
     config = cfg.model_dump(mode="json")
     config = config if free else without_fields(config, FREE_FIELDS)
-    key = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
+    key = json.dumps({"config": config, "inputs": without_revisions(inputs)}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
