@@ -399,6 +399,40 @@ def test_a_hub_id_loads_at_the_revision_its_fingerprint_names(tiny_teacher, tmp_
     assert seen == {"src": "someone/tiny-pipeline", "revision": "0" * 40}
 
 
+def test_a_run_on_a_hub_id_downloaded_at_its_start_records_the_commit_that_loaded(tiny_teacher, tmp_path,
+                                                                                   monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from slimdit.config import DistillConfig
+    from slimdit.identity import check_run_dir, input_fingerprints, record_revisions
+    from slimdit.speed.shapes import read_model_file
+    from tests.test_layouts import _hub_cache
+
+    cache, repo = tmp_path / "hub", "someone/tiny-pipeline"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    cfg = DistillConfig.model_validate({"teacher": repo, "plan": {"units": {}}, "out": str(tmp_path / "run"),
+                                        "data": {"real": "shapes-train:8"}})
+    inputs = input_fingerprints(cfg)
+    assert inputs["teacher"] == repo  # nothing cached yet: recorded bare
+    check_run_dir(cfg.out, cfg, inputs)
+    _hub_cache(cache, repo, Path(tiny_teacher))  # what the teacher's load downloads
+    now = record_revisions(cfg.out, cfg, inputs)
+    recorded = json.loads((tmp_path / "run" / "inputs.json").read_text())["teacher"]
+    assert now["teacher"] == recorded == f"{repo}@{'0' * 40}"
+    assert record_revisions(cfg.out, cfg, now) is now  # nothing bare left: nothing recomputed
+
+    asked = {}
+
+    def download(repo_id, filename, **kwargs):  # online, an unpinned read would move the cache to a newer main
+        asked.update(kwargs)
+        return str(Path(tiny_teacher) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert json.loads(read_model_file(repo, "model_index.json"))["_class_name"]
+    assert asked == {"revision": "0" * 40}
+
+
 def test_records_digested_from_the_inputs_read_the_same_before_and_after_a_hub_id_gains_its_revision(tmp_path):
     from slimdit.config import DistillConfig
     from slimdit.schedules.run import _made_by

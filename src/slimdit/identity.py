@@ -104,6 +104,25 @@ def without_revisions(value: Any) -> Any:
     return value
 
 
+def _bare_hub_ids(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_bare_hub_ids(v) for v in value.values())
+    return isinstance(value, str) and any(_HUB_ID.fullmatch(part) for part in value.split("+"))
+
+
+def record_revisions(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` once the run's models are loaded: a hub id fingerprinted before its download (bare) names the
+    commit that loaded, and ``run``'s record gains it before any work is saved, so a later revision is seen. Returns
+    the inputs to record from here on (a teacher-pair record, say)."""
+    if not _bare_hub_ids(inputs):
+        return inputs
+    now = input_fingerprints(cfg)
+    if now == inputs or changed_fields(inputs, now):  # nothing gained, or a change the next attempt will name
+        return inputs
+    write_json(Path(run) / "inputs.json", now)
+    return now
+
+
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted ``key: old -> new`` lines for every leaf where two nested dicts differ (:func:`same_value`)."""
     if isinstance(old, dict) and isinstance(new, dict):

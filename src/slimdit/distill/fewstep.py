@@ -216,7 +216,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     from slimdit.distill.run import Conditionings, check_memory
     from slimdit.distill.steps import check_cfg_scale, student_scheduler
     from slimdit.distill.trainer import TrainConfig, Trainer
-    from slimdit.identity import check_run_dir, input_fingerprints
+    from slimdit.identity import check_run_dir, input_fingerprints, record_revisions
     from slimdit.models import adapter_for
     from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
     from slimdit.models.storage import load_model
@@ -234,6 +234,7 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_memory(cfg, Plan(ops=[]), device, run, len(real.captions))
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    inputs = record_revisions(run, cfg, inputs)  # a hub teacher downloaded just now: its commit, for the pairs too
     teacher = cast_io(pipe.transformer.eval())
     sched_config = dict(pipe.scheduler.config)
     adapter = adapter_for(teacher, sched_config)

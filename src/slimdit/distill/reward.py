@@ -143,7 +143,7 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     from slimdit.distill.run import Conditionings
     from slimdit.distill.steps import check_cfg_scale, transitions
     from slimdit.distill.trainer import TrainConfig, Trainer
-    from slimdit.identity import check_run_dir, input_fingerprints
+    from slimdit.identity import check_run_dir, input_fingerprints, record_revisions
     from slimdit.models import adapter_for
     from slimdit.models.precision import cast_io, frozen_dtype, student_copy
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults, save_student, student_base
@@ -154,11 +154,13 @@ def run_reward(config: str | Path | dict | RewardConfig, progress: bool = True) 
     cfg = config if isinstance(config, RewardConfig) else load_config(config, RewardConfig)
     state = process_state()
     run = Path(cfg.out)
-    check_run_dir(run, cfg, input_fingerprints(cfg))
+    inputs = input_fingerprints(cfg)
+    check_run_dir(run, cfg, inputs)
     prompts = load_dataset(cfg.data.real, cfg.data.image_size)  # fail on bad data before loading any model
     reward = _rewards(cfg.method)[cfg.reward]()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    record_revisions(run, cfg, inputs)  # a hub model downloaded just now: its commit
     pipe.vae.requires_grad_(False)  # frozen; draft's gradient passes through it to the student
     reference = cast_io(pipe.transformer.eval())
     sched_config = dict(pipe.scheduler.config)

@@ -25,7 +25,7 @@ from slimdit.data.synth import RUN_SET, check_user_set, made_by_run, synthesize
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import Phase, phase_steps, resolve_protocol, trainable_units
 from slimdit.distill.trainer import TrainConfig, Trainer
-from slimdit.identity import check_run_dir, input_fingerprints, without_revisions
+from slimdit.identity import check_run_dir, input_fingerprints, record_revisions, without_revisions
 from slimdit.io import atomic_write_text, files_fingerprint, read_json, write_json
 from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy, weights_dtype
@@ -79,6 +79,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_memory(cfg, plan, device, run, len(real.captions))
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    inputs = record_revisions(run, cfg, inputs)  # a hub teacher downloaded just now: its commit
     teacher = cast_io(pipe.transformer.eval())
     adapter = adapter_for(teacher, pipe.scheduler.config)
     validate(adapter, teacher, plan)

@@ -25,7 +25,7 @@ from slimdit.data.synth import check_user_set, read_prompts
 from slimdit.distill.fidelity import teacher_validator
 from slimdit.distill.protocols import resolve_protocol
 from slimdit.distill.run import Conditionings, train_protocol
-from slimdit.identity import check_run_dir, input_fingerprints
+from slimdit.identity import check_run_dir, input_fingerprints, record_revisions
 from slimdit.importance.metric import Calibration, metric_importance, plan_metrics, unit_op
 from slimdit.io import read_json, write_json
 from slimdit.metrics.embedders import get_embedder
@@ -227,6 +227,7 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
     embedder = get_embedder(cfg.calibration.embedder)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(cfg.teacher, device, dtype=frozen_dtype(cfg.train.frozen_dtype, device))
+    inputs = record_revisions(run, cfg, inputs)  # a hub teacher downloaded just now: its commit
     teacher = cast_io(pipe.transformer.eval())
     adapter = adapter_for(teacher, pipe.scheduler.config)
 

@@ -55,11 +55,14 @@ def read_model_file(src: Path | str, file: str, fallback_sub: str | None = None)
         return p.read_text()
     from huggingface_hub import hf_hub_download
 
+    from slimdit.pipelines.loading import hub_revision
+
+    rev = hub_revision(src)  # the cached commit runs load: an online read of main would move the cache to a newer one
     try:
-        return Path(hf_hub_download(src, file)).read_text()
+        return Path(hf_hub_download(src, file, revision=rev)).read_text()
     except Exception as e:
         if fallback_sub is not None:
-            return Path(hf_hub_download(src, file, subfolder=fallback_sub)).read_text()
+            return Path(hf_hub_download(src, file, subfolder=fallback_sub, revision=rev)).read_text()
         raise FileNotFoundError(f"{src}: no {file} locally or on the hub ({e})") from e
 
 
