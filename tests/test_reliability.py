@@ -376,6 +376,12 @@ def test_a_hub_ids_fingerprint_names_its_cached_revision_and_records_from_before
         check_run_dir(run, cfg, input_fingerprints(cfg))
     with pytest.raises(ValueError, match=f"made_by.teacher: '{repo}@{first}' -> '{repo}@{second}'"):
         check_pairs_record(pairs, {"made_by": {"teacher": model_fingerprint(repo)}, "rows": 8})
+    # a recorded commit the cache no longer resolves (cleared, or another cache read): refused, saying where to look
+    (run / "inputs.json").write_text(json.dumps({**input_fingerprints(cfg), "teacher": f"{repo}@{first}"}))
+    shutil.rmtree(cache)
+    with pytest.raises(ValueError, match=f"input teacher: '{repo}@{first}' -> '{repo}'(.|\n)*has no {repo} as "
+                                         f"`main` at {first}"):
+        check_run_dir(run, cfg, input_fingerprints(cfg))
 
 
 def test_a_hub_id_loads_at_the_revision_its_fingerprint_names(tiny_teacher, tmp_path, monkeypatch):

@@ -177,6 +177,19 @@ def _started(run: Path) -> bool:
     return any(next(run.glob(pattern), None) is not None for pattern in WORK)
 
 
+def _uncached_revisions(saved: dict, now: dict) -> list[str]:
+    """A hint for each hub commit a run recorded where the local cache now resolves nothing (today's fingerprint is
+    the bare id: a cache cleared, or another one read)."""
+    out = []
+    for key, value in saved.items():
+        if isinstance(value, str) and isinstance(now.get(key), str):
+            for old, new in zip(value.split("+"), now[key].split("+")):
+                if _HUB_REVISION.search(old) and _HUB_REVISION.sub("", old) == new:
+                    out.append(f"(input {key}: the cache slimdit reads (HF_HUB_CACHE) has no {new} as `main` at "
+                               f"{old.rsplit('@', 1)[1]}: point it at the cache the run was made with)")
+    return out
+
+
 def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> None:
     """Claim ``run`` for ``cfg`` and ``inputs``: refuse a run directory whose work came from another config or
     other inputs (naming what changed), take over one that holds no work yet, and record both."""
@@ -193,7 +206,8 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
         changes += [f"input {line}" for line in changed_fields(saved, now)]
     if changes and _started(run):
         raise ValueError(f"{run} holds a run made from other inputs; restore them or choose another out:\n  "
-                         + "\n  ".join(changes))
+                         + "\n  ".join(changes + _uncached_revisions(saved if (run / "inputs.json").exists() else {},
+                                                                    inputs)))
     if changes:
         print(f"slimdit: {run} held no work yet; starting it with the new config", file=sys.stderr)
     ensure_writable(run, "out:")
