@@ -404,6 +404,24 @@ def test_a_hub_id_loads_at_the_revision_its_fingerprint_names(tiny_teacher, tmp_
         load_pipeline("someone/tiny-pipeline", "cpu")
     assert seen == {"src": "someone/tiny-pipeline", "revision": "0" * 40}
 
+    # a student of that base, saved while main was at commit 0: it loads that commit though main has moved on
+    from slimdit.pipelines.loading import BASE_FILE
+
+    student = tmp_path / "student"
+    shutil.copytree(Path(tiny_teacher) / "transformer", student / "transformer")
+    (student / BASE_FILE).write_text(json.dumps({"base": "someone/tiny-pipeline",
+                                                 "base_fingerprint": f"someone/tiny-pipeline@{'0' * 40}"}))
+    folder = tmp_path / "hub" / "models--someone--tiny-pipeline"
+    shutil.copytree(folder / "snapshots" / ("0" * 40), folder / "snapshots" / ("1" * 40))
+    (folder / "refs" / "main").write_text("1" * 40)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        load_pipeline(str(student), "cpu")
+    assert seen["revision"] == "0" * 40
+    shutil.rmtree(folder / "snapshots" / ("0" * 40))  # no longer cached: main's commit (and the warning)
+    with pytest.raises(FileNotFoundError, match="stop here"):
+        load_pipeline(str(student), "cpu")
+    assert seen["revision"] == "1" * 40
+
 
 def test_a_run_on_a_hub_id_downloaded_at_its_start_records_the_commit_that_loaded(tiny_teacher, tmp_path,
                                                                                    monkeypatch):

@@ -266,7 +266,10 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
         kwargs["transformer"] = _load_transformer(transformer, dtype)
     elif isinstance(src, Path) and (src / "transformer" / LOWRANK_INDEX).exists():
         kwargs["transformer"] = load_model(src / "transformer", dtype=dtype)  # a low-rank student
-    if isinstance(src, str) and (rev := hub_revision(src)) is not None:
+    base = student_base(model)
+    recorded = json.loads((Path(model) / BASE_FILE).read_text()).get("base_fingerprint") if base else None
+    pinned = _recorded_revision(src, recorded) if isinstance(src, str) else None  # the base a student was made with
+    if isinstance(src, str) and (rev := pinned or hub_revision(src)) is not None:
         kwargs["revision"] = rev  # the cached commit its fingerprint names, not a newer one pulled on the way
     try:
         pipe = DiffusionPipeline.from_pretrained(src, **kwargs)
@@ -276,9 +279,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
             hint = (" (a hub repo that holds only a transformer, like PixArt-alpha/PixArt-Sigma-XL-2-512-MS, needs "
                     "a base pipeline: --model BASE --transformer REPO)")
         raise FileNotFoundError(f"could not load model {model!r}: {e}{hint}") from e
-    base = student_base(model)
-    if base is not None:
-        recorded = json.loads((Path(model) / BASE_FILE).read_text()).get("base_fingerprint")
+    if base is not None and pinned is None:
         now = model_fingerprint(base) if recorded is not None else None  # hashes the base's files once
         if not same_value(recorded, now):
             import warnings
@@ -292,6 +293,19 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
         cfg = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
         pipe.scheduler = getattr(diffusers, cfg["_class_name"]).from_pretrained(Path(model) / "scheduler")
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _recorded_revision(repo: str, fingerprint: str | None) -> str | None:
+    """The commit of hub repo ``repo`` that a student's recorded base fingerprint names, when the local cache still
+    holds it: the student then loads the base it was trained with, though ``main`` has moved on since."""
+    import re
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    m = re.fullmatch(rf"{re.escape(repo)}@([0-9a-f]{{40}})", (fingerprint or "").split("+")[0])
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
+    return m.group(1) if m and (snapshots / m.group(1) / "model_index.json").exists() else None
 
 
 def _pipeline_class(model: str) -> str | None:
