@@ -417,6 +417,10 @@ def test_a_hub_id_loads_at_the_revision_its_fingerprint_names(tiny_teacher, tmp_
     with pytest.raises(FileNotFoundError, match="stop here"):
         load_pipeline(str(student), "cpu")
     assert seen["revision"] == "0" * 40
+    from slimdit.reports.card import _loading  # its card's plain-diffusers lines load that commit too
+
+    line = f'from_pretrained("someone/tiny-pipeline", transformer=transformer, revision="{"0" * 40}")'
+    assert line in _loading(student, lowrank=False)
     shutil.rmtree(folder / "snapshots" / ("0" * 40))  # no longer cached: main's commit (and the warning)
     with pytest.raises(FileNotFoundError, match="stop here"):
         load_pipeline(str(student), "cpu")

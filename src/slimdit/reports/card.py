@@ -338,7 +338,7 @@ def _call_kwargs(student: Path, index: dict) -> dict:
 
 
 def _loading(student: Path, lowrank: bool) -> str:
-    from slimdit.pipelines.loading import resolve_model_dir, student_base
+    from slimdit.pipelines.loading import BASE_FILE, resolve_model_dir, student_base
     from slimdit.registry import COMPONENTS
 
     base = student_base(str(student))  # None: a standalone pipeline
@@ -372,6 +372,8 @@ def _loading(student: Path, lowrank: bool) -> str:
         return "\n".join(out)
     cls = json.loads((student / "transformer" / "config.json").read_text())["_class_name"]
     sched = json_or_none(student / "scheduler" / "scheduler_config.json")  # a few-step student samples with its own
+    recorded = (json_or_none(student / BASE_FILE) or {}).get("base_fingerprint") or ""
+    rev = recorded.split("+")[0].partition("@")[2] if isinstance(src, str) else ""  # a hub base: the commit it had
     classes = ", ".join(["DiffusionPipeline", cls, *([sched["_class_name"]] if sched else [])])
     out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
             "loads it over the base pipeline" + (", with the scheduler saved beside it" if sched else "") + ":", "",
@@ -380,7 +382,8 @@ def _loading(student: Path, lowrank: bool) -> str:
             *([f'scheduler = {sched["_class_name"]}.from_pretrained("{name}", subfolder="scheduler")']
               if sched else []),
             f'pipe = DiffusionPipeline.from_pretrained("{base}", transformer=transformer'
-            + (", scheduler=scheduler" if sched else "") + ")", sample, "```", "",
+            + (", scheduler=scheduler" if sched else "") + (f', revision="{rev}"' if rev else "") + ")", sample,
+            "```", "",
             "or, with slimdit installed, `slimdit.load_pipeline(\"" + name + "\")`; `slimdit export --model "
             f"{name} --full --out {name}-pipeline` writes a standalone pipeline."]
     return "\n".join(out)
