@@ -67,7 +67,8 @@ def input_fingerprints(cfg: BaseModel) -> dict[str, Any]:
     return out
 
 
-_HUB_REVISION = re.compile(r"@[0-9a-f]{40}$")
+HUB_COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub commit, as a cache's snapshot folder and a fingerprint name it
+_HUB_REVISION = re.compile(rf"@{HUB_COMMIT.pattern}$")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -102,6 +103,14 @@ def without_revisions(value: Any) -> Any:
     if isinstance(value, str) and "@" in value:
         return "+".join(_HUB_REVISION.sub("", part) for part in value.split("+"))
     return value
+
+
+def recorded_commit(fingerprint: str | None, repo: str) -> str | None:
+    """The commit of hub repo ``repo`` that a recorded model fingerprint names as its pipeline
+    (``repo@<commit>[+transformer]``), or None (recorded bare, or another model)."""
+    first = (fingerprint or "").split("+")[0]
+    old, _, commit = first.rpartition("@")
+    return commit if old == repo and HUB_COMMIT.fullmatch(commit) else None
 
 
 def _bare_hub_ids(value: Any) -> bool:
@@ -184,9 +193,9 @@ def _uncached_revisions(saved: dict, now: dict) -> list[str]:
     for key, value in saved.items():
         if isinstance(value, str) and isinstance(now.get(key), str):
             for old, new in zip(value.split("+"), now[key].split("+")):
-                if _HUB_REVISION.search(old) and _HUB_REVISION.sub("", old) == new:
+                if commit := recorded_commit(old, new):
                     out.append(f"(input {key}: the cache slimdit reads (HF_HUB_CACHE) has no {new} as `main` at "
-                               f"{old.rsplit('@', 1)[1]}: point it at the cache the run was made with)")
+                               f"{commit}: point it at the cache the run was made with)")
     return out
 
 
@@ -196,7 +205,7 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
     run = Path(run)
     ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
     config = without_fields(cfg.model_dump(mode="json"), ignored)
-    changes = []
+    changes, saved = [], {}
     if (run / "config.yaml").exists():
         old = without_fields(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
         changes += [f"config {line}" for line in changed_fields(old, config)]
@@ -206,8 +215,7 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
         changes += [f"input {line}" for line in changed_fields(saved, now)]
     if changes and _started(run):
         raise ValueError(f"{run} holds a run made from other inputs; restore them or choose another out:\n  "
-                         + "\n  ".join(changes + _uncached_revisions(saved if (run / "inputs.json").exists() else {},
-                                                                    inputs)))
+                         + "\n  ".join(changes + _uncached_revisions(saved, inputs)))
     if changes:
         print(f"slimdit: {run} held no work yet; starting it with the new config", file=sys.stderr)
     ensure_writable(run, "out:")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from slimdit.identity import same_value
+from slimdit.identity import HUB_COMMIT, recorded_commit, same_value
 from slimdit.io import files_fingerprint, write_json
 from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
@@ -207,15 +207,20 @@ def _cached_hub_transformer(model: str) -> bool:
         return False
 
 
+def _snapshots(repo: str) -> Path:
+    """Where the local Hugging Face cache keeps hub repo ``repo``'s commits, one folder each."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
+
+
 def hub_revision(repo: str) -> str | None:
     """The commit that the local Hugging Face cache resolves hub repo ``repo``'s ``main`` to, or None when none of
     its files is cached there. :func:`load_pipeline` loads that commit, so it is what a run's fingerprint names."""
-    import re
+    from huggingface_hub import try_to_load_from_cache
 
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.file_download import repo_folder_name
-
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
+    snapshots = _snapshots(repo)
     for f in ("model_index.json", "config.json", "transformer/config.json"):
         try:
             path = try_to_load_from_cache(repo, f)
@@ -226,7 +231,7 @@ def hub_revision(repo: str) -> str | None:
                 commit = Path(path).relative_to(snapshots).parts[0]
             except ValueError:  # a cache laid out otherwise
                 return None
-            return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+            return commit if HUB_COMMIT.fullmatch(commit) else None
     return None
 
 
@@ -298,14 +303,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
 def _recorded_revision(repo: str, fingerprint: str | None) -> str | None:
     """The commit of hub repo ``repo`` that a student's recorded base fingerprint names, when the local cache still
     holds it: the student then loads the base it was trained with, though ``main`` has moved on since."""
-    import re
-
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    m = re.fullmatch(rf"{re.escape(repo)}@([0-9a-f]{{40}})", (fingerprint or "").split("+")[0])
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots"
-    return m.group(1) if m and (snapshots / m.group(1) / "model_index.json").exists() else None
+    commit = recorded_commit(fingerprint, repo)
+    return commit if commit and (_snapshots(repo) / commit / "model_index.json").exists() else None
 
 
 def _pipeline_class(model: str) -> str | None:

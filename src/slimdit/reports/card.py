@@ -338,6 +338,7 @@ def _call_kwargs(student: Path, index: dict) -> dict:
 
 
 def _loading(student: Path, lowrank: bool) -> str:
+    from slimdit.identity import recorded_commit
     from slimdit.pipelines.loading import BASE_FILE, resolve_model_dir, student_base
     from slimdit.registry import COMPONENTS
 
@@ -372,8 +373,7 @@ def _loading(student: Path, lowrank: bool) -> str:
         return "\n".join(out)
     cls = json.loads((student / "transformer" / "config.json").read_text())["_class_name"]
     sched = json_or_none(student / "scheduler" / "scheduler_config.json")  # a few-step student samples with its own
-    recorded = (json_or_none(student / BASE_FILE) or {}).get("base_fingerprint") or ""
-    rev = recorded.split("+")[0].partition("@")[2] if isinstance(src, str) else ""  # a hub base: the commit it had
+    rev = recorded_commit((json_or_none(student / BASE_FILE) or {}).get("base_fingerprint"), base)  # a hub base
     classes = ", ".join(["DiffusionPipeline", cls, *([sched["_class_name"]] if sched else [])])
     out += ["Its transformer is a plain diffusers model (removed units are gone from the config), so diffusers "
             "loads it over the base pipeline" + (", with the scheduler saved beside it" if sched else "") + ":", "",
