@@ -29,6 +29,7 @@ def register() -> None:
     registry.REWARDS["shapes-geneval-credit"] = shapes_geneval_credit_reward
     registry.DIFFERENTIABLE_REWARDS["shapes-embedder"] = shapes_embedder_reward
     registry.DIFFERENTIABLE_REWARDS["shapes-embedder-choice"] = shapes_embedder_choice_reward
+    registry.DIFFERENTIABLE_REWARDS["shapes-count"] = shapes_count_reward
     registry.DATASETS["shapes-train"] = shapes_train
     registry.COMMANDS["teacher"] = add_teacher_commands
     registry.COMPONENTS["PixelSpaceVAE"] = "slimdit.worlds.shapes.pixel_vae"
@@ -85,6 +86,12 @@ def shapes_embedder_choice_reward():
     from slimdit.worlds.shapes.benchmark import embedder_choice_reward
 
     return embedder_choice_reward()
+
+
+def shapes_count_reward():
+    from slimdit.worlds.shapes.benchmark import soft_count_reward
+
+    return soft_count_reward()
 
 
 def shapes_train(spec: str) -> CaptionImages:

@@ -164,6 +164,19 @@ def embedder_choice_reward():
     return reward
 
 
+def soft_count_reward():
+    """The detector made soft (:mod:`~slimdit.worlds.shapes.soft_count`) as a differentiable reward ``(captions,
+    images (N, 3, 32, 32) in [-1, 1]) -> (N,)``: minus the soft object counts and areas, per colour and in all,
+    that lie outside what the caption allows. 0 for the right objects; training prompts only."""
+    from slimdit.worlds.shapes.soft_count import penalty
+
+    def reward(captions: list[str], images: torch.Tensor) -> torch.Tensor:
+        _training_prompts_only(captions)
+        return -penalty([parse_prompt(c) for c in captions], images)
+
+    return reward
+
+
 def geneval_reward(captions: list[str], images: np.ndarray) -> np.ndarray:
     """The benchmark's per-image verdict as a reward (1 when the detector finds exactly the prompt's objects and
     relation, else 0), for training prompts only: an evaluation prompt is refused, so tuning never sees them."""
