@@ -472,6 +472,41 @@ def test_records_digested_from_the_inputs_read_the_same_before_and_after_a_hub_i
     assert _made_by(cfg, bare) != _made_by(cfg, {**bare, "teacher": "someone/other"})
 
 
+def test_grasp_factors_are_made_by_the_same_inputs_before_and_after_a_hub_id_gains_its_revision(tmp_path):
+    from slimdit.compress.plan import Plan
+    from slimdit.config import DistillConfig
+    from slimdit.distill.run import grasp_made_by
+
+    cfg = DistillConfig.model_validate({"teacher": "someone/tiny-pipeline", "plan": {"units": {}},
+                                        "out": str(tmp_path / "run"), "data": {"real": "shapes-train:8"}})
+    plan = Plan.from_dict(cfg.plan)
+    bare = {"teacher": "someone/tiny-pipeline", "data.real": "shapes-train:8"}
+    gained = {**bare, "teacher": f"someone/tiny-pipeline@{'0' * 40}"}
+    assert grasp_made_by(cfg, plan, bare) == grasp_made_by(cfg, plan, gained)  # kept: not factored again
+    assert grasp_made_by(cfg, plan, bare) != grasp_made_by(cfg, plan, {**bare, "teacher": "someone/other"})
+
+
+def test_the_demos_analysis_is_kept_when_its_hub_teacher_gains_its_revision(tmp_path, monkeypatch):
+    import slimdit.demo
+    import slimdit.importance.analyze
+    import slimdit.schedules.run
+    from slimdit.demo import run_demo
+
+    made = []
+    monkeypatch.setattr(slimdit.importance.analyze, "analyze", lambda *a, **k: made.append(1))
+
+    def schedule(*args, **kwargs):  # the schedule fails: the run holds no work and may be taken over
+        raise RuntimeError("stopped after the analysis")
+
+    monkeypatch.setattr(slimdit.schedules.run, "run_schedule", schedule)
+    repo = "someone/tiny-pipeline"
+    for teacher in (repo, f"{repo}@{'3' * 40}"):  # recorded bare, then with the commit the cache resolves
+        monkeypatch.setattr(slimdit.demo, "input_fingerprints", lambda cfg, t=teacher: {"teacher": t})
+        with pytest.raises(RuntimeError, match="stopped after the analysis"):
+            run_demo(tmp_path / "demo", progress=False)
+    assert len(made) == 1
+
+
 def test_a_synthetic_set_recorded_with_a_bare_hub_id_continues_and_gains_the_revision(tmp_path):
     from slimdit.data.synth import _check_folder
 

@@ -88,9 +88,7 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     student = student_copy(teacher, cfg.train.student_dtype)
     keep = None
     if plan.grasp is not None:
-        made_by = {"plan": plan.to_dict(), "inputs": without_revisions(inputs),  # the revision: check_run_dir's
-                   "data": cfg.data.model_dump(mode="json"), "seed": cfg.train.seed}
-        keep = _grasp(adapter, student, plan, conditioning, run, made_by)
+        keep = _grasp(adapter, student, plan, conditioning, run, grasp_made_by(cfg, plan, inputs))
     record = apply_plan(adapter, student, plan, keep=keep)
     write_json(run / "plan.json", {"plan": plan.to_dict(), "record": record.to_json()})
     state = process_state()  # what the trainer's Accelerator uses
@@ -128,6 +126,14 @@ def run_distill(config: str | Path | dict | DistillConfig, progress: bool = True
     write_json(run / "summary.json", summary)
     write_card(run / "student", run)  # after the evaluation: the card carries its numbers
     return run
+
+
+def grasp_made_by(cfg: DistillConfig, plan: Plan, inputs: dict) -> dict:
+    """What a run's GRASP factors were made from (kept beside them; factors made otherwise are made again): the
+    plan, the inputs without their hub revisions (a bare record gaining its revision is check_run_dir's business,
+    not a reason to make them again), the data and the seed."""
+    return {"plan": plan.to_dict(), "inputs": without_revisions(inputs), "data": cfg.data.model_dump(mode="json"),
+            "seed": cfg.train.seed}
 
 
 def _grasp(adapter, model, plan: Plan, conditioning, run: Path, made_by: dict) -> dict[str, torch.Tensor]:
