@@ -517,3 +517,49 @@ def test_a_synthetic_set_recorded_with_a_bare_hub_id_continues_and_gains_the_rev
     assert json.loads((tmp_path / "synth.json").read_text())["weights"] == f"{repo}@{rev}"
     with pytest.raises(ValueError, match="weights"):
         _check_folder(tmp_path, {**record, "weights": f"{repo}@{'3' * 40}"}, ["a"])
+
+
+def test_a_saved_evaluation_is_reused_only_when_scored_as_it_would_be_now(tmp_path, monkeypatch):
+    from slimdit.metrics.benchmarks import BENCHMARKS, Benchmark
+    from slimdit.metrics.evaluate import saved_metrics
+    from slimdit.worlds.shapes.benchmark import scorer_digest
+
+    path = tmp_path / "teacher.json"
+    assert saved_metrics(path, "shapes-geneval") is None  # not made yet
+    for scored_by, reused in ((scorer_digest(), True), ("an older detector", False), (None, False)):
+        path.write_text(json.dumps({"overall": 0.5, **({"scored_by": scored_by} if scored_by else {})}))
+        assert (saved_metrics(path, "shapes-geneval") is not None) is reused
+    # a benchmark that records no scorer keeps what is there, as before
+    monkeypatch.setitem(BENCHMARKS, "unscored", Benchmark(run=lambda *a, **k: None, check=lambda *a, **k: None))
+    assert saved_metrics(path, "unscored") == {"overall": 0.5}
+
+
+def test_the_shapes_scorer_digest_follows_the_detector_and_the_embedder(tmp_path):
+    import slimdit
+    from slimdit.worlds.shapes.benchmark import _SCORING_SOURCES, scorer_digest, scoring_digest
+    from slimdit.worlds.shapes.embedder import builtin_embedder_dir
+
+    package = Path(slimdit.__file__).parent
+    for name in _SCORING_SOURCES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / name, tmp_path / name)
+    embedder = tmp_path / "embedder"
+    shutil.copytree(builtin_embedder_dir(), embedder)
+    assert scoring_digest(tmp_path, embedder) == scorer_digest()  # the same files: the same scorer
+    with (tmp_path / "worlds/shapes/detector.py").open("a") as f:
+        f.write("MIN_AREA = 9\n")
+    changed = scoring_digest(tmp_path, embedder)
+    assert changed != scorer_digest()
+    shutil.copy(package / "worlds/shapes/detector.py", tmp_path / "worlds/shapes/detector.py")
+    weights = next(p for p in embedder.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert scoring_digest(tmp_path, embedder) not in (scorer_digest(), changed)
+
+
+def test_an_evaluation_records_its_scorer(tmp_path):
+    from slimdit.metrics.evaluate import evaluate_model
+    from slimdit.worlds.shapes.benchmark import scorer_digest
+
+    m = evaluate_model("shapes-oracle", limit=6, images_per_prompt=1, out=tmp_path / "oracle.json").metrics
+    assert m["scored_by"] == scorer_digest()
+    assert json.loads((tmp_path / "oracle.json").read_text())["scored_by"] == scorer_digest()

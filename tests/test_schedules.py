@@ -85,6 +85,20 @@ def test_linear_progressive_runs_in_stages_and_resumes(tiny_teacher, tmp_path):
     assert "<h2>Stages (linear_progressive)</h2>" in (tmp_path / "run" / "report.html").read_text()
     assert main(["run", str(cfg)]) == 0  # finished stages are loaded, not redone
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] == s["stages"]
+    # a finished stage scored by another scorer (an older detector, say) is scored again, not trained again
+    from slimdit.worlds.shapes.benchmark import scorer_digest
+
+    stage = tmp_path / "run" / "stages" / "00"
+    saved = json.loads((stage / "eval.json").read_text())
+    assert saved["scored_by"] == scorer_digest()
+    (stage / "eval.json").write_text(json.dumps({**saved, "scored_by": "an older detector", "overall": 2.0}))
+    row = json.loads((stage / "metrics.json").read_text())
+    (stage / "metrics.json").write_text(json.dumps({**row, "overall": 2.0}))
+    trained = (stage / "done.json").stat().st_mtime_ns
+    assert main(["run", str(cfg)]) == 0
+    assert json.loads((stage / "eval.json").read_text()) == saved
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] == s["stages"]
+    assert (stage / "done.json").stat().st_mtime_ns == trained
 
 
 def test_one_shot_removal_and_progressive(tiny_teacher, tmp_path):

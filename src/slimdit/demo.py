@@ -136,7 +136,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     """Run (or continue) the full demo into ``out``; return the run directory."""
     from slimdit.data.synth import read_prompts
     from slimdit.importance.analyze import analyze
-    from slimdit.metrics.evaluate import evaluate_model
+    from slimdit.metrics.evaluate import evaluate_model, saved_metrics
     from slimdit.models import adapter_for
     from slimdit.models.storage import load_model
     from slimdit.pipelines.loading import load_pipeline, sampling_defaults
@@ -179,9 +179,8 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     # 3. the teacher on the same prompts and seeds as the students
     e = cfg.eval
     teacher_json = run / "metrics" / "teacher.json"
-    if teacher_json.exists():
-        teacher_m = read_json(teacher_json)
-    else:
+    teacher_m = saved_metrics(teacher_json, "shapes-geneval")  # None: not made yet, or by another scorer
+    if teacher_m is None:
         result = timed("teacher_eval", lambda: evaluate_model(
             cfg.teacher, out=teacher_json, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
             steps=e.steps, guidance=e.guidance))

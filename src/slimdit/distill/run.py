@@ -248,7 +248,8 @@ def _weights_digest(folder: Path) -> str:
 
 
 def _evaluate(cfg: DistillConfig, run: Path) -> dict:
-    from slimdit.metrics.evaluate import evaluate_model
+    from slimdit.metrics.benchmarks import BENCHMARKS
+    from slimdit.metrics.evaluate import evaluate_model, saved_metrics
 
     e = cfg.eval
     out = {}
@@ -264,15 +265,15 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
         shared = None
         if e.shared is not None and name != "student":  # the same teacher and plan give the same images
             key = {"teacher": cfg.teacher, "weights": weights, "eval": settings,
+                   **({"scored_by": scorer()} if (scorer := BENCHMARKS[e.benchmark].scorer) else {}),
                    **({"plan": plan, "untrained": _weights_digest(run / "untrained" / "transformer")}
                       if name == "untrained" else {})}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
             shared = Path(e.shared) / f"{name}-{digest}.json"
-            if shared.exists() and not path.exists():
+            if shared.exists() and saved_metrics(path, e.benchmark) is None:  # the key holds the scorer
                 write_json(path, read_json(shared))
-        if path.exists():
-            m = read_json(path)
-        else:
+        m = saved_metrics(path, e.benchmark)  # None: not made yet, or made by another scorer (made again)
+        if m is None:
             m = evaluate_model(model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt,
                                seed=e.seed, steps=e.steps, guidance=e.guidance).metrics
         if shared is not None and not shared.exists():

@@ -37,9 +37,13 @@ class Benchmark:
     images_per_prompt: int = 4  # the protocol's number, used when the caller gives none
     data: str | None = None  # what its ``data=`` path is (prompts, a reference set); None: it takes no data
     embedder: bool = True  # whether ``run`` takes an ``embedder=``
+    scorer: Callable[[], str] | None = None  # a digest of what scores (its code and weights); None: not recorded
 
     def __call__(self, sampler, **kwargs) -> EvalResult:
-        return self.run(sampler, **kwargs)
+        result = self.run(sampler, **kwargs)
+        if self.scorer is not None:  # saved with the metrics: a score made by another scorer is never reused
+            result.metrics["scored_by"] = self.scorer()
+        return result
 
 
 def image_seeds(n_prompts: int, images_per_prompt: int, seed: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimdit.errors import OutputError
-from slimdit.io import ensure_writable, write_json
+from slimdit.io import ensure_writable, read_json, write_json
 from slimdit.metrics.benchmarks import BENCHMARKS, EvalResult
 from slimdit.metrics.embedders import get_embedder
 from slimdit.pipelines.loading import load_sampler
@@ -50,6 +50,20 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
             result.metrics.update(steps=opts.num_inference_steps, guidance=_guidance(sampler, opts))
     _write_outputs(result, out, save_images_to, images_per_prompt)
     return result
+
+
+def saved_metrics(path: str | Path, benchmark: str) -> dict | None:
+    """The metrics saved at ``path`` if ``benchmark`` would score them the same way now; None if there are none, or
+    if they were scored otherwise (a changed detector or scoring weights, or a record from before scorers were
+    recorded) and must be made again. A benchmark that records no scorer reuses what is there."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    scorer = BENCHMARKS[benchmark].scorer if benchmark in BENCHMARKS else None
+    if scorer is not None and saved.get("scored_by") != scorer():
+        return None
+    return saved
 
 
 def _guidance(sampler, opts) -> float:

@@ -29,6 +29,7 @@ from slimdit.identity import check_run_dir, input_fingerprints, record_revisions
 from slimdit.importance.metric import Calibration, metric_importance, plan_metrics, unit_op
 from slimdit.io import read_json, write_json
 from slimdit.metrics.embedders import get_embedder
+from slimdit.metrics.evaluate import saved_metrics
 from slimdit.models import adapter_for
 from slimdit.models.precision import DTYPES, cast_io, frozen_dtype, student_copy
 from slimdit.models.storage import load_model, save_model
@@ -249,7 +250,11 @@ def run_schedule(config: str | Path | dict | RunConfig, progress: bool = True) -
             done = read_json(sdir / "done.json")
             student = cast_io(load_model(sdir / "student").to(device, DTYPES[cfg.train.student_dtype]))
             kept, modified = done["kept"], set(done["modified"])
-            rows.append(read_json(sdir / "metrics.json"))
+            row = read_json(sdir / "metrics.json")
+            if cfg.eval.benchmark and saved_metrics(sdir / "eval.json", cfg.eval.benchmark) is None:
+                row.update(_evaluate_stage(cfg, pipe, student, sdir))  # scored by another scorer: scored again
+                write_json(sdir / "metrics.json", row)
+            rows.append(row)
             continue
         params_now = adapter.block_params(student)
         if params_now <= target * (1 + 1e-9):

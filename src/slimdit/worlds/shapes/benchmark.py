@@ -194,4 +194,35 @@ def geneval_credit_reward(captions: list[str], images: np.ndarray) -> np.ndarray
                     dtype=np.float32)
 
 
-SHAPES_GENEVAL = Benchmark(run=shapes_geneval, check=select_prompts)
+_SCORING_SOURCES = ("worlds/shapes/detector.py", "worlds/shapes/scenes.py", "worlds/shapes/prompts.py",
+                    "worlds/shapes/benchmark.py", "worlds/shapes/eval_prompts.jsonl", "metrics/fid.py",
+                    "metrics/cmmd.py", "metrics/clip_score.py")
+
+
+def scoring_digest(root, embedder_dir) -> str:
+    """A short digest of the scoring sources under ``root`` (the package's folder) and the embedder's weights."""
+    import hashlib
+    from pathlib import Path
+
+    from slimdit.io import files_fingerprint
+
+    h = hashlib.sha256()
+    for name in _SCORING_SOURCES:
+        h.update(name.encode() + b"\0" + (Path(root) / name).read_bytes())
+    h.update(files_fingerprint(embedder_dir).encode())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def scorer_digest() -> str:
+    """What scores shapes-geneval, as a short digest: the detector and the evaluation prompts (and the code that
+    reads them), the FID, CMMD and CLIP-score code, and the shapes embedder's weights. A saved evaluation scored
+    by other code or weights is made again, never compared with one scored now."""
+    from pathlib import Path
+
+    from slimdit.worlds.shapes.embedder import builtin_embedder_dir
+
+    return scoring_digest(Path(__file__).resolve().parents[2], builtin_embedder_dir())
+
+
+SHAPES_GENEVAL = Benchmark(run=shapes_geneval, check=select_prompts, scorer=scorer_digest)
