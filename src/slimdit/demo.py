@@ -183,7 +183,7 @@ def run_demo(out: str | Path, overrides: dict | None = None, progress: bool = Tr
     if teacher_m is None:
         result = timed("teacher_eval", lambda: evaluate_model(
             cfg.teacher, out=teacher_json, limit=e.limit, images_per_prompt=e.images_per_prompt, seed=e.seed,
-            steps=e.steps, guidance=e.guidance))
+            steps=e.steps, guidance=e.guidance), add=False)  # made again (another scorer): its time replaces
         save_eval_grid(result, run / "grid_1_teacher.png", e.images_per_prompt)
         teacher_m = result.metrics
     last = run / "stages" / f"{stages[-1]['stage']:02d}"
