@@ -550,7 +550,9 @@ def test_the_shapes_scorer_digest_follows_the_detector_and_the_embedder(tmp_path
         f.write("MIN_AREA = 9\n")
     changed = scoring_digest(tmp_path, embedder)
     assert changed != scorer_digest()
-    shutil.copy(package / "worlds/shapes/detector.py", tmp_path / "worlds/shapes/detector.py")
+    crlf = (package / "worlds/shapes/detector.py").read_bytes().replace(b"\n", b"\r\n")
+    (tmp_path / "worlds/shapes/detector.py").write_bytes(crlf)  # a checkout with other line endings: the same
+    assert scoring_digest(tmp_path, embedder) == scorer_digest()
     weights = next(p for p in embedder.iterdir() if p.suffix == ".safetensors")
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     assert scoring_digest(tmp_path, embedder) not in (scorer_digest(), changed)
@@ -563,3 +565,81 @@ def test_an_evaluation_records_its_scorer(tmp_path):
     m = evaluate_model("shapes-oracle", limit=6, images_per_prompt=1, out=tmp_path / "oracle.json").metrics
     assert m["scored_by"] == scorer_digest()
     assert json.loads((tmp_path / "oracle.json").read_text())["scored_by"] == scorer_digest()
+
+
+def _stub_evaluations(monkeypatch, scored_by: str) -> list[str]:
+    """evaluate_model replaced by one that writes a fixed score under ``scored_by``; returns the models it scored."""
+    from types import SimpleNamespace
+
+    import slimdit.metrics.evaluate
+
+    scored = []
+
+    def evaluate(model, benchmark, out=None, **kwargs):
+        scored.append(model)
+        m = {"overall": 0.5, "fid": 1.0, "scored_by": scored_by}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(m))
+        return SimpleNamespace(metrics=m)
+
+    monkeypatch.setattr(slimdit.metrics.evaluate, "evaluate_model", evaluate)
+    return scored
+
+
+@pytest.mark.parametrize("kind", ["distill", "steps", "reward"])
+def test_a_runs_evaluation_scored_by_another_scorer_is_made_again_and_one_scored_as_now_is_kept(kind, tmp_path,
+                                                                                               monkeypatch):
+    from types import SimpleNamespace
+
+    from slimdit.config import DistillConfig, EvalSection
+    from slimdit.worlds.shapes.benchmark import scorer_digest
+
+    scored = _stub_evaluations(monkeypatch, scorer_digest())
+    run = tmp_path / "run"
+    (run / "metrics").mkdir(parents=True)
+    if kind == "distill":
+        from slimdit.distill.run import _evaluate
+
+        cfg = DistillConfig.model_validate({"teacher": "shapes-pixart", "plan": {"units": {}}, "out": str(run),
+                                            "data": {"real": "shapes-train:8"}, "eval": {"untrained": False}})
+        first, second = "teacher", "student"
+    else:
+        from slimdit.distill.fewstep import _evaluate as steps_evaluate
+        from slimdit.distill.reward import _evaluate as reward_evaluate
+
+        _evaluate = steps_evaluate if kind == "steps" else reward_evaluate
+        cfg = SimpleNamespace(teacher="shapes-pixart", baseline=None, eval=EvalSection())
+        first, second = ("teacher", "student") if kind == "steps" else ("before", "after")
+    (run / "metrics" / f"{first}.json").write_text(json.dumps({"overall": 0.9, "scored_by": "an older detector"}))
+    (run / "metrics" / f"{second}.json").write_text(json.dumps({"overall": 0.4, "fid": 1.0,
+                                                                 "scored_by": scorer_digest()}))
+    out = _evaluate(cfg, run)
+    assert scored == ["shapes-pixart"]  # the teacher scored again; the student's score kept
+    assert json.loads((run / "metrics" / f"{first}.json").read_text())["scored_by"] == scorer_digest()
+    assert out[f"{first}_metrics"]["overall"] == 0.5 and out[f"{second}_metrics"]["overall"] == 0.4
+
+
+def test_shared_evaluations_are_keyed_by_their_scorer(tmp_path, monkeypatch):
+    import dataclasses
+
+    from slimdit.config import DistillConfig
+    from slimdit.distill.run import _evaluate
+    from slimdit.metrics.benchmarks import BENCHMARKS
+
+    shared = tmp_path / "shared"
+    names = []
+    for scorer in ("today's detector", "a newer detector"):
+        monkeypatch.setitem(BENCHMARKS, "shapes-geneval",
+                            dataclasses.replace(BENCHMARKS["shapes-geneval"], scorer=lambda s=scorer: s))
+        scored = _stub_evaluations(monkeypatch, scorer)
+        for run in (tmp_path / f"{scorer}-1", tmp_path / f"{scorer}-2"):  # two runs of one teacher, one folder
+            (run / "metrics").mkdir(parents=True)
+            (run / "plan.json").write_text(json.dumps({"plan": {"units": {}}}))
+            (run / "metrics" / "student.json").write_text(json.dumps({"overall": 0.4, "scored_by": scorer}))
+            cfg = DistillConfig.model_validate({"teacher": "shapes-pixart", "plan": {"units": {}}, "out": str(run),
+                                                "data": {"real": "shapes-train:8"},
+                                                "eval": {"untrained": False, "shared": str(shared)}})
+            _evaluate(cfg, run)
+        assert scored == ["shapes-pixart"]  # once per scorer: the second run reuses the first's, never the old's
+        names.append(sorted(p.name for p in shared.iterdir()))
+    assert len(names[0]) == 1 and len(names[1]) == 2

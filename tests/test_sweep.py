@@ -77,3 +77,30 @@ def test_a_finished_point_made_from_another_config_is_refused_and_two_points_can
     two = SweepConfig(out="o", base={}, grid={"plan": ["plans/a/x.yaml", "plans/b/x.yaml"]})
     with pytest.raises(ValueError, match="both named 'x'"):
         points(two)
+
+
+def test_a_finished_point_scored_by_another_scorer_runs_again_and_one_scored_as_now_does_not(tmp_path, monkeypatch):
+    """Results of two scorers (an older detector's beside today's) never sit in one sweep table."""
+    import json
+
+    import slimdit.schedules.run
+    from slimdit.experiments.sweep import run_sweep
+    from slimdit.identity import check_run_dir, input_fingerprints
+    from slimdit.worlds.shapes.benchmark import scorer_digest
+
+    ran = []
+    monkeypatch.setattr(slimdit.schedules.run, "run_schedule", lambda cfg, progress=True: ran.append(cfg.out))
+    base = {"teacher": "shapes-pixart", "out": "x", "schedule": {"kind": "one_shot", "stages": 1}}
+    sweep = {"kind": "run", "out": str(tmp_path / "o"), "base": base, "set": {"eval.limit": 6},
+             "grid": {"schedule.target": [0.8]}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    _, [(_, cfg)] = load_sweep(tmp_path / "sweep.yaml")
+    check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
+    (Path(cfg.out) / "summary.json").write_text(json.dumps({"stages": [{"block_param_ratio": 0.8, "overall": 0.5}]}))
+    stage = Path(cfg.out) / "stages" / "00"
+    stage.mkdir(parents=True)
+    for scored_by, runs in ((scorer_digest(), 0), ("an older detector", 1)):
+        (stage / "eval.json").write_text(json.dumps({"overall": 0.5, "scored_by": scored_by}))
+        ran.clear()
+        run_sweep(tmp_path / "sweep.yaml", progress=False)
+        assert len(ran) == runs

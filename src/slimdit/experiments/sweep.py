@@ -124,10 +124,23 @@ def run_sweep(path: str | Path, progress: bool = True) -> Path:
         if (Path(cfg.out) / "summary.json").exists():
             check_run_dir(cfg.out, cfg, input_fingerprints(cfg))
     for _name, cfg in configs:
-        if not (Path(cfg.out) / "summary.json").exists():
+        if not _finished(cfg):  # a finished point scored by another scorer resumes: scored again, not retrained
             runner(cfg, progress=progress)
         collect(sweep.out)
     return sweep.out
+
+
+def _finished(cfg) -> bool:
+    """Whether a point is done: summarised, and every evaluation it saved scored as its benchmark scores now."""
+    from slimdit.metrics.evaluate import saved_metrics
+
+    run = Path(cfg.out)
+    if not (run / "summary.json").exists():
+        return False
+    if not cfg.eval.benchmark:
+        return True
+    saved = [*run.glob("metrics/*.json"), *run.glob("stages/*/eval.json")]
+    return all(saved_metrics(f, cfg.eval.benchmark) is not None for f in saved)
 
 
 def collect(out: str | Path) -> list[dict]:

@@ -43,6 +43,8 @@ def evaluate_model(model: str, benchmark: str = "shapes-geneval", out: str | Pat
     emb = {"embedder": get_embedder(embedder)} if bench.embedder else {}
     sampler = load_sampler(model, steps=steps, guidance=guidance, batch_size=batch_size)
     result = bench(sampler, limit=limit, images_per_prompt=images_per_prompt, seed=seed, **emb, **data)
+    if emb and embedder != "shapes" and "scored_by" in result.metrics:  # its scorer digests the default embedder
+        result.metrics["scored_by"] += f"+embedder:{embedder}"
     result.metrics.update(model=model, benchmark=benchmark)
     if steps is not None or guidance is not None or model not in SAMPLERS:
         opts = getattr(sampler, "options", None)

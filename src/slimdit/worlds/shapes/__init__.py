@@ -65,31 +65,31 @@ def shapes_embedder() -> Embedder:
 
 
 def shapes_geneval_reward():
-    from slimdit.worlds.shapes.benchmark import geneval_reward
+    from slimdit.worlds.shapes.rewards import geneval_reward
 
     return geneval_reward
 
 
 def shapes_geneval_credit_reward():
-    from slimdit.worlds.shapes.benchmark import geneval_credit_reward
+    from slimdit.worlds.shapes.rewards import geneval_credit_reward
 
     return geneval_credit_reward
 
 
 def shapes_embedder_reward():
-    from slimdit.worlds.shapes.benchmark import embedder_reward
+    from slimdit.worlds.shapes.rewards import embedder_reward
 
     return embedder_reward()
 
 
 def shapes_embedder_choice_reward():
-    from slimdit.worlds.shapes.benchmark import embedder_choice_reward
+    from slimdit.worlds.shapes.rewards import embedder_choice_reward
 
     return embedder_choice_reward()
 
 
 def shapes_count_reward():
-    from slimdit.worlds.shapes.benchmark import soft_count_reward
+    from slimdit.worlds.shapes.rewards import soft_count_reward
 
     return soft_count_reward()
 
