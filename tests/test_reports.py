@@ -33,3 +33,16 @@ def test_unit_tick_labels_keep_the_group_only_when_units_span_groups():
 
     assert tick_labels(["block.0", "block.11"]) == ["0", "11"]
     assert tick_labels(["double.0", "double.3", "single.0", "single.7"]) == ["d0", "d3", "s0", "s7"]
+
+
+def test_the_report_warns_when_its_evaluations_were_scored_by_different_scorers(tmp_path):
+    import json
+
+    from slimdit.reports.html import build_report
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps({"description": "a run"}))
+    for student_scorer, warned in (("today's detector", False), ("an older detector", True)):
+        for name, overall, scorer in (("teacher", 0.8, "today's detector"), ("student", 0.6, student_scorer)):
+            (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps({"overall": overall, "scored_by": scorer}))
+        assert ("scored by different scorers" in build_report(tmp_path).read_text()) is warned

@@ -12,7 +12,8 @@ from slimdit.reports.training import plot_training
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}
 th{background:#eee}td:first-child,th:first-child{text-align:left}img{image-rendering:pixelated;max-width:100%}
-.note{color:#555;font-size:90%}"""
+.note{color:#555;font-size:90%}
+.warn{color:#a00;font-weight:bold}"""
 
 
 def _img(path: Path) -> str:
@@ -50,6 +51,10 @@ def build_report(run_dir: str | Path) -> Path:
             "clip_score", "n_images"]
     parts = [f"<h1>slimdit run: {html.escape(run.name)}</h1>",
              f"<p class='note'>{html.escape(summary.get('description', ''))}</p>"]
+    if len(scorers := {m.get("scored_by") for m in rows.values()}) > 1:  # a rescoring stopped half way, say
+        parts.append(f"<p class='warn'>These evaluations were scored by different scorers "
+                     f"({html.escape(', '.join(sorted(str(s) for s in scorers)))}) and do not compare; run the "
+                     "command again to score them all as now.</p>")
     if rows:
         parts += ["<h2>shapes-geneval</h2>", metric_table(rows, keys),
                   "<p class='note'>Accuracy per category (an image counts when the detector finds exactly the "
