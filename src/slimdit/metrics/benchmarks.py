@@ -4,7 +4,9 @@ A benchmark is ``run(sampler, limit=None, images_per_prompt=4, seed=0, embedder=
 returning an :class:`EvalResult`, plus ``check(limit)``, which refuses bad arguments before any model is loaded.
 Benchmarks that read data (the core's adapters to external benchmarks, :mod:`slimdit.metrics.external`,
 registered when :mod:`slimdit.metrics` is first imported) take ``data=`` in both, ``check`` also
-``images_per_prompt=``; they bring their own models and take no embedder.
+``images_per_prompt=``; they bring their own models and take no embedder. A benchmark may name its ``scorer`` (a
+digest of the code and weights that score); its results then carry it as ``scored_by``, and a saved result scored
+otherwise is made again, never reused (:func:`slimdit.metrics.evaluate.saved_metrics`).
 """
 
 from __future__ import annotations
