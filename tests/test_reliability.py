@@ -553,6 +553,10 @@ def test_the_shapes_scorer_digest_follows_the_detector_and_the_embedder(tmp_path
     crlf = (package / "worlds/shapes/detector.py").read_bytes().replace(b"\n", b"\r\n")
     (tmp_path / "worlds/shapes/detector.py").write_bytes(crlf)  # a checkout with other line endings: the same
     assert scoring_digest(tmp_path, embedder) == scorer_digest()
+    source = (package / "worlds/shapes/detector.py").read_text()
+    prose = source.replace('"""', '"""A note. ', 1) + "# a comment\n"  # a docstring and a comment edited
+    (tmp_path / "worlds/shapes/detector.py").write_text(prose)
+    assert scoring_digest(tmp_path, embedder) == scorer_digest()
     weights = next(p for p in embedder.iterdir() if p.suffix == ".safetensors")
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     assert scoring_digest(tmp_path, embedder) not in (scorer_digest(), changed)

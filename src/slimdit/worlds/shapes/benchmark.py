@@ -106,9 +106,26 @@ _SCORING_SOURCES = ("worlds/shapes/detector.py", "worlds/shapes/scenes.py", "wor
                     "metrics/cmmd.py", "metrics/clip_score.py")
 
 
+def _code(path) -> bytes:
+    """A source file's code without its comments and docstrings (its syntax tree), so that prose edits, and line
+    endings, leave the digest alone; another file's bytes, line endings read as ``\\n``."""
+    import ast
+
+    text = path.read_bytes()
+    if path.suffix != ".py":
+        return text.replace(b"\r\n", b"\n")
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def scoring_digest(root, embedder_dir) -> str:
-    """A short digest of the scoring sources under ``root`` (the package's folder; line endings read as ``\\n``)
-    and of the embedder's weights in ``embedder_dir``."""
+    """A short digest of the scoring sources' code under ``root`` (the package's folder) and of the embedder's
+    weights in ``embedder_dir``."""
     import hashlib
     from pathlib import Path
 
@@ -116,16 +133,17 @@ def scoring_digest(root, embedder_dir) -> str:
 
     h = hashlib.sha256()
     for name in _SCORING_SOURCES:
-        h.update(name.encode() + b"\0" + (Path(root) / name).read_bytes().replace(b"\r\n", b"\n"))
+        h.update(name.encode() + b"\0" + _code(Path(root) / name))
     h.update(files_fingerprint(embedder_dir).encode())
     return h.hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)
 def scorer_digest() -> str:
-    """What scores shapes-geneval, as a short digest: the detector, the evaluation prompts and the code that reads
-    them, the embedder and the FID, CMMD and CLIP-score code, and the shapes embedder's weights. A saved evaluation
-    scored by other code or weights is made again, never compared with one scored now."""
+    """What scores shapes-geneval, as a short digest: the code of the detector, of the evaluation prompts and what
+    reads them, of the embedder and of FID, CMMD and the CLIP score, and the shapes embedder's weights. A saved
+    evaluation scored by other code or weights is made again, never compared with one scored now; an edit to
+    comments or docstrings changes nothing."""
     from importlib import resources
 
     from slimdit.worlds.shapes.embedder import builtin_embedder_dir
