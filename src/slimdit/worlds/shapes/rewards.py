@@ -23,8 +23,6 @@ def _training_prompts_only(captions: list[str]) -> None:
 def embedder_reward():
     """The shapes embedder's caption-image cosine similarity as a differentiable reward ``(captions, images
     (N, 3, 32, 32) in [-1, 1]) -> (N,)``, for training prompts only (evaluation prompts are refused)."""
-    import torch
-
     from slimdit.worlds.shapes.embedder import load_shapes_embedder
 
     emb = load_shapes_embedder().requires_grad_(False)
@@ -46,8 +44,6 @@ def embedder_choice_reward():
     its near misses: another count, colour, size or shape, the mistakes the detector fails. Differences the
     embedder does not see (which colour sits on which shape, who stands where) leave it flat. Training prompts
     only."""
-    import torch
-
     from slimdit.worlds.shapes.embedder import load_shapes_embedder
     from slimdit.worlds.shapes.prompts import caption_alternatives
 
