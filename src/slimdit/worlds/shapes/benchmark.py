@@ -7,13 +7,17 @@ with ground-truth renders of the same prompts (2,000 by default) through the emb
 
 from __future__ import annotations
 
+import ast
+import hashlib
 from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from slimdit.io import files_fingerprint
 from slimdit.metrics.benchmarks import Benchmark, EvalResult, image_seeds
 from slimdit.metrics.clip_score import clip_score
 from slimdit.metrics.cmmd import cmmd
@@ -109,8 +113,6 @@ _SCORING_SOURCES = ("worlds/shapes/detector.py", "worlds/shapes/scenes.py", "wor
 def _code(path) -> bytes:
     """A source file's code without its comments and docstrings (its syntax tree), so that prose edits, and line
     endings, leave the digest alone; another file's bytes, line endings read as ``\\n``."""
-    import ast
-
     text = path.read_bytes()
     if path.suffix != ".py":
         return text.replace(b"\r\n", b"\n")
@@ -126,11 +128,6 @@ def _code(path) -> bytes:
 def scoring_digest(root, embedder_dir) -> str:
     """A short digest of the scoring sources' code under ``root`` (the package's folder) and of the embedder's
     weights in ``embedder_dir``."""
-    import hashlib
-    from pathlib import Path
-
-    from slimdit.io import files_fingerprint
-
     h = hashlib.sha256()
     for name in _SCORING_SOURCES:
         h.update(name.encode() + b"\0" + _code(Path(root) / name))

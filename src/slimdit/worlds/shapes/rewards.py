@@ -74,8 +74,8 @@ def embedder_choice_reward():
 
 def soft_count_reward():
     """The detector made soft (:mod:`~slimdit.worlds.shapes.soft_count`) as a differentiable reward ``(captions,
-    images (N, 3, 32, 32) in [-1, 1]) -> (N,)``: minus the soft object counts and areas, per colour and in all,
-    that lie outside what the caption allows. 0 for the right objects; training prompts only."""
+    images (N, 3, 32, 32) in [-1, 1]) -> (N,)``: minus how far the soft object count, and the areas and perimeters
+    per colour and in all, lie outside what the caption allows. 0 for the right objects; training prompts only."""
     from slimdit.worlds.shapes.soft_count import penalty
 
     def reward(captions: list[str], images: torch.Tensor) -> torch.Tensor:

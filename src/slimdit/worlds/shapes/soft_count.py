@@ -1,4 +1,4 @@
-"""The detector made soft: a differentiable reward that counts the objects of each colour against the caption.
+"""The detector made soft: a differentiable reward that counts objects and measures each colour against the caption.
 
 The detector's verdict (``detector.py``) counts connected blobs, which has no gradient; the shapes embedder's cosine
 has one, but does not see a second copy of an object, the one-step students' commonest mistake. This reward reads
