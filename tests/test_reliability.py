@@ -562,6 +562,35 @@ def test_the_shapes_scorer_digest_follows_the_detector_and_the_embedder(tmp_path
     assert scoring_digest(tmp_path, embedder) not in (scorer_digest(), changed)
 
 
+def test_an_external_benchmarks_scorer_follows_its_adapters_code(tmp_path):
+    import slimdit
+    from slimdit.metrics.benchmarks import BENCHMARKS, code_digest
+    from slimdit.metrics.evaluate import saved_metrics
+    from slimdit.metrics.external.hpsv2 import make_hpsv2
+    from slimdit.metrics.external.protocol import adapter_sources
+
+    package = Path(slimdit.__file__).parent
+    names = adapter_sources("hpsv2")
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(package / name, tmp_path / name)
+    official = BENCHMARKS["hpsv2"].scorer()
+    assert code_digest(tmp_path, names) == official  # the same code: the same scorer
+    with (tmp_path / "metrics/external/protocol.py").open("a") as f:  # the shared protocol changed
+        f.write("CHUNK = 81\n")
+    assert code_digest(tmp_path, names) != official
+    # each adapter is its own scorer; a stand-in model is none (its scores are the caller's)
+    external = ("fid", "cmmd", "hpsv2", "imagereward", "geneval", "dpg-bench")
+    assert len({BENCHMARKS[n].scorer() for n in external}) == len(external)
+    assert make_hpsv2(scorer=lambda images, prompts: [0.0] * len(images)).scorer is None
+    # a score saved before the adapters recorded their scorer is made again; one scored as now is reused
+    path = tmp_path / "hps.json"
+    path.write_text(json.dumps({"overall": 0.27}))
+    assert saved_metrics(path, "hpsv2") is None
+    path.write_text(json.dumps({"overall": 0.27, "scored_by": official}))
+    assert saved_metrics(path, "hpsv2") == {"overall": 0.27, "scored_by": official}
+
+
 def test_an_evaluation_records_its_scorer(tmp_path):
     from slimdit.metrics.evaluate import evaluate_model
     from slimdit.worlds.shapes.benchmark import scorer_digest

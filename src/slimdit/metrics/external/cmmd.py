@@ -20,6 +20,7 @@ from slimdit.metrics.benchmarks import Benchmark, EvalResult
 from slimdit.metrics.external.protocol import (
     REFERENCE_FORM,
     BenchPrompt,
+    adapter_scorer,
     check_images_per_prompt,
     embed_all,
     hf_cached,
@@ -84,7 +85,8 @@ def make_cmmd(embed: Embed | None = None, batch_size: int = 64) -> Benchmark:
                    "reference": str(folder), **protocol_record(len(rows), images_per_prompt, seed, n_all, 1)}
         return EvalResult(metrics, per_image, images, None)
 
-    return Benchmark(run=run, check=check, images_per_prompt=1, data=REFERENCE_FORM, embedder=False)
+    return Benchmark(run=run, check=check, images_per_prompt=1, data=REFERENCE_FORM, embedder=False,
+                     scorer=adapter_scorer("cmmd") if embed is None else None)
 
 
 def _clip(model: str, batch_size: int) -> Embed:

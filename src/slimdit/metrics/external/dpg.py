@@ -27,6 +27,7 @@ from slimdit.metrics.benchmarks import Benchmark, EvalResult
 from slimdit.metrics.external.protocol import (
     DATA_FLAG,
     BenchPrompt,
+    adapter_scorer,
     check_images_per_prompt,
     device,
     find_path,
@@ -217,7 +218,8 @@ def make_dpg(vqa: Vqa | None = None) -> Benchmark:
         return EvalResult(metrics, per_image, images, correct)
 
     return Benchmark(run=run, check=check, images_per_prompt=IMAGES_PER_PROMPT,
-                     data="DPG-Bench's dpg_bench folder (github.com/TencentQQGYLab/ELLA)", embedder=False)
+                     data="DPG-Bench's dpg_bench folder (github.com/TencentQQGYLab/ELLA)", embedder=False,
+                     scorer=adapter_scorer("dpg") if vqa is None else None)
 
 
 def _mplug(model: str) -> Vqa:

@@ -19,6 +19,7 @@ from slimdit.metrics.benchmarks import Benchmark, EvalResult
 from slimdit.metrics.external.protocol import (
     REFERENCE_FORM,
     BenchPrompt,
+    adapter_scorer,
     check_images_per_prompt,
     device,
     embed_all,
@@ -77,7 +78,8 @@ def make_fid(features: Features | None = None, batch_size: int = 64) -> Benchmar
                    **protocol_record(len(rows), images_per_prompt, seed, n_all, 1)}
         return EvalResult(metrics, per_image, images, None)
 
-    return Benchmark(run=run, check=check, images_per_prompt=1, data=REFERENCE_FORM, embedder=False)
+    return Benchmark(run=run, check=check, images_per_prompt=1, data=REFERENCE_FORM, embedder=False,
+                     scorer=adapter_scorer("fid") if features is None else None)
 
 
 def _inception(weights: Path) -> Features:

@@ -26,6 +26,7 @@ from slimdit.metrics.external.protocol import (
     DATA_FLAG,
     BenchPrompt,
     MissingPackage,
+    adapter_scorer,
     check_images_per_prompt,
     find_path,
     interleave,
@@ -187,4 +188,5 @@ def make_geneval(judge: Judge | None = None) -> Benchmark:
         return EvalResult(metrics, per_image, images, correct)
 
     return Benchmark(run=run, check=check, images_per_prompt=IMAGES_PER_PROMPT,
-                     data="GenEval's checkout (github.com/djghosh13/geneval)", embedder=False)
+                     data="GenEval's checkout (github.com/djghosh13/geneval)", embedder=False,
+                     scorer=adapter_scorer("geneval") if judge is None else None)

@@ -20,6 +20,7 @@ from slimdit.metrics.external.protocol import (
     DATA_FLAG,
     BenchPrompt,
     Scorer,
+    adapter_scorer,
     batches,
     check_images_per_prompt,
     check_scores,
@@ -131,7 +132,8 @@ def make_hpsv2(scorer: Scorer | None = None) -> Benchmark:
 
     return Benchmark(run=run, check=check, images_per_prompt=1,
                      data="a folder holding HPSv2's anime.json, concept-art.json, paintings.json, photo.json",
-                     embedder=False)
+                     embedder=False,
+                     scorer=adapter_scorer('hpsv2') if scorer is None else None)
 
 
 def _hps(ckpt: Path, batch_size: int = 20, progress: bool = True) -> Scorer:

@@ -17,6 +17,7 @@ from slimdit.metrics.external.protocol import (
     DATA_FLAG,
     BenchPrompt,
     Scorer,
+    adapter_scorer,
     check_images_per_prompt,
     check_scores,
     device,
@@ -95,7 +96,8 @@ def make_imagereward(scorer: Scorer | None = None) -> Benchmark:
                    **protocol_record(len(prompts), images_per_prompt, seed, PROMPTS, IMAGES_PER_PROMPT)}
         return EvalResult(metrics, per_image, images, None)
 
-    return Benchmark(run=run, check=check, images_per_prompt=IMAGES_PER_PROMPT, data=PROMPTS_FORM, embedder=False)
+    return Benchmark(run=run, check=check, images_per_prompt=IMAGES_PER_PROMPT, data=PROMPTS_FORM, embedder=False,
+                     scorer=adapter_scorer("imagereward") if scorer is None else None)
 
 
 def _image_reward(root: Path, progress: bool) -> Scorer:

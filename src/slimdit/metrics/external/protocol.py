@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from slimdit.errors import RunError
-from slimdit.metrics.benchmarks import image_seeds
+from slimdit.metrics.benchmarks import code_scorer, image_seeds
 
 T = TypeVar("T")
 DATA_FLAG = "--benchmark-data"  # how a user gives a benchmark's data path (``data=`` in Python)
@@ -207,3 +207,17 @@ def reference_images(folder: Path, rows: Sequence[dict], size: tuple[int, int]) 
                 yield center_crop_resize(im, size)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{folder}/metadata.jsonl names {row['file_name']}, which does not exist") from e
+
+
+def adapter_sources(module: str) -> tuple[str, ...]:
+    """The package files whose code scores the external benchmark in ``metrics/external/{module}.py``: that adapter,
+    and what every adapter shares (this protocol, the image preparation)."""
+    return (f"metrics/external/{module}.py", "metrics/external/protocol.py", "metrics/benchmarks.py",
+            "metrics/embedders.py")
+
+
+def adapter_scorer(module: str) -> Callable[[], str]:
+    """The ``scorer`` of the external benchmark in ``metrics/external/{module}.py`` scored by its official model: a
+    digest of :func:`adapter_sources`' code, so that a score saved before an upgrade changed it is made again. The
+    scoring weights are named by that code; their files are not read."""
+    return code_scorer(*adapter_sources(module))

@@ -7,18 +7,15 @@ with ground-truth renders of the same prompts (2,000 by default) through the emb
 
 from __future__ import annotations
 
-import ast
-import hashlib
 from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from slimdit.io import files_fingerprint
-from slimdit.metrics.benchmarks import Benchmark, EvalResult, image_seeds
+from slimdit.metrics.benchmarks import Benchmark, EvalResult, code_digest, image_seeds
 from slimdit.metrics.clip_score import clip_score
 from slimdit.metrics.cmmd import cmmd
 from slimdit.metrics.embedders import Embedder, get_embedder
@@ -110,29 +107,10 @@ _SCORING_SOURCES = ("worlds/shapes/detector.py", "worlds/shapes/scenes.py", "wor
                     "metrics/cmmd.py", "metrics/clip_score.py")
 
 
-def _code(path) -> bytes:
-    """A source file's code without its comments and docstrings (its syntax tree), so that prose edits, and line
-    endings, leave the digest alone; another file's bytes, line endings read as ``\\n``."""
-    text = path.read_bytes()
-    if path.suffix != ".py":
-        return text.replace(b"\r\n", b"\n")
-    tree = ast.parse(text)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree).encode()
-
-
 def scoring_digest(root, embedder_dir) -> str:
     """A short digest of the scoring sources' code under ``root`` (the package's folder) and of the embedder's
     weights in ``embedder_dir``."""
-    h = hashlib.sha256()
-    for name in _SCORING_SOURCES:
-        h.update(name.encode() + b"\0" + _code(Path(root) / name))
-    h.update(files_fingerprint(embedder_dir).encode())
-    return h.hexdigest()[:16]
+    return code_digest(root, _SCORING_SOURCES, files_fingerprint(embedder_dir))
 
 
 @lru_cache(maxsize=1)
