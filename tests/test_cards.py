@@ -96,3 +96,10 @@ def test_a_distilled_student_card_names_its_training_and_is_rewritten_when_metri
     monkeypatch.setattr(slimdit.compress.grasp, "grasp_from_data", lambda *a: pytest.fail("GRASP ran again"))
     run_distill(cfg, progress=False)
     assert "| overall ↑ | 0.5 | 0.4 | 80.0% |" in (run / "student" / "README.md").read_text()
+    # a teacher scored by an older detector than the student: the card shows both, with no ratio between them
+    write_json(run / "metrics" / "teacher.json", {**m, "scored_by": "an older detector"})
+    write_json(run / "metrics" / "student.json", {**m, "overall": 0.4, "scored_by": "today's detector"})
+    write_card(run / "student", run)
+    card = (run / "student" / "README.md").read_text()
+    assert "| metric | teacher | student |\n" in card and "| overall ↑ | 0.5 | 0.4 |\n" in card
+    assert "scored by different scorers (an older detector, today's detector)" in card

@@ -301,12 +301,18 @@ def _metrics(f: RunFacts, merged: bool) -> str:
     cols = [c for c in ("teacher", "untrained", "student", "baseline", "before", "after") if c in m]
     keys = [k for k in MAIN_METRICS if any(k in m[c] for c in cols)]
     keys += [k for k in ref if k not in keys and k not in PROTOCOL_KEYS and isinstance(ref[k], float)]
-    out += ["", "| metric | " + " | ".join(cols) + " |" + " student / teacher |" * ("teacher" in m and "student" in m),
-            "|---|" + "---|" * (len(cols) + ("teacher" in m and "student" in m))]
+    scorers = {m[c].get("scored_by") for c in cols}  # a rescoring stopped half way, say: the columns do not compare
+    ratio = "teacher" in m and "student" in m and len(scorers) == 1
+    if len(scorers) > 1:
+        out.append(f"These columns were scored by different scorers ({', '.join(sorted(str(s) for s in scorers))}) "
+                   "and do not compare, so no ratio is given; run the command that made them again to score them "
+                   "all as now.")
+    out += ["", "| metric | " + " | ".join(cols) + " |" + " student / teacher |" * ratio,
+            "|---|" + "---|" * (len(cols) + ratio)]
     for k in keys:
         arrow = " ↓" if k in LOWER_IS_BETTER else " ↑"
         row = f"| {k}{arrow} | " + " | ".join(_fmt(m[c].get(k)) for c in cols) + " |"
-        if "teacher" in m and "student" in m:
+        if ratio:
             t, s = m["teacher"].get(k), m["student"].get(k)
             row += f" {s / t:.1%} |" if isinstance(t, (int, float)) and isinstance(s, (int, float)) and t else " — |"
         out.append(row)
