@@ -219,5 +219,5 @@ def adapter_sources(module: str) -> tuple[str, ...]:
 def adapter_scorer(module: str) -> Callable[[], str]:
     """The ``scorer`` of the external benchmark in ``metrics/external/{module}.py`` scored by its official model: a
     digest of :func:`adapter_sources`' code, so that a score saved before an upgrade changed it is made again. The
-    scoring weights are named by that code; their files are not read."""
+    scoring weights' files (and GenEval's evaluator, in the user's checkout) are not read."""
     return code_scorer(*adapter_sources(module))
