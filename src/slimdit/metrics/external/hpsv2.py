@@ -132,8 +132,7 @@ def make_hpsv2(scorer: Scorer | None = None) -> Benchmark:
 
     return Benchmark(run=run, check=check, images_per_prompt=1,
                      data="a folder holding HPSv2's anime.json, concept-art.json, paintings.json, photo.json",
-                     embedder=False,
-                     scorer=adapter_scorer('hpsv2') if scorer is None else None)
+                     embedder=False, scorer=adapter_scorer("hpsv2") if scorer is None else None)
 
 
 def _hps(ckpt: Path, batch_size: int = 20, progress: bool = True) -> Scorer:
