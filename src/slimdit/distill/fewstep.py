@@ -485,15 +485,13 @@ def _sampling(adapter, teacher, steps: int, w: float) -> dict:
 
 
 def _evaluate(cfg: StepsConfig, run: Path) -> dict:
-    from slimdit.metrics.evaluate import evaluate_model, saved_metrics
+    from slimdit.metrics.evaluate import saved_or_evaluated
 
     e, out = cfg.eval, {}
     for name, model in (("teacher", cfg.teacher), ("student", str(run / "student"))):
         path = run / "metrics" / f"{name}.json"
-        m = saved_metrics(path, e.benchmark)  # None: not made yet, or made by another scorer (made again)
-        if m is None:
-            m = evaluate_model(model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt,
-                               seed=e.seed).metrics
+        m = saved_or_evaluated(path, model, e.benchmark, limit=e.limit, images_per_prompt=e.images_per_prompt,
+                               seed=e.seed)
         out[f"{name}_metrics"] = {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}
     t, s = out["teacher_metrics"].get("overall"), out["student_metrics"].get("overall")
     out["retained_overall"] = s / t if t else None  # None: the teacher scores 0 (an untrained test model)

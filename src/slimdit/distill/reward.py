@@ -205,7 +205,7 @@ def _reward_curve(train_dir: Path) -> list[list[float]]:
 
 
 def _evaluate(cfg: RewardConfig, run: Path) -> dict:
-    from slimdit.metrics.evaluate import evaluate_model, saved_metrics
+    from slimdit.metrics.evaluate import saved_or_evaluated
 
     e, out = cfg.eval, {}
     models = [("before", cfg.teacher), ("after", str(run / "student"))]
@@ -213,10 +213,8 @@ def _evaluate(cfg: RewardConfig, run: Path) -> dict:
         models.append(("baseline", cfg.baseline))
     for name, model in models:
         path = run / "metrics" / f"{name}.json"
-        m = saved_metrics(path, e.benchmark)  # None: not made yet, or made by another scorer (made again)
-        if m is None:
-            m = evaluate_model(model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt,
-                               seed=e.seed, steps=e.steps, guidance=e.guidance).metrics
+        m = saved_or_evaluated(path, model, e.benchmark, limit=e.limit, images_per_prompt=e.images_per_prompt,
+                               seed=e.seed, steps=e.steps, guidance=e.guidance)
         out[f"{name}_metrics"] = {k: v for k, v in m.items() if isinstance(v, int | float)}
     before, after = out["before_metrics"], out["after_metrics"]
     if before.get("fid"):

@@ -249,7 +249,7 @@ def _weights_digest(folder: Path) -> str:
 
 def _evaluate(cfg: DistillConfig, run: Path) -> dict:
     from slimdit.metrics.benchmarks import BENCHMARKS
-    from slimdit.metrics.evaluate import evaluate_model, saved_metrics
+    from slimdit.metrics.evaluate import saved_metrics, saved_or_evaluated
 
     e = cfg.eval
     out = {}
@@ -272,10 +272,8 @@ def _evaluate(cfg: DistillConfig, run: Path) -> dict:
             shared = Path(e.shared) / f"{name}-{digest}.json"
             if shared.exists() and saved_metrics(path, e.benchmark) is None:  # the key holds the scorer
                 write_json(path, read_json(shared))
-        m = saved_metrics(path, e.benchmark)  # None: not made yet, or made by another scorer (made again)
-        if m is None:
-            m = evaluate_model(model, e.benchmark, out=path, limit=e.limit, images_per_prompt=e.images_per_prompt,
-                               seed=e.seed, steps=e.steps, guidance=e.guidance).metrics
+        m = saved_or_evaluated(path, model, e.benchmark, limit=e.limit, images_per_prompt=e.images_per_prompt,
+                               seed=e.seed, steps=e.steps, guidance=e.guidance)
         if shared is not None and not shared.exists():
             write_json(shared, m)
         out[name + "_metrics"] = {k: m[k] for k in ("overall", "fid", "cmmd") if k in m}

@@ -68,6 +68,13 @@ def saved_metrics(path: str | Path, benchmark: str) -> dict | None:
     return saved
 
 
+def saved_or_evaluated(path: str | Path, model: str, benchmark: str, **kwargs) -> dict:
+    """The metrics of ``model`` on ``benchmark``: those saved at ``path`` if scored as they would be now
+    (:func:`saved_metrics`), else evaluated now and saved there (``kwargs``: :func:`evaluate_model`'s)."""
+    m = saved_metrics(path, benchmark)
+    return m if m is not None else evaluate_model(model, benchmark, out=path, **kwargs).metrics
+
+
 def _guidance(sampler, opts) -> float:
     """The scale the model was guided with, as its adapter reads it (a true-CFG model's is not ``guidance_scale``)."""
     from slimdit.models import adapter_for

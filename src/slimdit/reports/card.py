@@ -20,7 +20,7 @@ import yaml
 
 from slimdit.io import atomic_write_text
 from slimdit.models.storage import LOWRANK_INDEX
-from slimdit.reports.run_facts import RunFacts, is_hub_id, json_or_none, run_of
+from slimdit.reports.run_facts import RunFacts, is_hub_id, json_or_none, mixed_scorers, run_of
 
 # the keys of a metrics JSON that describe how it was measured, not what
 PROTOCOL_KEYS = ("benchmark", "model", "embedder", "n_images", "images_per_prompt", "n_prompts", "seed", "steps",
@@ -301,12 +301,10 @@ def _metrics(f: RunFacts, merged: bool) -> str:
     cols = [c for c in ("teacher", "untrained", "student", "baseline", "before", "after") if c in m]
     keys = [k for k in MAIN_METRICS if any(k in m[c] for c in cols)]
     keys += [k for k in ref if k not in keys and k not in PROTOCOL_KEYS and isinstance(ref[k], float)]
-    scorers = {m[c].get("scored_by") for c in cols}  # a rescoring stopped half way, say: the columns do not compare
-    ratio = "teacher" in m and "student" in m and len(scorers) == 1
-    if len(scorers) > 1:
-        out.append(f"These columns were scored by different scorers ({', '.join(sorted(str(s) for s in scorers))}) "
-                   "and do not compare, so no ratio is given; run the command that made them again to score them "
-                   "all as now.")
+    mixed = mixed_scorers([m[c] for c in cols])
+    ratio = "teacher" in m and "student" in m and mixed is None
+    if mixed:
+        out.append(mixed + " No student / teacher ratio is given.")
     out += ["", "| metric | " + " | ".join(cols) + " |" + " student / teacher |" * ratio,
             "|---|" + "---|" * (len(cols) + ratio)]
     for k in keys:

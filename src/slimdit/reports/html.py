@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from slimdit.io import atomic_write_text, read_json
+from slimdit.reports.run_facts import mixed_scorers
 from slimdit.reports.training import plot_training
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -51,10 +52,8 @@ def build_report(run_dir: str | Path) -> Path:
             "clip_score", "n_images"]
     parts = [f"<h1>slimdit run: {html.escape(run.name)}</h1>",
              f"<p class='note'>{html.escape(summary.get('description', ''))}</p>"]
-    if len(scorers := {m.get("scored_by") for m in rows.values()}) > 1:  # a rescoring stopped half way, say
-        parts.append(f"<p class='warn'>These evaluations were scored by different scorers "
-                     f"({html.escape(', '.join(sorted(str(s) for s in scorers)))}) and do not compare; run the "
-                     "command again to score them all as now.</p>")
+    if mixed := mixed_scorers(list(rows.values())):
+        parts.append(f"<p class='warn'>{html.escape(mixed)}</p>")
     if rows:
         parts += ["<h2>shapes-geneval</h2>", metric_table(rows, keys),
                   "<p class='note'>Accuracy per category (an image counts when the detector finds exactly the "

@@ -13,6 +13,16 @@ from typing import Any
 import yaml
 
 
+def mixed_scorers(metrics: list[dict]) -> str | None:
+    """A warning when ``metrics`` (saved evaluations) were scored by different scorers (a rescoring stopped half
+    way, say), so they do not compare; None when they agree."""
+    scorers = {m.get("scored_by") for m in metrics}
+    if len(scorers) < 2:
+        return None
+    return (f"These evaluations were scored by different scorers ({', '.join(sorted(str(s) for s in scorers))}) and "
+            "do not compare; run the command that made them again to score them all as now.")
+
+
 def json_or_none(path: Path) -> Any:
     """The JSON in ``path``, or None where the run has not written it."""
     return json.loads(path.read_text()) if path.exists() else None
