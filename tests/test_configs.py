@@ -10,6 +10,7 @@ import pytest
 
 from slimdit.compress.plan import Plan
 from slimdit.config import DistillConfig, RunConfig, load_config
+from slimdit.distill.chain import ChainConfig, is_chain, link_configs
 from slimdit.distill.fewstep import StepsConfig
 from slimdit.distill.reward import RewardConfig
 from slimdit.experiments.sweep import load_sweep
@@ -31,6 +32,9 @@ def test_a_shipped_config_reads_with_its_commands_schema(path):
             # (load_sweep stops at the first point it refuses, so such a sweep's later points go unchecked)
             missing = re.search(r"plan file (runs/\S+)/[^/\s]+ does not exist", str(e))
             assert missing and f"--out {missing.group(1)}" in path.read_text(), str(e)
+    elif kind == "steps" and is_chain(path):  # every link checked, its models made by earlier links
+        links = link_configs(load_config(path, ChainConfig), path.parent)
+        assert len(links) == len(load_config(path, ChainConfig).chain)
     elif kind in SCHEMAS:
         assert load_config(path, SCHEMAS[kind]).out
     elif kind == "accelerate":

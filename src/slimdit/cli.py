@@ -243,8 +243,11 @@ def _main_process() -> bool:
 
 def cmd_steps(a: argparse.Namespace) -> None:
     from slimdit.config import load_config, parse_sets
+    from slimdit.distill.chain import is_chain
     from slimdit.distill.fewstep import StepsConfig, describe_rounds, run_steps
 
+    if is_chain(a.config):
+        return _steps_chain(a)
     cfg = load_config(a.config, StepsConfig, overrides=parse_sets(a.set))
     if a.dry_run:
         import yaml
@@ -253,6 +256,25 @@ def cmd_steps(a: argparse.Namespace) -> None:
         print(f"# rounds: {describe_rounds(cfg)}")
         return
     run = run_steps(cfg)
+    if _main_process():
+        print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
+
+
+def _steps_chain(a: argparse.Namespace) -> None:
+    """``slimdit steps --config CHAIN``: the links in turn (``--set`` applies to the chain file's own fields)."""
+    from pathlib import Path
+
+    from slimdit.config import load_config, parse_sets
+    from slimdit.distill.chain import ChainConfig, link_configs, run_chain
+    from slimdit.distill.fewstep import describe_rounds
+
+    cfg = load_config(a.config, ChainConfig, overrides=parse_sets(a.set))
+    if a.dry_run:
+        for name, link in link_configs(cfg, Path(a.config).parent):
+            print(f"# {name}: {link.method}, {describe_rounds(link)}, teacher {link.teacher}, "
+                  f"student {link.student or link.teacher}")
+        return
+    run = run_chain(cfg, base=Path(a.config).parent)
     if _main_process():
         print(json.dumps(json.loads((run / "summary.json").read_text()), indent=2))
 
@@ -407,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("steps", help="fewer sampling steps (progressive, consistency, reflow, direct, DMD2, LADD); "
-                       "rerun to continue")
+    p = sub.add_parser("steps", help="fewer sampling steps (progressive, consistency, reflow, direct, DMD2, LADD), "
+                       "or a chain of such runs (a config with chain:); rerun to continue")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and its rounds, and exit")

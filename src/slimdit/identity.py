@@ -23,8 +23,9 @@ from slimdit.io import ensure_writable, files_fingerprint, read_json, write_json
 from slimdit.registry import is_spec
 
 # fields that may change under a run without changing what it makes: how many bad steps may be skipped from here on,
-# whether the memory plan is checked
-FREE_FIELDS = ("train.max_skipped_steps", "memory_plan")
+# whether the memory plan is checked, where a step run looks for teacher pairs made the same way (their record is
+# checked, so reused pairs are the ones it would make)
+FREE_FIELDS = ("train.max_skipped_steps", "memory_plan", "pairs_from")
 # inputs recorded since runs began: a record saved without one was written before it was recorded and is taken as
 # matching it (the record then gains it, and from there on a change is refused)
 ADDED_INPUTS = ("baseline",)

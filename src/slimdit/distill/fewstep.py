@@ -91,6 +91,9 @@ class StepsConfig(_Strict):
     guidance_range: tuple[float, float] | None = None
     # reflow, direct: the teacher's deterministic (Euler / DDIM) steps per pair (default: its own step count)
     pair_steps: int | None = Field(None, ge=1)
+    # reflow, direct, dmd2's regression: run directories whose teacher pairs this run reuses (linked, not made again)
+    # when their record says they were made as this run would make them; none matching: made anew
+    pairs_from: list[str] = []
     fake_updates: int = Field(5, ge=1)  # dmd2: fake score steps per student step (the two time-scale rule)
     fake_lr: float | None = Field(None, gt=0)  # dmd2: the fake score's learning rate (default: train.lr)
     gan_weight: float = Field(0.0, ge=0)  # dmd2: the student's GAN loss weight (0: no GAN head)
@@ -174,6 +177,9 @@ class StepsConfig(_Strict):
                                  f"{', '.join(registry.REWARDS) or 'none'}")
         elif self.pair_reward_min != type(self).model_fields["pair_reward_min"].default:
             raise ValueError("pair_reward_min set without pair_reward: no pair is scored, so it would be ignored")
+        if self.pairs_from and not (on_pairs or self.regression_weight):
+            raise ValueError(f"pairs_from reuses the teacher's pairs, which method: {self.method} does not train on "
+                             "(method: reflow or direct, or dmd2 with regression_weight > 0)")
         if (on_pairs or self.regression_weight) and self.train.caption_dropout:
             what = f"method: {self.method}" if on_pairs else "regression_weight > 0"
             raise ValueError(f"{what} needs train.caption_dropout: 0 (each pair belongs to its caption)")
@@ -414,6 +420,12 @@ def _pairs(r: _Round):
     t, s = transitions(r.sched_config, r.cfg.pair_steps or r.defaults["num_inference_steps"], r.tokens)
     seed, folder = r.cfg.train.seed, r.run / "pairs"
     made_by = {k: r.inputs.get(k) for k in ("teacher", "data.real", "data.synth")}
+    if r.cfg.pairs_from:
+        from slimdit.distill.reflow import pairs_record, reuse_pairs
+
+        with r.state.main_process_first():  # one process links them; the others find them there
+            reuse_pairs(folder, pairs_record(r.teacher, r.data, t, s, r.w, seed, made_by),
+                        [Path(p) / "pairs" for p in r.cfg.pairs_from])
     teacher_pairs(r.adapter, r.teacher, r.data, folder, t, s, r.w, seed, progress=r.progress,
                   part=(r.state.process_index, r.state.num_processes), made_by=made_by)
     r.state.wait_for_everyone()

@@ -47,10 +47,7 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
 
     The pairs are returned in host memory (two latents per row)."""
     out = Path(out)
-    check_pairs_record(out, {"made_by": made_by, "guidance": float(guidance), "t": t.tolist(), "s": s.tolist(),
-                             "seed": seed, "rows": len(data), "latent": list(data.latents.shape[1:]),
-                             "text": {k: list(v.shape[1:]) for k, v in data.cond.items()},
-                             "teacher_dtype": str(next(teacher.parameters()).dtype)})
+    check_pairs_record(out, pairs_record(teacher, data, t, s, guidance, seed, made_by))
     dev = next(teacher.parameters()).device
     dtype = data.latents[:1].dtype  # (the cache's rows are read lazily)
     guided_input = adapter.takes_guidance(teacher)
@@ -80,6 +77,46 @@ def teacher_pairs(adapter, teacher, data, out: str | Path, t: torch.Tensor, s: t
         noises.append(pair["noise"])
         x0s.append(pair["x0"])
     return None if part is not None else (torch.cat(noises), torch.cat(x0s))
+
+
+def pairs_record(teacher, data, t: torch.Tensor, s: torch.Tensor, guidance: float, seed: int,
+                 made_by: dict | None) -> dict:
+    """What makes a set of pairs, as ``pairs.json`` keeps it: the teacher and data (``made_by``), the guidance, the
+    grid, the seed, the rows, the latent and text shapes and the teacher's precision."""
+    return {"made_by": made_by, "guidance": float(guidance), "t": t.tolist(), "s": s.tolist(), "seed": seed,
+            "rows": len(data), "latent": list(data.latents.shape[1:]),
+            "text": {k: list(v.shape[1:]) for k, v in data.cond.items()},
+            "teacher_dtype": str(next(teacher.parameters()).dtype)}
+
+
+def reuse_pairs(out: Path, record: dict, sources: list[Path]) -> Path | None:
+    """Link into ``out`` (hard links where the file system allows, else copies) the shards of the first of
+    ``sources`` whose ``pairs.json`` matches ``record`` field for field, when ``out`` holds no shard yet; return
+    that source (None: nothing reused, ``out`` untouched)."""
+    import os
+    import shutil
+
+    from slimdit.identity import changed_fields
+
+    out = Path(out)
+    if list(out.glob("pairs_*.safetensors")):
+        return None
+    record = json.loads(json.dumps(record))  # as it reads back
+    for src in sources:
+        shards = sorted(Path(src).glob("pairs_*.safetensors"))
+        if not shards or not (Path(src) / PAIRS_RECORD).exists():
+            continue
+        if changed_fields(read_json(Path(src) / PAIRS_RECORD), record):
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / PAIRS_RECORD, record)
+        for f in shards:
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+        return Path(src)
+    return None
 
 
 def check_pairs_record(out: Path, record: dict) -> None:
