@@ -105,3 +105,41 @@ def test_pairs_are_reused_only_from_a_run_that_made_them_the_same_way(tmp_path):
 
     with pytest.raises(ValueError, match="pairs_from reuses the teacher's pairs, which method: ladd does not"):
         StepsConfig(out="x", method="ladd", pairs_from=["runs/a"])
+
+
+def test_a_chain_follows_each_spelling_of_an_earlier_links_output_and_keeps_a_links_own_pairs_from(tmp_path):
+    """The rewrites the shipped chains rely on, without running a link: a teacher named by an earlier link's output
+    (more halvings), an ``out`` given in a link's ``set``, a path spelt another way, a ``#transformer=`` part; a
+    link's own ``pairs_from`` kept after the earlier links'; a link that has work from another config refused."""
+    from slimdit.config import dump_config, load_config
+    from slimdit.distill.chain import ChainConfig, link_configs, run_chain
+    from slimdit.distill.fewstep import StepsConfig
+    from slimdit.pipelines.loading import TRANSFORMER_SEP
+
+    def write(name, **fields):
+        (tmp_path / name).write_text(yaml.safe_dump({"teacher": "shapes-flux", "steps": 1, **fields}))
+
+    write("a.yaml", method="reflow", out="runs/a", train={"caption_dropout": 0.0})
+    write("b.yaml", method="progressive", start=4, teacher="runs/a/student", out="runs/b")
+    write("c.yaml", method="ladd", student="./runs/x/../b/student", out="runs/c")
+    write("d.yaml", method="direct", student=f"shapes-flux{TRANSFORMER_SEP}runs/c-renamed/student/transformer",
+          out="runs/d", pairs_from=["runs/elsewhere"], train={"caption_dropout": 0.0})
+    chain = ChainConfig(out=str(tmp_path / "chain"), chain=[
+        {"config": "a.yaml"}, {"config": "b.yaml"}, {"config": "c.yaml", "set": {"out": "runs/c-renamed"}},
+        {"config": "d.yaml"}])
+    links = dict(link_configs(chain, tmp_path))
+    at = {k: str(tmp_path / "chain" / "links" / k) for k in links}
+    assert links["01_b"].teacher == f"{at['00_a']}/student"
+    assert links["02_c"].student == f"{at['01_b']}/student" and links["02_c"].out == at["02_c"]
+    assert links["03_d"].student == f"shapes-flux{TRANSFORMER_SEP}{at['02_c']}/student/transformer"
+    assert links["03_d"].pairs_from == [at["00_a"], at["01_b"], at["02_c"], "runs/elsewhere"]
+    assert links["00_a"].pairs_from == [] and links["02_c"].pairs_from == []  # the first link has none before it
+
+    started = tmp_path / "chain" / "links" / "00_a"  # work made with another config
+    started.mkdir(parents=True)
+    dump_config(load_config(tmp_path / "a.yaml", StepsConfig, overrides={"steps": 2, "out": str(started)}),
+                started / "config.yaml")
+    (started / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"(?s)chain link 00_a: .* another config.*steps: 2 -> 1"):
+        run_chain(chain, base=tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "chain" / "links").iterdir()) == ["00_a"]  # nothing else started

@@ -14,6 +14,7 @@ from slimdit.distill.chain import ChainConfig, is_chain, link_configs
 from slimdit.distill.fewstep import StepsConfig
 from slimdit.distill.reward import RewardConfig
 from slimdit.experiments.sweep import load_sweep
+from slimdit.registry import MODELS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {"reward": RewardConfig, "steps": StepsConfig}
@@ -33,8 +34,13 @@ def test_a_shipped_config_reads_with_its_commands_schema(path):
             missing = re.search(r"plan file (runs/\S+)/[^/\s]+ does not exist", str(e))
             assert missing and f"--out {missing.group(1)}" in path.read_text(), str(e)
     elif kind == "steps" and is_chain(path):  # every link checked, its models made by earlier links
-        links = link_configs(load_config(path, ChainConfig), path.parent)
-        assert len(links) == len(load_config(path, ChainConfig).chain)
+        chain = load_config(path, ChainConfig)
+        links = link_configs(chain, path.parent)
+        assert len(links) == len(chain.chain)
+        inside = str((Path(chain.out) / "links").absolute())
+        for name, link in links:  # each model a registered one or an earlier link's, never a run left in runs/
+            for model in filter(None, (link.teacher, link.student)):
+                assert model in MODELS or str(Path(model).absolute()).startswith(inside), (name, model)
     elif kind in SCHEMAS:
         assert load_config(path, SCHEMAS[kind]).out
     elif kind == "accelerate":

@@ -182,6 +182,22 @@ def without_fields(config: dict, fields: tuple[str, ...]) -> dict:
     return out
 
 
+def config_changes(run: str | Path, cfg: BaseModel) -> list[str]:
+    """The fields where ``cfg`` differs from the config ``run`` saved (``key: old -> new``; none saved: none), its
+    inputs and free fields aside (:func:`check_run_dir` compares those)."""
+    run = Path(run)
+    if not (run / "config.yaml").exists():
+        return []
+    ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
+    old = without_fields(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
+    return changed_fields(old, without_fields(cfg.model_dump(mode="json"), ignored))
+
+
+def started(run: str | Path) -> bool:
+    """Whether ``run`` holds work (:func:`_started`); a missing directory holds none."""
+    return Path(run).is_dir() and _started(Path(run))
+
+
 def _started(run: Path) -> bool:
     """Whether ``run`` holds work: a checkpoint, a finished phase or stage, a student, an evaluation."""
     return any(next(run.glob(pattern), None) is not None for pattern in WORK)
@@ -204,12 +220,7 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
     """Claim ``run`` for ``cfg`` and ``inputs``: refuse a run directory whose work came from another config or
     other inputs (naming what changed), take over one that holds no work yet, and record both."""
     run = Path(run)
-    ignored = ("teacher", *INPUT_PATHS, *FREE_FIELDS)
-    config = without_fields(cfg.model_dump(mode="json"), ignored)
-    changes, saved = [], {}
-    if (run / "config.yaml").exists():
-        old = without_fields(_as_now(cfg, yaml.safe_load((run / "config.yaml").read_text()), ignored), ignored)
-        changes += [f"config {line}" for line in changed_fields(old, config)]
+    changes, saved = [f"config {line}" for line in config_changes(run, cfg)], {}
     if (run / "inputs.json").exists():
         saved = read_json(run / "inputs.json")
         now = {k: v for k, v in inputs.items() if k in saved or k not in ADDED_INPUTS}

@@ -20,15 +20,17 @@ links and names the final student.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from slimdit.config import _Strict, load_config, read_config_file
+from slimdit.config import _Strict, load_config, read_config_file, resolve_inputs
 from slimdit.distill.fewstep import StepsConfig
 from slimdit.io import read_json, write_json
 from slimdit.pipelines.loading import TRANSFORMER_SEP
+from slimdit.registry import MODELS
 
 MODEL_FIELDS = ("teacher", "student")
 
@@ -50,42 +52,82 @@ def is_chain(path: str | Path) -> bool:
 
 def link_configs(cfg: ChainConfig, base: str | Path) -> list[tuple[str, StepsConfig]]:
     """Each link's name and its config as it will run, checked; ``base`` is the chain file's folder."""
-    own, links = {}, []  # an earlier link's own student path -> the chain's copy of it
+    own, links = {}, []  # an earlier link's own student folder -> the chain's copy of it
     for i, link in enumerate(cfg.chain):
         path = Path(link.config) if Path(link.config).is_absolute() else Path(base) / link.config
         if not path.exists():
             raise ValueError(f"chain link {i}: config {link.config} does not exist (looked for {path})")
         name = f"{i:02d}_{path.stem}"
         out = str(Path(cfg.out) / "links" / name)
+        sets = resolve_inputs(dict(link.set), base, dotted=True)  # as --set paths: the chain file's folder first
         try:
-            alone = load_config(path, StepsConfig, overrides=link.set)
+            alone = load_config(path, StepsConfig, overrides=sets)
         except ValueError as e:
             raise ValueError(f"chain link {i} ({link.config}): {e}") from None
-        sets = {**link.set, "out": out}
+        sets["out"] = out
         for field in MODEL_FIELDS:
             value = getattr(alone, field)
-            if value is not None and _norm(value) in own:
-                sets[field] = own[_norm(value)]
-            elif value is not None and _missing_path(value):
-                raise ValueError(f"chain link {i} ({link.config}): {field} {value} does not exist and no earlier link "
-                                 f"makes it (earlier links make: {', '.join(own) or 'nothing'})")
-        if alone.method in ("reflow", "direct") or alone.regression_weight:
-            sets["pairs_from"] = [o for _, c in links for o in [c.out]]
+            if value is None:
+                continue
+            moved = _follow(value, own)
+            if moved != value:
+                sets[field] = moved
+            elif missing := _missing_part(value):
+                raise ValueError(f"chain link {i} ({link.config}): {field} {value}: {missing} does not exist and no "
+                                 f"earlier link makes it (earlier links make: {', '.join(own) or 'nothing'})")
+        if alone.trains_on_pairs:  # the earlier links' pairs first, then the config's own
+            sets["pairs_from"] = [*(c.out for _, c in links), *alone.pairs_from]
         links.append((name, load_config(path, StepsConfig, overrides=sets)))
         own[_norm(str(Path(alone.out) / "student"))] = str(Path(out) / "student")
     return links
 
 
 def _norm(path: str) -> str:
-    return str(Path(path).expanduser().absolute()) if TRANSFORMER_SEP not in path else path
+    """A local path made absolute with ``..`` collapsed, so two spellings of one folder compare equal."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
-def _missing_path(value: str) -> bool:
-    """A model string that is written as a local path (two or more parts, or ./ or /) and is not there; a hub id
-    (``org/name``) or a registered name is left to the loader."""
-    p = Path(value.split(TRANSFORMER_SEP)[0])
-    looks_local = value.startswith(("/", "./", "../")) or len(p.parts) > 2
-    return looks_local and not p.exists()
+def _follow(model: str, own: dict[str, str]) -> str:
+    """``model`` with each local part that names an earlier link's own student (or its ``transformer/``) moved to
+    the chain's copy of it; the pipeline and transformer parts of a ``#transformer=`` string separately."""
+    parts = model.split(TRANSFORMER_SEP)
+    for k, part in enumerate(parts):
+        if not _local(part):
+            continue
+        p = _norm(part)
+        if p in own:
+            parts[k] = own[p]
+        elif os.path.basename(p) == "transformer" and os.path.dirname(p) in own:
+            parts[k] = str(Path(own[os.path.dirname(p)]) / "transformer")
+    return TRANSFORMER_SEP.join(parts)
+
+
+def _local(part: str) -> bool:
+    """Whether a model string's part is written as a local path, by :func:`resolve_model_dir`'s rule: absolute,
+    ``./`` or ``../``, three or more parts, or a first part that is a local folder (``runs/studnt`` where ``runs/``
+    exists). A registered name or a hub id (``org/name``) is not."""
+    if part in MODELS:
+        return False
+    if part.startswith(("/", "./", "../", "~")):
+        return True
+    pieces = Path(part).parts
+    return len(pieces) > 2 or (len(pieces) > 1 and Path(pieces[0]).is_dir())
+
+
+def _missing_part(model: str) -> str | None:
+    """The first local part of ``model`` that does not exist (None: all there, or left to the loader)."""
+    return next((p for p in model.split(TRANSFORMER_SEP) if _local(p) and not Path(p).expanduser().exists()), None)
+
+
+def check_links(links: list[tuple[str, StepsConfig]]) -> None:
+    """Refuse, before any link runs, a link whose run directory holds work made with another config (its inputs are
+    checked when it starts, once the links before it have made them)."""
+    from slimdit.identity import config_changes, started
+
+    for name, link in links:
+        if started(link.out) and (changes := config_changes(link.out, link)):
+            raise ValueError(f"chain link {name}: {link.out} holds work made with another config; restore it or "
+                             "choose another chain out:\n  " + "\n  ".join(changes))
 
 
 def run_chain(config: str | Path | dict | ChainConfig, base: str | Path = ".", progress: bool = True) -> Path:
@@ -98,16 +140,18 @@ def run_chain(config: str | Path | dict | ChainConfig, base: str | Path = ".", p
     if isinstance(config, (str, Path)):
         base = Path(config).parent
     links = link_configs(cfg, base)  # every link checked before the first starts
-    out = Path(cfg.out)
+    check_links(links)
+    out, state = Path(cfg.out), process_state()
     ensure_writable(out, "chain out")
-    if process_state().is_main_process:
+    if state.is_main_process:
         write_json(out / "chain.json", {"chain": [link.model_dump() for link in cfg.chain],
                                         "links": [name for name, _ in links]})
     for name, link in links:
-        if progress and process_state().is_main_process:
+        if progress and state.is_main_process:
             print(f"chain: {name} ({link.method}, {link.steps} steps)", flush=True)
         run_steps(link, progress=progress)
-    if not process_state().is_main_process:
+        state.wait_for_everyone()  # the main process saves the link's student last: the next link reads it
+    if not state.is_main_process:
         return out
     rows = []
     for name, link in links:

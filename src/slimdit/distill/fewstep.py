@@ -126,6 +126,11 @@ class StepsConfig(_Strict):
         :mod:`slimdit.identity`): consistency runs before ``target_ema`` trained against the student itself."""
         return {"target_ema": None} if saved.get("method") == "consistency" else {}
 
+    @property
+    def trains_on_pairs(self) -> bool:
+        """Whether the run trains on the teacher's (noise, sample) pairs: reflow, direct, DMD1's regression."""
+        return self.method in ("reflow", "direct") or bool(self.regression_weight)
+
     @model_validator(mode="after")
     def _halvings(self):
         if self.method == "consistency" and self.steps > self.solver_steps:
@@ -165,11 +170,11 @@ class StepsConfig(_Strict):
         if dmd and not self.gan_weight and gan - {"gan_weight"}:
             raise ValueError(f"{', '.join(sorted(gan - {'gan_weight'}))} set without gan_weight > 0: the GAN head is "
                              "off, so it would be ignored")
-        on_pairs = self.method in ("reflow", "direct")  # trains on the teacher's (noise, sample) pairs
+        on_pairs = self.method in ("reflow", "direct")  # the pairs are its data rows (dmd2's regression: a term)
         if self.pair_reward is not None:
             from slimdit import registry
 
-            if not (on_pairs or self.regression_weight):
+            if not self.trains_on_pairs:
                 raise ValueError(f"pair_reward filters the teacher's pairs, which method: {self.method} does not "
                                  "train on (method: reflow or direct, or dmd2 with regression_weight > 0)")
             if self.pair_reward not in registry.REWARDS:
@@ -177,10 +182,10 @@ class StepsConfig(_Strict):
                                  f"{', '.join(registry.REWARDS) or 'none'}")
         elif self.pair_reward_min != type(self).model_fields["pair_reward_min"].default:
             raise ValueError("pair_reward_min set without pair_reward: no pair is scored, so it would be ignored")
-        if self.pairs_from and not (on_pairs or self.regression_weight):
+        if self.pairs_from and not self.trains_on_pairs:
             raise ValueError(f"pairs_from reuses the teacher's pairs, which method: {self.method} does not train on "
                              "(method: reflow or direct, or dmd2 with regression_weight > 0)")
-        if (on_pairs or self.regression_weight) and self.train.caption_dropout:
+        if self.trains_on_pairs and self.train.caption_dropout:
             what = f"method: {self.method}" if on_pairs else "regression_weight > 0"
             raise ValueError(f"{what} needs train.caption_dropout: 0 (each pair belongs to its caption)")
         if self.method != "progressive":

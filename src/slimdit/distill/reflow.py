@@ -113,8 +113,10 @@ def reuse_pairs(out: Path, record: dict, sources: list[Path]) -> Path | None:
         for f in shards:
             try:
                 os.link(f, out / f.name)
-            except OSError:
-                shutil.copy2(f, out / f.name)
+            except OSError:  # another file system: a copy, under its name only once whole
+                tmp = out / f".{f.name}.part"
+                shutil.copy2(f, tmp)
+                os.replace(tmp, out / f.name)
         return Path(src)
     return None
 
