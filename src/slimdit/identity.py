@@ -194,13 +194,9 @@ def config_changes(run: str | Path, cfg: BaseModel) -> list[str]:
 
 
 def started(run: str | Path) -> bool:
-    """Whether ``run`` holds work (:func:`_started`); a missing directory holds none."""
-    return Path(run).is_dir() and _started(Path(run))
-
-
-def _started(run: Path) -> bool:
-    """Whether ``run`` holds work: a checkpoint, a finished phase or stage, a student, an evaluation."""
-    return any(next(run.glob(pattern), None) is not None for pattern in WORK)
+    """Whether ``run`` holds work: a checkpoint, a finished phase or stage, a student, an evaluation (a missing
+    directory holds none)."""
+    return any(next(Path(run).glob(pattern), None) is not None for pattern in WORK)
 
 
 def _uncached_revisions(saved: dict, now: dict) -> list[str]:
@@ -225,7 +221,7 @@ def check_run_dir(run: str | Path, cfg: BaseModel, inputs: dict[str, Any]) -> No
         saved = read_json(run / "inputs.json")
         now = {k: v for k, v in inputs.items() if k in saved or k not in ADDED_INPUTS}
         changes += [f"input {line}" for line in changed_fields(saved, now)]
-    if changes and _started(run):
+    if changes and started(run):
         raise ValueError(f"{run} holds a run made from other inputs; restore them or choose another out:\n  "
                          + "\n  ".join(changes + _uncached_revisions(saved, inputs)))
     if changes:
