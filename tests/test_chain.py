@@ -143,3 +143,19 @@ def test_a_chain_follows_each_spelling_of_an_earlier_links_output_and_keeps_a_li
     with pytest.raises(ValueError, match=r"(?s)chain link 00_a: .* another config.*steps: 2 -> 1"):
         run_chain(chain, base=tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "chain" / "links").iterdir()) == ["00_a"]  # nothing else started
+
+
+def test_a_link_reads_a_model_as_local_exactly_where_the_loader_does_not_take_a_hub_id(tmp_path, monkeypatch):
+    """The chain follows or checks a model part as a local path by the loader's own rule (``is_hub_id``): a path
+    under an existing folder, or written as a path, is local; ``owner/name`` with no such folder, and a registered
+    name, are not."""
+    from slimdit.distill.chain import _local
+    from slimdit.pipelines.loading import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for hub in ("org/name", "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"):
+        assert is_hub_id(hub) and not _local(hub)
+    for path in ("runs/studnt", "./org/name", "../x/y", "/abs/x", "~/x/y", "a/b/c"):
+        assert not is_hub_id(path) and _local(path), path
+    assert not _local("shapes-pixart") and not is_hub_id("shapes-pixart")

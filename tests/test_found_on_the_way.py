@@ -179,3 +179,23 @@ def test_a_selection_saved_before_free_fields_were_left_out_is_still_read(tiny_t
     (tmp_path / "selection.json").write_text(json.dumps({"plan": plan.to_dict(), "made_by": legacy}))
     assert schedules._saved_selection(tmp_path, (schedules._made_by(cfg, inputs), legacy)).to_dict() == plan.to_dict()
     assert schedules._saved_selection(tmp_path, schedules._made_by(cfg, inputs)) is None  # another config's
+
+
+def test_a_pipeline_saved_again_from_another_place_is_the_same_files(tiny_teacher, tmp_path):
+    """``save_pipeline_with`` (a full export, a trained teacher) leaves out where each part was last loaded from
+    (diffusers' ``_name_or_path``), so the same pipeline read from two places saves as the same files, and a run
+    that fingerprinted the first copy still matches the second."""
+    import shutil
+    from pathlib import Path
+
+    from slimdit.pipelines.loading import load_pipeline, save_pipeline_with
+
+    shutil.copytree(tiny_teacher, tmp_path / "elsewhere")
+    saved = []
+    for k, src in enumerate((tiny_teacher, tmp_path / "elsewhere")):
+        pipe = load_pipeline(str(src))
+        out = save_pipeline_with(pipe, pipe.transformer, tmp_path / f"out{k}", source=str(src))
+        saved.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.json"))})
+    assert saved[0].keys() == saved[1].keys() and Path("model_index.json") in saved[0]
+    assert saved[0] == saved[1]
+    assert not any(b"_name_or_path" in b for b in saved[0].values())

@@ -29,7 +29,7 @@ from pydantic import Field
 from slimdit.config import _Strict, load_config, read_config_file, resolve_inputs
 from slimdit.distill.fewstep import StepsConfig
 from slimdit.io import read_json, write_json
-from slimdit.pipelines.loading import TRANSFORMER_SEP
+from slimdit.pipelines.loading import TRANSFORMER_SEP, is_hub_id
 from slimdit.registry import MODELS
 
 MODEL_FIELDS = ("teacher", "student")
@@ -103,15 +103,9 @@ def _follow(model: str, own: dict[str, str]) -> str:
 
 
 def _local(part: str) -> bool:
-    """Whether a model string's part is written as a local path, by :func:`resolve_model_dir`'s rule: absolute,
-    ``./`` or ``../``, three or more parts, or a first part that is a local folder (``runs/studnt`` where ``runs/``
-    exists). A registered name or a hub id (``org/name``) is not."""
-    if part in MODELS:
-        return False
-    if part.startswith(("/", "./", "../", "~")):
-        return True
-    pieces = Path(part).parts
-    return len(pieces) > 2 or (len(pieces) > 1 and Path(pieces[0]).is_dir())
+    """Whether a model string's part is written as a local path: one with a folder in it that the loader does not
+    read as a hub id (:func:`~slimdit.pipelines.loading.is_hub_id`). A registered name is not."""
+    return part not in MODELS and ("/" in part or part.startswith("~")) and not is_hub_id(part)
 
 
 def _missing_part(model: str) -> str | None:

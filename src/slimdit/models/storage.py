@@ -47,14 +47,14 @@ def save_model(model: nn.Module, out_dir: str | Path) -> Path:
         model.save_config(out)
         save_tensors(out / LOWRANK_WEIGHTS, model.state_dict())
         write_json(out / LOWRANK_INDEX, {"class": type(model).__name__, "layers": layers})
-    _without_origin(out / "config.json")
+    drop_origin(out / "config.json")
     return out
 
 
-def _without_origin(config: Path) -> None:
-    """Drop diffusers' ``_name_or_path`` (where the model was last loaded from) from a saved config, so the same
-    weights saved again are the same files: a run that reads this model as an input (its fingerprint) then still
-    matches after the model's own run is rerun."""
+def drop_origin(config: Path) -> None:
+    """Drop diffusers' ``_name_or_path`` (where the model was last loaded from) from a saved config (a model's
+    ``config.json`` or a pipeline's ``model_index.json``), so the same weights saved again are the same files: a
+    run that reads this model as an input (its fingerprint) then still matches after the model's own run is rerun."""
     saved = json.loads(config.read_text())
     if saved.pop("_name_or_path", None) is not None:
         write_json(config, saved)

@@ -20,7 +20,7 @@ import torch
 
 from slimdit.identity import HUB_COMMIT, recorded_commit, same_value
 from slimdit.io import files_fingerprint, write_json
-from slimdit.models.storage import LOWRANK_INDEX, check_finite, load_model, save_model
+from slimdit.models.storage import LOWRANK_INDEX, check_finite, drop_origin, load_model, save_model
 from slimdit.pipelines.sampling import PipelineSampler, Sampler, SamplingOptions
 from slimdit.registry import COMPONENTS, MODELS, SAMPLERS
 
@@ -91,18 +91,18 @@ def resolve_model_dir(model: str) -> Path | str:
             raise FileNotFoundError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
         _check_components(p)
         return p
-    if len(p.parts) > 1 and Path(p.parts[0]).is_dir() and not _cached_hub_model(model):
+    if is_hub_id(model):
+        if not _cached_hub_model(model) and _cached_hub_transformer(model):
+            raise FileNotFoundError(f"hub repo {model} holds only a transformer, not a pipeline: give a base "
+                                    f"pipeline as the model and this repo as its transformer (--transformer {model})")
+        return model  # a hub id; diffusers resolves it from the cache or the hub
+    if len(p.parts) > 1 and Path(p.parts[0]).is_dir():
         base = next(q for q in p.parents if q.is_dir())  # the deepest existing directory, at least p.parts[0]
         missing = p.parts[len(base.parts)]
         close = get_close_matches(missing, sorted(c.name for c in base.iterdir() if c.is_dir()), n=3)
         hint = f"; did you mean {' or '.join(str(base / c) for c in close)}?" if close else ""
         raise FileNotFoundError(f"model directory {p} does not exist: {base}/ has no {missing!r} (a path under "
                                 f"a local directory is not taken for a hub id){hint}")
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        if not _cached_hub_model(model) and _cached_hub_transformer(model):
-            raise FileNotFoundError(f"hub repo {model} holds only a transformer, not a pipeline: give a base "
-                                    f"pipeline as the model and this repo as its transformer (--transformer {model})")
-        return model  # a hub id; diffusers resolves it from the cache or the hub
     raise FileNotFoundError(f"unknown model {model!r}: not a built-in ({', '.join(MODELS)}), "
                             "not an existing directory, not a hub id (owner/name)")
 
@@ -182,6 +182,16 @@ def same_base(a: str, b: str) -> bool:
         return src.resolve() if isinstance(src, Path) else src
 
     return base(a) == base(b)
+
+
+def is_hub_id(model: str) -> bool:
+    """Whether a model string that is no registered name and no existing directory is read as a hub id
+    (``owner/name``) rather than a local path: one slash, not written as a path (``./``, ``/``, ``~``), and its owner
+    not a local directory (``runs/studnt`` where ``runs/`` exists is a mistyped directory), unless the hub cache
+    holds that id."""
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return False
+    return not Path(model.split("/")[0]).is_dir() or _cached_hub_model(model)
 
 
 def _cached_hub_model(model: str) -> bool:
@@ -422,6 +432,8 @@ def save_pipeline_with(pipe, transformer, out_dir: str | Path, source: str | Non
         pipe.transformer = original
     shutil.rmtree(out / "transformer")
     save_model(transformer, out / "transformer")
+    for config in (out / "model_index.json", *out.glob("*/config.json")):
+        drop_origin(config)  # where each part was loaded from: the same pipeline saved again is the same files
     if source is not None:
         src = Path(source) if student_base(source) is not None else resolve_model_dir(source)
         if isinstance(src, Path) and (src / "slimdit.json").exists():
