@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -189,7 +190,7 @@ def is_hub_id(model: str) -> bool:
     (``owner/name``) rather than a local path: one slash, not written as a path (``./``, ``/``, ``~``), and its owner
     not a local directory (``runs/studnt`` where ``runs/`` exists is a mistyped directory), unless the hub cache
     holds that id."""
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", model) is None:  # the hub's characters, one slash, no path prefix
         return False
     return not Path(model.split("/")[0]).is_dir() or _cached_hub_model(model)
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,5 +120,8 @@ def run_of(student: str | Path) -> Path | None:
 
 
 def is_hub_id(name: str | None) -> bool:
-    return (name is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and not Path(name).exists())
+    """Whether a run's model name is a hub id: an existing path is not; otherwise the loader's rule
+    (:func:`slimdit.pipelines.loading.is_hub_id`)."""
+    from slimdit.pipelines.loading import is_hub_id as read_as_hub_id
+
+    return name is not None and not Path(name).exists() and read_as_hub_id(name)
