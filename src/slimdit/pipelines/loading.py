@@ -125,7 +125,7 @@ def resolve_transformer(transformer: str) -> Path | str:
             raise FileNotFoundError(f"transformer {p} has no config.json (nor transformer/config.json) naming a "
                                     "diffusers model class")
         return c.parent
-    if transformer.count("/") == 1 and not transformer.startswith((".", "/")):
+    if _hub_shaped(transformer):
         return transformer
     raise FileNotFoundError(f"transformer {transformer!r}: not an existing directory and not a hub id (owner/name)")
 
@@ -190,14 +190,19 @@ def is_hub_id(model: str) -> bool:
     (``owner/name``) rather than a local path: one slash, not written as a path (``./``, ``/``, ``~``), and its owner
     not a local directory (``runs/studnt`` where ``runs/`` exists is a mistyped directory), unless the hub cache
     holds that id."""
-    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", model) is None:  # the hub's characters, one slash, no path prefix
+    if not _hub_shaped(model):
         return False
     return not Path(model.split("/")[0]).is_dir() or _cached_hub_model(model)
 
 
+def _hub_shaped(name: str) -> bool:
+    """Whether ``name`` is written as a hub id: the hub's characters, one slash, no path prefix."""
+    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) is not None
+
+
 def _cached_hub_model(model: str) -> bool:
     """Whether ``model`` is a hub id whose pipeline is in the local Hugging Face cache."""
-    if model.count("/") != 1 or model.startswith((".", "/")):
+    if not _hub_shaped(model):
         return False
     from huggingface_hub import try_to_load_from_cache
 
