@@ -232,7 +232,8 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
     (pd_teacher, pd_cfg), (dmd_teacher, dmd_cfg) = seen[2, "progressive"], seen[2, "dmd2"]
     assert dmd_teacher is pd_teacher and pd_cfg and dmd_cfg
     assert dropout == [0.1, 0.0]  # the refining round matches each caption's guided distribution: no dropout
-    assert json.loads((run / "summary.json").read_text())["refine"] == {"method": "dmd2", "steps": 3, "lr": 1e-3}
+    assert json.loads((run / "summary.json").read_text())["refine"] == {"method": "dmd2", "steps": 3, "lr": 1e-3,
+                                                                         "ema_decay": None}
     # the refining round trained the halving's student further, and that is the final student
     halved = load_model(run / "rounds" / "00_2steps" / "student" / "transformer")
     final = load_model(run / "student" / "transformer")
@@ -246,6 +247,35 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
     before = (run / "rounds" / "01_2steps_dmd2" / "done.json").read_text()
     assert main(["steps", "--config", str(tmp_path / "c.yaml")]) == 0
     assert (run / "rounds" / "01_2steps_dmd2" / "done.json").read_text() == before
+
+
+def test_a_refining_round_with_its_own_ema_saves_the_ema_and_leaves_the_halvings_without_one(tiny_teacher, tmp_path,
+                                                                                          monkeypatch):
+    """``refine.ema_decay``: only the refining round keeps an EMA of the student (the run's halvings train as
+    before), and the round's student, which is the run's final student, is that EMA: the EMA weights of the round's
+    last checkpoint, not its trained weights."""
+    from safetensors.torch import load_file
+
+    from slimdit.distill import trainer
+    from slimdit.models.storage import load_model
+
+    decays = []
+
+    class Trainer(trainer.Trainer):
+        def __init__(self, *args, **kwargs):
+            decays.append(args[4].ema_decay)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "Trainer", Trainer)
+    run = _tiny_steps_run(tmp_path, tiny_teacher, 0.0, start=4, refine={"steps": 3, "lr": 1e-3, "ema_decay": 0.5})
+    assert decays == [None, 0.5]
+    rdir = run / "rounds" / "01_2steps_dmd2"
+    last = sorted((rdir / "checkpoints").glob("step_*"))[-1]
+    ema, trained = load_file(last / "ema.safetensors"), load_file(last / "trainable.safetensors")
+    final = dict(load_model(run / "student" / "transformer").named_parameters())
+    assert all(torch.equal(final[n].detach(), ema[n]) for n in ema)
+    assert not all(torch.equal(ema[n], trained[n]) for n in ema)  # the EMA is not the trained weights
+    assert "its EMA 0.5 saved" in (run / "student" / "README.md").read_text()
 
 
 def test_a_dmd2_run_plans_its_fake_score_and_is_refused_before_caching_when_it_cannot_fit(tiny_teacher, tmp_path,

@@ -55,6 +55,8 @@ class RefineSection(_Strict):
     # distribution of each caption)
     steps: int = Field(200, ge=1)
     lr: float = Field(3e-5, gt=0)  # below a halving round's 1e-4: the student only needs nudging
+    # the round keeps an EMA of the student and saves it (None: the run's train.ema_decay, which the halvings share)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
 
 # the run-level settings that only one method reads: the method, whose they are, the fields
@@ -303,6 +305,8 @@ def run_steps(config: str | Path | dict | StepsConfig, progress: bool = True) ->
             if refining:
                 train.update(steps=cfg.refine.steps, lr=cfg.refine.lr, caption_dropout=0.0,
                              warmup_steps=max(1, min(cfg.train.warmup_steps, cfg.refine.steps // 10)))
+                if cfg.refine.ema_decay is not None:
+                    train["ema_decay"] = cfg.refine.ema_decay
             tcfg = TrainConfig(**train)
             t0 = time.time()
             trainer = Trainer(adapter, teacher, student, train_data, tcfg, rdir, loss=loss)

@@ -143,7 +143,8 @@ def _fewstep(f: RunFacts) -> str:
     out = [how + " Its transformer has the teacher's architecture.", "", "## How it was trained", "",
            f"- {t.get('steps', '?')} optimizer steps per round, batch {t.get('batch_size', '?')}, "
            f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}"
-           + (f" (the refining round: {c['refine'].get('steps')} at lr {c['refine'].get('lr')})"
+           + (f" (the refining round: {c['refine'].get('steps')} at lr {c['refine'].get('lr')}"
+              + (f", its EMA {c['refine']['ema_decay']} saved" if c["refine"].get("ema_decay") else "") + ")"
               if c.get("refine") else "")
            + f"; data `{(c.get('data') or {}).get('real', '?')}`",
            "", "| round | method | student steps | teacher steps | optimizer steps | seconds | last loss |",
