@@ -83,10 +83,11 @@ def test_demo_with_steps_makes_the_compressed_student_few_step(tmp_path):
     assert final["steps"] == 2 and final["block_param_ratio"] == size["block_param_ratio"] <= 0.6
     assert {"retained_overall", "latency_ratio", "flop_ratio", "shapes_geneval_overall"} <= set(final)
     assert final["flop_ratio"] < size["flop_ratio"] / 10  # 2 one-pass steps against 20 CFG steps
-    # the halving, then the refining LADD round on the same steps, its heads at the demo's rate
-    assert sorted(p.name for p in (run / "steps" / "rounds").iterdir()) == ["00_2steps", "01_2steps_ladd"]
+    # the halving, then the refining DMD2 round on the same steps, with the demo's fake score and its own EMA
+    assert sorted(p.name for p in (run / "steps" / "rounds").iterdir()) == ["00_2steps", "01_2steps_dmd2"]
     saved = yaml.safe_load((run / "steps" / "config.yaml").read_text())
-    assert saved["disc_lr"] == 3e-3 and saved["fake_lr"] is None  # the DMD2 fake score's settings stay out
+    assert (saved["fake_updates"], saved["fake_lr"], saved["refine"]["ema_decay"]) == (2, 1e-4, 0.99)
+    assert saved["disc_lr"] is None and saved["train"]["ema_decay"] is None  # LADD's heads stay out; halvings: no EMA
     assert (run / "steps" / "student" / "scheduler").is_dir() and (run / "report.html").exists()
 
 

@@ -40,16 +40,16 @@ class BenchSection(_Strict):
 
 class FewStepSection(_Strict):
     """``slimdit demo --steps N``: after the size stages, progressive distillation of the compressed student from
-    its ``start`` deterministic steps down to ``steps``, then a refining round on those steps (``refine``: LADD by
-    default, or DMD2; null: none) (:mod:`slimdit.distill.fewstep`)."""
+    its ``start`` deterministic steps down to ``steps``, then a refining round on those steps (``refine``: DMD2 by
+    default, saving an EMA of its student, or LADD; null: none) (:mod:`slimdit.distill.fewstep`)."""
 
     steps: int | None = Field(None, ge=1)  # None: no step distillation
     start: int = Field(16, ge=2)
     train: TrainSection = TrainSection(steps=250, batch_size=32, optimizer="adamw", lr=1e-4, warmup_steps=20,
                                        grad_clip=1.0, weight_decay=0.0, val_every=0, checkpoint_every=50)
-    refine: RefineSection | None = RefineSection(method="ladd", steps=200, lr=1e-5)
+    refine: RefineSection | None = RefineSection(method="dmd2", steps=200, lr=1e-4, ema_decay=0.99)
     disc_lr: float = Field(3e-3, gt=0)  # a LADD refine: the discriminator heads' learning rate
-    fake_updates: int = Field(5, ge=1)  # a DMD2 refine: the fake score's steps per student step
+    fake_updates: int = Field(2, ge=1)  # a DMD2 refine: the fake score's steps per student step
     fake_lr: float = Field(1e-4, gt=0)  # a DMD2 refine: the fake score's learning rate
 
 
