@@ -191,6 +191,21 @@ def test_slimdit_steps_dmd2_runs_end_to_end(which, tiny_teacher, tiny_flux_pipel
     assert "distribution matching distillation" in card and "- distribution-matching-distillation" in card
 
 
+def _spy_train_configs(monkeypatch) -> list:
+    """The train config of each round's :class:`Trainer`, in the order the rounds build them."""
+    from slimdit.distill import trainer
+
+    seen = []
+
+    class Trainer(trainer.Trainer):
+        def __init__(self, *args, **kwargs):
+            seen.append(args[4])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "Trainer", Trainer)
+    return seen
+
+
 def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_teacher(tiny_teacher, tmp_path,
                                                                                         monkeypatch):
     """``refine:`` adds one DMD2 round on the final steps after progressive distillation's rounds. It starts from the
@@ -198,7 +213,7 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
     import json
 
     from slimdit.cli import main
-    from slimdit.distill import fewstep, trainer
+    from slimdit.distill import fewstep
     from slimdit.models.storage import load_model
 
     seen = {}
@@ -213,15 +228,9 @@ def test_a_refining_dmd2_round_follows_the_halvings_against_the_original_guided_
 
     for method in ("progressive", "dmd2"):
         monkeypatch.setitem(fewstep.LOSSES, method, spy(method))
-    dropout = []
-
-    class Trainer(trainer.Trainer):
-        def __init__(self, *args, **kwargs):
-            dropout.append(args[4].caption_dropout)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "Trainer", Trainer)
+    train_configs = _spy_train_configs(monkeypatch)
     run = _tiny_steps_run(tmp_path, tiny_teacher, 0.1, start=4, refine={"steps": 3, "lr": 1e-3})
+    dropout = [c.caption_dropout for c in train_configs]
     assert sorted(p.name for p in (run / "rounds").iterdir()) == ["00_2steps", "01_2steps_dmd2"]
     done = json.loads((run / "rounds" / "01_2steps_dmd2" / "done.json").read_text())
     assert (done["method"], done["steps"], done["train_steps"]) == ("dmd2", 2, 3)
@@ -256,19 +265,11 @@ def test_a_refining_round_with_its_own_ema_saves_the_ema_and_leaves_the_halvings
     last checkpoint, not its trained weights."""
     from safetensors.torch import load_file
 
-    from slimdit.distill import trainer
     from slimdit.models.storage import load_model
 
-    decays = []
-
-    class Trainer(trainer.Trainer):
-        def __init__(self, *args, **kwargs):
-            decays.append(args[4].ema_decay)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "Trainer", Trainer)
+    train_configs = _spy_train_configs(monkeypatch)
     run = _tiny_steps_run(tmp_path, tiny_teacher, 0.0, start=4, refine={"steps": 3, "lr": 1e-3, "ema_decay": 0.5})
-    assert decays == [None, 0.5]
+    assert [c.ema_decay for c in train_configs] == [None, 0.5]
     rdir = run / "rounds" / "01_2steps_dmd2"
     last = sorted((rdir / "checkpoints").glob("step_*"))[-1]
     ema, trained = load_file(last / "ema.safetensors"), load_file(last / "trainable.safetensors")
