@@ -85,6 +85,14 @@ def _intro(f: RunFacts, lowrank: bool, merged_from: str | None, merged_params: i
     return " ".join(text)
 
 
+def _refining_round(refine: dict | None) -> str:
+    """The refining round's own settings, as a bracket after the run's (empty without one)."""
+    if not refine:
+        return ""
+    ema = f", its EMA {refine['ema_decay']} saved" if refine.get("ema_decay") else ""
+    return f" (the refining round: {refine.get('steps')} at lr {refine.get('lr')}{ema})"
+
+
 def _fewstep(f: RunFacts) -> str:
     c = f.config or {}
     first, last = f.rounds[0], f.rounds[-1]
@@ -143,9 +151,7 @@ def _fewstep(f: RunFacts) -> str:
     out = [how + " Its transformer has the teacher's architecture.", "", "## How it was trained", "",
            f"- {t.get('steps', '?')} optimizer steps per round, batch {t.get('batch_size', '?')}, "
            f"{t.get('optimizer', '?')} at lr {t.get('lr', '?')}"
-           + (f" (the refining round: {c['refine'].get('steps')} at lr {c['refine'].get('lr')}"
-              + (f", its EMA {c['refine']['ema_decay']} saved" if c["refine"].get("ema_decay") else "") + ")"
-              if c.get("refine") else "")
+           + _refining_round(c.get("refine"))
            + f"; data `{(c.get('data') or {}).get('real', '?')}`",
            "", "| round | method | student steps | teacher steps | optimizer steps | seconds | last loss |",
            "|---|---|---|---|---|---|---|"]
